@@ -1,0 +1,420 @@
+"""GLUE data for CG-LoRA, in reading order: the nine tasks' TSV files -> tokenizers with Hugging Face
+id-parity (RoBERTa byte-level BPE, BERT WordPiece, whole words for the tiny encoder) -> padded batches ->
+the official metrics. Standard library, numpy and torch only."""
+import functools
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import unicodedata
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# --- Tasks: the standard glue_data/<Task>/ layout written by GLUE's download_glue_data.py -------------
+
+GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"  # official per-task archives
+
+
+class Example(NamedTuple):
+    text_a: str
+    text_b: str | None  # None for single-sentence tasks (CoLA, SST-2)
+    label: int | float  # class id, or the similarity score for STS-B
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # canonical, lower-case: "cola", "sts-b"
+    dir: str  # folder under the data dir: "CoLA", "STS-B"
+    columns: tuple  # header names of (text_a, text_b or None, label)
+    labels: tuple  # raw label strings in class-id order; () = regression (STS-B)
+    metrics: tuple  # keys of compute_metrics; the first is the main one
+    zip: str | None  # archive under GLUE_URL; None: GLUE builds MRPC from Microsoft's files instead
+    files: tuple = (("train", "train.tsv"), ("dev", "dev.tsv"))  # split -> file; test is unlabeled
+    header: tuple | None = None  # column names when the files have no header line (CoLA)
+
+    @property
+    def num_labels(self):  # 1 = regression
+        return len(self.labels) or 1
+
+    @property
+    def main_metric(self):
+        return self.metrics[0]
+
+
+_NLI = ("entailment", "not_entailment")
+_TASKS = [
+    Task("cola", "CoLA", ("sentence", None, "label"), ("0", "1"), ("mcc",), "CoLA.zip",
+         header=("source", "label", "mark", "sentence")),
+    Task("sst-2", "SST-2", ("sentence", None, "label"), ("0", "1"), ("accuracy",), "SST-2.zip"),
+    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), ("f1", "accuracy"), None),
+    Task("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), ("f1", "accuracy"),
+         "QQP-clean.zip"),
+    Task("sts-b", "STS-B", ("sentence1", "sentence2", "score"), (), ("pearson", "spearman"), "STS-B.zip"),
+    Task("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("contradiction", "entailment", "neutral"),
+         ("accuracy",), "MNLI.zip",
+         files=(("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv"))),
+    Task("qnli", "QNLI", ("question", "sentence", "label"), _NLI, ("accuracy",), "QNLIv2.zip"),
+    Task("rte", "RTE", ("sentence1", "sentence2", "label"), _NLI, ("accuracy",), "RTE.zip"),
+    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), ("accuracy",), "WNLI.zip"),
+]
+
+
+def get_task(name):
+    """The GLUE task called `name`, case-insensitive, '-' optional (cola, CoLA, sts-b, stsb, SST2)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    for task in _TASKS:
+        if task.name.replace("-", "") == key:
+            return task
+    raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(t.name for t in _TASKS)}")
+
+
+def resolve_data_dir(data_dir=None):
+    """--data_dir, else $GLUE_DIR, else ./glue_data."""
+    return Path(data_dir or os.environ.get("GLUE_DIR") or "glue_data").expanduser()
+
+
+def read_split(task, split, data_dir=None):
+    """Examples of one split ("train", "dev"; MNLI also "dev_mismatched") from <data_dir>/<Task>/*.tsv."""
+    files = dict(task.files)
+    if split not in files:
+        raise ValueError(f"{task.name} has splits {list(files)}, not {split!r}")
+    folder = resolve_data_dir(data_dir) / task.dir
+    path = folder / files[split]
+    if not path.is_file():
+        missing = [str(folder / f) for f in files.values() if not (folder / f).is_file()]
+        raise FileNotFoundError(
+            f"{task.dir} {split} data not found; expected {', '.join(missing)}. Put GLUE's {task.dir}/ folder in "
+            f"the data dir (--data_dir, else $GLUE_DIR, else ./glue_data), or fetch it with "
+            f"data.download_task(data.get_task({task.name!r}), {str(folder.parent)!r})")
+    # No quote handling (sentences contain '"'), split on '\n' only, utf-8-sig because MRPC starts with a BOM.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.read().split("\n")
+    rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(lines, 1) if line.strip("\r")]
+    if not rows:
+        raise ValueError(f"{path} is empty; expected GLUE {task.dir} rows")
+    header = list(task.header or rows.pop(0)[1])
+    absent = [c for c in task.columns if c is not None and c not in header]
+    if absent:
+        raise ValueError(f"{path}:1: header {header} lacks column(s) {absent}; is this the GLUE {task.dir} file?")
+    a, b, y = (None if c is None else header.index(c) for c in task.columns)
+    examples = []
+    for n, fields in rows:
+        if len(fields) != len(header):
+            raise ValueError(f"{path}:{n}: expected {len(header)} tab-separated fields "
+                             f"({', '.join(header)}), found {len(fields)}")
+        examples.append(Example(fields[a], None if b is None else fields[b], _label(task, fields[y], path, n)))
+    if not examples:
+        raise ValueError(f"{path}: header but no data rows")
+    return examples
+
+
+def _label(task, raw, path, n):
+    if not task.labels:  # regression: STS-B similarity score 0..5
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected a numeric score, found {raw!r}") from None
+    if raw not in task.labels:
+        raise ValueError(f"{path}:{n}: unknown label {raw!r}; {task.name} labels are {', '.join(task.labels)}")
+    return task.labels.index(raw)
+
+
+def download_task(task, data_dir, url=None):
+    """Fetch a task's GLUE zip (any urllib URL, file:// included) and unpack it to <data_dir>/<Task>/."""
+    url = url or (task.zip and GLUE_URL + task.zip)
+    if not url:
+        raise ValueError(f"GLUE has no {task.dir} zip (it is built from Microsoft's files): run GLUE's "
+                         f"download_glue_data.py --tasks {task.dir}, or pass url= of a zip holding {task.dir}/")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / f"{task.dir}.zip"
+    urllib.request.urlretrieve(url, archive)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(data_dir)  # the archives hold <Task>/train.tsv, <Task>/dev.tsv, ...
+    archive.unlink()
+    missing = [f for _, f in task.files if not (data_dir / task.dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{url} did not unpack {task.dir}/{', '.join(missing)} into {data_dir}")
+    return data_dir / task.dir
+
+
+# --- Tokenizers: encode(text, pair) == Hugging Face tokenizer(text, pair)["input_ids"] --------------
+
+
+class Tokenizer:
+    """What both kinds share: special tokens, the pair layout, longest-first truncation."""
+    specials = ()  # matched verbatim in raw text and mapped to their ids, as Hugging Face does
+
+    def __init__(self, vocab, cls, sep, pad, unk, n_sep, pair_type):
+        absent = [t for t in (cls, sep, pad, unk) if t not in vocab]
+        if absent:
+            raise ValueError(f"vocabulary lacks the special token(s) {absent}")
+        self.vocab = vocab  # token -> id
+        self.cls_id, self.sep_id, self.pad_id, self.unk_id = (vocab[t] for t in (cls, sep, pad, unk))
+        self.vocab_size = max(vocab.values()) + 1  # embedding rows needed
+        self.n_sep = n_sep  # separators between A and B: BERT [SEP], RoBERTa </s></s>
+        self.pair_type = pair_type  # token type id of the second segment: BERT 1, RoBERTa 0
+        alternatives = sorted((re.escape(t) for t in self.specials if t in vocab), key=len, reverse=True)
+        self.special_re = re.compile("(" + "|".join(alternatives) + ")")
+        self.cache = {}  # word -> ids
+
+    def tokenize(self, text):
+        """Ids of `text`, without [CLS]/[SEP]: words() of each stretch between special tokens, then word_ids()."""
+        ids = []
+        for i, part in enumerate(self.special_re.split(text)):  # odd parts are special tokens
+            if i % 2:
+                ids.append(self.vocab[part])
+                continue
+            for word in self.words(part):
+                if word not in self.cache:
+                    self.cache[word] = self.word_ids(word)
+                ids += self.cache[word]
+        return ids
+
+    def encode_pair(self, text, pair=None, max_len=None):
+        """Ids and token type ids of `[CLS] A [SEP] (B [SEP])`; RoBERTa: `<s> A </s>(</s> B </s>)`."""
+        a = self.tokenize(text)
+        b = self.tokenize(pair) if pair else None  # as Hugging Face, an empty pair is no pair
+        if max_len is not None:
+            room = max_len - 2 - (0 if b is None else self.n_sep)
+            if room < 0:
+                raise ValueError(f"max_len={max_len} is shorter than the {max_len - room} special tokens")
+            a, b = truncate(a, b, room)
+        ids = [self.cls_id, *a, self.sep_id]
+        types = [0] * len(ids)
+        if b is not None:
+            tail = [self.sep_id] * (self.n_sep - 1) + b + [self.sep_id]
+            ids, types = ids + tail, types + [self.pair_type] * len(tail)
+        return ids, types
+
+    def encode(self, text, pair=None, max_len=None):
+        return self.encode_pair(text, pair, max_len)[0]
+
+
+def truncate(a, b, room):
+    """Hugging Face's longest-first rule, as its Rust tokenizers apply it: when both do not fit, the shorter
+    sequence (A on ties) keeps up to room // 2 tokens and the longer one the rest. (transformers' old Python
+    tokenizers cut one token at a time from the longer, B on ties: on odd rooms A kept one more.)"""
+    if b is None or len(a) + len(b) <= room:
+        return a[:room], b
+    if len(a) <= len(b):
+        keep = min(len(a), room // 2)
+        return a[:keep], b[:room - keep]
+    keep = min(len(b), room // 2)
+    return a[:room - keep], b[:keep]
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters (spaces become 'Ġ')."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in bs]  # the other bytes go to chr(256), chr(257), ...
+    return {**{b: chr(b) for b in bs}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+@functools.cache
+def _gpt2_pattern():
+    r"""GPT-2's pre-tokenizer regex. Python's re lacks \p{L}/\p{N}, so they are spelled out as code point
+    ranges from unicodedata, and \s as Unicode White_Space (re's \s also matches \x1c-\x1f)."""
+    cats = [unicodedata.category(chr(c))[0] for c in range(sys.maxunicode + 1)]
+
+    def ranges(kind):
+        cps = [c for c, k in enumerate(cats) if k == kind]
+        runs = (list(run) for _, run in itertools.groupby(enumerate(cps), lambda t: t[1] - t[0]))
+        return "".join(f"\\U{r[0][1]:08x}-\\U{r[-1][1]:08x}" for r in runs)
+
+    L, N, S = ranges("L"), ranges("N"), r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE of GPT-2/RoBERTa from vocab.json + merges.txt. Case is kept."""
+    specials = ("<s>", "</s>", "<unk>", "<pad>", "<mask>")
+
+    def __init__(self, vocab, merges):
+        super().__init__(vocab, "<s>", "</s>", "<pad>", "<unk>", n_sep=2, pair_type=0)
+        self.merges = merges  # [(left, right)], highest priority first
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_char = _bytes_to_unicode()
+
+    def words(self, text):
+        return _gpt2_pattern().findall(text)
+
+    def word_ids(self, word):
+        parts = [self.byte_char[b] for b in word.encode("utf-8")]
+        while len(parts) > 1:  # merge the best-ranked adjacent pair, leftmost first, until none is known
+            rank, i = min((self.ranks.get(p, math.inf), i) for i, p in enumerate(zip(parts, parts[1:])))
+            if rank == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.vocab.get(t, self.unk_id) for t in parts]
+
+    def save(self, directory):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
+                                      encoding="utf-8")
+
+
+_CJK = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)]  # BERT's "Chinese character" blocks
+
+
+@functools.cache
+def _char_class(c):
+    """How BERT's basic tokenizer treats a character: 'drop', 'space', 'cjk', 'punct' or ''."""
+    cat, cp = unicodedata.category(c), ord(c)
+    if c in " \t\n\r" or cat == "Zs":
+        return "space"
+    if cp == 0xFFFD or cat[0] == "C":
+        return "drop"
+    if any(lo <= cp <= hi for lo, hi in _CJK):
+        return "cjk"
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat[0] == "P":
+        return "punct"  # ASCII symbols such as $ + < = > ^ ` | ~ count as punctuation too
+    return ""
+
+
+def bert_words(text, lower=True, strip_accents=True):
+    """BERT's basic tokenization: drop controls, space out CJK, lowercase, strip accents, split off punctuation."""
+    text = "".join(" " if k == "space" else f" {c} " if k == "cjk" else c
+                   for c in text if (k := _char_class(c)) != "drop")
+    if lower:  # character by character, as Hugging Face's Rust normalizer: no final-sigma rule
+        text = "".join(map(str.lower, text))
+    if strip_accents:  # NFD, then drop the combining marks
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    return "".join(f" {c} " if _char_class(c) == "punct" else c for c in text).split()
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT WordPiece from vocab.txt: bert_words, then greedy longest-match-first with '##' continuations."""
+    specials = ("[CLS]", "[SEP]", "[UNK]", "[PAD]", "[MASK]")
+
+    def __init__(self, vocab, lower=True, strip_accents=None):
+        super().__init__(vocab, "[CLS]", "[SEP]", "[PAD]", "[UNK]", n_sep=1, pair_type=1)
+        self.lower = lower
+        self.strip_accents = lower if strip_accents is None else strip_accents  # Hugging Face's default
+
+    def words(self, text):
+        return bert_words(text, self.lower, self.strip_accents)
+
+    def word_ids(self, word):  # greedy longest-match-first
+        if len(word) > 100:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    break
+            else:
+                return [self.unk_id]  # one unknown piece makes the whole word [UNK]
+            ids.append(self.vocab[piece])
+            start = end
+        return ids
+
+    def save(self, directory):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vocab.txt").write_text("".join(t + "\n" for t in sorted(self.vocab, key=self.vocab.get)),
+                                     encoding="utf-8")
+        config = {"do_lower_case": self.lower, "strip_accents": self.strip_accents}
+        (d / "tokenizer_config.json").write_text(json.dumps(config) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(path):
+    """vocab.json + merges.txt -> byte-level BPE (RoBERTa); vocab.txt -> WordPiece (BERT, tiny encoder)."""
+    d = Path(path)
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+        lines = (d / "merges.txt").read_text(encoding="utf-8").split("\n")
+        return BPETokenizer(vocab, [tuple(line.split()) for line in lines if line and not line.startswith("#version")])
+    if (d / "vocab.txt").is_file():
+        with open(d / "vocab.txt", encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        config_path = d / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        return WordPieceTokenizer(vocab, config.get("do_lower_case", True), config.get("strip_accents"))
+    raise FileNotFoundError(f"no tokenizer in {d}: expected {d / 'vocab.json'} + {d / 'merges.txt'} "
+                            f"(byte-level BPE) or {d / 'vocab.txt'} (WordPiece)")
+
+
+def build_tokenizer(texts, min_freq=1, max_size=30000):
+    """Whole-word vocabulary of the tiny encoder, from the training texts: a WordPiece with no '##' pieces,
+    so every word outside the vocabulary is [UNK]. Save it with the run: tokenizer.save(out_dir)."""
+    counts = Counter(w for text in texts for w in bert_words(text))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+    return WordPieceTokenizer({t: i for i, t in enumerate(specials + words[:max_size - len(specials)])})
+
+
+# --- Encoding and batches -------------------------------------------------------------------------
+
+
+def encode_examples(examples, tokenizer, max_len):
+    """[(input_ids, token_type_ids, label)] for each example, truncated to max_len."""
+    return [(*tokenizer.encode_pair(a, b, max_len), y) for a, b, y in examples]
+
+
+def batches(encoded, batch_size, pad_id, shuffle=False, seed=0):
+    """Dicts of tensors, padded to the longest row of each batch. Pass seed + epoch for a new order per epoch."""
+    order = range(len(encoded))
+    if shuffle:
+        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
+    for start in range(0, len(encoded), batch_size):
+        rows = [encoded[i] for i in order[start:start + batch_size]]
+        L = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros(len(rows), L, dtype=torch.long)  # [B, L], 1 = real token
+        token_type_ids = torch.zeros(len(rows), L, dtype=torch.long)  # [B, L]
+        for r, (ids, types, _) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention_mask[r, :len(ids)] = 1
+            token_type_ids[r, :len(types)] = torch.tensor(types)
+        regression = isinstance(rows[0][2], float)
+        labels = torch.tensor([y for _, _, y in rows], dtype=torch.float32 if regression else torch.long)  # [B]
+        yield {"input_ids": input_ids, "attention_mask": attention_mask,
+               "token_type_ids": token_type_ids, "labels": labels}
+
+
+# --- Metrics: GLUE's official ones -----------------------------------------------------------------
+
+
+def _pearson(x, y):
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0  # a constant has no correlation; report 0, not NaN
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def _ranks(x):  # 1-based ranks, ties get their average rank (as scipy.stats.rankdata)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+
+
+def compute_metrics(task, predictions, labels):
+    """task.metrics -> value: class ids (or scores for STS-B) against gold labels. F1 is of class 1."""
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if p.shape != y.shape or len(p) == 0:
+        raise ValueError(f"need as many predictions as labels (and some): got {len(p)} and {len(y)}")
+    tp, tn = float(((p == 1) & (y == 1)).sum()), float(((p != 1) & (y != 1)).sum())
+    fp, fn = float(((p == 1) & (y != 1)).sum()), float(((p != 1) & (y == 1)).sum())
+    mcc_den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    metric = {
+        "accuracy": lambda: float((p == y).mean()),
+        "f1": lambda: 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        "mcc": lambda: (tp * tn - fp * fn) / mcc_den if mcc_den else 0.0,
+        "pearson": lambda: _pearson(p, y),
+        "spearman": lambda: _pearson(_ranks(p), _ranks(y)),
+    }
+    return {name: metric[name]() for name in task.metrics}
