@@ -1,14 +1,33 @@
-"""Tests: each checks a claim of ../shared/design/cg-lora.md (or of the code) and fails if it is false."""
-import copy
-import math
+"""Tests: each checks a claim of ../shared/design/cg-lora.md or of the code, and fails if it is false.
 
+Sections in reading order: cglora.py (math, model side, LoRA layer, init), models.py, data.py, train.py.
+Real GLUE files are read from $GLUE_DIR (those tests skip when it is unset); tokenizer files from
+../shared/data/tokenizers beside the repository; Hugging Face parity tests skip without transformers.
+"""
+import ast
+import copy
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from torch import nn
+import torch.nn as nn
 
 import cglora
+import data
+import train
 from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_statistics,
                     init_adapters, lora_state_dict, top_svd)
+from data import Example
+from models import EncoderConfig, Encoder, from_pretrained, hf_names, read_safetensors, tiny_config
+
 
 # ============================================================================ cglora.py: math
 
@@ -434,3 +453,893 @@ def test_init_errors_and_zero_gradient_fallback():
         init_adapters({"mix": layers["mix"]}, "cg-lora", bad, log=lambda *a: None)
     with pytest.raises(ValueError, match="unknown init method 'pissa'"):
         init_adapters(layers, "pissa", stats)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    readme = Path(__file__).resolve().parent.joinpath("README.md").read_text()
+    code = readme.split("```python\n")[1].split("```")[0]
+    assert "cglora.add_lora" in code and "init_adapters" in code
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    assert scope["report"][0]["captured"] > 0 and (tmp_path / "adapter_model.bin").exists()
+    assert scope["model"].body.lora_B.abs().max() > 0
+
+
+# ============================================================================ models.py
+
+
+def _small_config(model_type, num_labels=3):
+    pad = 1 if model_type == "roberta" else 0
+    return EncoderConfig(vocab_size=40, hidden=32, layers=2, heads=4, intermediate=64,
+                         max_positions=24 + pad + 1, type_vocab_size=2, pad_id=pad, layer_norm_eps=1e-5,
+                         roberta_positions=model_type == "roberta", num_labels=num_labels, model_type=model_type)
+
+
+def _batch(config, seed=0):
+    """A padded batch [3, 10]: real lengths 10, 4, 7; ids never equal pad_id; segment B from the middle."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, config.vocab_size, (3, 10), generator=g)
+    mask = torch.zeros(3, 10, dtype=torch.long)
+    for row, n in enumerate((10, 4, 7)):
+        mask[row, :n] = 1
+    ids = ids.masked_fill(mask == 0, config.pad_id)
+    types = (torch.arange(10) >= 3).long().expand(3, 10) * mask
+    return ids, mask, types
+
+
+def _perturb(model, seed=0):
+    """Move every parameter (LayerNorms too) away from its init, so a swapped key cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _hf_config_json(c: EncoderConfig):
+    return dict(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden,
+                num_hidden_layers=c.layers, num_attention_heads=c.heads, intermediate_size=c.intermediate,
+                max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab_size,
+                pad_token_id=c.pad_id, layer_norm_eps=c.layer_norm_eps, hidden_act="gelu")
+
+
+def _write_safetensors(path, tensors, metadata=None):
+    """Written by hand from the format spec: u64 LE header length, JSON header, raw LE bytes."""
+    header, chunks, offset = {}, [], 0
+    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = dict(dtype=codes[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(chunks))
+
+
+def _save_ours_as_hf(model, path, fmt):
+    """Our weights in Hugging Face key layout: encoder keys `<model_type>.…`, head keys bare."""
+    os.makedirs(path, exist_ok=True)
+    c, state = model.config, model.state_dict()
+    prefix = "bert." if c.model_type == "bert" else "roberta."
+    hf = {(theirs if theirs.startswith("classifier") else prefix + theirs): state[ours]
+          for ours, theirs in hf_names(c).items()}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_hf_config_json(c), f)
+    if fmt == "safetensors":
+        _write_safetensors(os.path.join(path, "model.safetensors"), hf)
+    else:
+        torch.save(hf, os.path.join(path, "pytorch_model.bin"))
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# the model itself
+
+def test_module_names_shapes_and_tiny_preset():
+    model = Encoder(tiny_config(vocab_size=100, num_labels=3))
+    assert (model.config.hidden, model.config.layers, model.config.heads) == (128, 2, 4)
+    assert model.get_input_embeddings() is model.word_embeddings
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    block = sorted(n.split(".")[-1] for n in linears if n.startswith("layers.0."))
+    assert block == sorted(["query", "key", "value", "attn_out", "ffn_in", "ffn_out"])
+    assert {n for n in linears if n.startswith("head")} == {"head.dense", "head.out_proj"}
+    assert model.head.out_proj.out_features == 3
+    ids = torch.randint(1, 100, (2, 7))
+    assert model.encode(ids).shape == (2, 7, 128)
+    assert model(ids).shape == (2, 3)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_padding_does_not_change_real_tokens(model_type):
+    """A sequence alone and the same sequence padded in a batch give the same hidden states
+    (tests the attention mask, and RoBERTa positions skipping padding)."""
+    c = _small_config(model_type)
+    model = _perturb(Encoder(c)).eval()
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        batched = model.encode(ids, mask, types)
+        alone = model.encode(ids[1:2, :4], mask[1:2, :4], types[1:2, :4])
+        assert (batched[1, :4] - alone[0]).abs().max() < 1e-5
+        left = torch.cat([torch.full((1, 6), c.pad_id), ids[1:2, :4]], 1)  # padding on the left
+        left_mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), mask[1:2, :4]], 1)
+        shifted = model.encode(left, left_mask)
+        alone = model.encode(ids[1:2, :4])
+        # RoBERTa numbers positions past the padding, BERT does not
+        assert ((shifted[0, 6:] - alone[0]).abs().max() < 1e-5) == (model_type == "roberta")
+
+
+def test_dropout_only_in_training():
+    model = _perturb(Encoder(_small_config("roberta")))
+    ids, mask, _ = _batch(model.config)
+    torch.manual_seed(0)
+    a, b = model.train()(ids, mask), model(ids, mask)
+    assert not torch.allclose(a, b)
+    assert torch.equal(model.eval()(ids, mask), model(ids, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint reading without transformers
+
+def test_read_safetensors_hand_written_file(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7,
+               "b": torch.tensor([-3, 2**40], dtype=torch.int64),
+               "c": torch.tensor([0.5, -2.25], dtype=torch.float16),
+               "d": torch.tensor([[1.5], [-0.125]], dtype=torch.bfloat16),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "x.safetensors"
+    _write_safetensors(path, tensors, metadata={"format": "pt"})
+    # independent check of the layout: the first 8 bytes are the header length, then JSON
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert json.loads(raw[8:8 + n])["a"]["dtype"] == "F32"
+    assert np.frombuffer(raw[8 + n:8 + n + 24], "<f4").tolist() == tensors["a"].flatten().tolist()
+    got = read_safetensors(path)
+    assert set(got) == set(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+
+@pytest.mark.parametrize("model_type, fmt", [("bert", "safetensors"), ("roberta", "bin"),
+                                             ("roberta", "safetensors")])
+def test_round_trip_in_hf_layout(tmp_path, model_type, fmt):
+    model = _perturb(Encoder(_small_config(model_type))).eval()
+    _save_ours_as_hf(model, tmp_path, fmt)
+    loaded = from_pretrained(tmp_path, num_labels=3).eval()
+    assert loaded.config == model.config
+    ids, mask, types = _batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(ids, mask, types), model.encode(ids, mask, types))
+        assert torch.equal(loaded(ids, mask, types), model(ids, mask, types))
+
+
+def test_fresh_head_and_ignored_keys(tmp_path):
+    """No head in the checkpoint: head is freshly initialised (std = initializer_range, zero bias);
+    known-unused keys are ignored silently."""
+    model = _perturb(Encoder(_small_config("roberta")))
+    hf = _save_ours_as_hf(model, tmp_path, "bin")
+    hf = {k: v for k, v in hf.items() if not k.startswith("classifier.")}
+    hf |= {"roberta.pooler.dense.weight": torch.zeros(32, 32), "lm_head.bias": torch.zeros(40),
+           "roberta.embeddings.position_ids": torch.arange(26)[None]}
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    cfg = json.loads((tmp_path / "config.json").read_text()) | {"initializer_range": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    loaded = from_pretrained(tmp_path, num_labels=2)
+    torch.manual_seed(0)
+    again = from_pretrained(tmp_path, num_labels=2)
+    assert torch.equal(loaded.head.dense.weight, again.head.dense.weight)  # global RNG, seeded by caller
+    assert torch.all(loaded.head.out_proj.bias == 0) and torch.all(loaded.head.dense.bias == 0)
+    assert 0.4 < loaded.head.dense.weight.std() < 0.6
+    assert torch.equal(loaded.layers[1].ffn_in.weight, model.layers[1].ffn_in.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each a clear error
+
+def test_missing_directory_or_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*config.json"):
+        from_pretrained(tmp_path / "nope", num_labels=2)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path, num_labels=2)
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config_json(_small_config("bert"))))
+    with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
+        from_pretrained(tmp_path, num_labels=2)
+
+
+def test_truncated_or_damaged_safetensors(tmp_path):
+    _save_ours_as_hf(Encoder(_small_config("bert")), tmp_path, "safetensors")
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    path.write_bytes(raw[:8 + n // 2])  # header cut in half
+    with pytest.raises(ValueError, match="truncated"):
+        from_pretrained(tmp_path, num_labels=3)
+    path.write_bytes(raw[:5])  # not even the length
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(path)
+    path.write_bytes(raw[:-100])  # header intact, data cut
+    with pytest.raises(ValueError, match="damaged"):
+        read_safetensors(path)
+    path.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_safetensors(path)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    hf = _save_ours_as_hf(Encoder(_small_config("bert")), tmp_path, "bin")
+    hf["bert.encoder.layer.1.attention.self.key.weight"] = torch.zeros(32, 31)
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"encoder.layer.1.attention.self.key.weight has shape \(32, 31\), "
+                                         r"expected \(32, 32\)"):
+        from_pretrained(tmp_path, num_labels=3)
+    with pytest.raises(ValueError, match=r"classifier.weight has shape \(3, 32\), expected \(5, 32\)"):
+        torch.save(_save_ours_as_hf(Encoder(_small_config("bert")), tmp_path, "bin"), tmp_path / "pytorch_model.bin")
+        from_pretrained(tmp_path, num_labels=5)
+
+
+def test_missing_and_unexpected_keys_in_one_message(tmp_path):
+    hf = _save_ours_as_hf(Encoder(_small_config("bert")), tmp_path, "bin")
+    del hf["bert.encoder.layer.0.output.dense.bias"], hf["bert.embeddings.LayerNorm.weight"]
+    hf["bert.encoder.layer.2.output.dense.bias"] = torch.zeros(32)  # a third layer the config lacks
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        from_pretrained(tmp_path, num_labels=3)
+    msg = str(e.value)
+    assert "missing keys" in msg and "unexpected keys" in msg
+    for key in ("encoder.layer.0.output.dense.bias", "embeddings.LayerNorm.weight", "encoder.layer.2.output.dense.bias"):
+        assert key in msg
+
+
+def test_unsupported_config_and_too_long_input(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2'.*supported: bert, roberta"):
+        from_pretrained(tmp_path, num_labels=2)
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config_json(_small_config("bert")) | {"hidden_act": "relu"}))
+    with pytest.raises(ValueError, match="hidden_act 'relu'"):
+        from_pretrained(tmp_path, num_labels=2)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="config.json lacks 'vocab_size'"):
+        from_pretrained(tmp_path, num_labels=2)
+    model = Encoder(_small_config("roberta"))  # 26 rows, pad_id 1: 24 usable positions
+    model.encode(torch.full((1, 24), 5))
+    with pytest.raises(ValueError, match="length 25 exceeds.*24"):
+        model.encode(torch.full((1, 25), 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with Hugging Face transformers
+
+def _hf_models(model_type, num_labels, seed=0):
+    transformers = pytest.importorskip("transformers")
+    c = _small_config(model_type)
+    kind = {"bert": "Bert", "roberta": "Roberta"}[model_type]
+    config = getattr(transformers, kind + "Config")(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers, num_attention_heads=c.heads,
+        intermediate_size=c.intermediate, max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab_size,
+        pad_token_id=c.pad_id, layer_norm_eps=c.layer_norm_eps, num_labels=num_labels)
+    torch.manual_seed(seed)
+    base = _perturb(getattr(transformers, kind + "Model")(config), seed).eval()
+    task = _perturb(getattr(transformers, kind + "ForSequenceClassification")(config), seed + 1).eval()
+    return c, base, task
+
+
+def _assert_encode_matches(ours, hf_model, c):
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        got = ours.encode(ids, mask, types)
+        want = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    # compare real tokens: outputs at padding positions are unused and HF's own sdpa and eager paths differ there
+    assert (got - want)[mask.bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_hf_parity_base_model_safetensors(tmp_path, model_type):
+    c, base, _ = _hf_models(model_type, num_labels=3)
+    base.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    ours = from_pretrained(tmp_path, num_labels=3).eval()
+    _assert_encode_matches(ours, base, c)
+    if model_type == "bert":  # BertModel's pooler becomes head.dense; RoBERTa's pooler is ignored
+        assert torch.equal(ours.head.dense.weight, base.pooler.dense.weight)
+    assert torch.all(ours.head.out_proj.bias == 0)
+
+
+@pytest.mark.parametrize("model_type, num_labels", [("bert", 3), ("roberta", 3), ("roberta", 1)])
+def test_hf_parity_task_model_bin(tmp_path, model_type, num_labels):
+    c, _, task = _hf_models(model_type, num_labels)
+    task.config.save_pretrained(tmp_path)
+    torch.save(task.state_dict(), tmp_path / "pytorch_model.bin")
+    assert any(k.startswith(model_type + ".") for k in task.state_dict())
+    ours = from_pretrained(tmp_path, num_labels=num_labels).eval()
+    _assert_encode_matches(ours, getattr(task, model_type), c)
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        got = ours(ids, mask, types)
+        want = task(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert got.shape == (3, num_labels) and (got - want).abs().max() <= 1e-5
+
+
+# ============================================================================ data.py
+
+
+_HERE = Path(__file__).resolve().parent
+_TOKENIZERS = _HERE.parent / "shared" / "data" / "tokenizers"
+_HF = {"roberta": ("roberta-base", "RobertaTokenizerFast"), "bert": ("all-minilm-l6-v2", "BertTokenizerFast")}  # Rust-backed
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and readers
+
+_A = "it 's a charming and often affecting journey . "  # SST-2 style: tokenized, trailing space
+_B = '" The foodservice pie business does not fit our strategy .'  # quotes: no quote handling allowed
+_C = 'He said "hi" to them.'
+_D = "Who went?"
+
+# The real GLUE layouts (../shared/data/README.md and GLUE's download_glue_data.py):
+# file -> (header line or None, row(text_a, text_b, raw_label) -> fields).
+_MNLI_TRAIN = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t" \
+              "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+_MNLI_DEV = _MNLI_TRAIN.replace("label1\t", "label1\tlabel2\tlabel3\tlabel4\tlabel5\t")
+_MNLI_ID = ["0", "31193", "31193n", "government", "( a )", "( b )", "(ROOT a)", "(ROOT b)"]  # before sentence1
+
+
+def _both(header, row):
+    return {"train.tsv": (header, row), "dev.tsv": (header, row)}
+
+
+_FORMATS = {
+    "cola": _both(None, lambda a, b, y: ["gj04", y, "" if y == "1" else "*", a]),
+    "sst-2": _both("sentence\tlabel", lambda a, b, y: [a, y]),
+    "mrpc": _both("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda a, b, y: [y, "1355540", "1355592", a, b]),
+    "qqp": _both("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", lambda a, b, y: ["7", "13", "14", a, b, y]),
+    "sts-b": _both("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                   lambda a, b, y: ["0", "main-captions", "MSRvid", "2012test", "0001", "none", "none", a, b, y]),
+    "mnli": {"train.tsv": (_MNLI_TRAIN, lambda a, b, y: [*_MNLI_ID, a, b, y, y]),  # label1, gold_label
+             "dev_matched.tsv": (_MNLI_DEV, lambda a, b, y: [*_MNLI_ID, a, b, *[y] * 6]),  # label1-5, gold_label
+             "dev_mismatched.tsv": (_MNLI_DEV, lambda a, b, y: [*_MNLI_ID, a, b, *[y] * 6])},
+    "qnli": _both("index\tquestion\tsentence\tlabel", lambda a, b, y: ["0", a, b, y]),
+    "rte": _both("index\tsentence1\tsentence2\tlabel", lambda a, b, y: ["0", a, b, y]),
+    "wnli": _both("index\tsentence1\tsentence2\tlabel", lambda a, b, y: ["0", a, b, y]),
+}
+# raw label in the file -> label read_split must return, for the two rows of each file
+_LABELS = {
+    "cola": [("1", 1), ("0", 0)], "sst-2": [("0", 0), ("1", 1)], "mrpc": [("1", 1), ("0", 0)],
+    "qqp": [("0", 0), ("1", 1)], "sts-b": [("3.800", 3.8), ("0.000", 0.0)],
+    "mnli": [("neutral", 2), ("contradiction", 0)], "qnli": [("not_entailment", 1), ("entailment", 0)],
+    "rte": [("entailment", 0), ("not_entailment", 1)], "wnli": [("1", 1), ("0", 0)],
+}
+_SINGLE = ("cola", "sst-2")  # single-sentence tasks
+_SPLIT_OF = {"train.tsv": "train", "dev.tsv": "dev", "dev_matched.tsv": "dev", "dev_mismatched.tsv": "dev_mismatched"}
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def _write_task(root, name):
+    """Write a two-row GLUE-format fixture for every file of `name`; return {split: expected examples}."""
+    task = data.get_task(name)
+    pair = name not in _SINGLE
+    texts = [(_A, _B if pair else None), (_C, _D if pair else None)]
+    for file, (header, row) in _FORMATS[name].items():
+        rows = ["\t".join(row(a, b, raw)) for (a, b), (raw, _) in zip(texts, _LABELS[name])]
+        end = "" if file.startswith("dev") else "\n"  # dev files without a final newline, as CoLA's
+        _write(root / task.dir / file, "\n".join(([header] if header else []) + rows) + end)
+    expected = [Example(a, b, label) for (a, b), (_, label) in zip(texts, _LABELS[name])]
+    return {_SPLIT_OF[file]: expected for file in _FORMATS[name]}
+
+
+@pytest.mark.parametrize("name", list(_FORMATS))
+def test_read_split_every_task_on_a_glue_format_fixture(tmp_path, name):
+    expected = _write_task(tmp_path, name)
+    task = data.get_task(name)
+    assert set(expected) == {split for split, _ in task.files}
+    for split, examples in expected.items():
+        got = data.read_split(task, split, tmp_path)
+        assert got == examples, (name, split)
+        assert all(type(e.label) is (float if name == "sts-b" else int) for e in got)
+
+
+def test_get_task_names_aliases_and_metadata():
+    for alias in ["cola", "CoLA", "COLA"]:
+        assert data.get_task(alias).name == "cola"
+    for alias in ["sts-b", "stsb", "STS-B", "sts_b"]:
+        assert data.get_task(alias).name == "sts-b"
+    assert data.get_task("sst2").dir == "SST-2" and data.get_task("Mnli").dir == "MNLI"
+    num_labels = {"cola": 2, "sst-2": 2, "mrpc": 2, "qqp": 2, "sts-b": 1, "mnli": 3, "qnli": 2, "rte": 2, "wnli": 2}
+    assert {n: data.get_task(n).num_labels for n in num_labels} == num_labels
+    metrics = {"cola": {"mcc"}, "sst-2": {"accuracy"}, "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"},
+               "sts-b": {"pearson", "spearman"}, "mnli": {"accuracy"}, "qnli": {"accuracy"}, "rte": {"accuracy"},
+               "wnli": {"accuracy"}}
+    for n, m in metrics.items():
+        task = data.get_task(n)
+        assert set(task.metrics) == m and task.main_metric in m
+    assert data.get_task("cola").main_metric == "mcc" and data.get_task("sts-b").main_metric == "pearson"
+    assert [split for split, _ in data.get_task("mnli").files] == ["train", "dev", "dev_mismatched"]
+    with pytest.raises(ValueError) as err:
+        data.get_task("squad")
+    assert "'squad'" in str(err.value) and all(n in str(err.value) for n in num_labels)
+
+
+def test_resolve_data_dir_order(monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", "/env/glue")
+    assert data.resolve_data_dir("/flag/glue") == Path("/flag/glue")
+    assert data.resolve_data_dir() == Path("/env/glue")
+    monkeypatch.delenv("GLUE_DIR")
+    assert data.resolve_data_dir() == Path("glue_data")
+
+
+def test_read_split_uses_glue_dir(tmp_path, monkeypatch):
+    expected = _write_task(tmp_path, "rte")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    assert data.read_split(data.get_task("rte"), "dev") == expected["dev"]
+
+
+def test_read_split_bad_input(tmp_path):
+    rte, stsb = data.get_task("rte"), data.get_task("sts-b")
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    path = _write(tmp_path / "RTE" / "train.tsv", header + "0\ta\tb\tentailment\n1\ta b\tnot_entailment\n")
+    _write(tmp_path / "RTE" / "dev.tsv", header + "0\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match=rf"{path}:3: expected 4 tab-separated fields .*found 3"):
+        data.read_split(rte, "train", tmp_path)
+    with pytest.raises(ValueError, match=r"dev.tsv:2: unknown label 'maybe'.*entailment, not_entailment"):
+        data.read_split(rte, "dev", tmp_path)
+    _write(path, "")
+    with pytest.raises(ValueError, match=rf"{path} is empty"):
+        data.read_split(rte, "train", tmp_path)
+    _write(path, header)
+    with pytest.raises(ValueError, match="no data rows"):
+        data.read_split(rte, "train", tmp_path)
+    _write(path, "index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n")
+    with pytest.raises(ValueError, match=r"train.tsv:1: header .* lacks column"):
+        data.read_split(rte, "train", tmp_path)
+    _write(tmp_path / "STS-B" / "train.tsv", "\t".join(f"c{i}" for i in range(7)) + "\tsentence1\tsentence2\tscore\n"
+           + "\t".join(["x"] * 9) + "\thigh\n")
+    with pytest.raises(ValueError, match=r"STS-B/train.tsv:2: expected a numeric score, found 'high'"):
+        data.read_split(stsb, "train", tmp_path)
+    with pytest.raises(ValueError, match="dev_mismatched"):
+        data.read_split(rte, "dev_mismatched", tmp_path)
+
+
+def test_missing_files_name_every_expected_path(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        data.read_split(data.get_task("mnli"), "train", tmp_path)
+    message = str(err.value)
+    for file in ["train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"]:
+        assert str(tmp_path / "MNLI" / file) in message
+    assert "--data_dir" in message and "$GLUE_DIR" in message and "download_task" in message
+
+
+def test_download_task_from_a_file_url(tmp_path):
+    source = tmp_path / "source"
+    expected = _write_task(source, "rte")
+    archive = tmp_path / "RTE.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for file in ["train.tsv", "dev.tsv"]:
+            z.write(source / "RTE" / file, f"RTE/{file}")
+    target = tmp_path / "glue_data"
+    assert data.download_task(data.get_task("rte"), target, archive.as_uri()) == target / "RTE"
+    assert data.read_split(data.get_task("RTE"), "train", target) == expected["train"]
+    assert not (target / "RTE.zip").exists()
+    with zipfile.ZipFile(archive, "w") as z:  # an archive without dev.tsv
+        z.write(source / "RTE" / "train.tsv", "RTE/train.tsv")
+    with pytest.raises(FileNotFoundError, match="dev.tsv"):
+        data.download_task(data.get_task("rte"), tmp_path / "other", archive.as_uri())
+    with pytest.raises(ValueError, match="download_glue_data.py"):
+        data.download_task(data.get_task("mrpc"), target)  # GLUE has no MRPC zip
+
+
+# rows and, where ../shared/data/README.md gives it, the count of label 1 (STS-B: mean score)
+_REAL = [("cola", "train", 8551, 6023), ("cola", "dev", 1043, 721), ("sst-2", "train", 67349, 37569),
+         ("sst-2", "dev", 872, 444), ("mrpc", "train", 3668, 2474), ("mrpc", "dev", 408, 279),
+         ("qqp", "train", 363846, None), ("qqp", "dev", 40430, None), ("sts-b", "train", 5749, 2.70),
+         ("sts-b", "dev", 1500, 2.36), ("mnli", "train", 392702, None), ("mnli", "dev", 9815, None),
+         ("mnli", "dev_mismatched", 9832, None), ("qnli", "train", 104743, None), ("qnli", "dev", 5463, 2761),
+         ("rte", "train", 2490, 1241), ("rte", "dev", 277, 131), ("wnli", "train", 635, None),
+         ("wnli", "dev", 71, None)]
+
+
+def _glue_dir():
+    if not os.environ.get("GLUE_DIR"):
+        pytest.skip("set GLUE_DIR to the glue_data folder to test on the real files")
+    return Path(os.environ["GLUE_DIR"])
+
+
+def _real_split(name, split):
+    task = data.get_task(name)
+    if not (_glue_dir() / task.dir / dict(task.files)[split]).is_file():
+        pytest.skip(f"{task.dir} {split} not in $GLUE_DIR")
+    return data.read_split(task, split)
+
+
+@pytest.mark.parametrize("name,split,rows,balance", _REAL)
+def test_real_glue_files(name, split, rows, balance):
+    examples = _real_split(name, split)
+    assert len(examples) == rows
+    labels = [e.label for e in examples]
+    if name == "sts-b":
+        assert round(sum(labels) / rows, 2) == balance and min(labels) >= 0 and max(labels) <= 5
+    elif balance is not None:
+        assert sum(y == 1 for y in labels) == balance
+    pair = name not in _SINGLE
+    assert all(isinstance(e.text_a, str) and e.text_a and (e.text_b is not None) == pair for e in examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _tokenizer_dir(kind):
+    folder = _TOKENIZERS / _HF[kind][0]
+    if not folder.is_dir():
+        pytest.skip(f"no tokenizer files at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(_HF))
+def parity_pair(request):
+    """(kind, ours, Hugging Face's) for the real RoBERTa BPE and BERT uncased WordPiece files."""
+    transformers = pytest.importorskip("transformers")
+    folder = _tokenizer_dir(request.param)
+    hf = getattr(transformers, _HF[request.param][1]).from_pretrained(str(folder))
+    return request.param, data.load_tokenizer(folder), hf
+
+
+def _mismatches(kind, ours, hf, texts, pairs=None, max_len=None):
+    """Rows where our ids (and BERT token type ids) differ from Hugging Face's tokenizer(texts, pairs)."""
+    kwargs = {"truncation": True, "max_length": max_len} if max_len else {}
+    ref = hf(texts, pairs, **kwargs) if pairs else hf(texts, **kwargs)
+    bad = []
+    for i, text in enumerate(texts):
+        ids, types = ours.encode_pair(text, pairs[i] if pairs else None, max_len)
+        ref_types = ref["token_type_ids"][i] if kind == "bert" else [0] * len(ref["input_ids"][i])
+        if ids != ref["input_ids"][i] or types != ref_types or ids != ours.encode(text, pairs and pairs[i], max_len):
+            bad.append((text, pairs and pairs[i], max_len, ids, ref["input_ids"][i]))
+    return bad
+
+
+_TRICKY = [
+    "Hello world", " Hello  world ", "", " ", "a\tb\nc\r\nd \n\n e  ", "He's I'M we'll they'd 'S 'tis",
+    "naïve café résumé Ångström", "ΟΔΟΣ σοφός", "İstanbul DİYARBAKIR", "Ｈｅｌｌｏ，世界！", "日本語の文章です。한국어",
+    "中文字符和English混合", "$5+3=8 | a^b ~c `d` <e> @f #g", "1,000.50 ٣٤ Ⅻ x² ½ 〇一二三", "ǅ ʰ ᵃ ﬁ",
+    "\u00a0nbsp\u2009thin\u3000ideo\u2028line\u0085nel", "ctrl\x00\x1c\x1f\x7f\ufffd\u200bzw",
+    "e\u0301 \u0301 क्षत्रिय",
+    "emoji 😀 👩‍👩‍👧 🇫🇷!!", "…—–“quotes” «guillemets» ‘single’", "\u1fef`grave", "a" * 101, "b" * 100,
+    "supercalifragilisticexpialidocious antidisestablishmentarianism", "<s>x</s> <mask> y <pad><unk>",
+    "[CLS] a [SEP] b [UNK] [MASK] [PAD] [cls]", "https://example.com/a_b?c=d&e=f", "don't can't won't ain't",
+]
+
+
+def test_tokenizer_parity_on_tricky_strings(parity_pair):
+    kind, ours, hf = parity_pair
+    texts = [t for t in _TRICKY if t]  # Hugging Face refuses an empty batch item
+    assert _mismatches(kind, ours, hf, texts) == []
+    assert _mismatches(kind, ours, hf, texts, texts[1:] + texts[:1]) == []
+    for max_len in (5, 8, 11):
+        assert _mismatches(kind, ours, hf, texts, texts[::-1], max_len) == []
+    assert ours.encode("") == hf("")["input_ids"]
+    assert ours.encode("a b", "") == hf("a b", "")["input_ids"]  # an empty pair is no pair, as in HF
+
+
+@pytest.mark.parametrize("name", ["cola", "sst-2", "mrpc", "sts-b", "rte"])
+def test_tokenizer_parity_on_real_dev_sets(parity_pair, name):
+    """Every sentence of the dev set alone, every pair, and pairs cut by longest-first: 100% identical ids."""
+    kind, ours, hf = parity_pair
+    examples = _real_split(name, "dev")
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples if e.text_b is not None]
+    compared, bad = 0, []
+    for texts in (a, b):
+        if texts:
+            bad += _mismatches(kind, ours, hf, texts) + _mismatches(kind, ours, hf, texts, max_len=8)
+            compared += 2 * len(texts)
+    if b:
+        for max_len in (None, 16, 17, 40):  # odd and even budgets; 40 cuts RTE premises, not hypotheses
+            bad += _mismatches(kind, ours, hf, a, b, max_len)
+            compared += len(a)
+        assert any(len(ours.encode(x, y, 17)) == 17 for x, y in zip(a, b))  # truncation did happen
+    print(f"{kind} {name}: {compared} encodings compared, {len(bad)} mismatches")
+    assert not bad, bad[:3]
+
+
+def test_roberta_known_ids_and_pair_layout():
+    tok = data.load_tokenizer(_tokenizer_dir("roberta"))
+    assert isinstance(tok, data.BPETokenizer)
+    assert tok.encode("Hello world") == [0, 31414, 232, 2]
+    ids, types = tok.encode_pair("Hello world", "Hello world")
+    assert ids == [0, 31414, 232, 2, 2, 31414, 232, 2] and types == [0] * 8  # <s> A </s></s> B </s>
+    assert tok.encode("Hello world", max_len=3) == [0, 31414, 2]
+    assert (tok.pad_id, tok.vocab_size) == (1, 50265)  # <mask> = 50264
+
+
+def test_bert_known_ids_and_token_types():
+    tok = data.load_tokenizer(_tokenizer_dir("bert"))
+    assert isinstance(tok, data.WordPieceTokenizer) and tok.lower
+    ids, types = tok.encode_pair("Hello, WORLD!", "Héllo")
+    assert ids == [101, 7592, 1010, 2088, 999, 102, 7592, 102]  # [CLS] hello , world ! [SEP] hello [SEP]
+    assert types == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert (tok.pad_id, tok.vocab_size) == (0, 30522)
+    assert tok.encode("a" * 101) == [101, 100, 102]  # over 100 characters: [UNK]
+
+
+def test_truncate_longest_first():
+    a, b = list(range(10)), list(range(100, 103))
+    assert data.truncate(a, b, 13) == (a, b)  # fits: untouched
+    assert data.truncate(a, b, 8) == (a[:5], b)  # only the longer one is cut
+    assert data.truncate(a, b, 5) == (a[:3], b[:2])  # both cut: the shorter keeps room // 2
+    assert data.truncate(b, a, 5) == (b[:2], a[:3])
+    assert data.truncate(a[:4], a[:4], 5) == (a[:2], a[:3])  # tie: A keeps room // 2
+    assert data.truncate(a, None, 4) == (a[:4], None)
+
+
+def test_simple_tokenizer_for_the_tiny_encoder(tmp_path):
+    tok = data.build_tokenizer(["The cat sat.", "the cat ran!"])
+    # specials first, then words by count, ties alphabetical: cat the ! . ran sat
+    assert [t for t, _ in sorted(tok.vocab.items(), key=lambda kv: kv[1])] == \
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "cat", "the", "!", ".", "ran", "sat"]
+    assert tok.pad_id == 0 and tok.vocab_size == 10
+    assert tok.encode("The dog sat.") == [2, 5, 1, 9, 7, 3]
+    assert tok.encode_pair("cat", "catty") == ([2, 4, 3, 1, 3], [0, 0, 0, 1, 1])  # whole words only
+    assert tok.encode("the cat sat on", max_len=4) == [2, 5, 4, 3]
+    assert data.build_tokenizer(["The cat sat.", "the cat ran!"], min_freq=2).vocab_size == 6
+    assert data.build_tokenizer(["The cat sat.", "the cat ran!"], max_size=5).vocab_size == 5
+    tok.save(tmp_path / "run")
+    back = data.load_tokenizer(tmp_path / "run")
+    assert back.vocab == tok.vocab and back.pad_id == 0
+    for text in ["The dog sat.", "Ran, cat!"]:
+        assert back.encode_pair(text, text) == tok.encode_pair(text, text)
+
+
+@pytest.mark.parametrize("kind", list(_HF))
+def test_pretrained_tokenizers_round_trip_through_save(tmp_path, kind):
+    tok = data.load_tokenizer(_tokenizer_dir(kind))
+    tok.save(tmp_path)
+    back = data.load_tokenizer(tmp_path)
+    assert type(back) is type(tok) and back.vocab == tok.vocab and back.vocab_size == tok.vocab_size
+    assert getattr(back, "merges", None) == getattr(tok, "merges", None)
+    for text in _TRICKY:
+        assert back.encode(text, text[::-1], 24) == tok.encode(text, text[::-1], 24)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"vocab.json.*merges.txt.*vocab.txt"):
+        data.load_tokenizer(tmp_path)
+    _write(tmp_path / "vocab.txt", "[PAD]\nhello\n")
+    with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['\[CLS\]', '\[SEP\]', '\[UNK\]'\]"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_encode_examples_truncates_and_keeps_labels():
+    tok = data.build_tokenizer(["a b c d e f"])
+    encoded = data.encode_examples([Example("a b c d e", "f", 1), Example("a", None, 2.5)], tok, max_len=6)
+    assert encoded[0] == (tok.encode("a b", "f"), [0, 0, 0, 0, 1, 1], 1)
+    assert encoded[1] == ([2, tok.vocab["a"], 3], [0, 0, 0], 2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_batches_dynamic_padding_and_masks():
+    lengths = [3, 5, 2, 4, 1]
+    encoded = [(list(range(10, 10 + n)), [0] * (n - 1) + [1], i) for i, n in enumerate(lengths)]
+    out = list(data.batches(encoded, batch_size=2, pad_id=7))
+    assert [tuple(b["input_ids"].shape) for b in out] == [(2, 5), (2, 4), (1, 1)]
+    first = out[0]
+    assert first["input_ids"].tolist() == [[10, 11, 12, 7, 7], [10, 11, 12, 13, 14]]
+    assert first["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert first["token_type_ids"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]]
+    assert first["labels"].tolist() == [0, 1]
+    for b in out:
+        assert all(b[k].dtype == torch.long for k in ("input_ids", "attention_mask", "token_type_ids", "labels"))
+        assert (b["input_ids"][b["attention_mask"] == 0] == 7).all()
+    regression = list(data.batches([([1, 2], [0, 0], 3.8), ([1], [0], 0.5)], 4, pad_id=0))
+    labels = regression[0]["labels"]
+    assert labels.dtype == torch.float32 and labels.tolist() == pytest.approx([3.8, 0.5])
+
+
+def test_batches_shuffle_is_deterministic_by_seed():
+    encoded = [([1] * (1 + i % 5), [0] * (1 + i % 5), i) for i in range(20)]
+
+    def order(**kw):
+        return [y for b in data.batches(encoded, 3, 0, **kw) for y in b["labels"].tolist()]
+
+    assert order() == list(range(20))
+    assert order(shuffle=True, seed=0) == order(shuffle=True, seed=0) != list(range(20))
+    assert order(shuffle=True, seed=1) != order(shuffle=True, seed=0)
+    assert sorted(order(shuffle=True, seed=1)) == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_metrics_against_hand_computed_values():
+    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, tn 1, fp 1, fn 1
+    assert data.compute_metrics(data.get_task("cola"), pred, gold) == pytest.approx({"mcc": 1 / 6})
+    assert data.compute_metrics(data.get_task("mrpc"), pred, gold) == pytest.approx({"f1": 2 / 3, "accuracy": 0.6})
+    assert list(data.compute_metrics(data.get_task("qqp"), pred, gold)) == list(data.get_task("qqp").metrics)
+    assert data.compute_metrics(data.get_task("mnli"), [0, 1, 2, 2], [0, 1, 1, 2]) == {"accuracy": 0.75}
+    assert data.compute_metrics(data.get_task("rte"), torch.tensor([0, 1]), torch.tensor([1, 1])) == {"accuracy": 0.5}
+    stsb = data.get_task("sts-b")
+    # deviations [-1, 0, 1] and [-1, 1, 0]: covariance 1, variances 2 and 2
+    assert data.compute_metrics(stsb, [1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == \
+        pytest.approx({"pearson": 0.5, "spearman": 0.5})
+    # ties take average ranks: [1, 2.5, 2.5, 4] against [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5)
+    tied = data.compute_metrics(stsb, [1.0, 5.0, 5.0, 9.0], [0.1, 0.2, 0.3, 0.4])
+    assert tied["spearman"] == pytest.approx(4.5 / math.sqrt(22.5))
+    monotone = data.compute_metrics(stsb, [1.0, 2.0, 3.0, 4.0], [1.0, 4.0, 9.0, 100.0])
+    assert monotone["spearman"] == pytest.approx(1.0) and monotone["pearson"] < 0.9
+
+
+def test_metrics_degenerate_cases_are_zero_not_nan():
+    assert data.compute_metrics(data.get_task("cola"), [1, 1, 1, 1], [1, 0, 1, 0]) == {"mcc": 0.0}
+    assert data.compute_metrics(data.get_task("cola"), [1, 0, 1, 0], [1, 1, 1, 1]) == {"mcc": 0.0}
+    assert data.compute_metrics(data.get_task("mrpc"), [0, 0], [0, 0]) == {"f1": 0.0, "accuracy": 1.0}
+    assert data.compute_metrics(data.get_task("sts-b"), [0.1] * 7, [0, 1, 2, 3, 4, 5, 5]) == \
+        {"pearson": 0.0, "spearman": 0.0}
+    with pytest.raises(ValueError, match="as many predictions as labels"):
+        data.compute_metrics(data.get_task("rte"), [0, 1], [0])
+
+
+def test_correlations_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=200), rng.integers(0, 6, size=200).astype(float)  # y has many ties
+    got = data.compute_metrics(data.get_task("sts-b"), x, y)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(x, y)[0])
+    assert got["spearman"] == pytest.approx(stats.spearmanr(x, y)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The module itself
+
+
+def test_data_py_depends_on_stdlib_numpy_torch_only():
+    tree = ast.parse((_HERE / "data.py").read_text(encoding="utf-8"))
+    nodes = list(ast.walk(tree))
+    roots = {a.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for a in node.names}
+    roots |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom)}
+    assert roots - set(sys.stdlib_module_names) <= {"numpy", "torch"}, roots
+
+
+# ============================================================================ train.py
+
+
+def _cola_fixture(root, n_train=96, n_dev=32, seed=0):
+    """A CoLA-format task (no header: source, label, mark, sentence) with a learnable rule."""
+    g = torch.Generator().manual_seed(seed)
+    words = "the a cat dog sees runs big small red old new bird tree".split()
+    (root / "CoLA").mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for i in range(n):
+            body = [words[j] for j in torch.randint(0, len(words), (5,), generator=g)]
+            body[int(torch.randint(0, 5, (1,), generator=g))] = "good" if i % 2 else "bad"
+            body = (["good"] if i % 2 else ["bad"]) + body
+            rows.append(f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{' '.join(body)} .")
+        (root / "CoLA" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _train(tmp_path, *flags, out="run"):
+    args = ["--task", "cola", "--data_dir", str(tmp_path / "glue"), "--epochs", "2", "--batch_size", "8",
+            "--calib_batches", "2", "--calib_batch_size", "8", "--lr", "1e-2", "--out", str(tmp_path / out),
+            "--log_every", "1000", *flags]
+    train.main(args)
+    lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def glue(tmp_path):
+    return _cola_fixture(tmp_path / "glue")
+
+
+@pytest.mark.parametrize("method", ["cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one", "full"])
+def test_train_end_to_end_every_init(tmp_path, glue, method):
+    history = _train(tmp_path, "--init", method, "--epochs", "3", "--lr", "3e-3")
+    run = tmp_path / "run"
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3] and "dev_mcc" in history[-1]
+    assert history[-1]["train_loss"] < 0.9 * history[1]["train_loss"]  # it learns
+    init = json.loads((run / "init.json").read_text())
+    assert init["method"] == method and init["seconds"] > 0 and init["peak_memory_mib"] > 0
+    assert json.loads((run / "config.json").read_text())["init"] == method
+    assert (run / "checkpoint.pt").exists() and (run / "tokenizer").is_dir()
+    if method != "full":
+        assert {r["layer"] for r in init["layers"]} == {f"layers.{i}.{n}" for i in (0, 1) for n in ("query", "value")}
+        if method.startswith("cg-lora"):
+            assert all(0 < r["captured"] <= 1 for r in init["layers"])
+        adapter = torch.load(run / "adapter_model.bin")
+        assert "base_model.model.layers.0.query.lora_A.weight" in adapter
+        assert not torch.equal(adapter["base_model.model.layers.0.query.lora_B.weight"],
+                               torch.load(run / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"])
+
+
+@pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="GLUE_DIR not set")
+def test_train_on_real_cola(tmp_path):
+    train.main(["--task", "cola", "--data_dir", os.environ["GLUE_DIR"], "--max_steps", "30", "--out",
+                str(tmp_path / "run"), "--log_every", "1000"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and 0.5 < rows[0]["dev_loss"] < 1.0  # 1043 real dev sentences scored
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 30
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, glue):
+    full = _train(tmp_path, "--init", "cg-lora", out="a")
+    first = _train(tmp_path, "--init", "cg-lora", "--max_steps", "12", out="b")  # 96 / 8 = 12 steps: epoch 1
+    assert [h["epoch"] for h in first] == [0, 1]
+    train.main(["--resume", "--out", str(tmp_path / "b")])
+    resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed] == strip
+
+
+def test_shifted_export_applies_to_the_original_weights(tmp_path, glue):
+    _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1")
+    run = tmp_path / "run"
+    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    original = train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2).state_dict()
+    adapter = torch.load(run / "adapter_model.bin")
+    scale = json.loads((run / "adapter_config.json").read_text())
+    scale = scale["lora_alpha"] / scale["r"]
+    merged = torch.load(run / "merged.pt")
+    assert set(merged) == set(original)
+    for key, W0 in original.items():
+        prefix = "base_model.model." + key.rsplit(".", 1)[0]
+        if f"{prefix}.lora_A.weight" in adapter and key.endswith("weight"):
+            A, B = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+            assert A.shape[0] == 2 * cfg.rank
+            torch.testing.assert_close(W0 + scale * B @ A, merged[key], atol=1e-5, rtol=0)
+        elif key.startswith("head."):
+            torch.testing.assert_close(adapter["base_model.model." + key], merged[key])
+        else:
+            torch.testing.assert_close(W0, merged[key], atol=0, rtol=0)
+
+
+def test_torchrun_two_processes_match_one(tmp_path, glue):
+    common = ["train.py", "--task", "cola", "--data_dir", str(glue), "--batch_size", "8", "--calib_batches", "4", "--init_norm", "0",
+              "--calib_batch_size", "8", "--max_steps", "2", "--log_every", "1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=here, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                          "--out", str(tmp_path / "two")], cwd=here, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
+    a, b = torch.load(tmp_path / "one" / "adapter_init.bin"), torch.load(tmp_path / "two" / "adapter_init.bin")
+    assert set(a) == set(b)
+    for key in (k for k in a if k.endswith("lora_A.weight")):  # the same raw Newton step (init_norm 0)
+        Bk = key.replace("lora_A", "lora_B")  # up to fp32 summation order, amplified by the whitening
+        d1, d2 = a[Bk] @ a[key], b[Bk] @ b[key]
+        assert (d1 - d2).norm() < 1e-2 * d1.norm(), ((d1 - d2).norm() / d1.norm()).item()
+    assert "2 process(es)" in two.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--task", "colaa"], "unknown GLUE task"),
+    (["--init", "pissa"], "--init 'pissa'"),
+    (["--rank", "0"], "--rank must be positive"),
+    (["--data_dir", "MISSING"], "train.tsv"),
+    (["--pretrained", "NOWEIGHTS"], "model.safetensors"),
+])
+def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, message):
+    (tmp_path / "NOWEIGHTS").mkdir()
+    (tmp_path / "NOWEIGHTS" / "config.json").write_text(json.dumps(dict(
+        model_type="bert", vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32)))
+    flags = [str(tmp_path / f) if f in ("MISSING", "NOWEIGHTS") else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_dir", str(glue), "--out", str(tmp_path / "run"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
