@@ -116,13 +116,8 @@ def lora_state_dict(model):
 # ----------------------------------------------------------------------------- §2 statistics
 
 
-@torch.no_grad()
-def _accumulate(sums, key, a, b):
-    sums[key] = sums.get(key, 0) + a.T.float() @ b.float()
-
-
-def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim]; [batch, dim] stays
-    return t[keep] if keep is not None and t.dim() == 3 else t.reshape(-1, t.shape[-1])
+def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [batch, dim] stays
+    return (t[keep] if keep is not None and t.dim() == 3 else t.reshape(-1, t.shape[-1])).float()
 
 
 def _sampled_labels(out, generator):
@@ -137,6 +132,32 @@ def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entr
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     return F.cross_entropy(out.float(), labels)
+
+
+class _Sums:
+    """Running sums of a^T b over token rows. Rows wait until FLUSH_ROWS of them have come, then
+    one matmul adds them: a d x d update from one short batch would be memory-bound."""
+
+    def __init__(self):
+        self.total, self.rows, self.count = {}, {}, {}
+
+    def add(self, key, a, b=None):  # b=None: a^T a
+        self.rows.setdefault(key, []).append((a, b))
+        self.count[key] = self.count.get(key, 0) + a.shape[0]
+
+    @torch.no_grad()
+    def flush(self):
+        for key, pairs in self.rows.items():
+            a = torch.cat([p[0] for p in pairs])
+            b = a if pairs[0][1] is None else torch.cat([p[1] for p in pairs])
+            if key in self.total:
+                self.total[key].addmm_(a.T, b)
+            else:
+                self.total[key] = a.T @ b
+        self.rows.clear()
+
+
+FLUSH_ROWS = 128  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
 
 
 def collect_statistics(model, layers, batches, fisher="empirical", generator=None):
@@ -155,8 +176,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     seen = {}  # name -> (input, output) of the current batch
-    S_sum, G_sum, T_sum, tokens, share = {}, {}, {}, {}, {}
-    n = 0
+    S, G, T, share, names = _Sums(), _Sums(), _Sums(), {}, list(layers)
+    n = pending = 0
 
     def pre_hook(module, inputs):  # frozen weights: make the input need grad so backward runs
         if torch.is_grad_enabled() and not inputs[0].requires_grad:
@@ -173,39 +194,41 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         model.eval()
         for batch in batches:
             labels = batch["labels"]
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
             seen.clear()
-            out = model(**inputs)
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
             out = getattr(out, "logits", out)
-            missing = [name for name in layers if name not in seen]
+            missing = [name for name in names if name not in seen]
             if missing:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
             if not share:  # first batch: layers whose input is the same tensor share S
                 first = {}
-                share.update({name: first.setdefault(id(x), name) for name, (x, _) in seen.items()})
+                share.update({name: first.setdefault(id(seen[name][0]), name) for name in names})
             keep = batch.get("attention_mask")
             keep = None if keep is None else keep.bool()
-            x = {name: _tokens(seen[name][0].detach(), keep) for name in layers}
-            for name, key in share.items():
-                if key == name:
-                    _accumulate(S_sum, key, x[name], x[name])  # sum_t x x^T  (d_in x d_in)
-                    tokens[key] = tokens.get(key, 0) + x[name].shape[0]
-            names, n_b = list(layers), labels.shape[0]
-            ys = [seen[name][1] for name in names]
+            x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
+            ys, n_b = [seen[name][1] for name in names], labels.shape[0]
+            seen.clear()
             delta = torch.autograd.grad(_loss(out, labels.to(out.device)), ys, allow_unused=True,
                                         retain_graph=fisher == "sampled")
-            delta_T = delta
+            delta_T = [None] * len(names)
             if fisher == "sampled":
                 sampled = _sampled_labels(out, generator).to(out.device)
                 delta_T = torch.autograd.grad(_loss(out, sampled), ys, allow_unused=True)
+            for key, rows in x.items():
+                S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
             for name, y, d, d_T in zip(names, ys, delta, delta_T):
                 # d(mean loss)/dy * n_b = d(own loss)/dy per example; None: y does not reach the loss
-                d, d_T = [_tokens(torch.zeros_like(y) if g is None else g * n_b, keep) for g in (d, d_T)]
-                _accumulate(G_sum, name, d, x[name])  # sum_i sum_t delta x^T  (d_out x d_in)
-                _accumulate(T_sum, name, d_T, d_T)  # sum_i sum_t delta delta^T  (d_out x d_out)
-            n += n_b
+                d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
+                G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
+                T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
+            n, pending = n + n_b, pending + max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
-            seen.clear()
+            if pending >= FLUSH_ROWS:
+                for sums in (S, G, T):
+                    sums.flush()
+                pending = 0
+        for sums in (S, G, T):
+            sums.flush()
     finally:
         for h in handles:
             h.remove()
@@ -214,14 +237,18 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         model.train(was_training)
     if n == 0:
         raise ValueError("collect_statistics got no calibration batches")
+    tokens = S.count
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         counts = torch.tensor([float(n)] + [float(tokens[k]) for k in sorted(tokens)],
-                              device=next(iter(G_sum.values())).device)
-        for t in [counts, *S_sum.values(), *G_sum.values(), *T_sum.values()]:
+                              device=next(iter(G.total.values())).device)
+        for t in [counts] + [sums.total[k] for sums in (S, G, T) for k in sorted(sums.total)]:
             torch.distributed.all_reduce(t)
         n, tokens = counts[0].item(), dict(zip(sorted(tokens), counts[1:].tolist()))
-    S = {key: S_sum[key] / max(tokens[key], 1) for key in S_sum}
-    return {name: (S[share[name]], G_sum[name] / n, T_sum[name] / n) for name in layers}
+    for key, total in S.total.items():  # in place: the statistics are the largest thing here
+        total.div_(max(tokens[key], 1))
+    for total in (*G.total.values(), *T.total.values()):
+        total.div_(n)
+    return {name: (S.total[share[name]], G.total[name], T.total[name]) for name in names}
 
 
 # ----------------------------------------------------------------------------- §3 whitening
