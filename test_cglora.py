@@ -1343,3 +1343,19 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
+
+
+# ============================================================================ bench.py
+
+
+def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
+    import bench
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # synthetic sentences: seconds, not minutes
+    out = tmp_path / "bench.json"
+    bench.main(["--shape", "tiny", "--repeats", "1", "--calib_batches", "4", "--peers", "off", "--json", str(out)])
+    result = json.loads(out.read_text())
+    r = result["results"]
+    assert set(r) == {"floor", "cg-lora", "lora-ga", "frozen-step", "our-step"}
+    assert all(v["seconds"] > 0 and v["peak_rss_mib"] > 0 for v in r.values())
+    assert r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"] == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
+    assert result["ratios"]["cg-lora init / floor"] == pytest.approx(r["cg-lora"]["seconds"] / r["floor"]["seconds"])

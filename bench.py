@@ -1,0 +1,237 @@
+"""What CG-LoRA's initialisation and training cost, against the floor and against peft.
+
+    python bench.py                                  # roberta-base shapes (random weights), query,value, CPU
+    python bench.py --targets all --device cuda      # all six linear layers of every block
+    python bench.py --shape tiny --repeats 1         # seconds: the smoke test
+    python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
+
+Each measurement runs in a fresh process, so its CPU peak memory is that process's peak RSS;
+times are the median of --repeats runs after one warm-up, each on a freshly built model. The
+peers (peft's LoRA-GA, an HF+peft LoRA training step) are timed on the same shapes and batches
+when transformers and peft are installed.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cglora
+import data
+import models
+
+HERE = Path(__file__).resolve().parent
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                    layer_norm_eps=1e-5, model_type="roberta")  # HF config.json keys
+ALL = "query,key,value,attn_out,ffn_in,ffn_out"
+HF_TARGET = dict(query=r"attention\.self\.query", key=r"attention\.self\.key", value=r"attention\.self\.value",
+                 attn_out=r"attention\.output\.dense", ffn_in=r"intermediate\.dense", ffn_out=r"output\.dense")
+
+
+# ----------------------------------------------------------------------------- one measurement (child)
+
+
+def setup(args, device):
+    """(build_ours, build_hf, calibration batches, training batches) for the chosen shape."""
+    texts = ([ex.text_a for ex in data.read_split(data.get_task("cola"), "train")] if os.environ.get("GLUE_DIR")
+             else [f"sentence number {i} is a short one ." for i in range(8192)])
+    if args.pretrained:
+        tok, hf_dir = data.load_tokenizer(args.pretrained), args.pretrained
+        build = lambda: models.from_pretrained(args.pretrained, 2)  # noqa: E731
+    elif args.shape == "tiny":
+        tok, hf_dir = data.build_tokenizer(texts), None
+        build = lambda: models.Encoder(models.tiny_config(tok.vocab_size, 2, tok.pad_id))  # noqa: E731
+    else:
+        tok, hf_dir = data.load_tokenizer(HERE.parent / "shared" / "data" / "tokenizers" / "roberta-base"), None
+        build = lambda: models.Encoder(models.config_from_hf(ROBERTA_BASE, 2))  # noqa: E731
+
+    def build_hf():
+        import transformers
+        if hf_dir:
+            return transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
+        if args.shape == "tiny":
+            raise SystemExit("peers need --shape roberta-base or --pretrained")
+        return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ROBERTA_BASE))
+
+    def batches(n, size, offset=0):
+        rows = [data.Example(t, None, i % 2) for i, t in enumerate(texts[offset:offset + n * size])]
+        return [{k: v.to(device) for k, v in b.items()}
+                for b in data.batches(data.encode_examples(rows, tok, 128), size, tok.pad_id)]
+
+    return build, build_hf, batches(args.calib_batches, args.calib_batch_size), batches(4, 32, offset=4096)
+
+
+def logits(model, batch):
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return out if torch.is_tensor(out) else out.logits
+
+
+def floor_pass(model, batches):
+    """Forward + backward of the frozen model down to its embeddings, no weight gradients: the
+    least any gradient-based init pays for the same calibration batches."""
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad_()))
+    try:
+        for b in batches:
+            seen.clear()
+            torch.autograd.grad(cglora._loss(logits(model, b), b["labels"]), seen)
+    finally:
+        hook.remove()
+
+
+def measure(name, args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    build, build_hf, calib, train = setup(args, device)
+    targets = ALL if args.targets == "all" else args.targets
+    hf_targets = r".*encoder\.layer\.\d+\.(" + "|".join(HF_TARGET[t] for t in targets.split(",")) + ")"
+    parts = {}
+
+    def fresh(hf=False):  # a new model for every repeat: inits mutate it
+        model = (build_hf() if hf else build()).to(device)
+        model.requires_grad_(False)
+        return model
+
+    def ours_init(method):
+        model = fresh()
+        layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=["head"])
+
+        def run():
+            t0 = time.perf_counter()
+            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
+            t1 = time.perf_counter()
+            cglora.init_adapters(layers, method, stats, log=lambda *a: None)
+            parts.setdefault("statistics", []).append(t1 - t0)
+            parts.setdefault("factorization", []).append(time.perf_counter() - t1)
+        return run
+
+    def peft_loraga():
+        import peft
+        model = fresh(hf=True)
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=hf_targets, init_lora_weights="lora_ga",
+                                 lora_ga_config=peft.LoraGAConfig())
+
+        def run():
+            def train_step():
+                for b in calib:
+                    torch.nn.functional.cross_entropy(logits(model, b), b["labels"]).backward()
+            peft.preprocess_loraga(model, config, train_step)
+            peft.get_peft_model(model, config)
+        return run
+
+    def train_step(hf=False):
+        model = fresh(hf)
+        if hf:
+            import peft
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=hf_targets,
+                                                               modules_to_save=["classifier"]))
+        else:
+            cglora.add_lora(model, targets.split(","), 8, 16, trainable=["head"])
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            for b in train:
+                with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+                    loss = cglora._loss(logits(model, b), b["labels"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run
+
+    make = {"floor": lambda: (lambda m: lambda: floor_pass(m, calib))(fresh()),
+            "cg-lora": lambda: ours_init("cg-lora"), "lora-ga": lambda: ours_init("lora-ga"),
+            "peft-lora-ga": peft_loraga,
+            "frozen-step": lambda: (lambda m: lambda: floor_pass(m, train))(fresh()),
+            "our-step": train_step, "peft-step": lambda: train_step(hf=True)}[name]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, after data and imports
+    times = []
+    for _ in range(args.repeats + 1):  # the first run is the warm-up
+        fn = make()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        del fn
+    per = 1 if name not in ("frozen-step", "our-step", "peft-step") else len(train)  # seconds per step
+    result = dict(seconds=statistics.median(times[1:]) / per,
+                  **{k: statistics.median(v[1:]) for k, v in parts.items()})
+    if device.type == "cuda":
+        result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["rss_before_mib"] = rss0
+    return result
+
+
+# ----------------------------------------------------------------------------- the table (parent)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["roberta-base", "tiny"], default="roberta-base")
+    p.add_argument("--pretrained", default=None, help="HF checkpoint directory (overrides --shape)")
+    p.add_argument("--targets", default="query,value", help=f"comma list, or 'all' = {ALL}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="autocast training steps on CUDA")
+    p.add_argument("--calib_batches", type=int, default=64)  # LoRA-GA's default budget: 64 x 2
+    p.add_argument("--calib_batch_size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peers", choices=["auto", "off"], default="auto", help="time peft when installed")
+    p.add_argument("--json", default=None, help="write the results here (default: print only)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+    names = ["floor", "cg-lora", "lora-ga", "frozen-step", "our-step"]
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        peers = args.peers == "auto" and (args.shape != "tiny" or args.pretrained)
+    except ImportError:
+        peers = False
+    names += ["peft-lora-ga", "peft-step"] if peers else []
+    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16") and v is not None]
+    forward += ["--bf16"] if args.bf16 else []
+    results = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, *forward, "--child", name], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"bench {name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    mem = "peak_mib" if args.device.startswith("cuda") else "peak_rss_mib"
+    r = results
+    ratios = {"cg-lora init / floor": r["cg-lora"]["seconds"] / r["floor"]["seconds"],
+              "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]}
+    if peers:
+        ratios.update({"cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
+                       "cg-lora init / peft lora-ga (memory)": r["cg-lora"][mem] / r["peft-lora-ga"][mem],
+                       "our step / hf+peft step": r["our-step"]["seconds"] / r["peft-step"]["seconds"]})
+    what = args.pretrained or args.shape
+    print(f"{what}, targets {args.targets}, {args.device}, calibration {args.calib_batches} x "
+          f"{args.calib_batch_size}, training batch 32, median of {args.repeats}")
+    print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}")
+    for name, v in results.items():
+        print(f"{name:<16}{v['seconds']:>10.4f}{v.get('statistics', float('nan')):>10.3f}"
+              f"{v.get('factorization', float('nan')):>10.3f}{v[mem]:>16.0f}")
+    for k, v in ratios.items():
+        print(f"{k:<40}{v:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results, ratios=ratios), indent=1))
+
+
+if __name__ == "__main__":
+    main()
