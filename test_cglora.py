@@ -1330,6 +1330,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
     (["--rank", "0"], "--rank must be positive"),
     (["--data_dir", "MISSING"], "train.tsv"),
     (["--pretrained", "NOWEIGHTS"], "model.safetensors"),
+    (["--batch_size", "1000"], "lower --batch_size"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, message):
     (tmp_path / "NOWEIGHTS").mkdir()

@@ -129,6 +129,8 @@ def initialise(cfg, model, calib, device, log):
     else:
         layers = cglora.add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout,
                                  rslora=cglora.RSLORA[cfg.init], trainable=["head"])
+        if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
+            return record
         stats = None
         if cfg.init not in ("lora", "rslora"):
             stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()},
@@ -241,20 +243,22 @@ def train(cfg):
     record = initialise(cfg, model, calib, device, log)
     if world > 1:
         check_ranks_agree(model)
-    if main:
+    if main and not cfg.resume:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        if not cfg.resume:
-            (out / "init.json").write_text(json.dumps(record, indent=1))
-            if cfg.init != "full":
-                adapter_files(cfg, model, out, "adapter_init.bin")  # what training starts from
-    log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
-        f"{record['trainable_parameters']} trainable parameters")
+        (out / "init.json").write_text(json.dumps(record, indent=1))
+        if cfg.init != "full":
+            adapter_files(cfg, model, out, "adapter_init.bin")  # what training starts from
+        log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
+            f"{record['trainable_parameters']} trainable parameters")
 
     # optimisation
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = len(train_enc) // cfg.batch_size // world  # drop the ragged last batch
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_enc)} training examples make no full batch of {cfg.batch_size} "
+                         f"per process ({world} processes): lower --batch_size")
     total = per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -319,7 +323,8 @@ def train(cfg):
         checkpoint()
 
     if main:
-        adapter_files(cfg, model, out) if cfg.init != "full" else None
+        if cfg.init != "full":
+            adapter_files(cfg, model, out)
         if cfg.merge:
             torch.save(merged_state_dict(model), out / "merged.pt")
         key = f"dev_{task.main_metric}"
