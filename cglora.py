@@ -389,17 +389,23 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 
 
 def init_adapters(layers, method, stats=None, damping=1e-2, step=1.0, init_norm=None,
-                  generator=None, log=print):
+                  generator=None, log=print, factor_balance="euclidean"):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
     pass `stats` ({name: (S, G, T)}, as collect_statistics returns; entries are freed as used).
 
     CG-LoRA's factors are rescaled by one scalar per layer so that ||s B A||_2 = init_norm
-    (default: LoRA-One's init size alpha / (sqrt(r) * 128); 0: the raw step * dW_r). A layer
-    whose gradient is zero keeps the plain LoRA init (reported as "fallback").
+    (default: LoRA-One's init size alpha / (sqrt(r) * 128); 0: the raw step * dW_r), then
+    rebalanced so that B^T B = A A^T (factor_balance="euclidean", the default: the balance gradient
+    descent on (A, B) conserves, as LoRA-One's factors have; B A is unchanged) or kept balanced in
+    the curvature metric ("curvature": there |B| / |A| ~ sqrt(tr S / tr T), thousands through a
+    fresh head, and training did not learn, see README). A layer whose gradient is zero keeps the
+    plain LoRA init (reported as "fallback").
     Returns one report dict per layer: rank, captured energy, shifted, seconds, update norm.
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
+    if factor_balance not in ("euclidean", "curvature"):
+        raise ValueError(f"factor_balance must be 'euclidean' or 'curvature', got {factor_balance!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift = method in SHIFTED
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}")
@@ -434,6 +440,8 @@ def init_adapters(layers, method, stats=None, damping=1e-2, step=1.0, init_norm=
                 if target:
                     c = math.sqrt(target / (s * _norm2(B, A)).item())
                     B, A = B * c, A * c
+                if factor_balance == "euclidean" and sigma[r - 1] > 0:  # sigma_r = 0: rank < r, B A is 0 there
+                    B, A = balance(B, A)
         write_adapter(layer, B, A, shift)
         row["update_norm"] = (s * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
         row["seconds"] = time.perf_counter() - t0

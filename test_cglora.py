@@ -425,6 +425,16 @@ def test_cg_lora_update_norm_is_normalised(init_norm):
         assert 0 < row["captured"] <= 1
 
 
+def test_cg_lora_init_is_euclidean_balanced_with_the_same_update():
+    _, _, eu, _ = _adapted("cg-lora")
+    _, _, cu, _ = _adapted("cg-lora", factor_balance="curvature")
+    for n in eu:
+        B, A = eu[n].lora_B, eu[n].lora_A
+        torch.testing.assert_close(B.T @ B, A @ A.T, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(eu[n].delta_weight(), cu[n].delta_weight(), atol=1e-7, rtol=1e-4)
+        assert not torch.allclose(cu[n].lora_B.T @ cu[n].lora_B, cu[n].lora_A @ cu[n].lora_A.T, rtol=1e-2)
+
+
 def test_same_seed_gives_identical_factors():
     a = _adapted("cg-lora", generator=torch.Generator().manual_seed(3))[2]
     b = _adapted("cg-lora", generator=torch.Generator().manual_seed(3))[2]

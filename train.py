@@ -47,6 +47,7 @@ class Config:
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
+    balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature metric
     seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
@@ -54,7 +55,7 @@ class Config:
     max_steps: int = 0  # stop after this many steps (0: all epochs); the schedule spans --epochs
     resume: bool = False  # continue the run in --out from its last checkpoint
     merge: bool = False  # also write merged.pt: a plain state dict with the adapters merged
-    log_every: int = 50  # steps between progress lines
+    log_every: int = 100  # steps between progress lines
 
 
 def parse_args(argv=None):
@@ -138,7 +139,8 @@ def initialise(cfg, model, calib, device, log):
                                               torch.Generator().manual_seed(cfg.seed))
         record["statistics_seconds"] = time.perf_counter() - t0
         record["layers"] = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step,
-                                                cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log)
+                                                cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log,
+                                                cfg.balance)
         captured = [r["captured"] for r in record["layers"] if r["captured"] is not None]
         if captured:
             log(f"captured energy at rank {cfg.rank}: mean {sum(captured) / len(captured):.3f}, "

