@@ -99,10 +99,6 @@ def autocast(cfg, device):
     return torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
-def loss_fn(logits, labels):
-    return cglora._loss(logits, labels)
-
-
 @torch.no_grad()
 def evaluate(model, dev, task, cfg, device):
     model.eval()
@@ -111,7 +107,7 @@ def evaluate(model, dev, task, cfg, device):
         batch = to_device(batch, device)
         with autocast(cfg, device):
             out = model(**{k: v for k, v in batch.items() if k != "labels"}).float()
-        loss += loss_fn(out, batch["labels"]).item() * len(batch["labels"])
+        loss += cglora._loss(out, batch["labels"]).item() * len(batch["labels"])
         preds.append(out.squeeze(-1) if task.num_labels == 1 else out.argmax(-1))
         labels.append(batch["labels"])
     model.train()
@@ -307,7 +303,7 @@ def train(cfg):
             batch = to_device(batch, device)
             with autocast(cfg, device):
                 out_ = ddp(**{k: v for k, v in batch.items() if k != "labels"})
-            loss = loss_fn(out_.float(), batch["labels"])
+            loss = cglora._loss(out_, batch["labels"])  # fp32 inside
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
