@@ -1370,3 +1370,38 @@ def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
     assert all(v["seconds"] > 0 and v["peak_rss_mib"] > 0 for v in r.values())
     assert r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"] == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
     assert result["ratios"]["cg-lora init / floor"] == pytest.approx(r["cg-lora"]["seconds"] / r["floor"]["seconds"])
+
+
+# ============================================================================ results/run.py
+
+
+def test_results_report_matches_the_runs(tmp_path, monkeypatch):
+    """The README table is computed from the JSON lines: best seed-0 CoLA rate, mean ± std, differences."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("results_run", Path(__file__).parent / "results" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("head\n<!-- results -->\nSTALE\n<!-- /results -->\ntail\n")
+    monkeypatch.setattr(run, "HERE", tmp_path / "results")
+    monkeypatch.setattr(run, "RUNS", tmp_path / "results" / "runs.jsonl")
+    scores = {("cg-lora", 1e-3): [0.30, 0.20, 0.10], ("cg-lora", 3e-3): [0.05], ("cg-lora", 5e-4): [0.9],
+              ("lora-one", 1e-3): [0.10, 0.12, 0.14], ("lora-one", 3e-3): [0.15, 0.0, 0.0]}
+    with open(run.RUNS, "w") as f:
+        for (method, lr), xs in scores.items():
+            for seed, x in enumerate(xs):
+                history = [dict(epoch=1, dev_mcc=x / 2, dev_loss=1.0), dict(epoch=2, dev_mcc=x, dev_loss=0.5)]
+                f.write(json.dumps(dict(task="cola", method=method, seed=seed, lr=lr, damping=run.DAMPING,
+                                        history=history, captured=[0.5], wall_seconds=60.0)) + "\n")
+    run.report()
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("head\n<!-- results -->\n") and readme.endswith("<!-- /results -->\ntail\n")
+    assert "STALE" not in readme
+    # cg-lora's best seed-0 rate is 1e-3 (0.30 > 0.05; 5e-4 is a sensitivity rate, not a candidate),
+    # lora-one's is 3e-3 (0.15 > 0.10)
+    assert "| cg-lora | 0.0005: 0.900, **0.001**: 0.300, **0.003**: 0.050 |" in readme
+    assert "| cg-lora | 0.001 | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
+    assert "| lora-one | 0.003 | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
+    se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # sample variances of (0.3, 0.2, 0.1) and (0.15, 0, 0)
+    assert f"+0.150 ± {se:.3f}" in readme
+    assert (tmp_path / "results" / "cola_curves.svg").read_text().startswith("<svg")

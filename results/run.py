@@ -1,6 +1,6 @@
 """Results grid on a real pretrained model: every init method, GLUE tasks, seeds, learning rates.
 
-    python results/run.py sweep            # CoLA, seed 0, each method at its candidate rates
+    python results/run.py sweep            # CoLA, seed 0, each method at its candidate and sensitivity rates
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
     python results/run.py damping          # cg-lora on CoLA at damping 0.1, 1, 10 (seed 0)
     python results/run.py report           # the README's results table + results/cola_curves.svg
@@ -23,9 +23,10 @@ RUNS = HERE / "runs.jsonl"
 METHODS = ["lora", "rslora", "lora-ga", "lora-one", "cg-lora", "cg-lora-shift", "full"]
 RATES = {m: [1e-3, 3e-3] for m in ("lora", "rslora", "lora-one", "cg-lora", "cg-lora-shift")}
 RATES.update({"lora-ga": [5e-5, 2e-4], "full": [2e-5, 5e-5]})  # LoRA-GA: full-FT-like rates
-# CG-LoRA was re-run after its factors were rebalanced (README), at 1e-3 only: every other
-# LoRA-family method's best rate; 3e-3 failed for all of them (runs-superseded.jsonl has both)
-RATES.update({"cg-lora": [1e-3], "cg-lora-shift": [1e-3]})
+# the paper claims CG-LoRA is less sensitive to the rate on CoLA: `sweep` also runs these, but the
+# grid's rate is chosen among RATES only (the grid ran before they were added)
+SENSITIVITY = {m: [5e-4, 2e-3] for m in ("lora", "rslora", "lora-one", "cg-lora", "cg-lora-shift")}
+BASELINES = ["lora", "rslora", "lora-ga", "lora-one", "full"]  # what report() compares cg-lora with
 DAMPING = 1e-2  # train.py's default; `damping` re-runs cg-lora with others
 DAMPINGS = [1e-1, 1.0, 10.0]
 BUDGET = dict(rank=8, alpha=16, epochs=2, batch_size=32, max_len=128, calib_batches=16, calib_batch_size=8)
@@ -75,12 +76,20 @@ def score(row):  # the task's main metric after the last epoch
 
 def best_rates():
     sweep = [r for r in done(DAMPING) if r["task"] == "cola" and r["seed"] == 0]
-    return {m: max((r for r in sweep if r["method"] == m), key=score)["lr"]
-            for m in METHODS if any(r["method"] == m for r in sweep)}
+    return {m: max((r for r in sweep if r["method"] == m and r["lr"] in RATES[m]), key=score)["lr"]
+            for m in METHODS if any(r["method"] == m and r["lr"] in RATES[m] for r in sweep)}
 
 
 def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def difference(a, b):  # cg-lora's runs minus a baseline's: mean difference ± its standard error
+    if len(a) < 2 or len(b) < 2:
+        return "—"
+    xa, xb = [score(r) for r in a], [score(r) for r in b]
+    se = (statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb)) ** 0.5
+    return f"{statistics.mean(xa) - statistics.mean(xb):+.3f} ± {se:.3f}"
 
 
 def report():
@@ -95,19 +104,22 @@ def report():
             return "—"
         xs = [score(r) if epoch is None else score(dict(r, history=[h for h in r["history"] if h["epoch"] == epoch]))
               for r in runs]
-        return (f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}") + \
-            f" ({len(xs)})"
+        return f"{mean_std(xs)} ({len(xs)})"
 
     table = ["| method | lr | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
              "|---|---|" + "---|" * (2 * len(tasks))]
     for m in METHODS:
         table.append(f"| {m} | {rates.get(m, '—')} | " + " | ".join(
             [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
-    sweep = ["| method | dev MCC at each rate (seed 0) |", "|---|---|"]
+    diff = ["| task | " + " | ".join(f"cg-lora − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    for t in tasks:
+        diff.append(f"| {t} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b]) for b in BASELINES) + " |")
+    sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
         runs = sorted((r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r["method"] == m),
                       key=lambda r: r["lr"])
-        sweep.append(f"| {m} | " + ", ".join(f"{r['lr']:g}: {score(r):.3f}" for r in runs) + " |")
+        sweep.append(f"| {m} | " + ", ".join((f"**{r['lr']:g}**" if r["lr"] in RATES[m] else f"{r['lr']:g}")
+                                             + f": {score(r):.3f}" for r in runs) + " |")
     damp = ["| damping | CoLA dev MCC, cg-lora, seed 0 |", "|---|---|"]
     for r in sorted((r for r in done() if r["task"] == "cola" and r["seed"] == 0 and r["method"] == "cg-lora"
                      and r["lr"] == rates.get("cg-lora")), key=lambda r: r.get("damping", DAMPING)):
@@ -122,7 +134,9 @@ def report():
             f"{BUDGET['calib_batch_size']} calibration examples. Main dev metric (CoLA MCC, RTE/SST-2 "
             "accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std over "
             "seeds (number of seeds), each method at its best CoLA seed-0 rate.\n\n"
-            + "\n".join(table) + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
+            + "\n".join(table) + "\n\nCG-LoRA minus each baseline, difference of the means ± its standard error "
+            "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win:\n\n" + "\n".join(diff)
+            + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
             + "\n\nCG-LoRA's damping on CoLA (relative; large damping turns it into LoRA-One):\n\n" + "\n".join(damp)
             + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
     readme = HERE.parent / "README.md"
@@ -181,7 +195,7 @@ def main():
             run("cola", "cg-lora", 0, best_rates()["cg-lora"], pretrained, damping)
     elif args.command == "sweep":
         for m in methods:
-            for lr in RATES[m]:
+            for lr in RATES[m] + SENSITIVITY.get(m, []):
                 run("cola", m, 0, lr, pretrained)
     else:
         rates = best_rates()
