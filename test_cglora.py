@@ -1403,5 +1403,6 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     assert "| cg-lora | 0.001 | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
     assert "| lora-one | 0.003 | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
     se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # sample variances of (0.3, 0.2, 0.1) and (0.15, 0, 0)
-    assert f"+0.150 ± {se:.3f}" in readme
+    assert f"| cola | — | — | — | +0.150 ± {se:.3f} | — |" in readme  # columns: run.BASELINES
+    assert f"| cola, epoch 1 | — | — | — | +0.075 ± {se / 2:.3f} | — |" in readme
     assert (tmp_path / "results" / "cola_curves.svg").read_text().startswith("<svg")

@@ -84,10 +84,14 @@ def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def difference(a, b):  # cg-lora's runs minus a baseline's: mean difference ± its standard error
+def score_at(row, epoch):  # the main metric after `epoch` (None: the last)
+    return score(row if epoch is None else dict(row, history=[h for h in row["history"] if h["epoch"] == epoch]))
+
+
+def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean difference ± its standard error
     if len(a) < 2 or len(b) < 2:
         return "—"
-    xa, xb = [score(r) for r in a], [score(r) for r in b]
+    xa, xb = [score_at(r, epoch) for r in a], [score_at(r, epoch) for r in b]
     se = (statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb)) ** 0.5
     return f"{statistics.mean(xa) - statistics.mean(xb):+.3f} ± {se:.3f}"
 
@@ -102,8 +106,7 @@ def report():
     def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
         if not runs:
             return "—"
-        xs = [score(r) if epoch is None else score(dict(r, history=[h for h in r["history"] if h["epoch"] == epoch]))
-              for r in runs]
+        xs = [score_at(r, epoch) for r in runs]
         return f"{mean_std(xs)} ({len(xs)})"
 
     table = ["| method | lr | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
@@ -113,7 +116,9 @@ def report():
             [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
     diff = ["| task | " + " | ".join(f"cg-lora − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
     for t in tasks:
-        diff.append(f"| {t} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b]) for b in BASELINES) + " |")
+        for epoch, name in ((None, t), (1, f"{t}, epoch 1")):
+            diff.append(f"| {name} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b], epoch)
+                                                    for b in BASELINES) + " |")
     sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
         runs = sorted((r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r["method"] == m),
@@ -126,9 +131,11 @@ def report():
         damp.append(f"| {r.get('damping', DAMPING):g} | {score(r):.3f} (captured at rank 8: "
                     f"{statistics.mean(r['captured']):.2f}) |")
     rows_all = done()
-    seconds = statistics.median(r["wall_seconds"] for r in rows_all)
-    text = (f"`python results/run.py report` over {len(rows_all)} runs in `results/runs.jsonl` (median "
-            f"{seconds:.0f} s per run on the 2-core CPU, about {len(rows_all) * seconds / 60:.0f} CPU minutes). "
+    per_task = {t: [r["wall_seconds"] for r in rows_all if r["task"] == t] for t in tasks}
+    minutes = sum(len(s) * statistics.median(s) for s in per_task.values()) / 60  # median: robust to a stalled run
+    text = (f"`python results/run.py report` over {len(rows_all)} runs in `results/runs.jsonl` (median per run on "
+            "the 2-core CPU: " + ", ".join(f"{t} {statistics.median(s):.0f} s" for t, s in per_task.items())
+            + f"; about {minutes:.0f} CPU minutes in all). "
             f"all-MiniLM-L6-v2, rank 8, α 16, query+value, {BUDGET['epochs']} epochs, batch "
             f"{BUDGET['batch_size']}, max length {BUDGET['max_len']}, {BUDGET['calib_batches']}x"
             f"{BUDGET['calib_batch_size']} calibration examples. Main dev metric (CoLA MCC, RTE/SST-2 "
