@@ -91,7 +91,8 @@ def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean dif
         return "—"
     xa, xb = [score(r, epoch) for r in a], [score(r, epoch) for r in b]
     se = (statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb)) ** 0.5
-    return f"{statistics.mean(xa) - statistics.mean(xb):+.3f} ± {se:.3f}"
+    d = round(statistics.mean(xa) - statistics.mean(xb), 3) + 0.0  # + 0.0: print a rounded -0.0 as +0.000
+    return f"{d:+.3f} ± {se:.3f}"
 
 
 def report():
