@@ -64,7 +64,7 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING):
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{task} {method} seed {seed} lr {lr:g}: {main_key(history[-1])} {score(row):.4f} "
-          f"({time.time() - t0:.0f} s)", flush=True)
+          f"({row['wall_seconds']:.0f} s)", flush=True)
 
 
 def main_key(entry):  # the task's main dev metric in a metrics.jsonl entry: the first after "dev_"
