@@ -2,11 +2,13 @@
 
 Reading order = algorithm order (see ../shared/design/cg-lora.md, cited as §N):
 LoRA layer -> K-FAC statistics (§2) -> whitening (§3) -> top-r SVD -> balanced factors (§4)
--> baselines (§6) -> the one function that writes an initialisation into a model (§5).
+-> baselines (§6) -> held-out diagnostics and the damping chosen from data (§8) -> the one
+function that writes an initialisation into a model (§5).
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +16,6 @@ from torch import nn
 
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
 LORA_GA_GAMMA = 16  # LoRA-GA's "stable" scale: B, A times d_out^(1/4) / sqrt(gamma)
-SVD_OVERSAMPLE = 10  # extra columns in the randomized range finder (Halko et al. 2011)
-SVD_ITERS = 4  # subspace iterations: enough for the fast-decaying spectra of gradients
 
 # ----------------------------------------------------------------------------- LoRA layer
 
@@ -120,18 +120,22 @@ def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [ba
     return (t[keep] if keep is not None and t.dim() == 3 else t.reshape(-1, t.shape[-1])).float()
 
 
-def _sampled_labels(out, generator):
-    """Labels drawn from the model's own predictive distribution (CPU generator: any device)."""
-    out = out.detach().float().cpu()
-    if out.shape[-1] == 1:  # regression: y ~ N(f(x), 1)
-        return out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)
-    return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     return F.cross_entropy(out.float(), labels)
+
+
+def _sample_labels(out, labels, generator):
+    """Labels drawn from the model's own predictive distribution (CPU generator: any device):
+    categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
+    out = out.detach().float().cpu()
+    if labels.is_floating_point():
+        return (out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)).to(labels.device)
+    return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
+
+
+_loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
 
 
 class _Sums:
@@ -160,28 +164,75 @@ class _Sums:
 FLUSH_ROWS = 128  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
 
 
-def collect_statistics(model, layers, batches, fisher="empirical", generator=None):
+class Fold(NamedTuple):
+    """One fold's statistics of one layer (§2), normalised within the fold."""
+    S: torch.Tensor  # d_in x d_in, mean over the fold's tokens
+    G: torch.Tensor  # d_out x d_in, mean over the fold's examples
+    T: torch.Tensor  # d_out x d_out, mean over the fold's examples
+    n: float  # examples
+    tokens: float  # token rows behind S
+
+
+class Statistics(NamedTuple):
+    """One layer's statistics over all calibration batches, and per fold (§8.1: batch i is in
+    fold i mod K). The pooled statistics are the folds' weighted mean."""
+    S: torch.Tensor
+    G: torch.Tensor
+    T: torch.Tensor
+    folds: tuple = ()  # K Folds; () when collected with folds=1
+
+
+def pool(folds):
+    """The statistics of the union of `folds`: S weighted by tokens, G and T by examples."""
+    n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
+    S = sum(f.S * (f.tokens / tokens) for f in folds)
+    G = sum(f.G * (f.n / n) for f in folds)
+    T = sum(f.T * (f.n / n) for f in folds)
+    return Fold(S, G, T, n, tokens)
+
+
+def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
-    A batch is a dict: "labels" (long: cross entropy, float: MSE) is the target, "attention_mask"
-    (1 = real token) excludes padding, the other entries go to model(**inputs), whose output (or
-    its .logits) is [batch, classes]. Returns {name: (S, G, T)} in fp32: S d_in x d_in, G and T
-    as the design; layers fed the same input tensor share one S. Under torch.distributed the
-    sums are all-reduced, so every rank gets the statistics of the union of all ranks' batches.
-    No weight gradients are made: activations and output gradients are read by hooks.
+    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
+    the other entries go to model(**inputs). `loss(output, labels)` returns the batch's mean loss
+    (output: the model's output or its .logits); default: cross entropy for long labels on
+    [batch, classes], MSE for float labels. One example is one row of the labels: delta, the
+    gradient of an example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's
+    labels with loss.sample(output, labels, generator).
+
+    Returns {name: Statistics(S, G, T, folds)} in fp32: S d_in x d_in, G and T as §2; layers fed
+    the same input tensor share one S. The batches are dealt into `folds` folds (batch i to fold
+    i mod folds) for the held-out choice of the damping (§8.1), kept alongside the pooled
+    statistics (memory: folds + 1 copies; folds=1 keeps one). Under torch.distributed rank r's
+    i-th batch is batch r + i * world (train.py deals them so) and the sums are all-reduced, so
+    every rank gets the statistics one process would get from all the batches.
+    No weight gradients are made and no caller tensor is changed: hooks read activations and
+    output gradients, and a target layer's input gets a grad-requiring alias.
     """
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    loss = loss or _loss
+    if fisher == "sampled" and not hasattr(loss, "sample"):
+        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
+                         "method (cglora's losses have one)")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
     generator = generator or torch.Generator().manual_seed(0)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    seen = {}  # name -> (input, output) of the current batch
-    S, G, T, share, names = _Sums(), _Sums(), _Sums(), {}, list(layers)
-    n = pending = 0
+    seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
+    sums = [(_Sums(), _Sums(), _Sums()) for _ in range(folds)]  # per fold: S, G, T
+    n, share, names, pending = [0] * folds, {}, list(layers), 0
 
-    def pre_hook(module, inputs):  # frozen weights: make the input need grad so backward runs
-        if torch.is_grad_enabled() and not inputs[0].requires_grad:
-            inputs[0].requires_grad_(True)
+    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
+        if not torch.is_grad_enabled() or inputs[0].requires_grad:
+            return None
+        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
+        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
+        return (alias[key][1],) + tuple(inputs[1:])
 
     def hook(name):
         return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
@@ -192,9 +243,11 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            S, G, T = sums[(proc + i * world) % folds]
             labels = batch["labels"]
             seen.clear()
+            alias.clear()
             out = model(**{k: v for k, v in batch.items() if k != "labels"})
             out = getattr(out, "logits", out)
             missing = [name for name in names if name not in seen]
@@ -208,12 +261,14 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
             ys, n_b = [seen[name][1] for name in names], labels.shape[0]
             seen.clear()
-            delta = torch.autograd.grad(_loss(out, labels.to(out.device)), ys, allow_unused=True,
+            alias.clear()
+            labels = labels.to(out.device)
+            delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
                                         retain_graph=fisher == "sampled")
             delta_T = [None] * len(names)
             if fisher == "sampled":
-                sampled = _sampled_labels(out, generator).to(out.device)
-                delta_T = torch.autograd.grad(_loss(out, sampled), ys, allow_unused=True)
+                sampled = loss.sample(out, labels, generator)
+                delta_T = torch.autograd.grad(loss(out, sampled), ys, allow_unused=True)
             for key, rows in x.items():
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
             for name, y, d, d_T in zip(names, ys, delta, delta_T):
@@ -221,34 +276,62 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
                 T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
-            n, pending = n + n_b, pending + max(r.shape[0] for r in x.values())
+            n[(proc + i * world) % folds] += n_b
+            pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
             if pending >= FLUSH_ROWS:
-                for sums in (S, G, T):
-                    sums.flush()
+                for s in (s for fold in sums for s in fold):
+                    s.flush()
                 pending = 0
-        for sums in (S, G, T):
-            sums.flush()
+        for s in (s for fold in sums for s in fold):
+            s.flush()
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    if n == 0:
+    return _normalise(sums, n, share, names, distributed)
+
+
+def _normalise(sums, n, share, names, distributed):
+    """Per-fold sums -> {name: Statistics}: all-reduce across ranks, divide by counts, pool."""
+    if not share:
         raise ValueError("collect_statistics got no calibration batches")
-    tokens = S.count
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        counts = torch.tensor([float(n)] + [float(tokens[k]) for k in sorted(tokens)],
-                              device=next(iter(G.total.values())).device)
-        for t in [counts] + [sums.total[k] for sums in (S, G, T) for k in sorted(sums.total)]:
+    keys = sorted(dict.fromkeys(share.values()))
+    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
+        shapes = next(fold[j].total for fold in sums if fold[j].total)
+        for fold in sums:
+            for key, t in shapes.items():
+                fold[j].total.setdefault(key, torch.zeros_like(t))
+    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
+                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
+    if distributed:
+        device = next(iter(sums[0][1].total.values())).device
+        counts = counts.to(device)
+        for t in [counts] + [fold[j].total[k] for fold in sums for j in range(3) for k in sorted(fold[j].total)]:
             torch.distributed.all_reduce(t)
-        n, tokens = counts[0].item(), dict(zip(sorted(tokens), counts[1:].tolist()))
-    for key, total in S.total.items():  # in place: the statistics are the largest thing here
-        total.div_(max(tokens[key], 1))
-    for total in (*G.total.values(), *T.total.values()):
-        total.div_(n)
-    return {name: (S.total[share[name]], G.total[name], T.total[name]) for name in names}
+        counts = counts.cpu()
+    if (counts[:, 0] == 0).any():
+        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
+                         "pass more batches or fewer folds")
+    folds = []
+    for (S, G, T), c in zip(sums, counts.tolist()):
+        tokens = dict(zip(keys, c[1:]))
+        for key, total in S.total.items():  # in place: the statistics are the largest thing here
+            total.div_(max(tokens[key], 1))
+        for total in (*G.total.values(), *T.total.values()):
+            total.div_(c[0])
+        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0], tokens[share[name]])
+                      for name in names})
+    if len(folds) == 1:
+        return {name: Statistics(*folds[0][name][:3]) for name in names}
+    stats, pooled_S = {}, {}
+    for name in names:
+        per_layer = tuple(fold[name] for fold in folds)
+        S, G, T, _, _ = pool(per_layer)
+        stats[name] = Statistics(pooled_S.setdefault(share[name], S), G, T, per_layer)
+    return stats
 
 
 # ----------------------------------------------------------------------------- §3 whitening
@@ -278,48 +361,45 @@ def whiten(G, S, T, damping=1e-2):
 # ----------------------------------------------------------------------------- top-r SVD
 
 
-def top_svd(M, k, generator=None):
-    """Top singular triplets (U, sigma, V), M ~ U diag(sigma) V^T, at least k of them.
+def top_svd(M, k):
+    """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k), M ~ U diag(sigma) V^T.
 
-    Exact SVD when the matrix is small (then all singular values), else a randomized range
-    finder with SVD_ITERS subspace iterations and a seeded generator: deterministic."""
-    p = k + SVD_OVERSAMPLE
-    if min(M.shape) <= 2 * p:
-        U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U, sigma, Vh.T
-    generator = generator or torch.Generator().manual_seed(0)
-    omega = torch.randn(M.shape[1], p, generator=generator, dtype=M.dtype).to(M.device)
-    Q = torch.linalg.qr(M @ omega).Q
-    for _ in range(SVD_ITERS):
-        Q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ Q).Q).Q
-    U, sigma, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)  # p x d_in, small
-    return Q @ U, sigma, Vh.T
+    A full SVD to working precision (§3: on real layers the spectrum is flat, sigma_8 / sigma_9 ~
+    1.001-1.03, and a randomized range finder with a fixed iteration count returned directions
+    60-120% away from these). Deterministic: each pair's sign is fixed so that the largest entry
+    of u_i is positive."""
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
+    sign[sign == 0] = 1
+    return U * sign, sigma, V * sign
 
 
 # ----------------------------------------------------------------------------- §4 factors
 
 
-def _balanced_factors(M, L_T, L_S, rank, step, scaling, generator):
+def _balanced_factors(M, L_T, L_S, rank, step, scaling):
     """B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1."""
     if not 0 < rank <= min(M.shape):
         raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(M.shape)}")
-    U, sigma, V = top_svd(M, rank, generator)
-    root, c = sigma[:rank].sqrt(), math.sqrt(step / scaling)
-    B = -c * torch.linalg.solve_triangular(L_T.T, U[:, :rank] * root, upper=True)
-    A = c * torch.linalg.solve_triangular(L_S.T, V[:, :rank] * root, upper=True).T
+    U, sigma, V = top_svd(M, rank)
+    root, c = sigma.sqrt(), math.sqrt(step / scaling)
+    B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)
+    A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T
     return B, A, sigma
 
 
-def cg_lora_factors(G, S, T, rank, damping=1e-2, step=1.0, scaling=1.0, generator=None):
+def cg_lora_factors(G, S, T, rank, damping=1e-2, step=1.0, scaling=1.0):
     """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step.
 
-    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out. Returns (B d_out x r,
-    A r x d_in, sigma): sigma holds the top singular values of the whitened gradient
-    (sigma_i^2 / 2 is direction i's predicted loss decrease). A zero gradient gives zero factors.
+    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: a fixed lambda (§3;
+    init_adapters chooses it from data, §8.1). Returns (B d_out x r, A r x d_in, sigma): sigma
+    holds the top r singular values of the whitened gradient (sigma_i^2 / 2 is direction i's
+    predicted loss decrease). A zero gradient gives zero factors.
     """
     dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
     M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping)
-    return _balanced_factors(M, L_T, L_S, rank, step, scaling, generator)
+    return _balanced_factors(M, L_T, L_S, rank, step, scaling)
 
 
 def balance(B, A, P=None, Q=None):
@@ -345,20 +425,86 @@ def lora_factors(d_out, d_in, rank, generator=None):
     return torch.zeros(d_out, rank), A
 
 
-def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA, generator=None):
+def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
     """LoRA-GA (original repo): A = V[:, :r]^T, B = U[:, r:2r], both * d_out^(1/4) / sqrt(gamma)."""
     if 2 * rank > min(G.shape):
         raise ValueError(f"lora-ga needs 2 * rank <= min(d_out, d_in) = {min(G.shape)}")
-    U, _, V = top_svd(G.float(), 2 * rank, generator)
+    U, _, V = top_svd(G.float(), 2 * rank)
     c = G.shape[0] ** 0.25 / math.sqrt(gamma)
     return c * U[:, rank:2 * rank], c * V[:, :rank].T
 
 
-def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA, generator=None):
+def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
     """LoRA-One: SVD of -G, B = U_r S_r^1/2, A = S_r^1/2 V_r^T, both / sqrt(sigma_1 gamma)."""
-    U, sigma, V = top_svd(-G.float(), rank, generator)
-    root = sigma[:rank].sqrt() / math.sqrt(sigma[0] * gamma)
-    return U[:, :rank] * root, (V[:, :rank] * root).T
+    U, sigma, V = top_svd(-G.float(), rank)
+    root = sigma.sqrt() / math.sqrt(sigma[0] * gamma)
+    return U * root, (V * root).T
+
+
+# ----------------------------------------------------------------------------- §8 calibration noise
+
+DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # damping="auto" searches 1e-3 .. 1e3 (§8.1)
+
+
+def predicted_decrease(B, A, G, S, T):
+    """q(dW) = <G, dW>^2 / (2 <dW, T dW S>) for dW = B A: the loss decrease the quadratic model of
+    the statistics (G, S, T) predicts for the best multiple of dW (a line search on its scale, §8).
+    Only r x r products: <G, B A> = tr(B^T G A^T), <dW, T dW S> = tr(B^T T B A S A^T)."""
+    B, A = B.to(G.dtype), A.to(G.dtype)
+    num = (B * (G @ A.T)).sum()
+    den = ((B.T @ T @ B) * (A @ S @ A.T)).sum()
+    return (num.square() / (2 * den)).item() if den > 0 else 0.0
+
+
+def overlap(X, Y):
+    """||Q_X^T Q_Y||_F^2 / r of the column spaces of X and Y (d x r): 1 for the same subspace,
+    r / d for independent random ones (§8)."""
+    return (torch.linalg.qr(X).Q.T @ torch.linalg.qr(Y).Q).square().sum().item() / X.shape[1]
+
+
+def direction(method, stats, rank, damping):
+    """The rank-r update (B, A) a data-driven method starts from, before its size is set."""
+    if method == "lora-ga":
+        return lora_ga_factors(stats.G, rank)
+    if method == "lora-one":
+        return lora_one_factors(stats.G, rank)
+    return cg_lora_factors(stats.G, stats.S, stats.T, rank, damping)[:2]
+
+
+def held_out(method, folds, rank, damping):
+    """K-fold held-out predicted decrease (§8.1): for each fold k, the direction fitted on the
+    other folds, judged by q on fold k. Returns (sum over k, the K directions fitted)."""
+    fitted = [direction(method, pool(folds[:k] + folds[k + 1:]), rank, damping) for k in range(len(folds))]
+    return sum(predicted_decrease(B, A, f.G, f.S, f.T) for (B, A), f in zip(fitted, folds)), fitted
+
+
+def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
+    """§8 diagnostics of a data-driven init from statistics kept in K >= 2 folds, and for CG-LoRA
+    with damping="auto" the lambda of `grid` whose directions predict the largest held-out decrease,
+    summed over folds and layers (§8.1). Returns (damping, {layer: diagnostics}):
+    heldout / heldout_lora_one: K-fold held-out q of this method's and LoRA-One's directions;
+    overlap_left / overlap_right: overlap of the column spaces of B and of A^T fitted on the two
+    halves of the folds (even, odd); heldout_by_damping: the held-out q at each lambda tried."""
+    auto = method.startswith("cg-lora") and damping == "auto"
+    lambdas = grid if auto else [damping]
+    scores = {name: {lam: held_out(method, st.folds, ranks[name], lam) for lam in lambdas}
+              for name, st in stats.items() if st.G.abs().max() > 0}
+    if auto:
+        damping = max(lambdas, key=lambda lam: sum(s[lam][0] for s in scores.values()))
+    rows = {}
+    for name, by_damping in scores.items():
+        folds, r = stats[name].folds, ranks[name]
+        q, fitted = by_damping[damping]
+        if len(folds) == 2:  # the directions fitted without fold 1 and without fold 0 are the halves'
+            halves = fitted
+        else:
+            halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
+        rows[name] = dict(
+            damping=damping if method.startswith("cg-lora") else None, heldout=q,
+            heldout_lora_one=q if method == "lora-one" else held_out("lora-one", folds, r, None)[0],
+            overlap_left=overlap(halves[0][0], halves[1][0]), overlap_right=overlap(halves[0][1].T, halves[1][1].T),
+            heldout_by_damping={lam: s[0] for lam, s in by_damping.items()} if auto else None)
+    return damping, rows
 
 
 # ----------------------------------------------------------------------------- §5 apply
@@ -371,6 +517,11 @@ SHIFTED = {"cg-lora-shift", "lora-ga"}  # these subtract s B A from W0 at init
 
 def _norm2(B, A):  # spectral norm of B A from two thin QRs: ||B A|| = ||R_B R_A^T||
     return torch.linalg.matrix_norm(torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T, ord=2)
+
+
+def _sized(B, A, scaling, norm):  # one scalar on both factors, so ||s B A||_2 = norm; keeps the balance
+    c = math.sqrt(norm / (scaling * _norm2(B, A)).item())
+    return B * c, A * c
 
 
 @torch.no_grad()
@@ -388,59 +539,77 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
         layer.base.weight.copy_((layer.base.weight.float() - offset).to(layer.base.weight.dtype))
 
 
-def init_adapters(layers, method, stats=None, damping=1e-2, step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean"):
+def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
+                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
-    pass `stats` ({name: (S, G, T)}, as collect_statistics returns; entries are freed as used).
+    pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used).
 
-    CG-LoRA's factors are rescaled by one scalar per layer so that ||s B A||_2 = init_norm
-    (default: LoRA-One's init size alpha / (sqrt(r) * 128); 0: the raw step * dW_r), then
-    rebalanced so that B^T B = A A^T (factor_balance="euclidean", the default: the balance gradient
-    descent on (A, B) conserves, as LoRA-One's factors have; B A is unchanged) or kept balanced in
-    the curvature metric ("curvature": there |B| / |A| ~ sqrt(tr S / tr T), thousands through a
-    fresh head, and training did not learn, see README). A layer whose gradient is zero keeps the
-    plain LoRA init (reported as "fallback").
-    Returns one report dict per layer: rank, captured energy, shifted, seconds, update norm.
+    damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` by the held-out
+    predicted decrease over the statistics' folds (§8.1). Every data-driven method (lora-ga,
+    lora-one, cg-lora*) whose statistics have folds also gets the §8 diagnostics (see diagnose).
+    CG-LoRA's and LoRA-One's factors are rescaled by one scalar per layer so that
+    ||s B A||_2 = init_norm (default: LoRA-One's own size alpha / (sqrt(r) * 128); 0: CG-LoRA's
+    raw step * dW_r, LoRA-One's own), then CG-LoRA's are rebalanced so that B^T B = A A^T
+    (factor_balance="euclidean", the default: the balance gradient descent on (A, B) conserves,
+    as LoRA-One's factors have; B A is unchanged) or kept balanced in the curvature metric
+    ("curvature": there |B| / |A| ~ sqrt(tr S / tr T), thousands through a fresh head, and
+    training did not learn, see README). A layer whose gradient is zero keeps the plain LoRA
+    init (reported as "fallback").
+    Returns one report dict per layer: rank, captured energy, shifted, damping, diagnostics,
+    in-sample q of this method's and LoRA-One's directions, update norm, seconds.
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
     if factor_balance not in ("euclidean", "curvature"):
         raise ValueError(f"factor_balance must be 'euclidean' or 'curvature', got {factor_balance!r}")
+    cg, data = method.startswith("cg-lora"), method not in ("lora", "rslora")
+    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
+        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift = method in SHIFTED
-    log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}")
+    diagnostics = {}
+    if data:
+        for name in layers:
+            if stats is None or name not in stats:
+                raise ValueError(f"layer {name}: method {method} needs statistics for it")
+            if not all(torch.isfinite(X).all() for X in stats[name][:3]):
+                raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
+                                 "calibration data and loss (run the model in fp32)")
+        if all(len(stats[name].folds) >= 2 for name in layers):
+            damping, diagnostics = diagnose(method, {n: stats[n] for n in layers},
+                                            {n: layer.rank for n, layer in layers.items()}, damping, grid)
+        elif cg and damping == "auto":
+            raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
+                             "with folds >= 2 (the default), or pass a number")
+    log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
+        + (f", damping {damping:g}" if cg else ""))
     report = []
     for name, layer in layers.items():
         t0, r, s = time.perf_counter(), layer.rank, layer.scaling
-        row = dict(layer=name, rank=r, shifted=shift, captured=None, fallback=None)
+        row = dict(layer=name, rank=r, shifted=shift, captured=None, fallback=None,
+                   **{"damping": damping if cg else None, **diagnostics.get(name, {})})
         B, A = lora_factors(*layer.base.weight.shape, r, generator)
-        if method not in ("lora", "rslora"):
-            if stats is None or name not in stats:
-                raise ValueError(f"layer {name}: method {method} needs statistics for it")
-            S, G, T = stats.pop(name)
-            if not all(torch.isfinite(X).all() for X in (S, G, T)):
-                raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                                 "calibration data and loss (run the model in fp32)")
-            if G.abs().max() == 0:
+        if data:
+            st = stats.pop(name)
+            if st.G.abs().max() == 0:
                 row["fallback"] = "zero gradient: plain LoRA init"
-            elif method == "lora-ga":
-                B, A = lora_ga_factors(G, r, generator=generator)
-            elif method == "lora-one":
-                B, A = lora_one_factors(G, r, generator=generator)
             else:
                 try:
-                    M, L_T, L_S = whiten(G, S, T, damping)
-                    B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, generator)
+                    if cg:
+                        M, L_T, L_S = whiten(st.G, st.S, st.T, damping)
+                        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s)
+                        row["captured"] = (sigma.square().sum() / M.square().sum()).item()
+                    else:
+                        B, A = direction(method, st, r, damping)
                 except ValueError as e:
                     raise ValueError(f"layer {name}: {e}") from None
-                row["captured"] = (sigma[:r].square().sum() / M.square().sum()).item()
-                target = init_norm
-                if target is None:
-                    target = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA)
-                if target:
-                    c = math.sqrt(target / (s * _norm2(B, A)).item())
-                    B, A = B * c, A * c
-                if factor_balance == "euclidean" and sigma[r - 1] > 0:  # sigma_r = 0: rank < r, B A is 0 there
+                if diagnostics:  # in-sample q: directions judged on the statistics they came from
+                    row["insample"] = predicted_decrease(B, A, st.G, st.S, st.T)
+                    row["insample_lora_one"] = predicted_decrease(*lora_one_factors(st.G, r), st.G, st.S, st.T)
+                norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
+                if norm and (cg or method == "lora-one"):
+                    B, A = _sized(B, A, s, norm)
+                if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
                     B, A = balance(B, A)
         write_adapter(layer, B, A, shift)
         row["update_norm"] = (s * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()

@@ -43,7 +43,7 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
-    damping: float = 1e-2  # relative damping of S and T (design doc section 3)
+    damping: str = "auto"  # relative damping of S and T (section 3): a number, or auto: chosen on held-out folds (section 8.1)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
@@ -74,6 +74,11 @@ def parse_args(argv=None):
     for name in ("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.damping != "auto":
+        try:
+            cfg.damping = float(cfg.damping)
+        except ValueError:
+            raise ValueError(f"--damping takes a number or auto, got {cfg.damping!r}") from None
     if cfg.fisher not in ("empirical", "sampled") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError("--fisher takes empirical|sampled, --device auto|cpu|cuda")
     cfg.out = cfg.out or f"runs/{data.get_task(cfg.task).name}-{cfg.init}-s{cfg.seed}"
@@ -137,15 +142,33 @@ def initialise(cfg, model, calib, device, log):
         record["layers"] = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step,
                                                 cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log,
                                                 cfg.balance)
-        captured = [r["captured"] for r in record["layers"] if r["captured"] is not None]
-        if captured:
-            log(f"captured energy at rank {cfg.rank}: mean {sum(captured) / len(captured):.3f}, "
-                f"min {min(captured):.3f} over {len(captured)} layers")
+        record["damping"] = next((r["damping"] for r in record["layers"] if r["damping"] is not None), None)
+        summarise(record["layers"], cfg.rank, log)
     record["seconds"] = time.perf_counter() - t0
     record["peak_memory_mib"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return record
+
+
+def summarise(rows, rank, log):
+    """The init's one-line summaries: captured energy (§3) and the §8 calibration diagnostics."""
+    captured = [r["captured"] for r in rows if r["captured"] is not None]
+    if captured:
+        log(f"captured energy at rank {rank}: mean {sum(captured) / len(captured):.3f}, "
+            f"min {min(captured):.3f} over {len(captured)} layers")
+    rows = [r for r in rows if r.get("heldout") is not None]
+    if rows:
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        ratio = lambda key: sum(r[key] for r in rows) / max(sum(r[key + "_lora_one"] for r in rows), 1e-30)  # noqa: E731
+        by_damping = rows[0]["heldout_by_damping"]
+        if by_damping:
+            log("damping auto: held-out predicted decrease " + ", ".join(
+                f"{lam:g}: {sum(r['heldout_by_damping'][lam] for r in rows):.3g}" for lam in by_damping)
+                + f" -> damping {rows[0]['damping']:g}")
+        log(f"calibration check: split-half overlap left {mean('overlap_left'):.2f} / right "
+            f"{mean('overlap_right'):.2f}; predicted decrease vs LoRA-One's direction: held-out "
+            f"{ratio('heldout'):.2f}x, in-sample {ratio('insample'):.2f}x")
 
 
 def check_ranks_agree(model):
