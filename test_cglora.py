@@ -1354,6 +1354,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
                          timeout=300)
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
     a, b = torch.load(tmp_path / "one" / "adapter_init.bin"), torch.load(tmp_path / "two" / "adapter_init.bin")
+    assert "2 process(es)" in two.stdout
     one, two = [json.loads((tmp_path / run / "init.json").read_text()) for run in ("one", "two")]
     assert one["damping"] == two["damping"]  # the same automatic choice, from the same held-out scores
     assert set(a) == set(b) and len(one["layers"]) == sum(k.endswith("lora_A.weight") for k in a)
@@ -1363,7 +1364,6 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
             assert r2["heldout_by_damping"][lam] == pytest.approx(q, rel=1e-3)
         for key in ("captured", "insample", "insample_lora_one", "heldout_lora_one"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-3)
-    assert "2 process(es)" in two.stdout
 
 
 @pytest.mark.parametrize("flags,message", [
