@@ -212,6 +212,107 @@ def test_singular_statistics_without_damping_is_a_clear_error():
         cg_lora_factors(G, torch.zeros_like(S) + 1.0, T, rank=2, damping=0.0)
 
 
+def test_predicted_decrease_is_the_best_multiple_in_the_explicit_quadratic_model():
+    G, S, T = _problem(7, 6, seed=4)
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(7, 2, generator=g, dtype=G.dtype), torch.randn(2, 6, generator=g, dtype=G.dtype)
+    H = torch.kron(S, T)
+    best = min(_objective(c * B @ A, G, H).item() for c in torch.linspace(-3, 3, 20001, dtype=G.dtype))
+    assert cglora.predicted_decrease(B, A, G, S, T) == pytest.approx(-best, rel=1e-6)
+    assert cglora.predicted_decrease(B, -A, G, S, T) == pytest.approx(-best, rel=1e-6)  # the sign is free
+    # the rank-r CG step reaches the whole rank-r optimum: q = sum of its sigma_i^2 / 2
+    Bc, Ac, sigma = cg_lora_factors(G, S, T, 2, damping=0.0)
+    assert cglora.predicted_decrease(Bc, Ac, G, S, T) == pytest.approx(0.5 * sigma.square().sum().item())
+
+
+def test_overlap_of_column_spaces():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    assert cglora.overlap(X, X @ torch.randn(3, 3, generator=g, dtype=X.dtype)) == pytest.approx(1.0)
+    Q = torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=X.dtype)).Q
+    assert cglora.overlap(Q[:, :3], Q[:, 3:]) == pytest.approx(0.0, abs=1e-12)
+    Y = torch.randn(20, 3, generator=g, dtype=X.dtype)
+    P = lambda Z: Z @ torch.linalg.pinv(Z)  # noqa: E731  orthogonal projector onto span(Z)
+    assert cglora.overlap(X, Y) == pytest.approx((P(X) @ P(Y)).trace().item() / 3)
+
+
+def test_folds_pool_to_the_statistics_of_all_batches():
+    model, batches = _model(), _batches(sizes=(3, 2, 4, 1, 2))
+    layers = {"query": model.query, "mix": model.mix}
+    one = collect_statistics(model, layers, batches, folds=1)
+    three = collect_statistics(model, layers, batches, folds=3)
+    for name in layers:
+        for X, Y in zip(one[name][:3], three[name][:3]):
+            torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
+        for k, fold in enumerate(three[name].folds):  # fold k = batches k, k + 3, ...
+            alone = collect_statistics(model, layers, batches[k::3], folds=1)[name]
+            for X, Y in zip(alone, fold[:3]):
+                torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
+            assert fold.n == sum(b["labels"].shape[0] for b in batches[k::3])
+            assert fold.tokens == sum(b["attention_mask"].sum().item() for b in batches[k::3])
+    assert three["query"].S is three["value" if "value" in three else "query"].S
+    with pytest.raises(ValueError, match="6 folds need at least 6 calibration batches"):
+        collect_statistics(model, layers, batches, folds=6)
+
+
+def _synthetic_folds(noise=True, seed=0, d=16, samples=100, folds=2):
+    """Known statistics and per-example samples of them. Inputs x ~ N(0, S*) and output gradients
+    delta = W x + eps, eps ~ N(0, E): so G* = W S*, T* = E + W S* W^T, and a fold's statistics are the
+    moments of `samples` draws, noisy as real ones are (gradient noise shaped like the Fisher).
+    S*, E spread over three decades; the signal W lives in their top two directions."""
+    g = torch.Generator().manual_seed(seed)
+
+    def spd():
+        Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+        return Q @ torch.diag(torch.logspace(0, -3, d, dtype=torch.float64)) @ Q.T, Q
+
+    (S, QS), (E, QE) = spd(), spd()
+    W = 0.3 * QE[:, :2] @ torch.randn(2, 2, generator=g, dtype=torch.float64) @ QS[:, :2].T
+    G, T = W @ S, E + W @ S @ W.T
+    out = []
+    for _ in range(folds):
+        if not noise:
+            out.append(cglora.Fold(S, G, T, samples, samples))
+            continue
+        X = torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(S).T
+        D = X @ W.T + torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(E).T
+        out.append(cglora.Fold(X.T @ X / samples, D.T @ X / samples, D.T @ D / samples, samples, samples))
+    return cglora.Statistics(*cglora.pool(out)[:3], tuple(out)), (G, S, T)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_auto_damping_is_near_the_best_grid_point_on_noisy_folds_and_small_without_noise(seed):
+    stats, truth = _synthetic_folds(seed=seed)
+    chosen, rows = cglora.diagnose("cg-lora", {"w": stats}, {"w": 2})
+    # each lambda's direction from all the samples, judged on the true quadratic model (data no fold saw)
+    true_q = {lam: cglora.predicted_decrease(*cglora.direction("cg-lora", stats, 2, lam), *truth)
+              for lam in cglora.DAMPING_GRID}
+    assert true_q[chosen] >= 0.9 * max(true_q.values()), (chosen, true_q)
+    assert true_q[chosen] > 1.5 * true_q[min(true_q)]  # and the noise made the smallest damping a bad choice
+    assert rows["w"]["heldout_by_damping"][chosen] == max(rows["w"]["heldout_by_damping"].values())
+    clean, _ = _synthetic_folds(noise=False, seed=seed)  # exact statistics: the Newton step itself wins
+    assert cglora.diagnose("cg-lora", {"w": clean}, {"w": 2})[0] == min(cglora.DAMPING_GRID)
+
+
+def test_init_adapters_reports_the_calibration_diagnostics():
+    _, _, _, report = _adapted("cg-lora")
+    grid = set(cglora.DAMPING_GRID)
+    for row in report:
+        assert row["damping"] in grid and set(row["heldout_by_damping"]) == grid
+        assert row["heldout"] == row["heldout_by_damping"][row["damping"]] > 0
+        assert 0 <= row["overlap_left"] <= 1 + 1e-6 and 0 <= row["overlap_right"] <= 1 + 1e-6
+        assert row["insample"] > 0 and row["insample_lora_one"] > 0 and row["heldout_lora_one"] > 0
+    fixed = _adapted("cg-lora", damping=0.5)[3]
+    assert all(r["damping"] == 0.5 and r["heldout_by_damping"] is None for r in fixed)
+    one = _adapted("lora-one")[3]
+    assert all(r["heldout"] == r["heldout_lora_one"] and r["damping"] is None for r in one)
+    model = _model()
+    layers = add_lora(model, ["mix"], rank=2, alpha=4)
+    stats = collect_statistics(model, {"mix": layers["mix"].base}, _batches(), folds=1)
+    with pytest.raises(ValueError, match="damping='auto' chooses lambda on held-out folds"):
+        init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+
+
 # ============================================================================ cglora.py: model side
 
 
@@ -470,11 +571,14 @@ def test_one_seed_one_init_where_randomness_acts():
     assert all(torch.equal(a, b) for a, b in zip(factors("cg-lora", 3), factors("cg-lora", 4)))
 
 
-def test_lora_one_size_equals_cg_default_norm():
-    _, _, layers, _ = _adapted("lora-one")
-    for layer in layers.values():  # ||s B A|| = s / gamma, the default CG-LoRA init_norm
+@pytest.mark.parametrize("init_norm", [None, 0.3])
+def test_lora_one_size_equals_cg_default_norm_and_follows_init_norm(init_norm):
+    _, _, layers, _ = _adapted("lora-one", init_norm=init_norm)
+    want = 4 / (math.sqrt(2) * cglora.LORA_ONE_GAMMA) if init_norm is None else init_norm
+    for layer in layers.values():  # default: ||s B A|| = s / gamma, the default CG-LoRA init_norm
         norm = torch.linalg.matrix_norm(layer.delta_weight(), ord=2).item()
-        assert norm == pytest.approx(4 / (math.sqrt(2) * cglora.LORA_ONE_GAMMA), rel=1e-4)
+        assert norm == pytest.approx(want, rel=1e-4)
+        torch.testing.assert_close(layer.lora_B.T @ layer.lora_B, layer.lora_A @ layer.lora_A.T, atol=1e-6, rtol=1e-4)
 
 
 def test_init_errors_and_zero_gradient_fallback():

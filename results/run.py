@@ -3,6 +3,7 @@
     python results/run.py sweep            # CoLA, seed 0, each method at its candidate and sensitivity rates
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
     python results/run.py damping          # cg-lora on CoLA at damping 0.1, 1, 10 (seed 0)
+    python results/run.py diagnose         # §8 diagnostics on examples the calibration never saw
     python results/run.py report           # the README's results table + results/cola_curves.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
@@ -183,19 +184,76 @@ def curves(pick, methods, w=560, h=320, pad=48):
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
+DIAGNOSTICS = HERE / "diagnostics.jsonl"
+HELD_OUT = 512  # training examples after the calibration ones: never seen by any init
+
+
+def diagnose(task_name, calibration, seed, pretrained):
+    """CG-LoRA's and LoRA-One's initial directions from `calibration` training examples (train.py's
+    seeded shuffle, batches of 8), judged on the next HELD_OUT examples: q of §8, per damping."""
+    import torch
+    sys.path.insert(0, str(HERE.parent))
+    import cglora
+    import data
+    import models
+    task = data.get_task(task_name)
+    tokenizer = data.load_tokenizer(pretrained)
+    encoded = data.encode_examples(data.read_split(task, "train"), tokenizer, BUDGET["max_len"])
+    batches = list(data.batches(encoded, 8, tokenizer.pad_id, shuffle=True, seed=seed))
+    calib, held = batches[:calibration // 8], batches[calibration // 8:(calibration + HELD_OUT) // 8]
+    torch.manual_seed(seed)
+    model = models.from_pretrained(pretrained, task.num_labels)
+    layers = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")}
+    t0 = time.perf_counter()
+    stats = cglora.collect_statistics(model, layers, calib)
+    seconds = time.perf_counter() - t0
+    test = cglora.collect_statistics(model, layers, held, folds=1)
+    ranks = {n: BUDGET["rank"] for n in layers}
+    t0 = time.perf_counter()
+    chosen, rows = cglora.diagnose("cg-lora", stats, ranks)
+    select_seconds = time.perf_counter() - t0
+    one = cglora.diagnose("lora-one", stats, ranks)[1]
+
+    def judged(method, damping):  # held-out q, summed over layers, of the direction fitted on all calibration
+        return sum(cglora.predicted_decrease(*cglora.direction(method, stats[n], ranks[n], damping),
+                                             test[n].G, test[n].S, test[n].T) for n in layers)
+
+    q_one = judged("lora-one", None)
+    row = dict(task=task.name, calibration=calibration, seed=seed, held_out=len(held) * 8, damping=chosen,
+               statistics_seconds=seconds, selection_seconds=select_seconds,
+               overlap=[statistics.mean(r[k] for r in rows.values()) for k in ("overlap_left", "overlap_right")],
+               overlap_lora_one=[statistics.mean(r[k] for r in one.values()) for k in ("overlap_left", "overlap_right")],
+               kfold_ratio=sum(r["heldout"] for r in rows.values()) / sum(r["heldout_lora_one"] for r in rows.values()),
+               heldout_ratio={f"{lam:g}": judged("cg-lora", lam) / q_one for lam in cglora.DAMPING_GRID},
+               kfold_by_damping={f"{lam:g}": sum(r["heldout_by_damping"][lam] for r in rows.values())
+                                 for lam in cglora.DAMPING_GRID})
+    row["heldout_ratio_chosen"] = row["heldout_ratio"][f"{chosen:g}"]
+    with open(DIAGNOSTICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{task.name} calibration {calibration}: damping {chosen:g}, held-out q / LoRA-One's "
+          f"{row['heldout_ratio_chosen']:.2f} (K-fold {row['kfold_ratio']:.2f}), overlap {row['overlap'][0]:.2f}/"
+          f"{row['overlap'][1]:.2f} (LoRA-One {row['overlap_lora_one'][0]:.2f}/{row['overlap_lora_one'][1]:.2f}), "
+          f"statistics {seconds:.1f} s, selection {select_seconds:.1f} s", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sweep", "grid", "damping", "report"])
+    p.add_argument("command", choices=["sweep", "grid", "damping", "diagnose", "report"])
+    p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
     args = p.parse_args()
-    os.environ.setdefault("GLUE_DIR", str(HERE.parent.parent / "shared" / "data" / "glue"))
     methods = args.methods.split(",")
     if args.command == "report":
         return report()
     pretrained = args.pretrained or minilm()
+    if args.command == "diagnose":
+        for task in args.tasks.split(","):
+            for calibration in map(int, args.calibration.split(",")):
+                diagnose(task, calibration, 0, pretrained)
+        return
     if args.command == "damping":
         lr = best_rates(done())["cg-lora"]
         for damping in DAMPINGS:
