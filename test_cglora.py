@@ -1536,9 +1536,21 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     # cg-lora's best seed-0 rate is 1e-3 (0.30 > 0.05; 5e-4 is a sensitivity rate, not a candidate),
     # lora-one's is 3e-3 (0.15 > 0.10)
     assert "| cg-lora | 0.0005: 0.900, **0.001**: 0.300, **0.003**: 0.050 |" in readme
-    assert "| cg-lora | 0.001 | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
-    assert "| lora-one | 0.003 | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
+    assert "| cg-lora | 0.001 | — | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
+    assert "| lora-one | 0.003 | — | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
     se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # sample variances of (0.3, 0.2, 0.1) and (0.15, 0, 0)
     assert f"| cola | — | — | — | +0.150 ± {se:.3f} | — |" in readme  # columns: run.BASELINES
     assert f"| cola, epoch 1 | — | — | — | +0.075 ± {se / 2:.3f} | — |" in readme
     assert (tmp_path / "results" / "cola_curves.svg").read_text().startswith("<svg")
+    # an init-size sweep on CoLA and STS-B: the grid then uses each method's best mean size
+    with open(run.RUNS, "a") as f:
+        for method, lr in (("cg-lora", 1e-3), ("lora-one", 3e-3)):
+            for n, x in zip(run.INIT_NORMS, (0.3, 0.5, 0.1)):
+                for task in ("cola", "sts-b"):
+                    if n is None and task == "cola":
+                        continue  # the seed-0 run above is the default size's CoLA row
+                    history = [dict(epoch=1, dev_mcc=x, dev_pearson=x, dev_loss=1.0)]
+                    f.write(json.dumps(dict(task=task, method=method, seed=0, lr=lr, damping=run.DAMPING, init_norm=n,
+                                            history=history, captured=[0.5], wall_seconds=60.0)) + "\n")
+    assert run.best_sizes(run.done(), run.best_rates(run.done())) == {
+        "cg-lora": run.INIT_NORMS[1], "cg-lora-shift": run.INIT_NORMS[1], "lora-one": run.INIT_NORMS[1]}

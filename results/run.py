@@ -2,7 +2,7 @@
 
     python results/run.py sweep            # CoLA, seed 0, each method at its candidate and sensitivity rates
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
-    python results/run.py damping          # cg-lora on CoLA at damping 0.1, 1, 10 (seed 0)
+    python results/run.py sizes            # cg-lora and lora-one init sizes on CoLA and STS-B (seed 0)
     python results/run.py diagnose         # §8 diagnostics on examples the calibration never saw
     python results/run.py report           # the README's results table + results/cola_curves.svg
 
@@ -28,8 +28,10 @@ RATES.update({"lora-ga": [5e-5, 2e-4], "full": [2e-5, 5e-5]})  # LoRA-GA: full-F
 # grid's rate is chosen among RATES only (the grid ran before they were added)
 SENSITIVITY = {m: [5e-4, 2e-3] for m in ("lora", "rslora", "lora-one", "cg-lora", "cg-lora-shift")}
 BASELINES = ["lora", "rslora", "lora-ga", "lora-one", "full"]  # what report() compares cg-lora with
-DAMPING = 1e-2  # train.py's default; `damping` re-runs cg-lora with others
-DAMPINGS = [1e-1, 1.0, 10.0]
+DAMPING = "auto"  # train.py's default; rows without a damping key ran at the old default 1e-2
+OLD_DAMPING = 1e-2
+SIZED = ["cg-lora", "lora-one"]  # init_norm (LoRA-One's gamma) swept on CoLA and STS-B, seed 0
+INIT_NORMS = [None, 0.15, 0.5]  # None: LoRA-One's own size, alpha / (sqrt(r) 128) = 0.044 here
 BUDGET = dict(rank=8, alpha=16, epochs=2, batch_size=32, max_len=128, calib_batches=16, calib_batch_size=8)
 
 
@@ -44,27 +46,42 @@ def done():  # every finished run
     return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
 
 
-def run(task, method, seed, lr, pretrained, damping=DAMPING):
-    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping)
-    if any(all(r.get(k, DAMPING) == v for k, v in key.items()) for r in done()):
+def matches(row, **key):  # a stored row has this key (rows from before a key existed have its old default)
+    default = dict(damping=OLD_DAMPING, init_norm=None)
+    if not key.get("method", row["method"]).startswith("cg-lora"):
+        key.pop("damping", None)  # only CG-LoRA has a damping
+    return all(row.get(k, default.get(k)) == v for k, v in key.items())
+
+
+def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
+    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping, init_norm=init_norm)
+    if any(matches(r, **key) for r in done()):
         return
-    out = HERE / "tmp" / (f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if damping == DAMPING else f"-d{damping:g}"))
-    cmd = [sys.executable, str(HERE.parent / "train.py"), "--task", task, "--init", method, "--seed", str(seed),
-           "--lr", str(lr), "--damping", str(damping), "--pretrained", pretrained, "--out", str(out),
-           "--log_every", "100000"]
-    cmd += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
+    name = f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
+    args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr), "--damping", str(damping),
+            "--log_every", "100000"] + (["--init_norm", str(init_norm)] if init_norm is not None else [])
+    args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
+    out = HERE / "tmp" / name
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(HERE.parent / "train.py"), *args, "--pretrained", pretrained,
+                           "--out", str(out)], capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        sys.exit(f"failed: train.py {' '.join(args)}\n{proc.stderr[-3000:]}")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     init = json.loads((out / "init.json").read_text())
+    layers = [r for r in init["layers"] if r.get("heldout") is not None]
+    diagnostics = dict(
+        chosen_damping=init.get("damping"),
+        overlap=[statistics.mean(r[k] for r in layers) for k in ("overlap_left", "overlap_right")],
+        heldout_ratio=sum(r["heldout"] for r in layers) / sum(r["heldout_lora_one"] for r in layers),
+        insample_ratio=sum(r["insample"] for r in layers) / sum(r["insample_lora_one"] for r in layers)) if layers else {}
     row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
-               captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None],
-               wall_seconds=time.time() - t0, command=" ".join(cmd[1:]))
+               captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None], **diagnostics,
+               wall_seconds=time.time() - t0,  # the command as run from the repository root:
+               command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> --out results/tmp/{name}")
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"{task} {method} seed {seed} lr {lr:g}: {main_key(history[-1])} {score(row):.4f} "
+    print(f"{task} {method} seed {seed} lr {lr:g} init_norm {init_norm}: {main_key(history[-1])} {score(row):.4f} "
           f"({row['wall_seconds']:.0f} s)", flush=True)
 
 
@@ -77,10 +94,28 @@ def score(row, epoch=None):  # the main metric after `epoch` (None: the last)
     return entry[main_key(entry)]
 
 
-def best_rates(rows):  # each method's best candidate rate on CoLA, seed 0, default damping
-    sweep = [r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r.get("damping", DAMPING) == DAMPING]
-    return {m: max((r for r in sweep if r["method"] == m and r["lr"] in RATES[m]), key=score)["lr"]
-            for m in METHODS if any(r["method"] == m and r["lr"] in RATES[m] for r in sweep)}
+def best_rates(rows):  # each method's best candidate rate on CoLA, seed 0, at its default size
+    sweep = [r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r.get("init_norm") is None]
+    rates = {m: max((r for r in sweep if r["method"] == m and r["lr"] in RATES[m]), key=score)["lr"]
+             for m in METHODS if any(r["method"] == m and r["lr"] in RATES[m] for r in sweep)}
+    return {**SWEPT_BEFORE, **rates}
+
+
+# CG-LoRA's rate where no sweep row says otherwise: the sweep of its earlier version (damping 1e-2,
+# randomized SVD; rows in runs-superseded.jsonl) chose 1e-3 for both variants, and the new runs keep it
+SWEPT_BEFORE = {"cg-lora": 1e-3, "cg-lora-shift": 1e-3}
+
+
+def best_sizes(rows, rates):  # each SIZED method's init_norm with the best mean over CoLA and STS-B (seed 0)
+    def mean_score(m, n):
+        runs = [r for r in rows if r["task"] in ("cola", "sts-b") and
+                matches(r, method=m, seed=0, lr=rates[m], damping=DAMPING, init_norm=n)]
+        return statistics.mean(score(r) for r in runs) if len(runs) == 2 else None
+    best = {m: max(INIT_NORMS, key=lambda n: mean_score(m, n)) for m in SIZED
+            if all(mean_score(m, n) is not None for n in INIT_NORMS)}
+    if "cg-lora" in best:
+        best["cg-lora-shift"] = best["cg-lora"]  # the shift changes W0, not the update's size
+    return best
 
 
 def mean_std(xs):
@@ -97,12 +132,12 @@ def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean dif
 
 
 def report():
-    rows_all = done()
-    rows, rates = [r for r in rows_all if r.get("damping", DAMPING) == DAMPING], best_rates(rows_all)
+    rows = done()
+    rates, sizes = best_rates(rows), best_sizes(rows, best_rates(rows))
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
-    pick = {(t, m): [r for r in rows if r["task"] == t and r["method"] == m and r["lr"] == rates.get(m)]
-            for t in tasks for m in METHODS}
+    pick = {(t, m): [r for r in rows if matches(r, task=t, method=m, lr=rates.get(m), damping=DAMPING,
+                                                 init_norm=sizes.get(m))] for t in tasks for m in METHODS}
 
     def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
         if not runs:
@@ -110,10 +145,11 @@ def report():
         xs = [score(r, epoch) for r in runs]
         return f"{mean_std(xs)} ({len(xs)})"
 
-    table = ["| method | lr | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
-             "|---|---|" + "---|" * (2 * len(tasks))]
+    table = ["| method | lr | init_norm | " + " | ".join(tasks) + " | " + " | ".join(f"{t}, epoch 1" for t in tasks)
+             + " |", "|---|---|---|" + "---|" * (2 * len(tasks))]
     for m in METHODS:
-        table.append(f"| {m} | {rates.get(m, '—')} | " + " | ".join(
+        size = "—" if m not in sizes else ("default" if sizes[m] is None else f"{sizes[m]:g}")
+        table.append(f"| {m} | {rates.get(m, '—')} | {size} | " + " | ".join(
             [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
     diff = ["| task | " + " | ".join(f"cg-lora − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
     for t in tasks:
@@ -122,29 +158,46 @@ def report():
                                                     for b in BASELINES) + " |")
     sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
-        runs = sorted((r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r["method"] == m),
+        runs = sorted((r for r in rows if matches(r, task="cola", seed=0, method=m, damping=DAMPING, init_norm=None)),
                       key=lambda r: r["lr"])
         sweep.append(f"| {m} | " + ", ".join((f"**{r['lr']:g}**" if r["lr"] in RATES[m] else f"{r['lr']:g}")
                                              + f": {score(r):.3f}" for r in runs) + " |")
-    damp = ["| damping | CoLA dev MCC, cg-lora, seed 0 |", "|---|---|"]
-    for r in sorted((r for r in rows_all if r["task"] == "cola" and r["seed"] == 0 and r["method"] == "cg-lora"
-                     and r["lr"] == rates.get("cg-lora")), key=lambda r: r.get("damping", DAMPING)):
-        damp.append(f"| {r.get('damping', DAMPING):g} | {score(r):.3f} (captured at rank 8: "
-                    f"{statistics.mean(r['captured']):.2f}) |")
-    per_task = {t: [r["wall_seconds"] for r in rows_all if r["task"] == t] for t in tasks}
+    size_table = ["| method | init_norm | cola | sts-b |", "|---|---|---|---|"]
+    for m in SIZED:
+        for n in INIT_NORMS:
+            runs = {t: [r for r in rows if matches(r, task=t, method=m, seed=0, lr=rates.get(m), damping=DAMPING,
+                                                   init_norm=n)] for t in ("cola", "sts-b")}
+            size_table.append(f"| {m} | {'default (0.044)' if n is None else n} | " + " | ".join(
+                f"{score(runs[t][0]):.3f}" if runs[t] else "—" for t in ("cola", "sts-b")) + " |")
+    diag = ["| task | chosen damping (per seed) | split-half overlap L / R: cg-lora | lora-one | held-out q ÷ "
+            "LoRA-One's (2-fold) | in-sample q ÷ LoRA-One's |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        cg, one = pick[t, "cg-lora"], pick[t, "lora-one"]
+        if cg and all("overlap" in r for r in cg + one):
+            mean = lambda runs, f: statistics.mean(f(r) for r in runs)  # noqa: E731
+            lams = ", ".join(f"{r['chosen_damping']:g}" for r in cg)
+            diag.append(f"| {t} | {lams} | "
+                        f"{mean(cg, lambda r: r['overlap'][0]):.2f} / {mean(cg, lambda r: r['overlap'][1]):.2f} | "
+                        f"{mean(one, lambda r: r['overlap'][0]):.2f} / {mean(one, lambda r: r['overlap'][1]):.2f} | "
+                        f"{mean(cg, lambda r: r['heldout_ratio']):.2f} | {mean(cg, lambda r: r['insample_ratio']):.2f} |")
+    per_task = {t: [r["wall_seconds"] for r in rows if r["task"] == t] for t in tasks}
     minutes = sum(len(s) * statistics.median(s) for s in per_task.values()) / 60  # median: robust to a stalled run
-    text = (f"`python results/run.py report` over {len(rows_all)} runs in `results/runs.jsonl` (median per run on "
+    text = (f"`python results/run.py report` over {len(rows)} runs in `results/runs.jsonl` (median per run on "
             "the 2-core CPU: " + ", ".join(f"{t} {statistics.median(s):.0f} s" for t, s in per_task.items())
             + f"; about {minutes:.0f} CPU minutes in all). "
             f"all-MiniLM-L6-v2, rank 8, α 16, query+value, {BUDGET['epochs']} epochs, batch "
             f"{BUDGET['batch_size']}, max length {BUDGET['max_len']}, {BUDGET['calib_batches']}x"
-            f"{BUDGET['calib_batch_size']} calibration examples. Main dev metric (CoLA MCC, RTE/SST-2 "
-            "accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std over "
-            "seeds (number of seeds), each method at its best CoLA seed-0 rate.\n\n"
+            f"{BUDGET['calib_batch_size']} calibration examples, CG-LoRA at damping auto. Main dev metric (CoLA "
+            "MCC, RTE/SST-2 accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std "
+            "over seeds (number of seeds), each method at its best CoLA seed-0 rate and, for CG-LoRA and "
+            "LoRA-One, its best init size (below).\n\n"
             + "\n".join(table) + "\n\nCG-LoRA minus each baseline, difference of the means ± its standard error "
             "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win:\n\n" + "\n".join(diff)
+            + "\n\nCG-LoRA's calibration diagnostics in these runs (mean over seeds; §8 of the derivation):\n\n"
+            + "\n".join(diag)
+            + "\n\nInit size `‖s·B·A‖₂` (seed 0; the grid uses each method's best mean over the two tasks):\n\n"
+            + "\n".join(size_table)
             + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
-            + "\n\nCG-LoRA's damping on CoLA (relative; large damping turns it into LoRA-One):\n\n" + "\n".join(damp)
             + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split("<!-- results -->\n", 1)
@@ -238,7 +291,7 @@ def diagnose(task_name, calibration, seed, pretrained):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sweep", "grid", "damping", "diagnose", "report"])
+    p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report"])
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -254,22 +307,27 @@ def main():
             for calibration in map(int, args.calibration.split(",")):
                 diagnose(task, calibration, 0, pretrained)
         return
-    if args.command == "damping":
-        lr = best_rates(done())["cg-lora"]
-        for damping in DAMPINGS:
-            run("cola", "cg-lora", 0, lr, pretrained, damping)
+    if args.command == "sizes":
+        rates = best_rates(done())
+        for task in ("cola", "sts-b"):
+            for m in SIZED:
+                for n in INIT_NORMS:
+                    run(task, m, 0, rates[m], pretrained, init_norm=n)
     elif args.command == "sweep":
         for m in methods:
             for lr in RATES[m] + SENSITIVITY.get(m, []):
                 run("cola", m, 0, lr, pretrained)
     else:
-        rates = best_rates(done())
+        rows = done()
+        rates, sizes = best_rates(rows), best_sizes(rows, best_rates(rows))
         if missing := [m for m in methods if m not in rates]:
             sys.exit(f"no CoLA sweep for {', '.join(missing)}: run `python results/run.py sweep` first")
+        if missing := [m for m in methods if m in SIZED + ["cg-lora-shift"] and m not in sizes]:
+            sys.exit(f"no init-size sweep for {', '.join(missing)}: run `python results/run.py sizes` first")
         for task in args.tasks.split(","):
             for seed in map(int, args.seeds.split(",")):
                 for m in methods:
-                    run(task, m, seed, rates[m], pretrained)
+                    run(task, m, seed, rates[m], pretrained, init_norm=sizes.get(m))
 
 
 if __name__ == "__main__":
