@@ -5,6 +5,9 @@
     python bench.py --shape tiny --repeats 1         # seconds: the smoke test
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
 
+cg-lora is the default init (damping auto: 7 damping values x 2 folds of exact SVDs per layer, plus
+the diagnostics); cg-lora-fixed is the same at a fixed damping, whose diagnostics still cost 2 folds.
+
 Each measurement runs in a fresh process, so its CPU peak memory is that process's peak RSS;
 times are the median of --repeats runs after one warm-up, each on a freshly built model. The
 peers (peft's LoRA-GA, an HF+peft LoRA training step) are timed on the same shapes and batches
@@ -99,7 +102,7 @@ def measure(name, args):
         model.requires_grad_(False)
         return model
 
-    def ours_init(method):
+    def ours_init(method, damping="auto"):
         model = fresh()
         layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=["head"])
 
@@ -107,7 +110,7 @@ def measure(name, args):
             t0 = time.perf_counter()
             stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
             t1 = time.perf_counter()
-            cglora.init_adapters(layers, method, stats, log=lambda *a: None)
+            cglora.init_adapters(layers, method, stats, damping=damping, log=lambda *a: None)
             parts.setdefault("statistics", []).append(t1 - t0)
             parts.setdefault("factorization", []).append(time.perf_counter() - t1)
         return run
@@ -148,6 +151,7 @@ def measure(name, args):
 
     make = {"floor": lambda: (lambda m: lambda: floor_pass(m, calib))(fresh()),
             "cg-lora": lambda: ours_init("cg-lora"), "lora-ga": lambda: ours_init("lora-ga"),
+            "cg-lora-fixed": lambda: ours_init("cg-lora", damping=1.0),
             "peft-lora-ga": peft_loraga,
             "frozen-step": lambda: (lambda m: lambda: floor_pass(m, train))(fresh()),
             "our-step": train_step, "peft-step": lambda: train_step(hf=True)}[name]
@@ -196,7 +200,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
-    names = ["floor", "cg-lora", "lora-ga", "frozen-step", "our-step"]
+    names = ["floor", "cg-lora", "cg-lora-fixed", "lora-ga", "frozen-step", "our-step"]
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -215,6 +219,7 @@ def main(argv=None):
     mem = "peak_mib" if args.device.startswith("cuda") else "peak_rss_mib"
     r = results
     ratios = {"cg-lora init / floor": r["cg-lora"]["seconds"] / r["floor"]["seconds"],
+              "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
               "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]}
     if peers:
         ratios.update({"cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
