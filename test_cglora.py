@@ -1502,7 +1502,7 @@ def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
     bench.main(["--shape", "tiny", "--repeats", "1", "--calib_batches", "4", "--peers", "off", "--json", str(out)])
     result = json.loads(out.read_text())
     r = result["results"]
-    assert set(r) == {"floor", "cg-lora", "lora-ga", "frozen-step", "our-step"}
+    assert set(r) == {"floor", "cg-lora", "cg-lora-fixed", "lora-ga", "frozen-step", "our-step"}
     assert all(v["seconds"] > 0 and v["peak_rss_mib"] > 0 for v in r.values())
     assert r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"] == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
     assert result["ratios"]["cg-lora init / floor"] == pytest.approx(r["cg-lora"]["seconds"] / r["floor"]["seconds"])
