@@ -1302,6 +1302,29 @@ def test_resume_equals_uninterrupted_run(tmp_path, glue, stops, device):
     assert [{k: v for k, v in h.items() if k != "elapsed"} for h in _metrics(tmp_path / "b")] == strip
 
 
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while the new checkpoint is written, or between writing and renaming it, leaves the last
+    good checkpoint loadable; the leftover partial file does not block the next save."""
+    path = tmp_path / "checkpoint.pt"
+    train.save_atomic({"step": 12}, path)
+
+    def dies_mid_write(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")  # some bytes reach the disk, then the process dies
+        raise KeyboardInterrupt
+
+    def dies_before_rename(src, dst):
+        raise KeyboardInterrupt
+
+    for module, name, crash in ((torch, "save", dies_mid_write), (os, "replace", dies_before_rename)):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, crash)
+            with pytest.raises(KeyboardInterrupt):
+                train.save_atomic({"step": 17}, path)
+        assert torch.load(path) == {"step": 12}, name
+    train.save_atomic({"step": 17}, path)
+    assert torch.load(path) == {"step": 17}
+
+
 def test_shifted_export_applies_to_the_original_weights(tmp_path, glue):
     _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1")
     run = tmp_path / "run"
