@@ -415,14 +415,46 @@ def test_unshifted_cg_lora_moves_weights_by_exactly_step_dW_r():
     assert report[0]["captured"] == pytest.approx((sigma[:2].square().sum() / sigma.square().sum()).item(), rel=1e-4)
 
 
+def _stats_of(reference, layers):  # the statistics _adapted's init used, again, in float64
+    stats = collect_statistics(reference, {n: getattr(reference, n) for n in layers}, _batches())
+    return {n: tuple(X.double() for X in SGT) for n, SGT in stats.items()}
+
+
 @pytest.mark.parametrize("init_norm", [None, 0.02])
-def test_cg_lora_update_norm_is_normalised(init_norm):
-    _, _, layers, report = _adapted("cg-lora", init_norm=init_norm)
+def test_cg_lora_init_is_the_newton_step_rescaled_to_init_norm(init_norm):
+    """The default init path (rescale, then Euclidean balance): s B A = init_norm * dW_r / ||dW_r||_2 with
+    dW_r from brute-force whitening, so it is a descent direction (<G, s B A> < 0); a sign flip of A or
+    of the SVD's V turns it into an ascent step and fails here."""
+    _, reference, layers, report = _adapted("cg-lora", init_norm=init_norm)
     want = 4 / (math.sqrt(2) * cglora.LORA_ONE_GAMMA) if init_norm is None else init_norm
-    for layer, row in zip(layers.values(), report):
-        norm = torch.linalg.matrix_norm(layer.delta_weight(), ord=2).item()
+    stats = _stats_of(reference, layers)
+    for (name, layer), row in zip(layers.items(), report):
+        S, G, T = stats[name]
+        dW, _ = _brute_step(G, S, T, 2, 1e-2)
+        update = layer.delta_weight().double()
+        torch.testing.assert_close(update, want * dW / torch.linalg.matrix_norm(dW, ord=2), atol=1e-6, rtol=1e-4)
+        assert (G * update).sum() < 0
+        norm = torch.linalg.matrix_norm(update, ord=2).item()
         assert norm == pytest.approx(want, rel=1e-4) and row["update_norm"] == pytest.approx(want, rel=1e-4)
         assert 0 < row["captured"] <= 1
+
+
+def test_lora_ga_factors_are_the_original_repos():
+    """LoRA-GA as its original repository (§6): from the SVD G = U diag(s) V^T, B = U[:, r:2r] and
+    A = V[:, :r]^T, both times d_out^(1/4) / sqrt(16); scaling alpha / r. A singular vector has no sign,
+    so each column is compared up to its own sign."""
+    _, reference, layers, _ = _adapted("lora-ga")
+    stats = _stats_of(reference, layers)
+    for name, layer in layers.items():
+        G = stats[name][1]
+        U, _, Vh = torch.linalg.svd(G)
+        c = G.shape[0] ** 0.25 / math.sqrt(16)
+        for got, want in ((layer.lora_B.double(), c * U[:, 2:4]), (layer.lora_A.double().T, c * Vh[:2].T)):
+            # entries ~0.15; the code's fp32 SVD moves a vector by ~1e-7 sigma_1 / gap (mix: sigma_4 = 6e-5)
+            torch.testing.assert_close(got, want * torch.sign((got * want).sum(0)), atol=2e-4, rtol=0)
+        assert layer.scaling == 4 / 2
+    with pytest.raises(ValueError, match=r"lora-ga needs 2 \* rank <= min\(d_out, d_in\) = 5"):
+        cglora.lora_ga_factors(torch.randn(6, 5), 3)
 
 
 def test_cg_lora_init_is_euclidean_balanced_with_the_same_update():
