@@ -93,15 +93,16 @@ def test_cg_step_beats_random_and_baseline_updates_in_the_curvature_metric():
     H = torch.kron(_damp(S, damping), _damp(T, damping))
     B, A, _ = cg_lora_factors(G, S, T, rank, damping=damping)
     best = _objective(B @ A, G, H)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        D = torch.randn(8, rank, generator=g, dtype=G.dtype) @ torch.randn(rank, 7, generator=g, dtype=G.dtype)
-        assert best < _objective(D, G, H)
 
-    def best_multiple(D):  # min over c of f(c D): the baseline direction at its best length
+    def best_multiple(D):  # min over c of f(c D): the direction D at its best length (exact line search)
         v = D.T.reshape(-1)
         return -((G * D).sum() ** 2) / (2 * v @ H @ v)
 
+    assert best_multiple(B @ A) == pytest.approx(best.item(), rel=1e-10)  # the step is at its best length
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):  # the claim is about every rank-r update: give each random one its best length
+        D = torch.randn(8, rank, generator=g, dtype=G.dtype) @ torch.randn(rank, 7, generator=g, dtype=G.dtype)
+        assert best < best_multiple(D)
     Bg, Ag = cglora.lora_ga_factors(G, rank)
     Bo, Ao = cglora.lora_one_factors(G, rank)
     for D in (Bg @ Ag, Bo @ Ao):
