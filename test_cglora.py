@@ -150,17 +150,26 @@ def test_balance_rejects_rank_deficient_pair():
         balance(torch.zeros(4, 2), torch.randn(2, 3))
 
 
-def test_gradient_descent_conserves_euclidean_imbalance_to_second_order():
+def test_gradient_descent_on_a_lora_layer_conserves_euclidean_imbalance_to_second_order():
+    """§4: gradient descent on (A, B) changes B^T B - A A^T only at second order in the step, for any
+    loss of the product B A, so a balanced init stays balanced. One SGD step through LoRALinear (with
+    dropout on its input, where peft puts it) on a least-squares loss, the same dropout mask at every step size."""
     g = torch.Generator().manual_seed(0)
-    B0, A0, X = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 3), (3, 4), (5, 4)))
+    B0, A0 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
 
-    def drift(eta):  # one gradient step on 1/2 ||B A - X||^2: change of B^T B, of the imbalance
-        E = B0 @ A0 - X
-        B, A = B0 - eta * E @ A0.T, A0 - eta * B0.T @ E
+    def drift(eta):  # one step: change of B^T B, change of the imbalance
+        layer = LoRALinear(nn.Linear(4, 5, dtype=torch.float64), rank=3, alpha=3, dropout=0.3)
+        with torch.no_grad():
+            layer.lora_B.copy_(B0), layer.lora_A.copy_(A0)
+        torch.manual_seed(1)
+        (0.5 * (layer(x) - y).square().sum(1).mean()).backward()
+        torch.optim.SGD([layer.lora_A, layer.lora_B], lr=eta).step()
+        B, A = layer.lora_B.detach(), layer.lora_A.detach()
         return ((B.T @ B - B0.T @ B0).norm().item(),
                 ((B.T @ B - A @ A.T) - (B0.T @ B0 - A0 @ A0.T)).norm().item())
 
-    (moved, d2), (_, d3) = drift(1e-2), drift(1e-3)
+    (moved, d2), (_, d3) = drift(1e-3), drift(1e-4)
     assert d2 < 0.05 * moved  # B^T B moves at first order, the imbalance does not
     assert 80 < d2 / d3 < 120  # O(eta^2): a ten times smaller step drifts 100 times less
 
@@ -345,6 +354,22 @@ def test_lora_linear_zero_B_equals_base_and_merge_round_trip():
     torch.testing.assert_close(base.weight, W)
     torch.testing.assert_close(layer(x), y)
     assert LoRALinear(nn.Linear(16, 16), 4, alpha=8, rslora=True).scaling == 4.0
+
+
+def test_lora_dropout_drops_the_adapter_input_in_training_only():
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4)
+    layer = LoRALinear(base, rank=2, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, delta = torch.randn(3, 5), 2.0 * layer.lora_B @ layer.lora_A
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    kept = nn.functional.dropout(torch.ones_like(x), 0.5)  # the same draw: 0 or 1 / (1 - p) per input entry
+    assert (kept == 0).any() and (kept == 2).any()
+    torch.testing.assert_close(y, base(x) + (x * kept) @ delta.T)  # the base layer sees all of x
+    torch.testing.assert_close(layer.eval()(x), base(x) + x @ delta.T)
 
 
 def test_add_lora_trains_only_adapters_and_named_modules_with_peft_keys():
