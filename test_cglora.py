@@ -671,6 +671,49 @@ def test_read_safetensors_hand_written_file(tmp_path):
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
 
 
+# Our module -> its Hugging Face name, written out from transformers' BertModel / RobertaModel (not from
+# models.hf_names, which the loader uses and the round trip above goes through twice); {p}: "bert." or "roberta."
+_HF_LAYOUT = {
+    "word_embeddings": "{p}embeddings.word_embeddings", "position_embeddings": "{p}embeddings.position_embeddings",
+    "token_type_embeddings": "{p}embeddings.token_type_embeddings", "embed_norm": "{p}embeddings.LayerNorm",
+    "layers.{i}.query": "{p}encoder.layer.{i}.attention.self.query",
+    "layers.{i}.key": "{p}encoder.layer.{i}.attention.self.key",
+    "layers.{i}.value": "{p}encoder.layer.{i}.attention.self.value",
+    "layers.{i}.attn_out": "{p}encoder.layer.{i}.attention.output.dense",
+    "layers.{i}.attn_norm": "{p}encoder.layer.{i}.attention.output.LayerNorm",  # after attention
+    "layers.{i}.ffn_in": "{p}encoder.layer.{i}.intermediate.dense",
+    "layers.{i}.ffn_out": "{p}encoder.layer.{i}.output.dense",
+    "layers.{i}.ffn_norm": "{p}encoder.layer.{i}.output.LayerNorm",  # after the feed-forward
+}
+_HF_HEAD_LAYOUT = {"bert": {"head.dense": "bert.pooler.dense", "head.out_proj": "classifier"},
+                   "roberta": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}}
+
+
+def _hf_layout(model_type, layers):
+    """{Hugging Face key of a *ForSequenceClassification checkpoint: our parameter name}."""
+    modules = {ours.format(i=i): theirs.format(i=i, p=model_type + ".")
+               for ours, theirs in _HF_LAYOUT.items() for i in range(layers)} | _HF_HEAD_LAYOUT[model_type]
+    return {f"{theirs}.{p}": f"{ours}.{p}" for ours, theirs in modules.items()
+            for p in (("weight",) if ours.endswith("embeddings") else ("weight", "bias"))}
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_hf_keys_land_in_the_right_modules(tmp_path, model_type):
+    """Every tensor of a hand-made checkpoint holds its own tag; after loading, each of our parameters
+    holds the tag of the Hugging Face key _HF_LAYOUT gives it (swapped LayerNorm names fail here)."""
+    c = _small_config(model_type)
+    layout = _hf_layout(model_type, c.layers)
+    shapes = {k: v.shape for k, v in Encoder(c).state_dict().items()}
+    assert sorted(layout.values()) == sorted(shapes)  # the layout covers every parameter
+    tags = {theirs: float(i + 1) for i, theirs in enumerate(layout)}
+    _write_safetensors(tmp_path / "model.safetensors",
+                       {theirs: torch.full(shapes[ours], tags[theirs]) for theirs, ours in layout.items()})
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config_json(c)))
+    loaded = from_pretrained(tmp_path, num_labels=3).state_dict()
+    assert {ours: loaded[ours].unique().tolist() for ours in layout.values()} == \
+        {ours: [tags[theirs]] for theirs, ours in layout.items()}
+
+
 @pytest.mark.parametrize("model_type, fmt", [("bert", "safetensors"), ("roberta", "bin"),
                                              ("roberta", "safetensors")])
 def test_round_trip_in_hf_layout(tmp_path, model_type, fmt):
@@ -821,7 +864,7 @@ def test_hf_parity_task_model_bin(tmp_path, model_type, num_labels):
     c, _, task = _hf_models(model_type, num_labels)
     task.config.save_pretrained(tmp_path)
     torch.save(task.state_dict(), tmp_path / "pytorch_model.bin")
-    assert any(k.startswith(model_type + ".") for k in task.state_dict())
+    assert set(task.state_dict()) == set(_hf_layout(model_type, c.layers))  # the hand-written layout is transformers'
     ours = from_pretrained(tmp_path, num_labels=num_labels).eval()
     _assert_encode_matches(ours, getattr(task, model_type), c)
     ids, mask, types = _batch(c)
