@@ -241,12 +241,20 @@ def _batches(seed=0, sizes=(3, 2), vocab=13, classes=3):
     return out
 
 
-def _model(seed=0):
+def _model(seed=0, classes=3):
     torch.manual_seed(seed)
-    return _Tiny()
+    return _Tiny(classes=classes)
 
 
-def _per_example_stats(model, batches, names):
+def _scores(batches):  # the same batches as a regression task: float labels (MSE statistics)
+    return [dict(b, labels=b["labels"].float() * 1.5 - 0.7) for b in batches]
+
+
+def _mse(out, y):  # the regression loss, written out: mean squared error of the single output
+    return (out.squeeze(-1) - y).square().mean()
+
+
+def _per_example_stats(model, batches, names, loss_fn=nn.functional.cross_entropy):
     """S, G, T of section 2 by brute force: one unpadded example at a time, the output
     gradient of the example's own loss read through an added zero tensor."""
     model = copy.deepcopy(model)
@@ -263,7 +271,7 @@ def _per_example_stats(model, batches, names):
                     zs[n] = torch.zeros_like(out, requires_grad=True)
                     return out + zs[n]
                 hooks.append(getattr(model, n).register_forward_hook(hook))
-            loss = nn.functional.cross_entropy(model(ids, mask), batch["labels"][i:i + 1])
+            loss = loss_fn(model(ids, mask), batch["labels"][i:i + 1])
             grads = torch.autograd.grad(loss, [zs[n] for n in names], allow_unused=True)
             for h in hooks:
                 h.remove()
@@ -277,11 +285,12 @@ def _per_example_stats(model, batches, names):
     return {n: (S / (tokens if n != "head" else n_ex), G / n_ex, T / n_ex) for n, (S, G, T) in acc.items()}
 
 
-def test_statistics_equal_per_example_brute_force_with_padding():
-    model, batches = _model(), _batches()
+@pytest.mark.parametrize("regression", [False, True])
+def test_statistics_equal_per_example_brute_force_with_padding(regression):
+    model, batches = (_model(classes=1), _scores(_batches())) if regression else (_model(), _batches())
     names = ["query", "value", "mix", "head", "dead"]
     stats = collect_statistics(model, {n: getattr(model, n) for n in names}, batches)
-    ref = _per_example_stats(model, batches, names)
+    ref = _per_example_stats(model, batches, names, _mse if regression else nn.functional.cross_entropy)
     for n in names:
         for got, want in zip(stats[n], ref[n]):
             assert got.dtype == torch.float32
@@ -314,23 +323,60 @@ def test_statistics_leave_no_hooks_grads_or_changed_flags():
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
 
 
+def _one(batch, i, label):  # example i of the batch alone, with the given label
+    return {k: (v.new_tensor([label]) if k == "labels" else v[i:i + 1]) for k, v in batch.items()}
+
+
+def _sampled_T(model, batch, k, seed=0):
+    """T of fisher="sampled" from one pass over the batch's examples repeated k times: k draws each."""
+    big = {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in batch.items()}
+    return collect_statistics(model, {"mix": model.mix}, [big], fisher="sampled",
+                              generator=torch.Generator().manual_seed(seed))["mix"]
+
+
 def test_sampled_fisher_estimates_the_model_expected_T():
-    model, batch = _model(1), _batches(seed=2, sizes=(4,))[0]
-    layers = {"mix": model.mix}
-    est = collect_statistics(model, layers, [batch] * 300, fisher="sampled",
-                             generator=torch.Generator().manual_seed(0))["mix"]
-    emp = collect_statistics(model, layers, [batch])["mix"]
+    """fisher="sampled" draws each label from the model's softmax, so its T estimates
+    E_{y ~ p} T = (1/n) sum_i sum_c p_ic T_ic (T_ic: example i alone with label c), enumerated here, with
+    the Monte-Carlo standard error se computed from the same enumeration. The model is made confident
+    (probabilities 0.1 to 0.5): uniform labels, or a softmax at temperature 0.5, have expectations more
+    than 8 se away from the right one, and the estimate must be within 4 se of it."""
+    model, batch, n, k = _model(1), _batches(seed=2, sizes=(4,))[0], 4, 2000
     with torch.no_grad():
-        probs = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
-    exact = 0  # E_{y ~ model}[T]: enumerate every class, weighted by its probability
-    for c in range(3):
-        b = dict(batch, labels=torch.full_like(batch["labels"], c))
-        for i in range(4):
-            one = {k: v[i:i + 1] for k, v in b.items()}
-            exact = exact + probs[i, c] * collect_statistics(model, layers, [one])["mix"][2] / 4
-    torch.testing.assert_close(est[1], emp[1])  # G always uses the true labels
-    err = ((est[2] - exact).norm() / exact.norm()).item()
-    assert err < 0.15 and err < ((emp[2] - exact).norm() / exact.norm()).item()
+        model.head.weight.mul_(5)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    layers = {"mix": model.mix}
+    T = torch.stack([torch.stack([collect_statistics(model, layers, [_one(batch, i, c)])["mix"][2]
+                                  for c in range(3)]) for i in range(n)])  # [n, classes, d, d]
+
+    def expected(p):  # E T when example i's label is drawn from p[i]
+        return torch.einsum("ic,icjk->jk", p, T) / n
+
+    p = logits.softmax(-1)
+    assert p.min() < 0.15 and p.max() > 0.45
+    exact = expected(p)
+    spread = T - torch.einsum("ic,icjk->ijk", p, T)[:, None]
+    se = (torch.einsum("ic,icjk->", p, spread.square()) / k).sqrt() / n  # sqrt(E ||estimate - exact||^2)
+    est = _sampled_T(model, batch, k)
+    torch.testing.assert_close(est[1], collect_statistics(model, layers, [batch])["mix"][1])  # G: true labels
+    assert (est[2] - exact).norm() < 4 * se
+    for wrong in (torch.full_like(p, 1 / 3), (2 * logits).softmax(-1)):
+        assert (expected(wrong) - exact).norm() > 8 * se
+
+
+def test_sampled_fisher_for_regression_draws_labels_from_N_f_1():
+    """Regression (one output f, MSE loss (f - y)^2): with y ~ N(f, 1) the output gradient is -2 eps J,
+    eps ~ N(0, 1), so E T = (1/n) sum_i T_i with T_i = 4 J_i J_i^T: example i's T with the label f_i + 1.
+    Var(eps^2) = 2 gives the Monte-Carlo error. Labels drawn around 0 instead of f would be far off."""
+    model, batch, n, k = _model(1, classes=1), _scores(_batches(seed=2, sizes=(4,)))[0], 4, 1000
+    with torch.no_grad():
+        model.head.bias.fill_(2.0)  # f ~ 2: far from 0
+        f = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1)
+    T = [collect_statistics(model, {"mix": model.mix}, [_one(batch, i, f[i].item() + 1)])["mix"][2] for i in range(n)]
+    exact = sum(T) / n
+    se = (2 * sum(Ti.square().sum() for Ti in T) / k).sqrt() / n
+    assert (_sampled_T(model, batch, k)[2] - exact).norm() < 4 * se
+    around_zero = sum((f[i] ** 2 + 1) * T[i] for i in range(n)) / n  # E T if y ~ N(0, 1)
+    assert (around_zero - exact).norm() > 8 * se
 
 
 # ============================================================================ cglora.py: LoRA layer
