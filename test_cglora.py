@@ -323,6 +323,25 @@ def test_statistics_leave_no_hooks_grads_or_changed_flags():
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
 
 
+def test_statistics_leave_the_callers_input_tensors_alone():
+    """The README promises requires_grad flags are left as found: that includes the caller's own
+    calibration tensors, here (as in the README example) an input that goes straight into a target layer."""
+    # Fails until collect_statistics stops calling requires_grad_(True) on its inputs (the fix is in cglora.py).
+    class Net(nn.Module):  # the README example's model
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    batches = [dict(x=torch.randn(6, 4), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
+    G = collect_statistics(model, {"body": model.body}, batches)["body"][1]
+    assert G.abs().max() > 0 and not any(b["x"].requires_grad for b in batches)
+
+
 def _one(batch, i, label):  # example i of the batch alone, with the given label
     return {k: (v.new_tensor([label]) if k == "labels" else v[i:i + 1]) for k, v in batch.items()}
 
