@@ -1387,19 +1387,22 @@ def test_data_py_depends_on_stdlib_numpy_torch_only():
 # ============================================================================ train.py
 
 
-def _cola_fixture(root, n_train=96, n_dev=32, seed=0):
-    """A CoLA-format task (no header: source, label, mark, sentence) with a learnable rule."""
+def _glue_fixture(root, n_train=96, n_dev=32, seed=0):
+    """CoLA (no header: source, label, mark, sentence) and STS-B (sentence pairs, a score) in GLUE
+    format, with a learnable rule: the first word, "good" or "bad", gives the label (score 4.5 or 0.5)."""
     g = torch.Generator().manual_seed(seed)
     words = "the a cat dog sees runs big small red old new bird tree".split()
-    (root / "CoLA").mkdir(parents=True)
+    header, stsb_row = _FORMATS["sts-b"]["train.tsv"]
     for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = []
+        cola, stsb = [], [header]
         for i in range(n):
             body = [words[j] for j in torch.randint(0, len(words), (5,), generator=g)]
             body[int(torch.randint(0, 5, (1,), generator=g))] = "good" if i % 2 else "bad"
             body = (["good"] if i % 2 else ["bad"]) + body
-            rows.append(f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{' '.join(body)} .")
-        (root / "CoLA" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+            cola.append(f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{' '.join(body)} .")
+            stsb.append("\t".join(stsb_row(" ".join(body), " ".join(body[1:]), "4.500" if i % 2 else "0.500")))
+        _write(root / "CoLA" / f"{split}.tsv", "\n".join(cola) + "\n")
+        _write(root / "STS-B" / f"{split}.tsv", "\n".join(stsb) + "\n")
     return root
 
 
@@ -1417,7 +1420,7 @@ def _metrics(run):
 
 @pytest.fixture
 def glue(tmp_path):
-    return _cola_fixture(tmp_path / "glue")
+    return _glue_fixture(tmp_path / "glue")
 
 
 @pytest.mark.parametrize("method", ["cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one", "full"])
@@ -1438,6 +1441,36 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
         assert "base_model.model.layers.0.query.lora_A.weight" in adapter
         assert not torch.equal(adapter["base_model.model.layers.0.query.lora_B.weight"],
                                torch.load(run / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"])
+
+
+def test_train_regression_end_to_end_with_sampled_fisher(tmp_path, glue):
+    """STS-B (one output, MSE loss, labels for T drawn from N(f, 1)): dev scored by correlation, and learnt."""
+    history = _train(tmp_path, "--task", "sts-b", "--fisher", "sampled", "--epochs", "3")
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3] and {"dev_pearson", "dev_spearman"} <= set(history[-1])
+    assert history[-1]["dev_pearson"] > 0.9 and history[-1]["dev_loss"] < 0.2 * history[0]["dev_loss"]
+
+
+def test_evaluate_regression_is_mse_and_correlation_over_all_examples():
+    class Half(nn.Module):  # predicts half its first token id
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return input_ids[:, :1].float() / 2
+
+    ids, labels = [3, 8, 5, 12, 7], [1.0, 3.5, 2.0, 4.0, 4.5]
+    dev = list(data.batches([([i, 1], [0, 0], y) for i, y in zip(ids, labels)], 3, pad_id=0))  # 3 + 2
+    got = train.evaluate(Half(), dev, data.get_task("sts-b"), train.Config(), torch.device("cpu"))
+    f, y = np.array(ids) / 2, np.array(labels)
+    assert got["loss"] == pytest.approx(np.square(f - y).mean())
+    assert got["pearson"] == pytest.approx(np.corrcoef(f, y)[0, 1])
+    assert got["spearman"] == pytest.approx(np.corrcoef(f.argsort().argsort(), y.argsort().argsort())[0, 1])
+
+
+def test_fisher_flag_reaches_the_statistics(tmp_path, glue):
+    """--fisher sampled gives another T, so another init than empirical; one seed gives one sampled init."""
+    B = {}
+    for fisher, out in (("empirical", "e"), ("sampled", "s"), ("sampled", "s_again")):
+        _train(tmp_path, "--fisher", fisher, "--max_steps", "1", out=out)
+        B[out] = torch.load(tmp_path / out / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"]
+    assert torch.equal(B["s"], B["s_again"]) and not torch.allclose(B["s"], B["e"], rtol=1e-3, atol=0)
 
 
 def test_train_on_real_cola(tmp_path, capsys):
