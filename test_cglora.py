@@ -26,7 +26,7 @@ import train
 from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_statistics,
                     init_adapters, lora_state_dict, top_svd)
 from data import Example
-from models import EncoderConfig, Encoder, from_pretrained, hf_names, read_safetensors, tiny_config
+from models import EncoderConfig, Encoder, from_pretrained, read_safetensors, tiny_config
 
 
 # ============================================================================ cglora.py: math
@@ -653,13 +653,37 @@ def _write_safetensors(path, tensors, metadata=None):
         f.write(struct.pack("<Q", len(head)) + head + b"".join(chunks))
 
 
+# Our module -> its Hugging Face name, written out from transformers' BertModel / RobertaModel, not taken
+# from models.hf_names: checkpoints are saved by this layout and loaded by that map; {p}: "bert." or "roberta."
+_HF_LAYOUT = {
+    "word_embeddings": "{p}embeddings.word_embeddings", "position_embeddings": "{p}embeddings.position_embeddings",
+    "token_type_embeddings": "{p}embeddings.token_type_embeddings", "embed_norm": "{p}embeddings.LayerNorm",
+    "layers.{i}.query": "{p}encoder.layer.{i}.attention.self.query",
+    "layers.{i}.key": "{p}encoder.layer.{i}.attention.self.key",
+    "layers.{i}.value": "{p}encoder.layer.{i}.attention.self.value",
+    "layers.{i}.attn_out": "{p}encoder.layer.{i}.attention.output.dense",
+    "layers.{i}.attn_norm": "{p}encoder.layer.{i}.attention.output.LayerNorm",  # after attention
+    "layers.{i}.ffn_in": "{p}encoder.layer.{i}.intermediate.dense",
+    "layers.{i}.ffn_out": "{p}encoder.layer.{i}.output.dense",
+    "layers.{i}.ffn_norm": "{p}encoder.layer.{i}.output.LayerNorm",  # after the feed-forward
+}
+_HF_HEAD_LAYOUT = {"bert": {"head.dense": "bert.pooler.dense", "head.out_proj": "classifier"},
+                   "roberta": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}}
+
+
+def _hf_layout(model_type, layers):
+    """{Hugging Face key of a *ForSequenceClassification checkpoint: our parameter name}."""
+    modules = {ours.format(i=i): theirs.format(i=i, p=model_type + ".")
+               for ours, theirs in _HF_LAYOUT.items() for i in range(layers)} | _HF_HEAD_LAYOUT[model_type]
+    return {f"{theirs}.{p}": f"{ours}.{p}" for ours, theirs in modules.items()
+            for p in (("weight",) if ours.endswith("embeddings") else ("weight", "bias"))}
+
+
 def _save_ours_as_hf(model, path, fmt):
-    """Our weights in Hugging Face key layout: encoder keys `<model_type>.…`, head keys bare."""
+    """Our weights in Hugging Face key layout (_HF_LAYOUT): encoder keys `<model_type>.…`, head keys bare."""
     os.makedirs(path, exist_ok=True)
     c, state = model.config, model.state_dict()
-    prefix = "bert." if c.model_type == "bert" else "roberta."
-    hf = {(theirs if theirs.startswith("classifier") else prefix + theirs): state[ours]
-          for ours, theirs in hf_names(c).items()}
+    hf = {theirs: state[ours] for theirs, ours in _hf_layout(c.model_type, c.layers).items()}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(_hf_config_json(c), f)
     if fmt == "safetensors":
@@ -734,32 +758,6 @@ def test_read_safetensors_hand_written_file(tmp_path):
     assert set(got) == set(tensors)
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
-
-
-# Our module -> its Hugging Face name, written out from transformers' BertModel / RobertaModel (not from
-# models.hf_names, which the loader uses and the round trip above goes through twice); {p}: "bert." or "roberta."
-_HF_LAYOUT = {
-    "word_embeddings": "{p}embeddings.word_embeddings", "position_embeddings": "{p}embeddings.position_embeddings",
-    "token_type_embeddings": "{p}embeddings.token_type_embeddings", "embed_norm": "{p}embeddings.LayerNorm",
-    "layers.{i}.query": "{p}encoder.layer.{i}.attention.self.query",
-    "layers.{i}.key": "{p}encoder.layer.{i}.attention.self.key",
-    "layers.{i}.value": "{p}encoder.layer.{i}.attention.self.value",
-    "layers.{i}.attn_out": "{p}encoder.layer.{i}.attention.output.dense",
-    "layers.{i}.attn_norm": "{p}encoder.layer.{i}.attention.output.LayerNorm",  # after attention
-    "layers.{i}.ffn_in": "{p}encoder.layer.{i}.intermediate.dense",
-    "layers.{i}.ffn_out": "{p}encoder.layer.{i}.output.dense",
-    "layers.{i}.ffn_norm": "{p}encoder.layer.{i}.output.LayerNorm",  # after the feed-forward
-}
-_HF_HEAD_LAYOUT = {"bert": {"head.dense": "bert.pooler.dense", "head.out_proj": "classifier"},
-                   "roberta": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}}
-
-
-def _hf_layout(model_type, layers):
-    """{Hugging Face key of a *ForSequenceClassification checkpoint: our parameter name}."""
-    modules = {ours.format(i=i): theirs.format(i=i, p=model_type + ".")
-               for ours, theirs in _HF_LAYOUT.items() for i in range(layers)} | _HF_HEAD_LAYOUT[model_type]
-    return {f"{theirs}.{p}": f"{ours}.{p}" for ours, theirs in modules.items()
-            for p in (("weight",) if ours.endswith("embeddings") else ("weight", "bias"))}
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
