@@ -634,7 +634,8 @@ def _hf_config_json(c: EncoderConfig):
     return dict(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden,
                 num_hidden_layers=c.layers, num_attention_heads=c.heads, intermediate_size=c.intermediate,
                 max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab_size,
-                pad_token_id=c.pad_id, layer_norm_eps=c.layer_norm_eps, hidden_act="gelu")
+                pad_token_id=c.pad_id, layer_norm_eps=c.layer_norm_eps, hidden_act="gelu",
+                hidden_dropout_prob=c.dropout)
 
 
 def _write_safetensors(path, tensors, metadata=None):
@@ -1416,6 +1417,21 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _pretrained_checkpoint(path, glue):
+    """A tiny random BERT checkpoint in Hugging Face format, written without transformers (our Encoder by
+    _save_ours_as_hf), dropout 0, a 2-class head, and a WordPiece vocabulary of the fixture's words.
+    Returns the model it holds."""
+    tokenizer = data.build_tokenizer([e.text_a for e in data.read_split(data.get_task("cola"), "train", glue)])
+    c = _small_config("bert", num_labels=2)
+    c.dropout = 0.0
+    assert tokenizer.vocab_size <= c.vocab_size
+    torch.manual_seed(0)
+    source = _perturb(Encoder(c)).eval()
+    _save_ours_as_hf(source, path, "safetensors")
+    tokenizer.save(path)
+    return source
+
+
 @pytest.fixture
 def glue(tmp_path):
     return _glue_fixture(tmp_path / "glue")
@@ -1532,11 +1548,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path) == {"step": 17}
 
 
-def test_shifted_export_applies_to_the_original_weights(tmp_path, glue):
-    _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1")
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrained):
+    """merged.pt = the original weights + the exported adapters. With --pretrained the original weights
+    are those of the model written into the checkpoint, and so is the function at step 0 (the shift
+    keeps it): the step-0 dev loss is that model's."""
+    source = _pretrained_checkpoint(tmp_path / "ckpt", glue) if pretrained else None
+    history = _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1",
+                     *(["--pretrained", str(tmp_path / "ckpt")] if pretrained else []))
     run = tmp_path / "run"
     cfg = train.Config(**json.loads((run / "config.json").read_text()))
-    original = train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2).state_dict()
+    if pretrained:
+        original, tokenizer = source.state_dict(), data.load_tokenizer(tmp_path / "ckpt")
+        dev = data.encode_examples(data.read_split(data.get_task("cola"), "dev", glue), tokenizer, cfg.max_len)
+        dev = list(data.batches(dev, 16, tokenizer.pad_id))
+        want = train.evaluate(source, dev, data.get_task("cola"), cfg, torch.device("cpu"))["loss"]
+        assert history[0]["dev_loss"] == pytest.approx(want, rel=1e-5)
+    else:
+        original = train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2).state_dict()
     adapter = torch.load(run / "adapter_model.bin")
     scale = json.loads((run / "adapter_config.json").read_text())
     scale = scale["lora_alpha"] / scale["r"]
@@ -1554,25 +1583,75 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue):
             torch.testing.assert_close(W0, merged[key], atol=0, rtol=0)
 
 
+# torchrun runs this instead of train.py: the same run, and every rank saves its trained parameters
+# (rank<r>.pt in --out) just before train.py ends the process group.
+_RANK_WEIGHTS = """
+import os, sys
+import torch
+import train
+
+made = []
+
+
+class Recorded(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        made.append(self)
+
+
+def save_then_end(end=torch.distributed.destroy_process_group):
+    trained = {k: v.detach() for k, v in made[0].module.named_parameters() if v.requires_grad}
+    torch.save(trained, os.path.join(sys.argv[sys.argv.index("--out") + 1], f"rank{os.environ['RANK']}.pt"))
+    end()
+
+
+torch.nn.parallel.DistributedDataParallel = Recorded
+torch.distributed.destroy_process_group = save_then_end
+train.main(sys.argv[1:])
+"""
+
+
 def test_torchrun_two_processes_match_one(tmp_path, glue):
-    common = ["train.py", "--task", "cola", "--data_dir", str(glue), "--batch_size", "8", "--calib_batches", "4", "--init_norm", "0",
+    """Two processes with batch 8 each against one process with batch 16: 2 steps of cg-lora on a
+    --pretrained checkpoint with dropout 0. data.batches cuts one shuffled order into batches, so rank r's
+    s-th batch (batch 2s + r) is half of the one process's s-th batch, and the mean of the two ranks'
+    mean-loss gradients is its gradient: the runs must agree. Asserted: the calibration statistics
+    summed over the ranks give one process's init (B A to 1e-3: fp32 summation order, amplified by the
+    whitening); after the steps both ranks hold identical weights, and these equal the one process's
+    to 1% of how far the steps moved them (B A and the head; measured: at most 0.13%; ranks that do not
+    split the batches, and so step on other data, are off by about 50%)."""
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    common = ["--task", "cola", "--data_dir", str(glue), "--pretrained", str(tmp_path / "ckpt"), "--calib_batches", "4",
               "--calib_batch_size", "8", "--max_steps", "2", "--log_every", "1000"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "rank_weights.py").write_text(_RANK_WEIGHTS)
     here = os.path.dirname(os.path.abspath(__file__))
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=here, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=here)
+    one = subprocess.run([sys.executable, "train.py", *common, "--batch_size", "16", "--out", str(tmp_path / "one")],
+                         cwd=here, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
-                          "--out", str(tmp_path / "two")], cwd=here, env=env, capture_output=True, text=True,
-                         timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "rank_weights.py"), *common, "--batch_size", "8", "--out", str(tmp_path / "two")],
+                         cwd=here, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
-    a, b = torch.load(tmp_path / "one" / "adapter_init.bin"), torch.load(tmp_path / "two" / "adapter_init.bin")
-    assert set(a) == set(b)
-    for key in (k for k in a if k.endswith("lora_A.weight")):  # the same raw Newton step (init_norm 0)
-        Bk = key.replace("lora_A", "lora_B")  # up to fp32 summation order, amplified by the whitening
-        d1, d2 = a[Bk] @ a[key], b[Bk] @ b[key]
-        assert (d1 - d2).norm() < 1e-2 * d1.norm(), ((d1 - d2).norm() / d1.norm()).item()
     assert "2 process(es)" in two.stdout
+    init = [{k.removeprefix("base_model.model.").removesuffix(".weight") if ".lora_" in k else
+             k.removeprefix("base_model.model."): v for k, v in torch.load(tmp_path / run / "adapter_init.bin").items()}
+            for run in ("one", "two")]  # in our parameter names
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    trained = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    assert len(ranks[0]) == 12 and all(torch.equal(w, ranks[1][k]) for k, w in ranks[0].items())
+
+    def update(weights, name):  # an adapter's B A (fp noise may flip the sign of a column of B and the row of
+        # A: B A and Adam's steps are unchanged by that), or a head parameter
+        return weights[name + ".lora_B"] @ weights[name + ".lora_A"] if name + ".lora_A" in weights else weights[name]
+
+    adapters = sorted({k.split(".lora_")[0] for k in ranks[0] if ".lora_" in k})
+    for name in adapters:  # the statistics summed over the ranks: one process's init
+        d1, d2 = update(init[0], name), update(init[1], name)
+        assert (d1 - d2).norm() < 1e-3 * d1.norm(), (name, ((d1 - d2).norm() / d1.norm()).item())
+    for name in adapters + [k for k in ranks[0] if k.startswith("head.")]:  # the steps: one process's steps
+        moved = (update(trained, name) - update(init[0], name)).norm()
+        assert (update(ranks[0], name) - update(trained, name)).norm() < 1e-2 * moved, name
 
 
 @pytest.mark.parametrize("flags,message", [
