@@ -208,6 +208,23 @@ def merged_state_dict(model):
     return state
 
 
+def rng_states(device, world):
+    """Every process's random state, which dropout draws from: its CPU generator, and its GPU's on CUDA."""
+    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    if world == 1:
+        return [mine]
+    gathered = [[torch.empty_like(s, device=device) for _ in range(world)] for s in mine]
+    for into, s in zip(gathered, mine):
+        dist.all_gather(into, s.to(device))
+    return [[g[r].cpu() for g in gathered] for r in range(world)]
+
+
+def set_rng_states(states, device):  # this process's entry of rng_states()
+    torch.set_rng_state(states[0].cpu())
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1].cpu(), device)
+
+
 def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -284,19 +301,23 @@ def train(cfg):
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    step, history = 0, []
+    step, history, losses = 0, [], []  # losses: the current epoch's, so far
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        step, history = ck["step"], ck["history"]
+        if len(ck["rng"]) != world:
+            raise ValueError(f"--resume: {out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
+                             f"resume with as many")
+        set_rng_states(ck["rng"][rank], device)
+        step, history, losses = ck["step"], ck["history"], ck["losses"]
         log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
 
     def checkpoint():
+        rng = rng_states(device, world)  # every rank takes part in the gather
         if main:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=torch.get_rng_state(),
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
                              scheduler=sched.state_dict(), step=step, history=history), out / "checkpoint.pt")
 
     def record_eval(epoch, train_loss):
@@ -321,7 +342,6 @@ def train(cfg):
         epoch = step // per_epoch
         order = list(data.batches(train_enc, cfg.batch_size, tokenizer.pad_id, shuffle=True,
                                   seed=cfg.seed * 1000 + epoch + 1))[rank::world][:per_epoch]
-        losses = []
         for batch in order[step % per_epoch:]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
@@ -341,6 +361,7 @@ def train(cfg):
                 break
         if step % per_epoch == 0:
             record_eval(epoch + 1, sum(losses) / max(1, len(losses)))
+            losses = []
         checkpoint()
 
     if main:
