@@ -123,6 +123,10 @@ def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [ba
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
+    if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
+        raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
+                         f"{list(out.shape)} and {list(labels.shape)}: for a causal language model pass "
+                         "loss=cglora.causal_lm_loss, else a loss(output, labels) returning the batch mean")
     return F.cross_entropy(out.float(), labels)
 
 
@@ -136,6 +140,28 @@ def _sample_labels(out, labels, generator):
 
 
 _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
+
+IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
+
+
+def causal_lm_loss(logits, labels):
+    """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
+    (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
+    the result is the mean over the batch's target tokens. One example is one sequence."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def _sample_tokens(logits, labels, generator):
+    """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
+    label at t + 1 from logits[:, t]; ignored positions stay ignored, position 0 is never a target."""
+    target = labels[:, 1:] != IGNORE  # b x (L - 1)
+    probs = logits[:, :-1][target].detach().float().cpu().softmax(-1)  # targets x V
+    sampled = labels.clone()
+    sampled[:, 1:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
+    return sampled
+
+
+causal_lm_loss.sample = _sample_tokens
 
 
 class _Sums:
@@ -197,9 +223,10 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
     the other entries go to model(**inputs). `loss(output, labels)` returns the batch's mean loss
     (output: the model's output or its .logits); default: cross entropy for long labels on
-    [batch, classes], MSE for float labels. One example is one row of the labels: delta, the
-    gradient of an example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's
-    labels with loss.sample(output, labels, generator).
+    [batch, classes], MSE for float labels; pass causal_lm_loss for a causal language model
+    (labels [batch, length], §9). One example is one row of the labels: delta, the gradient of an
+    example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's labels with
+    loss.sample(output, labels, generator).
 
     Returns {name: Statistics(S, G, T, folds)} in fp32: S d_in x d_in, G and T as §2; layers fed
     the same input tensor share one S. The batches are dealt into `folds` folds (batch i to fold

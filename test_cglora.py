@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -502,6 +503,125 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(code, scope)
     assert scope["report"][0]["captured"] > 0 and (tmp_path / "adapter_model.bin").exists()
     assert scope["model"].body.lora_B.abs().max() > 0
+
+
+# ============================================================================ cglora.py: token-level losses (§9)
+
+
+class _Causal(nn.Module):
+    """A causal language model small enough to differentiate by hand: position t averages the
+    embeddings of the real tokens up to t, then two target layers, `proj` and the LM head."""
+
+    def __init__(self, vocab=7, d=5):
+        super().__init__()
+        self.emb, self.proj, self.lm_head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, vocab)
+
+    def mix(self, input_ids, attention_mask):  # [b, L, d], causal: padding after t cannot reach t
+        m = attention_mask.unsqueeze(-1).float()
+        return (self.emb(input_ids) * m).cumsum(1) / m.cumsum(1).clamp(min=1)
+
+    def forward(self, input_ids, attention_mask):  # an output with .logits, as transformers' models
+        return SimpleNamespace(logits=self.lm_head(torch.tanh(self.proj(self.mix(input_ids, attention_mask)))))
+
+
+def _token_batches(seed=0, sizes=(3, 2), vocab=7, length=7):
+    """Right-padded sequences labelled as Hugging Face does (labels = input ids, -100 on padding),
+    with a prompt of 0-2 tokens also labelled -100; every sequence keeps at least one target."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        lengths = torch.randint(4, length + 1, (n,), generator=g)
+        prompts = torch.randint(0, 3, (n,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        ids = torch.randint(1, vocab, (n, length), generator=g) * mask
+        labels = ids.masked_fill((mask == 0) | (torch.arange(length)[None] < prompts[:, None]), cglora.IGNORE)
+        out.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    return out
+
+
+def _causal_brute_force(model, batches):
+    """S, G, T of §2 with §9's delta for `proj` and `lm_head`, one unpadded sequence at a time,
+    differentiating the model's steps directly: delta_i is the gradient of n_b / N_b times the
+    sequence's summed token losses (n_b sequences and N_b target tokens in its batch)."""
+    sums, tokens, n = {"proj": [0, 0, 0], "lm_head": [0, 0, 0]}, 0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        weight = labels.shape[0] / (labels[:, 1:] != cglora.IGNORE).sum()
+        for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], labels):
+            L = int(mask.sum())
+            x = model.mix(ids[None, :L], mask[None, :L])[0]  # [L, d]
+            y = model.proj(x)
+            h = torch.tanh(y)
+            logits = model.lm_head(h)  # [L, vocab]
+            loss = weight * nn.functional.cross_entropy(logits[:-1], target[1:L], ignore_index=cglora.IGNORE,
+                                                        reduction="sum")
+            for name, inp, d in zip(sums, (x, h), torch.autograd.grad(loss, [y, logits])):
+                inp = inp.detach()
+                for j, term in enumerate((inp.T @ inp, d.T @ inp, d.T @ d)):
+                    sums[name][j] = sums[name][j] + term
+            tokens, n = tokens + L, n + 1
+    return {name: (S / tokens, G / n, T / n) for name, (S, G, T) in sums.items()}
+
+
+def test_causal_lm_statistics_equal_per_sequence_brute_force_with_padding_and_ignored_labels():
+    torch.manual_seed(0)
+    model, batches = _Causal(), _token_batches()
+    stats = collect_statistics(model, {"proj": model.proj, "lm_head": model.lm_head}, batches,
+                               loss=cglora.causal_lm_loss)
+    ref = _causal_brute_force(model, batches)
+    for name in ref:
+        for got, want in zip(stats[name][:3], ref[name]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[3, 7, 7\] and \[3, 7\]: .* loss=cglora.causal_lm_loss"):
+        collect_statistics(model, {"proj": model.proj}, batches)
+
+
+def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
+    torch.manual_seed(0)
+    model, batch = _Causal(), _token_batches(seed=1, sizes=(3,))[0]
+    with torch.no_grad():  # peaked predictions that change along the sequence: a sampler reading the
+        model.emb.weight.mul_(3)  # wrong position or ignoring the model would miss E[T] by 3x the error bar
+        model.lm_head.weight.mul_(3)
+    logits = model(batch["input_ids"], batch["attention_mask"]).logits
+    drawn = cglora.causal_lm_loss.sample(logits, batch["labels"], torch.Generator().manual_seed(0))
+    fixed = (batch["labels"] == cglora.IGNORE) | (torch.arange(drawn.shape[1]) == 0)  # never a target
+    assert torch.equal(drawn[fixed], batch["labels"][fixed]) and drawn[~fixed].ge(0).all()
+    # exact E[T]: delta_i sums independent token terms whose mean is zero, so E[delta delta^T] sums
+    # over target positions s and tokens c, weighted by p_s(c), the outer products of one term's gradient
+    weight = 3 / (batch["labels"][:, 1:] != cglora.IGNORE).sum()
+    exact = 0
+    for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        L = int(mask.sum())
+        y = model.proj(model.mix(ids[None, :L], mask[None, :L])[0])
+        logits = model.lm_head(torch.tanh(y))
+        for s in (s for s in range(1, L) if target[s] != cglora.IGNORE):
+            for c, p in enumerate(logits[s - 1].softmax(-1).detach()):
+                d, = torch.autograd.grad(weight * nn.functional.cross_entropy(logits[s - 1], torch.tensor(c)), y,
+                                         retain_graph=True)
+                exact = exact + p * d.T @ d / 3
+    folds = 8  # each fold's T is an independent Monte Carlo estimate: their spread gives the error bar
+    est = collect_statistics(model, {"proj": model.proj}, [batch] * 200, fisher="sampled", loss=cglora.causal_lm_loss,
+                             generator=torch.Generator().manual_seed(0), folds=folds)["proj"]
+    spread = torch.stack([f.T for f in est.folds]).var(0).sum() / folds  # E ||T_est - E T||_F^2
+    empirical = collect_statistics(model, {"proj": model.proj}, [batch], loss=cglora.causal_lm_loss, folds=1)["proj"]
+    torch.testing.assert_close(est.G, empirical.G)  # G always uses the true labels
+    assert (est.T - exact).norm() < 4 * spread.sqrt() < (empirical.T - exact).norm()
+
+
+def test_causal_lm_G_is_the_gradient_of_transformers_llama_loss():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch = _token_batches(seed=2, sizes=(4,), vocab=50, length=9)[0]
+    layers = {"q": model.model.layers[0].self_attn.q_proj, "down": model.model.layers[1].mlp.down_proj}
+    stats = collect_statistics(model, layers, [batch], loss=cglora.causal_lm_loss, folds=1)
+    out = model(**batch)
+    torch.testing.assert_close(cglora.causal_lm_loss(out.logits, batch["labels"]), out.loss)
+    grads = torch.autograd.grad(out.loss, [layer.weight for layer in layers.values()])
+    for name, grad in zip(layers, grads):
+        assert (stats[name].G - grad).norm() <= 1e-5 * grad.norm(), name
 
 
 # ============================================================================ models.py
