@@ -68,6 +68,14 @@ def _matching(model, names, kind):
     found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
     hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
+    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t or n.endswith("." + t)]
+    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
+        n, m = other[0]
+        kind_m = type(m).__name__
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D computes "
+               "x @ weight + bias)" if kind_m == "Conv1D" else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only nn.{kind.__name__} layers "
+                         f"can be targets: {fix}")
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
@@ -79,10 +87,11 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
     (e.g. a classifier head), and return {name: LoRALinear}."""
+    targets = _matching(model, list(targets), nn.Linear)  # first: a bad target leaves the model as it was
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
-    for name, linear in _matching(model, list(targets), nn.Linear).items():
+    for name, linear in targets.items():
         try:
             layer = LoRALinear(linear, rank, alpha, dropout, rslora)
         except ValueError as e:
@@ -100,13 +109,14 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
 
 
 def lora_state_dict(model):
-    """Adapter weights with peft's key names; a shifted adapter is exported relative to the
+    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
+    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
     original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             B, A = m.lora_B.detach(), m.lora_A.detach()
-            if m.lora_B0.any():
+            if m.lora_A0.any():  # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
                 B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
             out[f"base_model.model.{name}.lora_A.weight"] = A.clone()
             out[f"base_model.model.{name}.lora_B.weight"] = B.clone()

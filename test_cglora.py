@@ -1558,3 +1558,37 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     assert f"| cola | — | — | — | +0.150 ± {se:.3f} | — |" in readme  # columns: run.BASELINES
     assert f"| cola, epoch 1 | — | — | — | +0.075 ± {se / 2:.3f} | — |" in readme
     assert (tmp_path / "results" / "cola_curves.svg").read_text().startswith("<svg")
+
+
+# ============================================================================ adapters in other code: peft, transformers
+
+
+def test_add_lora_names_the_type_of_a_target_that_is_not_linear():
+    model = _model()
+    with pytest.raises(ValueError, match=r"layer emb is Embedding, not nn\.Linear, .* target the nn\.Linear layers"):
+        add_lora(model, ["query", "emb"], rank=2, alpha=4)
+    assert isinstance(model.query, nn.Linear) and all(p.requires_grad for p in model.parameters())  # as it was
+
+
+def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match=r"layer transformer\.h\.0\.attn\.c_attn is Conv1D, not nn\.Linear.*"
+                                         r"nn\.Linear with weight = conv\.weight\.T"):
+        add_lora(transformers.GPT2LMHeadModel(config), ["c_attn"], rank=2, alpha=4)
+
+
+def test_shifted_export_is_rank_2r_for_every_layer_even_a_zero_gradient_one():
+    model = _model()
+    reference = copy.deepcopy(model)
+    layers = add_lora(model, ["dead", "mix"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
+    report = init_adapters(layers, "cg-lora-shift", stats, log=lambda *a: None)
+    assert {r["layer"]: r["fallback"] is not None for r in report} == {"dead": True, "mix": False}  # B = B0 = 0
+    sd = lora_state_dict(model)  # peft needs one rank for all layers of an adapter
+    for n, layer in layers.items():
+        A, B = sd[f"base_model.model.{n}.lora_A.weight"], sd[f"base_model.model.{n}.lora_B.weight"]
+        assert A.shape[0] == 4
+        torch.testing.assert_close(getattr(reference, n).weight + layer.scaling * B @ A,
+                                   layer.base.weight + layer.delta_weight(), atol=1e-6, rtol=0)
+
