@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -1592,3 +1593,47 @@ def test_shifted_export_is_rank_2r_for_every_layer_even_a_zero_gradient_one():
         torch.testing.assert_close(getattr(reference, n).weight + layer.scaling * B @ A,
                                    layer.base.weight + layer.delta_weight(), atol=1e-6, rtol=0)
 
+
+def _hf_checkpoint(tmp_path, glue, model_type):
+    """A random Hugging Face *ForSequenceClassification checkpoint on disk (2 labels), with a WordPiece
+    vocabulary of the CoLA fixture's words (ids below the model's 40; train.py takes any tokenizer)."""
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    texts = [t for ex in data.read_split(data.get_task("cola"), "train", glue) for t in ex[:2] if t]
+    data.build_tokenizer(texts).save(tmp_path / "checkpoint")
+    return c, tmp_path / "checkpoint"
+
+
+@pytest.mark.parametrize("model_type, method", [("bert", "cg-lora"), ("bert", "cg-lora-shift"), ("roberta", "cg-lora"),
+                                                ("roberta", "cg-lora-shift"), ("tiny", "cg-lora-shift")])
+def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
+    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    flags = ["--init", method, "--targets", "query,key,value,attn_out,ffn_in,ffn_out", "--max_steps", "4", "--merge"]
+    run = tmp_path / "run"
+    if model_type == "tiny":
+        _train(tmp_path, *flags)
+        cfg = train.Config(**json.loads((run / "config.json").read_text()))
+        build = lambda: train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2)  # noqa: E731
+        base = build()
+    else:
+        _, checkpoint = _hf_checkpoint(tmp_path, glue, model_type)
+        _train(tmp_path, "--pretrained", str(checkpoint), *flags)
+        build = lambda: from_pretrained(checkpoint, num_labels=2)  # noqa: E731
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert peft.LoraConfig(**config).r == (16 if method.endswith("shift") else 8)  # a key peft lacks: TypeError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(base, run).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert set(torch.load(run / "adapter_model.bin")) == set(peft.get_peft_model_state_dict(theirs))  # none ignored
+    ours, plain = build(), build()
+    ours.load_state_dict(torch.load(run / "merged.pt"))
+    plain.head.load_state_dict(ours.head.state_dict())  # the trained head without the adapters
+    ids, mask, types = _batch(ours.config)
+    with torch.no_grad():
+        got, without = ours.eval()(ids, mask, types), plain.eval()(ids, mask, types)
+        want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    want = getattr(want, "logits", want)  # our encoder returns the logits themselves
+    assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
