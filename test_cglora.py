@@ -1637,3 +1637,36 @@ def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
         want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
     want = getattr(want, "logits", want)  # our encoder returns the logits themselves
     assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
+
+
+def _readme_block(marker):
+    """The README's ```python block that contains `marker`."""
+    readme = Path(__file__).resolve().parent.joinpath("README.md").read_text()
+    block, = [b.split("```")[0] for b in readme.split("```python\n")[1:] if marker in b.split("```")[0]]
+    return block
+
+
+
+def test_readme_recipe_with_cglora_layers_runs():
+    pytest.importorskip("transformers")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    model, layers = scope["model"], scope["layers"]
+    assert sorted(layers) == [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")]
+    assert all(layer.lora_B.abs().max() > 0 for layer in layers.values())
+    head = {f"{m}.{p}" for m in ("classifier", "bert.pooler.dense") for p in ("weight", "bias")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{f}" for n in layers for f in "AB"} | head
+
+
+def test_readme_recipe_with_peft_gives_the_same_update():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
+    assert len(scope["lora"]) == 4
+    for name, m in scope["lora"].items():  # same weights, same batches: peft's s B A is cglora's
+        ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)
