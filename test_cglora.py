@@ -28,7 +28,8 @@ import train
 from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_statistics,
                     init_adapters, lora_state_dict, top_svd)
 from data import Example
-from models import EncoderConfig, Encoder, from_pretrained, hf_names, read_safetensors, tiny_config
+from models import (EncoderConfig, Encoder, from_pretrained, hf_names, load_adapter, read_safetensors,
+                    tiny_config)
 
 
 # ============================================================================ cglora.py: math
@@ -1637,6 +1638,39 @@ def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
         want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
     want = getattr(want, "logits", want)  # our encoder returns the logits themselves
     assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
+    back = build()
+    assert len(load_adapter(back, run)) == 12  # and back into our encoder
+    with torch.no_grad():
+        assert (back.eval()(ids, mask, types) - got).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_load_adapter_saved_by_peft_gives_peft_logits(tmp_path, model_type):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["query", "output.dense"],
+                             task_type="SEQ_CLS", modules_to_save=["pooler"] if model_type == "bert" else None)
+    theirs = peft.get_peft_model(task, config)  # output.dense: attention.output.dense and the FFN's output.dense
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters and head, so that a skipped key shows
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors: read by our reader
+    ours = from_pretrained(tmp_path / "checkpoint", num_labels=2)
+    assert sorted(load_adapter(ours, tmp_path / "adapter")) == [
+        f"layers.{i}.{n}" for i in (0, 1) for n in ("attn_out", "ffn_out", "query")]
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        got = ours.eval()(ids, mask, types)
+        want = theirs.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        without = from_pretrained(tmp_path / "checkpoint", num_labels=2).eval()(ids, mask, types)
+    assert (got - want).abs().max() <= 1e-5 and (got - without).abs().max() > 1e-2
+    saved = tmp_path / "adapter" / "adapter_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), use_dora=True)))
+    with pytest.raises(ValueError, match="only a plain LoRA adapter .*'use_dora': True"):
+        load_adapter(from_pretrained(tmp_path / "checkpoint", num_labels=2), tmp_path / "adapter")
 
 
 def _readme_block(marker):
