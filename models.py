@@ -283,19 +283,20 @@ def load_adapter(model: Encoder, path) -> dict:
                          f"{unsupported or 'no patterns'}")
     st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
     raw = read_safetensors(st) if os.path.isfile(st) else torch.load(pt, map_location="cpu", weights_only=True)
-    ours = {theirs: ours for ours, theirs in hf_names(model.config).items()} if model.config.model_type != "tiny" else {}
+    to_ours = ({theirs: ours for ours, theirs in hf_names(model.config).items()}
+               if model.config.model_type in SUPPORTED_MODEL_TYPES else {})  # the tiny encoder: our names
     state = {}
     for key, value in raw.items():  # base_model.model.<module>.lora_A.weight, base_model.model.<head param>
         key = _strip(key.removeprefix("base_model.model."))
         module, lora, factor = key.partition(".lora_")  # factor: "A.weight" or "B.weight"
         if lora:
-            module = ours.get(f"{module}.weight", f"{module}.weight").removesuffix(".weight")
+            module = to_ours.get(f"{module}.weight", f"{module}.weight").removesuffix(".weight")
             state[f"{module}.lora_{factor.removesuffix('.weight')}"] = value
         else:
-            state[ours.get(key, key)] = value
+            state[to_ours.get(key, key)] = value
     targets = sorted({key.rpartition(".lora_")[0] for key in state if ".lora_" in key})
-    layers = cglora.add_lora(model, targets, config["r"], config["lora_alpha"], rslora=config.get("use_rslora", False),
-                             trainable=["head"])
+    layers = cglora.add_lora(model, targets, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                             rslora=config.get("use_rslora", False), trainable=["head"])
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import resource
