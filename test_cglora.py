@@ -610,7 +610,7 @@ def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
     assert (est.T - exact).norm() < 4 * spread.sqrt() < (empirical.T - exact).norm()
 
 
-def test_causal_lm_G_is_the_gradient_of_transformers_llama_loss():
+def test_causal_lm_on_transformers_llama_G_is_its_loss_gradient_and_cg_lora_initialises():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -624,6 +624,12 @@ def test_causal_lm_G_is_the_gradient_of_transformers_llama_loss():
     grads = torch.autograd.grad(out.loss, [layer.weight for layer in layers.values()])
     for name, grad in zip(layers, grads):
         assert (stats[name].G - grad).norm() <= 1e-5 * grad.norm(), name
+    # and the whole path, cglora alone: adapters on every attention projection, initialised by CG-LoRA
+    adapters = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in adapters.items()},
+                               _token_batches(seed=3, sizes=(2, 3), vocab=50, length=9), loss=cglora.causal_lm_loss)
+    report = init_adapters(adapters, "cg-lora", stats, log=lambda *a: None)
+    assert len(report) == 8 and all(r["captured"] > 0 and r["fallback"] is None for r in report)
 
 
 # ============================================================================ models.py
