@@ -68,6 +68,14 @@ def _matching(model, names, kind):
     found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
     hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
+    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t or n.endswith("." + t)]
+    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
+        n, m = other[0]
+        kind_m = type(m).__name__
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D computes "
+               "x @ weight + bias)" if kind_m == "Conv1D" else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only nn.{kind.__name__} layers "
+                         f"can be targets: {fix}")
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
@@ -79,10 +87,11 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
     (e.g. a classifier head), and return {name: LoRALinear}."""
+    targets = _matching(model, list(targets), nn.Linear)  # first: a bad target leaves the model as it was
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
-    for name, linear in _matching(model, list(targets), nn.Linear).items():
+    for name, linear in targets.items():
         try:
             layer = LoRALinear(linear, rank, alpha, dropout, rslora)
         except ValueError as e:
@@ -100,13 +109,14 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
 
 
 def lora_state_dict(model):
-    """Adapter weights with peft's key names; a shifted adapter is exported relative to the
+    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
+    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
     original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             B, A = m.lora_B.detach(), m.lora_A.detach()
-            if m.lora_B0.any():
+            if m.lora_A0.any():  # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
                 B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
             out[f"base_model.model.{name}.lora_A.weight"] = A.clone()
             out[f"base_model.model.{name}.lora_B.weight"] = B.clone()
@@ -123,6 +133,10 @@ def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [ba
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
+    if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
+        raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
+                         f"{list(out.shape)} and {list(labels.shape)}: for a causal language model pass "
+                         "loss=cglora.causal_lm_loss, else a loss(output, labels) returning the batch mean")
     return F.cross_entropy(out.float(), labels)
 
 
@@ -136,6 +150,28 @@ def _sample_labels(out, labels, generator):
 
 
 _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
+
+IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
+
+
+def causal_lm_loss(logits, labels):
+    """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
+    (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
+    the result is the mean over the batch's target tokens. One example is one sequence."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def _sample_tokens(logits, labels, generator):
+    """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
+    label at t + 1 from logits[:, t]; ignored positions stay ignored, position 0 is never a target."""
+    target = labels[:, 1:] != IGNORE  # b x (L - 1)
+    probs = logits[:, :-1][target].detach().float().cpu().softmax(-1)  # targets x V
+    sampled = labels.clone()
+    sampled[:, 1:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
+    return sampled
+
+
+causal_lm_loss.sample = _sample_tokens
 
 
 class _Sums:
@@ -197,9 +233,10 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
     the other entries go to model(**inputs). `loss(output, labels)` returns the batch's mean loss
     (output: the model's output or its .logits); default: cross entropy for long labels on
-    [batch, classes], MSE for float labels. One example is one row of the labels: delta, the
-    gradient of an example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's
-    labels with loss.sample(output, labels, generator).
+    [batch, classes], MSE for float labels; pass causal_lm_loss for a causal language model
+    (labels [batch, length], §9). One example is one row of the labels: delta, the gradient of an
+    example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's labels with
+    loss.sample(output, labels, generator).
 
     Returns {name: Statistics(S, G, T, folds)} in fp32: S d_in x d_in, G and T as §2; layers fed
     the same input tensor share one S. The batches are dealt into `folds` folds (batch i to fold

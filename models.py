@@ -2,7 +2,8 @@
 loads Hugging Face BERT and RoBERTa checkpoints from a local directory.
 
 Reading order: config -> transformer block -> encoder with its classification head ->
-tiny preset -> checkpoint reading (safetensors, config.json) -> from_pretrained.
+tiny preset -> checkpoint reading (safetensors, config.json) -> from_pretrained -> a peft adapter
+back into our model (load_adapter).
 """
 import json
 import math
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cglora
 
 
 @dataclass
@@ -258,3 +261,48 @@ def from_pretrained(path, num_labels: int) -> Encoder:
                                  f"{tuple(ours_state[ours].shape)} from config.json and num_labels={num_labels}")
             ours_state[ours].copy_(state[theirs])
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# A peft LoRA adapter back into our model
+
+
+def load_adapter(model: Encoder, path) -> dict:
+    """Add the LoRA adapter in a peft directory (adapter_config.json + adapter_model.safetensors
+    or .bin, saved by peft or by train.py) to `model`, the encoder it was trained on: Hugging Face
+    names are mapped to ours through hf_names, the head saved with it is loaded, and every other
+    weight is frozen. Returns {name: LoRALinear}. A shifted run's export loads as it was saved,
+    rank 2r on the original W0."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "use_dora", "target_parameters")
+                   if config.get(k)}
+    if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none" or unsupported:
+        raise ValueError(f"{path}: only a plain LoRA adapter (peft_type LORA, bias none, one rank and alpha) "
+                         f"loads here; got peft_type {config.get('peft_type')!r}, bias {config.get('bias')!r}, "
+                         f"{unsupported or 'no patterns'}")
+    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    raw = read_safetensors(st) if os.path.isfile(st) else torch.load(pt, map_location="cpu", weights_only=True)
+    to_ours = ({theirs: ours for ours, theirs in hf_names(model.config).items()}
+               if model.config.model_type in SUPPORTED_MODEL_TYPES else {})  # the tiny encoder: our names
+    state = {}
+    for key, value in raw.items():  # base_model.model.<module>.lora_A.weight, base_model.model.<head param>
+        key = _strip(key.removeprefix("base_model.model."))
+        module, lora, factor = key.partition(".lora_")  # factor: "A.weight" or "B.weight"
+        if lora:
+            module = to_ours.get(f"{module}.weight", f"{module}.weight").removesuffix(".weight")
+            state[f"{module}.lora_{factor.removesuffix('.weight')}"] = value
+        else:
+            state[to_ours.get(key, key)] = value
+    targets = sorted({key.rpartition(".lora_")[0] for key in state if ".lora_" in key})
+    layers = cglora.add_lora(model, targets, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                             rslora=config.get("use_rslora", False), trainable=["head"])
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    missing = [k for k in result.missing_keys if k.endswith(("lora_A", "lora_B"))]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{path} does not fit this {model.config.model_type} encoder:\n  keys that match "
+                         f"nothing: {result.unexpected_keys}\n  factors missing: {missing}")
+    return layers

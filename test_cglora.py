@@ -12,8 +12,10 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +28,8 @@ import train
 from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_statistics,
                     init_adapters, lora_state_dict, top_svd)
 from data import Example
-from models import EncoderConfig, Encoder, from_pretrained, read_safetensors, tiny_config
+from models import (EncoderConfig, Encoder, from_pretrained, hf_names, load_adapter, read_safetensors,
+                    tiny_config)
 
 
 # ============================================================================ cglora.py: math
@@ -159,10 +162,10 @@ def test_gradient_descent_on_a_lora_layer_conserves_euclidean_imbalance_to_secon
     x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
 
     def drift(eta):  # one step: change of B^T B, change of the imbalance
+        torch.manual_seed(1)  # the same base weight and dropout mask at every step size
         layer = LoRALinear(nn.Linear(4, 5, dtype=torch.float64), rank=3, alpha=3, dropout=0.3)
         with torch.no_grad():
             layer.lora_B.copy_(B0), layer.lora_A.copy_(A0)
-        torch.manual_seed(1)
         (0.5 * (layer(x) - y).square().sum(1).mean()).backward()
         torch.optim.SGD([layer.lora_A, layer.lora_B], lr=eta).step()
         B, A = layer.lora_B.detach(), layer.lora_A.detach()
@@ -730,6 +733,131 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(code, scope)
     assert scope["report"][0]["captured"] > 0 and (tmp_path / "adapter_model.bin").exists()
     assert scope["model"].body.lora_B.abs().max() > 0
+
+
+# ============================================================================ cglora.py: token-level losses (§9)
+
+
+class _Causal(nn.Module):
+    """A causal language model small enough to differentiate by hand: position t averages the
+    embeddings of the real tokens up to t, then two target layers, `proj` and the LM head."""
+
+    def __init__(self, vocab=7, d=5):
+        super().__init__()
+        self.emb, self.proj, self.lm_head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, vocab)
+
+    def mix(self, input_ids, attention_mask):  # [b, L, d], causal: padding after t cannot reach t
+        m = attention_mask.unsqueeze(-1).float()
+        return (self.emb(input_ids) * m).cumsum(1) / m.cumsum(1).clamp(min=1)
+
+    def forward(self, input_ids, attention_mask):  # an output with .logits, as transformers' models
+        return SimpleNamespace(logits=self.lm_head(torch.tanh(self.proj(self.mix(input_ids, attention_mask)))))
+
+
+def _token_batches(seed=0, sizes=(3, 2), vocab=7, length=7):
+    """Right-padded sequences labelled as Hugging Face does (labels = input ids, -100 on padding),
+    with a prompt of 0-2 tokens also labelled -100; every sequence keeps at least one target."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        lengths = torch.randint(4, length + 1, (n,), generator=g)
+        prompts = torch.randint(0, 3, (n,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        ids = torch.randint(1, vocab, (n, length), generator=g) * mask
+        labels = ids.masked_fill((mask == 0) | (torch.arange(length)[None] < prompts[:, None]), cglora.IGNORE)
+        out.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    return out
+
+
+def _causal_brute_force(model, batches):
+    """S, G, T of §2 with §9's delta for `proj` and `lm_head`, one unpadded sequence at a time,
+    differentiating the model's steps directly: delta_i is the gradient of n_b / N_b times the
+    sequence's summed token losses (n_b sequences and N_b target tokens in its batch)."""
+    sums, tokens, n = {"proj": [0, 0, 0], "lm_head": [0, 0, 0]}, 0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        weight = labels.shape[0] / (labels[:, 1:] != cglora.IGNORE).sum()
+        for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], labels):
+            L = int(mask.sum())
+            x = model.mix(ids[None, :L], mask[None, :L])[0]  # [L, d]
+            y = model.proj(x)
+            h = torch.tanh(y)
+            logits = model.lm_head(h)  # [L, vocab]
+            loss = weight * nn.functional.cross_entropy(logits[:-1], target[1:L], ignore_index=cglora.IGNORE,
+                                                        reduction="sum")
+            for name, inp, d in zip(sums, (x, h), torch.autograd.grad(loss, [y, logits])):
+                inp = inp.detach()
+                for j, term in enumerate((inp.T @ inp, d.T @ inp, d.T @ d)):
+                    sums[name][j] = sums[name][j] + term
+            tokens, n = tokens + L, n + 1
+    return {name: (S / tokens, G / n, T / n) for name, (S, G, T) in sums.items()}
+
+
+def test_causal_lm_statistics_equal_per_sequence_brute_force_with_padding_and_ignored_labels():
+    torch.manual_seed(0)
+    model, batches = _Causal(), _token_batches()
+    stats = collect_statistics(model, {"proj": model.proj, "lm_head": model.lm_head}, batches,
+                               loss=cglora.causal_lm_loss)
+    ref = _causal_brute_force(model, batches)
+    for name in ref:
+        for got, want in zip(stats[name][:3], ref[name]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[3, 7, 7\] and \[3, 7\]: .* loss=cglora.causal_lm_loss"):
+        collect_statistics(model, {"proj": model.proj}, batches)
+
+
+def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
+    torch.manual_seed(0)
+    model, batch = _Causal(), _token_batches(seed=1, sizes=(3,))[0]
+    with torch.no_grad():  # peaked predictions that change along the sequence: a sampler reading the
+        model.emb.weight.mul_(3)  # wrong position or ignoring the model would miss E[T] by 3x the error bar
+        model.lm_head.weight.mul_(3)
+    logits = model(batch["input_ids"], batch["attention_mask"]).logits
+    drawn = cglora.causal_lm_loss.sample(logits, batch["labels"], torch.Generator().manual_seed(0))
+    fixed = (batch["labels"] == cglora.IGNORE) | (torch.arange(drawn.shape[1]) == 0)  # never a target
+    assert torch.equal(drawn[fixed], batch["labels"][fixed]) and drawn[~fixed].ge(0).all()
+    # exact E[T]: delta_i sums independent token terms whose mean is zero, so E[delta delta^T] sums
+    # over target positions s and tokens c, weighted by p_s(c), the outer products of one term's gradient
+    weight = 3 / (batch["labels"][:, 1:] != cglora.IGNORE).sum()
+    exact = 0
+    for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        L = int(mask.sum())
+        y = model.proj(model.mix(ids[None, :L], mask[None, :L])[0])
+        logits = model.lm_head(torch.tanh(y))
+        for s in (s for s in range(1, L) if target[s] != cglora.IGNORE):
+            for c, p in enumerate(logits[s - 1].softmax(-1).detach()):
+                d, = torch.autograd.grad(weight * nn.functional.cross_entropy(logits[s - 1], torch.tensor(c)), y,
+                                         retain_graph=True)
+                exact = exact + p * d.T @ d / 3
+    folds = 8  # each fold's T is an independent Monte Carlo estimate: their spread gives the error bar
+    est = collect_statistics(model, {"proj": model.proj}, [batch] * 200, fisher="sampled", loss=cglora.causal_lm_loss,
+                             generator=torch.Generator().manual_seed(0), folds=folds)["proj"]
+    spread = torch.stack([f.T for f in est.folds]).var(0).sum() / folds  # E ||T_est - E T||_F^2
+    empirical = collect_statistics(model, {"proj": model.proj}, [batch], loss=cglora.causal_lm_loss, folds=1)["proj"]
+    torch.testing.assert_close(est.G, empirical.G)  # G always uses the true labels
+    assert (est.T - exact).norm() < 4 * spread.sqrt() < (empirical.T - exact).norm()
+
+
+def test_causal_lm_on_transformers_llama_G_is_its_loss_gradient_and_cg_lora_initialises():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch = _token_batches(seed=2, sizes=(4,), vocab=50, length=9)[0]
+    layers = {"q": model.model.layers[0].self_attn.q_proj, "down": model.model.layers[1].mlp.down_proj}
+    stats = collect_statistics(model, layers, [batch], loss=cglora.causal_lm_loss, folds=1)
+    out = model(**batch)
+    torch.testing.assert_close(cglora.causal_lm_loss(out.logits, batch["labels"]), out.loss)
+    grads = torch.autograd.grad(out.loss, [layer.weight for layer in layers.values()])
+    for name, grad in zip(layers, grads):
+        assert (stats[name].G - grad).norm() <= 1e-5 * grad.norm(), name
+    # and the whole path, cglora alone: adapters on every attention projection, initialised by CG-LoRA
+    adapters = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in adapters.items()},
+                               _token_batches(seed=3, sizes=(2, 3), vocab=50, length=9), loss=cglora.causal_lm_loss)
+    report = init_adapters(adapters, "cg-lora", stats, log=lambda *a: None)
+    assert len(report) == 8 and all(r["captured"] > 0 and r["fallback"] is None for r in report)
 
 
 # ============================================================================ models.py
@@ -1876,3 +2004,147 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
                                             history=history, captured=[0.5], wall_seconds=60.0)) + "\n")
     assert run.best_sizes(run.done(), run.best_rates(run.done())) == {
         "cg-lora": run.INIT_NORMS[1], "cg-lora-shift": run.INIT_NORMS[1], "lora-one": run.INIT_NORMS[1]}
+
+
+# ============================================================================ adapters in other code: peft, transformers
+
+
+def test_add_lora_names_the_type_of_a_target_that_is_not_linear():
+    model = _model()
+    with pytest.raises(ValueError, match=r"layer emb is Embedding, not nn\.Linear, .* target the nn\.Linear layers"):
+        add_lora(model, ["query", "emb"], rank=2, alpha=4)
+    assert isinstance(model.query, nn.Linear) and all(p.requires_grad for p in model.parameters())  # as it was
+
+
+def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match=r"layer transformer\.h\.0\.attn\.c_attn is Conv1D, not nn\.Linear.*"
+                                         r"nn\.Linear with weight = conv\.weight\.T"):
+        add_lora(transformers.GPT2LMHeadModel(config), ["c_attn"], rank=2, alpha=4)
+
+
+def test_shifted_export_is_rank_2r_for_every_layer_even_a_zero_gradient_one():
+    model = _model()
+    reference = copy.deepcopy(model)
+    layers = add_lora(model, ["dead", "mix"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
+    report = init_adapters(layers, "cg-lora-shift", stats, log=lambda *a: None)
+    assert {r["layer"]: r["fallback"] is not None for r in report} == {"dead": True, "mix": False}  # B = B0 = 0
+    sd = lora_state_dict(model)  # peft needs one rank for all layers of an adapter
+    for n, layer in layers.items():
+        A, B = sd[f"base_model.model.{n}.lora_A.weight"], sd[f"base_model.model.{n}.lora_B.weight"]
+        assert A.shape[0] == 4
+        torch.testing.assert_close(getattr(reference, n).weight + layer.scaling * B @ A,
+                                   layer.base.weight + layer.delta_weight(), atol=1e-6, rtol=0)
+
+
+def _hf_checkpoint(tmp_path, glue, model_type):
+    """A random Hugging Face *ForSequenceClassification checkpoint on disk (2 labels), with a WordPiece
+    vocabulary of the CoLA fixture's words (ids below the model's 40; train.py takes any tokenizer)."""
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    texts = [t for ex in data.read_split(data.get_task("cola"), "train", glue) for t in ex[:2] if t]
+    data.build_tokenizer(texts).save(tmp_path / "checkpoint")
+    return c, tmp_path / "checkpoint"
+
+
+@pytest.mark.parametrize("model_type, method", [("bert", "cg-lora"), ("bert", "cg-lora-shift"), ("roberta", "cg-lora"),
+                                                ("roberta", "cg-lora-shift"), ("tiny", "cg-lora-shift")])
+def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
+    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    flags = ["--init", method, "--targets", "query,key,value,attn_out,ffn_in,ffn_out", "--max_steps", "4", "--merge"]
+    run = tmp_path / "run"
+    if model_type == "tiny":
+        _train(tmp_path, *flags)
+        cfg = train.Config(**json.loads((run / "config.json").read_text()))
+        build = lambda: train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2)  # noqa: E731
+        base = build()
+    else:
+        _, checkpoint = _hf_checkpoint(tmp_path, glue, model_type)
+        _train(tmp_path, "--pretrained", str(checkpoint), *flags)
+        build = lambda: from_pretrained(checkpoint, num_labels=2)  # noqa: E731
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert peft.LoraConfig(**config).r == (16 if method.endswith("shift") else 8)  # a key peft lacks: TypeError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(base, run).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert set(torch.load(run / "adapter_model.bin")) == set(peft.get_peft_model_state_dict(theirs))  # none ignored
+    ours, plain = build(), build()
+    ours.load_state_dict(torch.load(run / "merged.pt"))
+    plain.head.load_state_dict(ours.head.state_dict())  # the trained head without the adapters
+    ids, mask, types = _batch(ours.config)
+    with torch.no_grad():
+        got, without = ours.eval()(ids, mask, types), plain.eval()(ids, mask, types)
+        want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    want = getattr(want, "logits", want)  # our encoder returns the logits themselves
+    assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
+    back = build()
+    assert len(load_adapter(back, run)) == 12  # and back into our encoder
+    with torch.no_grad():
+        assert (back.eval()(ids, mask, types) - got).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_load_adapter_saved_by_peft_gives_peft_logits(tmp_path, model_type):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["query", "output.dense"],
+                             task_type="SEQ_CLS", modules_to_save=["pooler"] if model_type == "bert" else None)
+    theirs = peft.get_peft_model(task, config)  # output.dense: attention.output.dense and the FFN's output.dense
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters and head, so that a skipped key shows
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors: read by our reader
+    ours = from_pretrained(tmp_path / "checkpoint", num_labels=2)
+    assert sorted(load_adapter(ours, tmp_path / "adapter")) == [
+        f"layers.{i}.{n}" for i in (0, 1) for n in ("attn_out", "ffn_out", "query")]
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        got = ours.eval()(ids, mask, types)
+        want = theirs.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        without = from_pretrained(tmp_path / "checkpoint", num_labels=2).eval()(ids, mask, types)
+    assert (got - want).abs().max() <= 1e-5 and (got - without).abs().max() > 1e-2
+    saved = tmp_path / "adapter" / "adapter_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), use_dora=True)))
+    with pytest.raises(ValueError, match="only a plain LoRA adapter .*'use_dora': True"):
+        load_adapter(from_pretrained(tmp_path / "checkpoint", num_labels=2), tmp_path / "adapter")
+
+
+def _readme_block(marker):
+    """The README's ```python block that contains `marker`."""
+    readme = Path(__file__).resolve().parent.joinpath("README.md").read_text()
+    block, = [b.split("```")[0] for b in readme.split("```python\n")[1:] if marker in b.split("```")[0]]
+    return block
+
+
+
+def test_readme_recipe_with_cglora_layers_runs():
+    pytest.importorskip("transformers")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    model, layers = scope["model"], scope["layers"]
+    assert sorted(layers) == [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")]
+    assert all(layer.lora_B.abs().max() > 0 for layer in layers.values())
+    head = {f"{m}.{p}" for m in ("classifier", "bert.pooler.dense") for p in ("weight", "bias")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{f}" for n in layers for f in "AB"} | head
+
+
+def test_readme_recipe_with_peft_gives_the_same_update():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
+    assert len(scope["lora"]) == 4
+    for name, m in scope["lora"].items():  # same weights, same batches: peft's s B A is cglora's
+        ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)

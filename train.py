@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import resource
@@ -180,19 +179,44 @@ def check_ranks_agree(model):
         raise RuntimeError(f"ranks disagree on the initial adapters: {[s.tolist() for s in sums]}")
 
 
+def peft_module_name(cfg, model):
+    """Our module name -> the name the adapter is saved under. A Hugging Face checkpoint's own
+    module names in its *ForSequenceClassification (`layers.0.query` -> `bert.encoder.layer.0.
+    attention.self.query`, `head.out_proj` -> `classifier`: the converter's name map reversed);
+    the tiny encoder keeps ours."""
+    if not cfg.pretrained:
+        return lambda name: name
+    names, kind = models.hf_names(model.config), model.config.model_type
+    hf = {ours.removesuffix(".weight"): theirs.removesuffix(".weight") for ours, theirs in names.items()}
+    return lambda name: hf[name] if hf[name].startswith("classifier") else f"{kind}.{hf[name]}"
+
+
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """Adapter weights (peft keys; shifted inits exported against the original W0) + config."""
-    state = cglora.lora_state_dict(model)
-    state.update({f"base_model.model.{k}": v.detach().clone() for k, v in model.state_dict().items()
-                  if k.startswith("head.")})
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    r = max(ranks, default=cfg.rank)
-    scaling = cfg.alpha / (math.sqrt(cfg.rank) if cglora.RSLORA.get(cfg.init) else cfg.rank)
+    """The adapter as peft saves it: weights (shifted inits exported against the original W0 as
+    rank 2r, §5) and adapter_config.json, a peft LoraConfig with exactly our scaling. On a Hugging
+    Face checkpoint the names are the checkpoint's own, so that PeftModel.from_pretrained(
+    AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=...), run dir) loads it."""
+    rename, state, targets, head = peft_module_name(cfg, model), {}, [], set()
+    for key, value in cglora.lora_state_dict(model).items():  # base_model.model.<module>.lora_A.weight
+        module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
+        state[f"base_model.model.{rename(module)}.lora_{param}"] = value
+        targets.append(rename(module))
+    for key, value in model.state_dict().items():
+        if key.startswith("head."):  # the trained head, in peft's modules_to_save: HF's classifier and
+            module, _, param = key.rpartition(".")  # BERT's pooler whole; our head.* one by one (a ModuleDict)
+            state[f"base_model.model.{rename(module)}.{param}"] = value.clone()
+            head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
+                     else module)
     torch.save(state, out / name)
+    r, = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if r == cfg.rank:  # peft computes alpha / sqrt(r) or alpha / r as LoRALinear does
+        alpha, rslora = cfg.alpha, cglora.RSLORA[cfg.init]
+    else:  # shifted, rank 2r: the same scaling s = alpha' / 2r
+        alpha, rslora = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling * r, False
     (out / "adapter_config.json").write_text(json.dumps(dict(
-        peft_type="LORA", r=r, lora_alpha=scaling * r, use_rslora=False, init=cfg.init,
-        target_modules=cfg.targets.split(","), modules_to_save=["head"],
-        lora_dropout=cfg.dropout), indent=1))
+        peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None, base_model_name_or_path=cfg.pretrained,
+        r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=cfg.dropout, bias="none",
+        target_modules=sorted(set(targets)), modules_to_save=sorted(head)), indent=1))
 
 
 def merged_state_dict(model):
