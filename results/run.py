@@ -2,7 +2,7 @@
 
     python results/run.py sweep            # CoLA, seed 0, each method at its candidate and sensitivity rates
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
-    python results/run.py sizes            # cg-lora and lora-one init sizes on CoLA and STS-B (seed 0)
+    python results/run.py sizes --tasks cola,sts-b   # cg-lora and lora-one init sizes (seed 0)
     python results/run.py diagnose         # §8 diagnostics on examples the calibration never saw
     python results/run.py report           # the README's results table + results/cola_curves.svg
 
@@ -31,7 +31,7 @@ BASELINES = ["lora", "rslora", "lora-ga", "lora-one", "full"]  # what report() c
 DAMPING = "auto"  # train.py's default; rows without a damping key ran at the old default 1e-2
 OLD_DAMPING = 1e-2
 SIZED = ["cg-lora", "lora-one"]  # init_norm (LoRA-One's gamma) swept on CoLA and STS-B, seed 0
-INIT_NORMS = [None, 0.15, 0.5]  # None: LoRA-One's own size, alpha / (sqrt(r) 128) = 0.044 here
+INIT_NORMS = [None, 0.3]  # None: LoRA-One's own size, alpha / (sqrt(r) 128) = 0.044 here
 BUDGET = dict(rank=8, alpha=16, epochs=2, batch_size=32, max_len=128, calib_batches=16, calib_batch_size=8)
 
 
@@ -309,7 +309,7 @@ def main():
         return
     if args.command == "sizes":
         rates = best_rates(done())
-        for task in ("cola", "sts-b"):
+        for task in [t for t in args.tasks.split(",") if t in ("cola", "sts-b")]:
             for m in SIZED:
                 for n in INIT_NORMS:
                     run(task, m, 0, rates[m], pretrained, init_norm=n)
