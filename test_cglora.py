@@ -1971,6 +1971,7 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("head\n<!-- results -->\nSTALE\n<!-- /results -->\ntail\n")
     monkeypatch.setattr(run, "HERE", tmp_path / "results")
     monkeypatch.setattr(run, "RUNS", tmp_path / "results" / "runs.jsonl")
+    monkeypatch.setattr(run, "DIAGNOSTICS", tmp_path / "results" / "diagnostics.jsonl")
     scores = {("cg-lora", 1e-3): [0.30, 0.20, 0.10], ("cg-lora", 3e-3): [0.05], ("cg-lora", 5e-4): [0.9],
               ("lora-one", 1e-3): [0.10, 0.12, 0.14], ("lora-one", 3e-3): [0.15, 0.0, 0.0]}
     with open(run.RUNS, "w") as f:

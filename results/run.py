@@ -180,6 +180,16 @@ def report():
                         f"{mean(cg, lambda r: r['overlap'][0]):.2f} / {mean(cg, lambda r: r['overlap'][1]):.2f} | "
                         f"{mean(one, lambda r: r['overlap'][0]):.2f} / {mean(one, lambda r: r['overlap'][1]):.2f} | "
                         f"{mean(cg, lambda r: r['heldout_ratio']):.2f} | {mean(cg, lambda r: r['insample_ratio']):.2f} |")
+    calib = ["| task | calibration examples | damping chosen | held-out q ÷ LoRA-One's, at it | best damping on "
+             "the unseen examples (ratio) | 2-fold estimate | split-half overlap L / R: cg-lora | lora-one | "
+             "statistics, damping choice (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    diagnosed = [json.loads(line) for line in DIAGNOSTICS.read_text().splitlines()] if DIAGNOSTICS.exists() else []
+    for d in sorted(diagnosed, key=lambda d: (order.index(d["task"]), d["calibration"])):
+        best = max(d["heldout_ratio"], key=d["heldout_ratio"].get)
+        calib.append(f"| {d['task']} | {d['calibration']} | {d['damping']:g} | {d['heldout_ratio_chosen']:.2f} | "
+                     f"{best} ({d['heldout_ratio'][best]:.2f}) | {d['kfold_ratio']:.2f} | "
+                     f"{d['overlap'][0]:.2f} / {d['overlap'][1]:.2f} | {d['overlap_lora_one'][0]:.2f} / "
+                     f"{d['overlap_lora_one'][1]:.2f} | {d['statistics_seconds']:.0f}, {d['selection_seconds']:.0f} |")
     per_task = {t: [r["wall_seconds"] for r in rows if r["task"] == t] for t in tasks}
     minutes = sum(len(s) * statistics.median(s) for s in per_task.values()) / 60  # median: robust to a stalled run
     text = (f"`python results/run.py report` over {len(rows)} runs in `results/runs.jsonl` (median per run on "
@@ -195,6 +205,9 @@ def report():
             "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win:\n\n" + "\n".join(diff)
             + "\n\nCG-LoRA's calibration diagnostics in these runs (mean over seeds; §8 of the derivation):\n\n"
             + "\n".join(diag)
+            + "\n\nCalibration size (`python results/run.py diagnose`): CG-LoRA's and LoRA-One's directions fitted "
+            f"on the first N training examples of the seed-0 shuffle, judged on the next {HELD_OUT}, which no "
+            "calibration saw (seed 0; times on the loaded 2-core CPU):\n\n" + "\n".join(calib)
             + "\n\nInit size `‖s·B·A‖₂` (seed 0; the grid uses each method's best mean over the two tasks):\n\n"
             + "\n".join(size_table)
             + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
@@ -293,6 +306,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report"])
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
+    p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
@@ -319,10 +333,10 @@ def main():
                 run("cola", m, 0, lr, pretrained)
     else:
         rows = done()
-        rates, sizes = best_rates(rows), best_sizes(rows, best_rates(rows))
+        rates, sizes = best_rates(rows), ({} if args.default_size else best_sizes(rows, best_rates(rows)))
         if missing := [m for m in methods if m not in rates]:
             sys.exit(f"no CoLA sweep for {', '.join(missing)}: run `python results/run.py sweep` first")
-        if missing := [m for m in methods if m in SIZED + ["cg-lora-shift"] and m not in sizes]:
+        if missing := [m for m in methods if m in SIZED + ["cg-lora-shift"] and m not in sizes and not args.default_size]:
             sys.exit(f"no init-size sweep for {', '.join(missing)}: run `python results/run.py sizes` first")
         for task in args.tasks.split(","):
             for seed in map(int, args.seeds.split(",")):
