@@ -91,6 +91,16 @@ def build_model(cfg, tokenizer, num_labels):
     return models.Encoder(models.tiny_config(tokenizer.vocab_size, num_labels, tokenizer.pad_id))
 
 
+def fetch_data(task, cfg, main, world, log):
+    """Download the task into the data dir when its files are missing (rank 0; the other ranks wait)."""
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    if main and data.missing_files(task, data_dir):
+        log(f"{task.dir} is not in {data_dir}: downloading it")
+        data.download_task(task, data_dir, log=log)
+    if world > 1:
+        dist.barrier()
+
+
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -215,6 +225,7 @@ def train(cfg):
 
     # data and tokenizer
     task = data.get_task(cfg.task)
+    fetch_data(task, cfg, main, world, log)
     train_set = data.read_split(task, "train", cfg.data_dir)
     dev_set = data.read_split(task, "dev", cfg.data_dir)
     if cfg.pretrained:
@@ -338,7 +349,7 @@ def train(cfg):
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, data.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
