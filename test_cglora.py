@@ -1480,10 +1480,29 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue):
             A, B = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
             assert A.shape[0] == 2 * cfg.rank
             torch.testing.assert_close(W0 + scale * B @ A, merged[key], atol=1e-5, rtol=0)
-        elif key.startswith("head."):
+        elif "base_model.model." + key in adapter:  # head and word embeddings: trained whole
             torch.testing.assert_close(adapter["base_model.model." + key], merged[key])
         else:
             torch.testing.assert_close(W0, merged[key], atol=0, rtol=0)
+
+
+def test_tiny_encoder_trains_and_exports_its_word_embeddings(tmp_path, glue):
+    _train(tmp_path, "--init", "lora", "--epochs", "1")
+    _train(tmp_path, "--init", "lora", "--epochs", "1", "--freeze_embeddings", out="frozen")
+    cfg = train.Config(**json.loads((tmp_path / "run" / "config.json").read_text()))
+    original = train.build_model(cfg, data.load_tokenizer(tmp_path / "run" / "tokenizer"), 2).state_dict()
+    key = "word_embeddings.weight"
+    for run, trains in (("run", True), ("frozen", False)):
+        adapter = torch.load(tmp_path / run / "adapter_model.bin")
+        saved = json.loads((tmp_path / run / "adapter_config.json").read_text())["modules_to_save"]
+        weights = torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"][key]
+        assert saved == (["head", "word_embeddings"] if trains else ["head"])
+        assert torch.equal(weights, original[key]) is not trains
+        if trains:  # the export holds what was trained
+            assert torch.equal(adapter["base_model.model." + key], weights)
+        else:
+            assert "base_model.model." + key not in adapter
+    assert train.trainable_modules(train.Config(pretrained="DIR")) == ["head"]  # pretrained: frozen
 
 
 def test_train_downloads_a_missing_task(tmp_path, server, monkeypatch, capsys):

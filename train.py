@@ -48,6 +48,7 @@ class Config:
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
     balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature metric
+    freeze_embeddings: bool = False  # tiny encoder: keep its random word embeddings frozen too (they train by default)
     seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
@@ -85,10 +86,16 @@ def parse_args(argv=None):
 
 def build_model(cfg, tokenizer, num_labels):
     """The pretrained checkpoint (tokenizer unused) or the tiny encoder, seeded: same seed, same model."""
-    torch.manual_seed(cfg.seed)  # the tiny encoder's frozen weights and any fresh head
+    torch.manual_seed(cfg.seed)  # the tiny encoder's random weights and any fresh head
     if cfg.pretrained:
         return models.from_pretrained(cfg.pretrained, num_labels)
     return models.Encoder(models.tiny_config(tokenizer.vocab_size, num_labels, tokenizer.pad_id))
+
+
+def trainable_modules(cfg):
+    """Modules that train besides the adapters: the head, and the tiny encoder's word embeddings
+    (random and task-built: with them frozen, LoRA has nothing to steer and dev MCC stays at 0)."""
+    return ["head"] + ([] if cfg.pretrained or cfg.freeze_embeddings else ["word_embeddings"])
 
 
 def fetch_data(task, cfg, main, world, log):
@@ -135,7 +142,7 @@ def initialise(cfg, model, calib, device, log):
         model.requires_grad_(True)
     else:
         layers = cglora.add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout,
-                                 rslora=cglora.RSLORA[cfg.init], trainable=["head"])
+                                 rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
         stats = None
@@ -168,17 +175,19 @@ def check_ranks_agree(model):
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """Adapter weights (peft keys; shifted inits exported against the original W0) + config."""
+    """Adapter weights (peft keys; shifted inits exported against the original W0), the other
+    trained modules whole (peft's modules_to_save) + config."""
     state = cglora.lora_state_dict(model)
+    saved = trainable_modules(cfg)
     state.update({f"base_model.model.{k}": v.detach().clone() for k, v in model.state_dict().items()
-                  if k.startswith("head.")})
+                  if k.split(".")[0] in saved})
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     r = max(ranks, default=cfg.rank)
     scaling = cfg.alpha / (math.sqrt(cfg.rank) if cglora.RSLORA.get(cfg.init) else cfg.rank)
     torch.save(state, out / name)
     (out / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", r=r, lora_alpha=scaling * r, use_rslora=False, init=cfg.init,
-        target_modules=cfg.targets.split(","), modules_to_save=["head"],
+        target_modules=cfg.targets.split(","), modules_to_save=saved,
         lora_dropout=cfg.dropout), indent=1))
 
 
