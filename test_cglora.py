@@ -1,8 +1,9 @@
-"""Tests: each checks a claim of ../shared/design/cg-lora.md or of the code, and fails if it is false.
+"""Tests: each checks a claim of docs/cg-lora.md or of the code, and fails if it is false.
 
 Sections in reading order: cglora.py (math, model side, LoRA layer, init), models.py, data.py, train.py.
-Real GLUE files are read from $GLUE_DIR (those tests skip when it is unset); tokenizer files from
-../shared/data/tokenizers beside the repository; Hugging Face parity tests skip without transformers.
+Real GLUE files are read from $GLUE_DIR, real tokenizer files from $TOKENIZERS_DIR/roberta-base and
+$TOKENIZERS_DIR/all-minilm-l6-v2 (those tests skip when unset); Hugging Face parity tests skip without
+transformers. No test reaches the network.
 """
 import ast
 import copy
@@ -786,7 +787,7 @@ def test_hf_parity_task_model_bin(tmp_path, model_type, num_labels):
 
 
 _HERE = Path(__file__).resolve().parent
-_TOKENIZERS = _HERE.parent / "shared" / "data" / "tokenizers"
+_TOKENIZERS = os.environ.get("TOKENIZERS_DIR")  # holds roberta-base/ and all-minilm-l6-v2/
 _HF = {"roberta": ("roberta-base", "RobertaTokenizerFast"), "bert": ("all-minilm-l6-v2", "BertTokenizerFast")}  # Rust-backed
 
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +798,7 @@ _B = '" The foodservice pie business does not fit our strategy .'  # quotes: no 
 _C = 'He said "hi" to them.'
 _D = "Who went?"
 
-# The real GLUE layouts (../shared/data/README.md and GLUE's download_glue_data.py):
+# The real GLUE layouts (as GLUE's download_glue_data.py writes them):
 # file -> (header line or None, row(text_a, text_b, raw_label) -> fields).
 _MNLI_TRAIN = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t" \
               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
@@ -1117,7 +1118,7 @@ def test_download_task_from_a_file_url(tmp_path):
     assert data.read_split(task, "train", target) == expected["train"]
 
 
-# rows and, where ../shared/data/README.md gives it, the count of label 1 (STS-B: mean score)
+# rows and, where known, the count of label 1 (STS-B: mean score)
 _REAL = [("cola", "train", 8551, 6023), ("cola", "dev", 1043, 721), ("sst-2", "train", 67349, 37569),
          ("sst-2", "dev", 872, 444), ("mrpc", "train", 3668, 2474), ("mrpc", "dev", 408, 279),
          ("qqp", "train", 363846, None), ("qqp", "dev", 40430, None), ("sts-b", "train", 5749, 2.70),
@@ -1158,7 +1159,9 @@ def test_real_glue_files(name, split, rows, balance):
 
 
 def _tokenizer_dir(kind):
-    folder = _TOKENIZERS / _HF[kind][0]
+    if not _TOKENIZERS:
+        pytest.skip("set TOKENIZERS_DIR to test on real tokenizer files")
+    folder = Path(_TOKENIZERS) / _HF[kind][0]
     if not folder.is_dir():
         pytest.skip(f"no tokenizer files at {folder}")
     return folder
