@@ -1,6 +1,6 @@
 """What CG-LoRA's initialisation and training cost, against the floor and against peft.
 
-    python bench.py                                  # roberta-base shapes (random weights), query,value, CPU
+    python bench.py --tokenizer DIR                  # roberta-base shapes (random weights), query,value, CPU
     python bench.py --targets all --device cuda      # all six linear layers of every block
     python bench.py --shape tiny --repeats 1         # seconds: the smoke test
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
@@ -29,7 +29,6 @@ import cglora
 import data
 import models
 
-HERE = Path(__file__).resolve().parent
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                     layer_norm_eps=1e-5, model_type="roberta")  # HF config.json keys
@@ -52,7 +51,7 @@ def setup(args, device):
         tok, hf_dir = data.build_tokenizer(texts), None
         build = lambda: models.Encoder(models.tiny_config(tok.vocab_size, 2, tok.pad_id))  # noqa: E731
     else:
-        tok, hf_dir = data.load_tokenizer(HERE.parent / "shared" / "data" / "tokenizers" / "roberta-base"), None
+        tok, hf_dir = data.load_tokenizer(args.tokenizer), None
         build = lambda: models.Encoder(models.config_from_hf(ROBERTA_BASE, 2))  # noqa: E731
 
     def build_hf():
@@ -187,6 +186,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["roberta-base", "tiny"], default="roberta-base")
     p.add_argument("--pretrained", default=None, help="HF checkpoint directory (overrides --shape)")
+    p.add_argument("--tokenizer", default=None, help="roberta-base's tokenizer files (vocab.json, merges.txt), "
+                   "for --shape roberta-base")
     p.add_argument("--targets", default="query,value", help=f"comma list, or 'all' = {ALL}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="autocast training steps on CUDA")
@@ -197,6 +198,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.shape == "roberta-base" and not (args.pretrained or args.tokenizer):
+        p.error("--shape roberta-base needs --tokenizer DIR, a folder with roberta-base's vocab.json and merges.txt")
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return

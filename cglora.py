@@ -1,6 +1,6 @@
 """Curvature-Guided LoRA (CG-LoRA), in one file.
 
-Reading order = algorithm order (see ../shared/design/cg-lora.md, cited as §N):
+Reading order = algorithm order (derived in docs/cg-lora.md, cited as §N):
 LoRA layer -> K-FAC statistics (§2) -> whitening (§3) -> top-r SVD -> balanced factors (§4)
 -> baselines (§6) -> held-out diagnostics and the damping chosen from data (§8) -> the one
 function that writes an initialisation into a model (§5).

@@ -2,15 +2,21 @@
 id-parity (RoBERTa byte-level BPE, BERT WordPiece, whole words for the tiny encoder) -> padded batches ->
 the official metrics. Standard library, numpy and torch only."""
 import functools
+import http.client
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 import unicodedata
+import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,14 @@ import torch
 
 # --- Tasks: the standard glue_data/<Task>/ layout written by GLUE's download_glue_data.py -------------
 
-GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"  # official per-task archives
+GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"  # official per-task archives; $GLUE_URL: a mirror
+# GLUE ships no MRPC archive (licence): its download_glue_data.py splits Microsoft's training file, as SentEval
+# hosts it, into train and dev by GLUE's list of dev pairs. A $GLUE_URL mirror holds these two names instead.
+MRPC_SOURCES = {
+    "msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
+    "mrpc_dev_ids.tsv": "https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations.appspot.com/o/"
+                        "data%2Fmrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc",
+}
 
 
 class Example(NamedTuple):
@@ -40,6 +53,7 @@ class Task:
     zip: str | None  # archive under GLUE_URL; None: GLUE builds MRPC from Microsoft's files instead
     files: tuple = (("train", "train.tsv"), ("dev", "dev.tsv"))  # split -> file; test is unlabeled
     header: tuple | None = None  # column names when the files have no header line (CoLA)
+    rows: tuple = ()  # data rows of each of `files` as GLUE ships them: a download is checked against them
 
     @property
     def num_labels(self):  # 1 = regression
@@ -53,18 +67,21 @@ class Task:
 _NLI = ("entailment", "not_entailment")
 _TASKS = [
     Task("cola", "CoLA", ("sentence", None, "label"), ("0", "1"), ("mcc",), "CoLA.zip",
-         header=("source", "label", "mark", "sentence")),
-    Task("sst-2", "SST-2", ("sentence", None, "label"), ("0", "1"), ("accuracy",), "SST-2.zip"),
-    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), ("f1", "accuracy"), None),
+         header=("source", "label", "mark", "sentence"), rows=(8551, 1043)),
+    Task("sst-2", "SST-2", ("sentence", None, "label"), ("0", "1"), ("accuracy",), "SST-2.zip", rows=(67349, 872)),
+    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), ("f1", "accuracy"), None,
+         rows=(3668, 408)),
     Task("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), ("f1", "accuracy"),
-         "QQP-clean.zip"),
-    Task("sts-b", "STS-B", ("sentence1", "sentence2", "score"), (), ("pearson", "spearman"), "STS-B.zip"),
+         "QQP-clean.zip", rows=(363846, 40430)),
+    Task("sts-b", "STS-B", ("sentence1", "sentence2", "score"), (), ("pearson", "spearman"), "STS-B.zip",
+         rows=(5749, 1500)),
     Task("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("contradiction", "entailment", "neutral"),
          ("accuracy",), "MNLI.zip",
-         files=(("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv"))),
-    Task("qnli", "QNLI", ("question", "sentence", "label"), _NLI, ("accuracy",), "QNLIv2.zip"),
-    Task("rte", "RTE", ("sentence1", "sentence2", "label"), _NLI, ("accuracy",), "RTE.zip"),
-    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), ("accuracy",), "WNLI.zip"),
+         files=(("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv")),
+         rows=(392702, 9815, 9832)),
+    Task("qnli", "QNLI", ("question", "sentence", "label"), _NLI, ("accuracy",), "QNLIv2.zip", rows=(104743, 5463)),
+    Task("rte", "RTE", ("sentence1", "sentence2", "label"), _NLI, ("accuracy",), "RTE.zip", rows=(2490, 277)),
+    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), ("accuracy",), "WNLI.zip", rows=(635, 71)),
 ]
 
 
@@ -90,11 +107,10 @@ def read_split(task, split, data_dir=None):
     folder = resolve_data_dir(data_dir) / task.dir
     path = folder / files[split]
     if not path.is_file():
-        missing = [str(folder / f) for f in files.values() if not (folder / f).is_file()]
         raise FileNotFoundError(
-            f"{task.dir} {split} data not found; expected {', '.join(missing)}. Put GLUE's {task.dir}/ folder in "
-            f"the data dir (--data_dir, else $GLUE_DIR, else ./glue_data), or fetch it with "
-            f"data.download_task(data.get_task({task.name!r}), {str(folder.parent)!r})")
+            f"{task.dir} {split} data not found; expected {', '.join(map(str, missing_files(task, data_dir)))}. "
+            f"Put GLUE's {task.dir}/ folder in the data dir (--data_dir, else $GLUE_DIR, else ./glue_data), or "
+            f"fetch it with data.download_task(data.get_task({task.name!r}), {str(folder.parent)!r})")
     # No quote handling (sentences contain '"'), split on '\n' only, utf-8-sig because MRPC starts with a BOM.
     with open(path, encoding="utf-8-sig", newline="") as f:
         lines = f.read().split("\n")
@@ -128,23 +144,143 @@ def _label(task, raw, path, n):
     return task.labels.index(raw)
 
 
-def download_task(task, data_dir, url=None):
-    """Fetch a task's GLUE zip (any urllib URL, file:// included) and unpack it to <data_dir>/<Task>/."""
-    url = url or (task.zip and GLUE_URL + task.zip)
-    if not url:
-        raise ValueError(f"GLUE has no {task.dir} zip (it is built from Microsoft's files): run GLUE's "
-                         f"download_glue_data.py --tasks {task.dir}, or pass url= of a zip holding {task.dir}/")
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    archive = data_dir / f"{task.dir}.zip"
-    urllib.request.urlretrieve(url, archive)
+def missing_files(task, data_dir=None):
+    """The paths of the task's files (train, dev, ...) that are not in <data_dir>/<Task>/."""
+    folder = resolve_data_dir(data_dir) / task.dir
+    return [folder / f for _, f in task.files if not (folder / f).is_file()]
+
+
+# --- Download: the task's files, fetched, checked and moved into place all at once ---------------------
+
+
+class DownloadError(Exception):
+    """A task could not be downloaded; the message says what to fetch by hand and where to put it."""
+
+
+def task_sources(task, base_url=None):
+    """{file name: URL} of what makes <Task>/: GLUE's archive, or for MRPC the two files GLUE's script builds
+    it from. base_url (else $GLUE_URL) is a mirror, http(s):// or file://, holding those names."""
+    base = base_url or os.environ.get("GLUE_URL")
+    if base:
+        return {name: base.rstrip("/") + "/" + name for name in ([task.zip] if task.zip else MRPC_SOURCES)}
+    return {task.zip: GLUE_URL + task.zip} if task.zip else dict(MRPC_SOURCES)
+
+
+def fetch(url, path, log=print):
+    """Stream url to path, with a progress line at most every second. A body shorter than the Content-Length
+    its server announced (a dropped connection) is an error, not a short file."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
+            total, got, shown = int(response.headers.get("Content-Length") or 0), 0, time.monotonic()
+            log(f"downloading {url}" + (f" ({total / 1e6:.1f} MB)" if total else ""))
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+                if time.monotonic() - shown >= 1:
+                    log(f"  {got / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB ({got / total:.0%})" if total else ""))
+                    shown = time.monotonic()
+    except (OSError, http.client.HTTPException) as e:
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)  # "HTTP Error 404: ..."
+        raise DownloadError(f"could not fetch {url}: {reason}") from None
+    if total and got != total:
+        raise DownloadError(f"{url} was cut short: {got} of {total} bytes arrived")
+
+
+def unzip_task(archive, task, folder):
+    """Unpack the <Task>/ members of a GLUE archive into folder, once every member passes its CRC check
+    and the task's files are all there."""
     with zipfile.ZipFile(archive) as z:
-        z.extractall(data_dir)  # the archives hold <Task>/train.tsv, <Task>/dev.tsv, ...
-    archive.unlink()
-    missing = [f for _, f in task.files if not (data_dir / task.dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{url} did not unpack {task.dir}/{', '.join(missing)} into {data_dir}")
-    return data_dir / task.dir
+        bad = z.testzip()
+        if bad:
+            raise DownloadError(f"{archive.name} is corrupt: {bad} fails its CRC check")
+        names = z.namelist()
+        absent = [f"{task.dir}/{f}" for _, f in task.files if f"{task.dir}/{f}" not in names]
+        if absent:
+            raise DownloadError(f"{archive.name} lacks {', '.join(absent)}")
+        for name in names:
+            if name.startswith(task.dir + "/"):
+                z.extract(name, folder)
+
+
+def build_mrpc(folder):
+    """<folder>/MRPC/ from <folder>/msr_paraphrase_train.txt and mrpc_dev_ids.tsv, as GLUE's
+    download_glue_data.py builds it: the source's header line heads both files, the pairs (#1 ID, #2 ID)
+    listed in the ids go to dev.tsv and the others to train.tsv, each row stripped and tab-joined."""
+    with open(folder / "mrpc_dev_ids.tsv", encoding="utf-8") as f:
+        dev_ids = {tuple(line.strip().split("\t")) for line in f if line.strip()}
+    (folder / "MRPC").mkdir()
+    shutil.copyfile(folder / "mrpc_dev_ids.tsv", folder / "MRPC" / "dev_ids.tsv")
+    out = {split: open(folder / "MRPC" / f"{split}.tsv", "w", encoding="utf-8", newline="\n")
+           for split in ("train", "dev")}
+    try:
+        with open(folder / "msr_paraphrase_train.txt", encoding="utf-8") as source:
+            header = source.readline()
+            for f in out.values():
+                f.write(header)
+            for n, line in enumerate(source, 2):
+                fields = line.strip().split("\t")
+                if len(fields) != 5:
+                    raise DownloadError(f"msr_paraphrase_train.txt:{n}: expected 5 tab-separated fields "
+                                        f"(Quality, #1 ID, #2 ID, #1 String, #2 String), found {len(fields)}")
+                out["dev" if tuple(fields[1:3]) in dev_ids else "train"].write("\t".join(fields) + "\n")
+    finally:
+        for f in out.values():
+            f.close()
+
+
+def check_task(task, data_dir):
+    """Every file of the task reads as GLUE's and, where known, has GLUE's number of rows."""
+    for (split, file), rows in itertools.zip_longest(task.files, task.rows):
+        n = len(read_split(task, split, data_dir))
+        if rows is not None and n != rows:
+            raise DownloadError(f"{task.dir}/{file} has {n} rows where GLUE's has {rows}")
+
+
+def download_task(task, data_dir, base_url=None, log=print):
+    """Fetch a task into <data_dir>/<Task>/, all or nothing: download into a temporary folder inside data_dir,
+    check it (a zip whose members pass their CRC check and hold the task's files; every row readable; GLUE's
+    row counts), then move <Task>/ into place with one os.replace. base_url (else $GLUE_URL) is a mirror; the
+    default is GLUE's own URLs. A failure raises DownloadError naming what to fetch and where to put it, and
+    leaves neither a task folder nor temporary files behind. A complete task folder is left as it is."""
+    data_dir, sources = Path(data_dir), task_sources(task, base_url)
+    target = data_dir / task.dir
+    missing = missing_files(task, data_dir)
+    if not missing:
+        return target
+    if target.exists():
+        raise DownloadError(f"{target} exists but lacks {', '.join(p.name for p in missing)}: complete it "
+                            f"or remove it so that it can be downloaded whole")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{task.dir}-", suffix=".partial", dir=data_dir))
+    try:
+        for name, url in sources.items():
+            fetch(url, partial / name, log)
+        if task.zip:
+            unzip_task(partial / task.zip, task, partial)
+        else:
+            build_mrpc(partial)
+        check_task(task, partial)
+        os.replace(partial / task.dir, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a truncated or damaged archive
+        raise DownloadError(f"{task.zip} is not a readable zip ({e}). {manual_steps(task, sources, target)}") from None
+    except (DownloadError, OSError, ValueError) as e:
+        raise DownloadError(f"{e}. {manual_steps(task, sources, target)}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log(f"{task.dir}: {', '.join(f for _, f in task.files)} checked and unpacked into {target}")
+    return target
+
+
+def manual_steps(task, sources, target):
+    """How to get the task by hand, in one sentence."""
+    urls = " and ".join(sources.values())
+    if task.zip:
+        return (f"To get {task.dir} by hand, fetch {urls} and unzip it in {target.parent} so that "
+                f"{target / 'train.tsv'} exists, or save it in a folder and set GLUE_URL to that folder's "
+                f"file:// URL (or to a mirror)")
+    return (f"To get {task.dir} by hand, fetch {urls}, save them in a folder as {' and '.join(sources)} and set "
+            f"GLUE_URL to that folder's file:// URL: {target} is then built from them as GLUE's "
+            f"download_glue_data.py builds it")
 
 
 # --- Tokenizers: encode(text, pair) == Hugging Face tokenizer(text, pair)["input_ids"] --------------

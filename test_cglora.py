@@ -1,11 +1,14 @@
-"""Tests: each checks a claim of ../shared/design/cg-lora.md or of the code, and fails if it is false.
+"""Tests: each checks a claim of docs/cg-lora.md or of the code, and fails if it is false.
 
 Sections in reading order: cglora.py (math, model side, LoRA layer, init), models.py, data.py, train.py.
-Real GLUE files are read from $GLUE_DIR (those tests skip when it is unset); tokenizer files from
-../shared/data/tokenizers beside the repository; Hugging Face parity tests skip without transformers.
+Real GLUE files are read from $GLUE_DIR, real tokenizer files from $TOKENIZERS_DIR/roberta-base and
+$TOKENIZERS_DIR/all-minilm-l6-v2 (those tests skip when unset); Hugging Face parity tests skip without
+transformers. No test reaches the network.
 """
 import ast
 import copy
+import dataclasses
+import http.server
 import json
 import math
 import os
@@ -13,6 +16,7 @@ import struct
 import subprocess
 import sys
 import warnings
+import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +34,12 @@ from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_stat
 from data import Example
 from models import (EncoderConfig, Encoder, from_pretrained, hf_names, load_adapter, read_safetensors,
                     tiny_config)
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path_factory, monkeypatch):
+    """No test reaches the network: a download a test does not point elsewhere goes to an empty local folder."""
+    monkeypatch.setenv("GLUE_URL", tmp_path_factory.mktemp("no-mirror").as_uri())
 
 
 # ============================================================================ cglora.py: math
@@ -1203,7 +1213,7 @@ def test_hf_parity_task_model_bin(tmp_path, model_type, num_labels):
 
 
 _HERE = Path(__file__).resolve().parent
-_TOKENIZERS = _HERE.parent / "shared" / "data" / "tokenizers"
+_TOKENIZERS = os.environ.get("TOKENIZERS_DIR")  # holds roberta-base/ and all-minilm-l6-v2/
 _HF = {"roberta": ("roberta-base", "RobertaTokenizerFast"), "bert": ("all-minilm-l6-v2", "BertTokenizerFast")}  # Rust-backed
 
 # ---------------------------------------------------------------------------------------------
@@ -1214,7 +1224,7 @@ _B = '" The foodservice pie business does not fit our strategy .'  # quotes: no 
 _C = 'He said "hi" to them.'
 _D = "Who went?"
 
-# The real GLUE layouts (../shared/data/README.md and GLUE's download_glue_data.py):
+# The real GLUE layouts (as GLUE's download_glue_data.py writes them):
 # file -> (header line or None, row(text_a, text_b, raw_label) -> fields).
 _MNLI_TRAIN = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t" \
               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
@@ -1351,26 +1361,190 @@ def test_missing_files_name_every_expected_path(tmp_path):
     assert "--data_dir" in message and "$GLUE_DIR" in message and "download_task" in message
 
 
-def test_download_task_from_a_file_url(tmp_path):
-    source = tmp_path / "source"
-    expected = _write_task(source, "rte")
-    archive = tmp_path / "RTE.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for file in ["train.tsv", "dev.tsv"]:
-            z.write(source / "RTE" / file, f"RTE/{file}")
+def _zip(files, stored=False):
+    """Bytes of a zip holding {member name: text}."""
+    import io
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return buffer.getvalue()
+
+
+def _task_zip(tmp_path, name, **kwargs):
+    """(GLUE archive bytes of a fixture task, the examples read_split must return, the task with the
+    fixture's row counts in place of GLUE's)."""
+    expected = _write_task(tmp_path / "source", name)
+    task = data.get_task(name)
+    files = {f"{task.dir}/{f}": (tmp_path / "source" / task.dir / f).read_text() for _, f in task.files}
+    rows = tuple(len(expected[split]) for split, _ in task.files)
+    return _zip(files, **kwargs), expected, dataclasses.replace(task, rows=rows)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves {path: (body, Content-Length to announce)}; anything else is a 404."""
+    files = {}
+
+    def do_GET(self):
+        if self.path not in self.files:
+            self.send_error(404)
+            return
+        body, length = self.files[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True  # a body shorter than announced ends with the connection
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A real HTTP server on 127.0.0.1 in a thread: (base URL, {path: (body, Content-Length)})."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    files = {}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Files,), {"files": files}))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}", files
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_download_task_over_http(tmp_path, server):
+    base, files = server
+    archive, expected, task = _task_zip(tmp_path, "rte")
+    files["/RTE.zip"] = (archive, len(archive))
+    target, lines = tmp_path / "glue_data", []
+    assert data.download_task(task, target, base, log=lines.append) == target / "RTE"
+    assert data.read_split(task, "train", target) == expected["train"]
+    assert data.read_split(task, "dev", target) == expected["dev"]
+    assert os.listdir(target) == ["RTE"]  # the archive and the temporary folder are gone
+    assert lines[0] == f"downloading {base}/RTE.zip ({len(archive) / 1e6:.1f} MB)" and "checked" in lines[-1]
+    assert data.download_task(task, target, base + "/elsewhere") == target / "RTE"  # complete: left as it is
+
+
+def _fails(task, target, base, *messages):
+    with pytest.raises(data.DownloadError) as err:
+        data.download_task(task, target, base, log=lambda *a: None)
+    message = str(err.value)
+    assert all(m in message for m in messages), message
+    assert "\n" not in message and "To get" in message  # one line that says how to get the task by hand
+    assert not target.exists() or os.listdir(target) == []  # no task folder, no temporary files
+    return message
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("404", "HTTP Error 404"),
+    ("cut connection", "cut short"),  # the server announces more bytes than it sends
+    ("truncated zip", "not a readable zip"),  # a short file, served whole
+    ("corrupt zip", "fails its CRC check"),
+    ("no dev.tsv", "lacks RTE/dev.tsv"),
+    ("wrong row count", "has 2 rows where GLUE's has 3"),
+])
+def test_download_task_failures_leave_nothing(tmp_path, server, fault, message):
+    base, files = server
+    archive, _, task = _task_zip(tmp_path, "rte", stored=True)
+    body, length = archive, len(archive)
+    if fault == "cut connection":
+        body = archive[:len(archive) // 2]
+    elif fault == "truncated zip":
+        body = archive[:len(archive) // 2]
+        length = len(body)
+    elif fault == "corrupt zip":
+        at = archive.index(b"entailment")  # inside a stored member's data: only its CRC can tell
+        body = archive[:at] + b"E" + archive[at + 1:]
+    elif fault == "no dev.tsv":
+        body = _zip({"RTE/train.tsv": "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"})
+        length = len(body)
+    elif fault == "wrong row count":
+        task = dataclasses.replace(task, rows=(3, 2))
+    if fault != "404":
+        files["/RTE.zip"] = (body, length)
+    _fails(task, tmp_path / "glue_data", base, message, f"{base}/RTE.zip", str(tmp_path / "glue_data"))
+
+
+def test_download_interrupted_while_unpacking_leaves_nothing(tmp_path, server, monkeypatch):
+    base, files = server
+    archive, expected, task = _task_zip(tmp_path, "rte")
+    files["/RTE.zip"] = (archive, len(archive))
+    target, extract = tmp_path / "glue_data", zipfile.ZipFile.extract
+    calls = []
+
+    def fail_second(self, member, path=None, pwd=None):
+        calls.append(member)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return extract(self, member, path, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", fail_second)
+    _fails(task, target, base, "No space left on device")
+    assert data.missing_files(task, target)  # a later run still sees the task as missing
+    monkeypatch.setattr(zipfile.ZipFile, "extract", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        data.download_task(task, target, base, log=lambda *a: None)
+    assert os.listdir(target) == []
+    monkeypatch.setattr(zipfile.ZipFile, "extract", extract)
+    data.download_task(task, target, base, log=lambda *a: None)  # and a later download starts afresh
+    assert data.read_split(task, "dev", target) == expected["dev"]
+
+
+def test_download_refuses_an_incomplete_task_folder(tmp_path, server):
+    base, _ = server
+    _write(tmp_path / "glue_data" / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n")
+    with pytest.raises(data.DownloadError, match=r"RTE exists but lacks dev.tsv: complete it or remove it"):
+        data.download_task(data.get_task("rte"), tmp_path / "glue_data", base)
+    assert os.listdir(tmp_path / "glue_data" / "RTE") == ["train.tsv"]
+
+
+def test_download_mrpc_splits_microsofts_file_as_glue_does(tmp_path, server):
+    base, files = server
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n"
+    pairs = [("1", "11", "12", "A cat .", "A cat sat ."), ("0", "21", "22", "Rain .", "Sun ."),
+             ("1", "31", "32", "He ran .", "He ran off ."), ("0", "41", "42", "Yes .", "No .")]
+    source = header + "".join("\t".join(p) + " \r\n" for p in pairs)  # CRLF and a trailing space, stripped
+    for name, text in {"msr_paraphrase_train.txt": source, "mrpc_dev_ids.tsv": "21\t22\r\n41\t42\r\n"}.items():
+        files[f"/{name}"] = (text.encode("utf-8"), len(text.encode("utf-8")))
+    task = dataclasses.replace(data.get_task("mrpc"), rows=(2, 2))
     target = tmp_path / "glue_data"
-    assert data.download_task(data.get_task("rte"), target, archive.as_uri()) == target / "RTE"
-    assert data.read_split(data.get_task("RTE"), "train", target) == expected["train"]
-    assert not (target / "RTE.zip").exists()
-    with zipfile.ZipFile(archive, "w") as z:  # an archive without dev.tsv
-        z.write(source / "RTE" / "train.tsv", "RTE/train.tsv")
-    with pytest.raises(FileNotFoundError, match="dev.tsv"):
-        data.download_task(data.get_task("rte"), tmp_path / "other", archive.as_uri())
-    with pytest.raises(ValueError, match="download_glue_data.py"):
-        data.download_task(data.get_task("mrpc"), target)  # GLUE has no MRPC zip
+    data.download_task(task, target, base, log=lambda *a: None)
+    head = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    expected = {"train": [pairs[0], pairs[2]], "dev": [pairs[1], pairs[3]]}
+    for split, rows in expected.items():
+        assert (target / "MRPC" / f"{split}.tsv").read_bytes() == (head + "".join(
+            "\t".join(p) + "\n" for p in rows)).encode("utf-8")
+        assert [e.label for e in data.read_split(task, split, target)] == [int(p[0]) for p in rows]
+    assert sorted(os.listdir(target)) == ["MRPC"] and (target / "MRPC" / "dev_ids.tsv").is_file()
+    message = _fails(task, tmp_path / "other", base + "/missing", "HTTP Error 404", "mrpc_dev_ids.tsv")
+    assert "download_glue_data.py" in message
 
 
-# rows and, where ../shared/data/README.md gives it, the count of label 1 (STS-B: mean score)
+def test_task_sources_official_or_mirror(monkeypatch):
+    cola, mrpc = data.get_task("cola"), data.get_task("mrpc")
+    monkeypatch.delenv("GLUE_URL")
+    assert data.task_sources(cola) == {"CoLA.zip": "https://dl.fbaipublicfiles.com/glue/data/CoLA.zip"}
+    assert set(data.task_sources(mrpc).values()) == set(data.MRPC_SOURCES.values())
+    assert data.task_sources(data.get_task("qnli"))["QNLIv2.zip"].endswith("/glue/data/QNLIv2.zip")
+    monkeypatch.setenv("GLUE_URL", "http://mirror/glue/")
+    assert data.task_sources(cola) == {"CoLA.zip": "http://mirror/glue/CoLA.zip"}
+    assert data.task_sources(mrpc) == {n: f"http://mirror/glue/{n}" for n in data.MRPC_SOURCES}
+    assert data.task_sources(cola, "file:///srv/glue") == {"CoLA.zip": "file:///srv/glue/CoLA.zip"}
+
+
+def test_download_task_from_a_file_url(tmp_path):
+    archive, expected, task = _task_zip(tmp_path, "sts-b")
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "STS-B.zip").write_bytes(archive)
+    target = tmp_path / "glue_data"
+    data.download_task(task, target, (tmp_path / "mirror").as_uri(), log=lambda *a: None)
+    assert data.read_split(task, "train", target) == expected["train"]
+
+
+# rows and, where known, the count of label 1 (STS-B: mean score)
 _REAL = [("cola", "train", 8551, 6023), ("cola", "dev", 1043, 721), ("sst-2", "train", 67349, 37569),
          ("sst-2", "dev", 872, 444), ("mrpc", "train", 3668, 2474), ("mrpc", "dev", 408, 279),
          ("qqp", "train", 363846, None), ("qqp", "dev", 40430, None), ("sts-b", "train", 5749, 2.70),
@@ -1411,7 +1585,9 @@ def test_real_glue_files(name, split, rows, balance):
 
 
 def _tokenizer_dir(kind):
-    folder = _TOKENIZERS / _HF[kind][0]
+    if not _TOKENIZERS:
+        pytest.skip("set TOKENIZERS_DIR to test on real tokenizer files")
+    folder = Path(_TOKENIZERS) / _HF[kind][0]
     if not folder.is_dir():
         pytest.skip(f"no tokenizer files at {folder}")
     return folder
@@ -1832,14 +2008,16 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     scale = scale["lora_alpha"] / scale["r"]
     merged = torch.load(run / "merged.pt")
     assert set(merged) == set(original)
+    rename = train.peft_module_name(cfg, source)  # the names the adapter is saved under
     for key, W0 in original.items():
-        prefix = "base_model.model." + key.rsplit(".", 1)[0]
-        if f"{prefix}.lora_A.weight" in adapter and key.endswith("weight"):
+        module, _, param = key.rpartition(".")
+        prefix = "base_model.model." + rename(module)
+        if f"{prefix}.lora_A.weight" in adapter and param == "weight":
             A, B = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
             assert A.shape[0] == 2 * cfg.rank
             torch.testing.assert_close(W0 + scale * B @ A, merged[key], atol=1e-5, rtol=0)
-        elif key.startswith("head."):
-            torch.testing.assert_close(adapter["base_model.model." + key], merged[key])
+        elif f"{prefix}.{param}" in adapter:  # head and word embeddings: trained whole
+            torch.testing.assert_close(adapter[f"{prefix}.{param}"], merged[key])
         else:
             torch.testing.assert_close(W0, merged[key], atol=0, rtol=0)
 
@@ -1872,6 +2050,46 @@ train.main(sys.argv[1:])
 """
 
 
+def test_tiny_encoder_trains_and_exports_its_word_embeddings(tmp_path, glue):
+    _train(tmp_path, "--init", "lora", "--epochs", "1")
+    _train(tmp_path, "--init", "lora", "--epochs", "1", "--freeze_embeddings", out="frozen")
+    cfg = train.Config(**json.loads((tmp_path / "run" / "config.json").read_text()))
+    original = train.build_model(cfg, data.load_tokenizer(tmp_path / "run" / "tokenizer"), 2).state_dict()
+    key = "word_embeddings.weight"
+    for run, trains in (("run", True), ("frozen", False)):
+        adapter = torch.load(tmp_path / run / "adapter_model.bin")
+        saved = json.loads((tmp_path / run / "adapter_config.json").read_text())["modules_to_save"]
+        weights = torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"][key]
+        assert ("word_embeddings" in saved) is trains and {"head.dense", "head.out_proj"} <= set(saved)
+        assert torch.equal(weights, original[key]) is not trains
+        if trains:  # the export holds what was trained
+            assert torch.equal(adapter["base_model.model." + key], weights)
+        else:
+            assert "base_model.model." + key not in adapter
+    assert train.trainable_modules(train.Config(pretrained="DIR")) == ["head"]  # pretrained: frozen
+
+
+def test_train_downloads_a_missing_task(tmp_path, server, monkeypatch, capsys):
+    base, files = server
+    source = _glue_fixture(tmp_path / "source")
+    archive = _zip({f"CoLA/{f}": (source / "CoLA" / f).read_text() for f in ("train.tsv", "dev.tsv")})
+    files["/CoLA.zip"] = (archive, len(archive))
+    monkeypatch.setenv("GLUE_URL", base)
+    cola = dataclasses.replace(data.get_task("cola"), rows=(96, 32))  # the fixture's rows, not GLUE's
+    monkeypatch.setattr(data, "_TASKS", [cola if t.name == "cola" else t for t in data._TASKS])
+    history = _train(tmp_path, "--epochs", "1")  # --data_dir tmp_path/glue, which does not exist
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert os.listdir(tmp_path / "glue") == ["CoLA"]
+    assert f"downloading {base}/CoLA.zip" in capsys.readouterr().out
+    del files["/CoLA.zip"]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "failed")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: could not fetch")
+    assert "HTTP Error 404" in err[0] and "To get CoLA by hand" in err[0]
+    assert not (tmp_path / "empty" / "CoLA").exists() and os.listdir(tmp_path / "empty") == []
+
+
 def test_torchrun_two_processes_match_one(tmp_path, glue):
     """Two processes with batch 8 each against one process with batch 16: 2 steps of cg-lora on a
     --pretrained checkpoint with dropout 0. data.batches cuts one shuffled order into batches, so rank r's
@@ -1896,9 +2114,20 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
                          cwd=here, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
     assert "2 process(es)" in two.stdout
-    init = [{k.removeprefix("base_model.model.").removesuffix(".weight") if ".lora_" in k else
-             k.removeprefix("base_model.model."): v for k, v in torch.load(tmp_path / run / "adapter_init.bin").items()}
-            for run in ("one", "two")]  # in our parameter names
+    cfg = train.Config(**json.loads((tmp_path / "one" / "config.json").read_text()))
+    model = from_pretrained(str(tmp_path / "ckpt"), 2)
+    rename = train.peft_module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
+    ours = {rename(n): n for n in {k.rpartition(".")[0] for k in hf_names(model.config)}}
+
+    def our_name(key):  # base_model.model.<their module>.lora_A.weight -> <our module>.lora_A, and so on
+        module, _, param = key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".")
+        if param.startswith("lora_"):
+            return f"{ours[module]}.{param}"
+        module, _, param = key.removeprefix("base_model.model.").rpartition(".")
+        return f"{ours[module]}.{param}"
+
+    init = [{our_name(k): v for k, v in torch.load(tmp_path / run / "adapter_init.bin").items()}
+            for run in ("one", "two")]
     records = [json.loads((tmp_path / run / "init.json").read_text())["layers"] for run in ("one", "two")]
     for r1, r2 in zip(*records):  # the per-fold statistics too: the same calibration diagnostics
         for key in ("heldout", "heldout_lora_one", "insample", "overlap_left", "overlap_right", "captured"):

@@ -42,11 +42,12 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
-    damping: str = "auto"  # relative damping of S and T (section 3): a number, or auto: chosen on held-out folds (section 8.1)
+    damping: str = "auto"  # relative damping of S and T (docs/cg-lora.md section 3): a number, or auto: chosen on held-out folds (section 8.1)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
     balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature metric
+    freeze_embeddings: bool = False  # tiny encoder: keep its random word embeddings frozen too (they train by default)
     seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
@@ -89,10 +90,26 @@ def parse_args(argv=None):
 
 def build_model(cfg, tokenizer, num_labels):
     """The pretrained checkpoint (tokenizer unused) or the tiny encoder, seeded: same seed, same model."""
-    torch.manual_seed(cfg.seed)  # the tiny encoder's frozen weights and any fresh head
+    torch.manual_seed(cfg.seed)  # the tiny encoder's random weights and any fresh head
     if cfg.pretrained:
         return models.from_pretrained(cfg.pretrained, num_labels)
     return models.Encoder(models.tiny_config(tokenizer.vocab_size, num_labels, tokenizer.pad_id))
+
+
+def trainable_modules(cfg):
+    """Modules that train besides the adapters: the head, and the tiny encoder's word embeddings
+    (random and task-built: with them frozen, LoRA has nothing to steer and dev MCC stays at 0)."""
+    return ["head"] + ([] if cfg.pretrained or cfg.freeze_embeddings else ["word_embeddings"])
+
+
+def fetch_data(task, cfg, main, world, log):
+    """Download the task into the data dir when its files are missing (rank 0; the other ranks wait)."""
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    if main and data.missing_files(task, data_dir):
+        log(f"{task.dir} is not in {data_dir}: downloading it")
+        data.download_task(task, data_dir, log=log)
+    if world > 1:
+        dist.barrier()
 
 
 def to_device(batch, device):
@@ -129,7 +146,7 @@ def initialise(cfg, model, calib, device, log):
         model.requires_grad_(True)
     else:
         layers = cglora.add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout,
-                                 rslora=cglora.RSLORA[cfg.init], trainable=["head"])
+                                 rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
         stats = None
@@ -201,8 +218,9 @@ def adapter_files(cfg, model, out, name="adapter_model.bin"):
         module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
         state[f"base_model.model.{rename(module)}.lora_{param}"] = value
         targets.append(rename(module))
+    saved = trainable_modules(cfg)  # the head, and the tiny encoder's word embeddings when they train
     for key, value in model.state_dict().items():
-        if key.startswith("head."):  # the trained head, in peft's modules_to_save: HF's classifier and
+        if key.split(".")[0] in saved:  # in peft's modules_to_save: HF's classifier and
             module, _, param = key.rpartition(".")  # BERT's pooler whole; our head.* one by one (a ModuleDict)
             state[f"base_model.model.{rename(module)}.{param}"] = value.clone()
             head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
@@ -279,6 +297,7 @@ def train(cfg):
 
     # data and tokenizer
     task = data.get_task(cfg.task)
+    fetch_data(task, cfg, main, world, log)
     train_set = data.read_split(task, "train", cfg.data_dir)
     dev_set = data.read_split(task, "dev", cfg.data_dir)
     if cfg.pretrained:
@@ -406,7 +425,7 @@ def train(cfg):
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, data.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
