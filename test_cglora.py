@@ -1406,7 +1406,7 @@ def server(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     files = {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Files,), {"files": files}))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)  # poll: quick shutdown
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_port}", files
