@@ -173,12 +173,15 @@ def report():
             "LoRA-One's (2-fold) | in-sample q ÷ LoRA-One's |", "|---|---|---|---|---|---|"]
     for t in tasks:
         cg, one = pick[t, "cg-lora"], pick[t, "lora-one"]
-        if cg and all("overlap" in r for r in cg + one):
+        one = [r for r in one if "overlap" in r]  # rows from before the diagnostics have none
+        if cg and all("overlap" in r for r in cg):
             mean = lambda runs, f: statistics.mean(f(r) for r in runs)  # noqa: E731
             lams = ", ".join(f"{r['chosen_damping']:g}" for r in cg)
+            ones = (f"{mean(one, lambda r: r['overlap'][0]):.2f} / {mean(one, lambda r: r['overlap'][1]):.2f}"
+                    if one else "—")
             diag.append(f"| {t} | {lams} | "
                         f"{mean(cg, lambda r: r['overlap'][0]):.2f} / {mean(cg, lambda r: r['overlap'][1]):.2f} | "
-                        f"{mean(one, lambda r: r['overlap'][0]):.2f} / {mean(one, lambda r: r['overlap'][1]):.2f} | "
+                        f"{ones} | "
                         f"{mean(cg, lambda r: r['heldout_ratio']):.2f} | {mean(cg, lambda r: r['insample_ratio']):.2f} |")
     calib = ["| task | calibration examples | damping chosen | held-out q ÷ LoRA-One's, at it | best damping on "
              "the unseen examples (ratio) | 2-fold estimate | split-half overlap L / R: cg-lora | lora-one | "
@@ -294,8 +297,9 @@ def diagnose(task_name, calibration, seed, pretrained):
                kfold_by_damping={f"{lam:g}": sum(r["heldout_by_damping"][lam] for r in rows.values())
                                  for lam in cglora.DAMPING_GRID})
     row["heldout_ratio_chosen"] = row["heldout_ratio"][f"{chosen:g}"]
-    with open(DIAGNOSTICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    old = [line for line in (DIAGNOSTICS.read_text().splitlines() if DIAGNOSTICS.exists() else [])
+           if (lambda d: (d["task"], d["calibration"], d["seed"]) != (task.name, calibration, seed))(json.loads(line))]
+    DIAGNOSTICS.write_text("".join(line + "\n" for line in old + [json.dumps(row)]))  # a rerun replaces its row
     print(f"{task.name} calibration {calibration}: damping {chosen:g}, held-out q / LoRA-One's "
           f"{row['heldout_ratio_chosen']:.2f} (K-fold {row['kfold_ratio']:.2f}), overlap {row['overlap'][0]:.2f}/"
           f"{row['overlap'][1]:.2f} (LoRA-One {row['overlap_lora_one'][0]:.2f}/{row['overlap_lora_one'][1]:.2f}), "
