@@ -281,7 +281,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             p.requires_grad_(False)
         model.eval()
         for i, batch in enumerate(batches):
-            S, G, T = sums[(proc + i * world) % folds]
+            fold = (proc + i * world) % folds  # the global batch index decides the fold
+            S, G, T = sums[fold]
             labels = batch["labels"]
             seen.clear()
             alias.clear()
@@ -313,7 +314,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
                 T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
-            n[(proc + i * world) % folds] += n_b
+            n[fold] += n_b
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
             if pending >= FLUSH_ROWS:

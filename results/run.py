@@ -61,7 +61,7 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
     args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr), "--damping", str(damping),
             "--log_every", "100000"] + (["--init_norm", str(init_norm)] if init_norm is not None else [])
     args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
-    out = HERE / "tmp" / name
+    out = HERE / "runs" / name
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(HERE.parent / "train.py"), *args, "--pretrained", pretrained,
                            "--out", str(out)], capture_output=True, text=True)
@@ -78,7 +78,7 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
     row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
                captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None], **diagnostics,
                wall_seconds=time.time() - t0,  # the command as run from the repository root:
-               command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> --out results/tmp/{name}")
+               command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> --out results/runs/{name}")
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{task} {method} seed {seed} lr {lr:g} init_norm {init_norm}: {main_key(history[-1])} {score(row):.4f} "
