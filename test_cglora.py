@@ -2216,8 +2216,8 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     # cg-lora's best seed-0 rate is 1e-3 (0.30 > 0.05; 5e-4 is a sensitivity rate, not a candidate),
     # lora-one's is 3e-3 (0.15 > 0.10)
     assert "| cg-lora | 0.0005: 0.900, **0.001**: 0.300, **0.003**: 0.050 |" in readme
-    assert "| cg-lora | 0.001 | — | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
-    assert "| lora-one | 0.003 | — | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
+    assert "| cg-lora | 0.001 | default | 0.200 ± 0.100 (3) | 0.100 ± 0.050 (3) |" in readme
+    assert "| lora-one | 0.003 | default | 0.050 ± 0.087 (3) | 0.025 ± 0.043 (3) |" in readme
     se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # sample variances of (0.3, 0.2, 0.1) and (0.15, 0, 0)
     assert f"| cola | — | — | — | +0.150 ± {se:.3f} | — |" in readme  # columns: run.BASELINES
     assert f"| cola, epoch 1 | — | — | — | +0.075 ± {se / 2:.3f} | — |" in readme
@@ -2234,6 +2234,22 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
                                             history=history, captured=[0.5], wall_seconds=60.0)) + "\n")
     assert run.best_sizes(run.done(), run.best_rates(run.done())) == {
         "cg-lora": run.INIT_NORMS[1], "cg-lora-shift": run.INIT_NORMS[1], "lora-one": run.INIT_NORMS[1]}
+    # until the grid has run at the best size, the table keeps the default size's grid and says so
+    run.report()
+    readme = (tmp_path / "README.md").read_text()
+    assert "| cg-lora | 0.001 | default | 0.200 ± 0.100 (3) |" in readme
+    n = f"{run.INIT_NORMS[1]:g}"
+    assert f"best init size of cg-lora {n}, lora-one {n}, cg-lora-shift {n} has not been run" in readme
+    with open(run.RUNS, "a") as f:  # the grid at cg-lora's best size: seeds 1 and 2 on CoLA
+        for seed, x in ((1, 0.4), (2, 0.6)):
+            history = [dict(epoch=1, dev_mcc=x / 2, dev_loss=1.0), dict(epoch=2, dev_mcc=x, dev_loss=0.5)]
+            f.write(json.dumps(dict(task="cola", method="cg-lora", seed=seed, lr=1e-3, damping=run.DAMPING,
+                                    init_norm=run.INIT_NORMS[1], history=history, captured=[0.5],
+                                    wall_seconds=60.0)) + "\n")
+    run.report()
+    readme = (tmp_path / "README.md").read_text()  # seed 0 at 0.3 scored 0.5 above
+    assert f"| cg-lora | 0.001 | {run.INIT_NORMS[1]:g} | 0.500 ± 0.100 (3) |" in readme
+    assert "best init size of lora-one" in readme and "best init size of cg-lora " not in readme
 
 
 # ============================================================================ adapters in other code: peft, transformers
