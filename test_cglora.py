@@ -2239,7 +2239,7 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     readme = (tmp_path / "README.md").read_text()
     assert "| cg-lora | 0.001 | default | 0.200 ± 0.100 (3) |" in readme
     n = f"{run.INIT_NORMS[1]:g}"
-    assert f"best init size of cg-lora {n}, lora-one {n}, cg-lora-shift {n} has not been run" in readme
+    assert f"best init size of cg-lora {n}, lora-one {n}, cg-lora-shift {n} has not been run on every" in readme
     with open(run.RUNS, "a") as f:  # the grid at cg-lora's best size: seeds 1 and 2 on CoLA
         for seed, x in ((1, 0.4), (2, 0.6)):
             history = [dict(epoch=1, dev_mcc=x / 2, dev_loss=1.0), dict(epoch=2, dev_mcc=x, dev_loss=0.5)]

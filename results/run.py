@@ -134,10 +134,11 @@ def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean dif
 def report():
     rows = done()
     rates, best = best_rates(rows), best_sizes(rows, best_rates(rows))
-    # the table shows a method at its best init size once the grid has run there (a seed other than 0),
-    # else at its default size, and says so
-    sizes = {m: n for m, n in best.items() if any(matches(r, method=m, lr=rates[m], damping=DAMPING, init_norm=n)
-                                                  and r["seed"] != 0 for r in rows)}
+    # the table shows a method at its best init size once the grid there covers every (task, seed) its
+    # default size's grid does, else at its default size, and says so
+    def covered(m, n):
+        return {(r["task"], r["seed"]) for r in rows if matches(r, method=m, lr=rates[m], damping=DAMPING, init_norm=n)}
+    sizes = {m: n for m, n in best.items() if covered(m, n) >= covered(m, None) and (n is None or covered(m, n))}
     not_run = [f"{m} {n:g}" for m, n in best.items() if n is not None and m not in sizes]
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
@@ -209,8 +210,8 @@ def report():
             "MCC, RTE/SST-2 accuracy, MRPC F1, STS-B Pearson) after the last epoch and after epoch 1: mean ± std "
             "over seeds (number of seeds), each method at its best CoLA seed-0 rate and, for CG-LoRA and "
             "LoRA-One, its best init size (below) where the grid has run at it"
-            + (f"; the best init size of {', '.join(not_run)} has not been run in the grid yet, so the table "
-               "shows the default size" if not_run else "") + ".\n\n"
+            + (f"; the best init size of {', '.join(not_run)} has not been run on every task and seed of the "
+               "grid yet, so the table shows the default size" if not_run else "") + ".\n\n"
             + "\n".join(table) + "\n\nCG-LoRA minus each baseline, difference of the means ± its standard error "
             "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win:\n\n" + "\n".join(diff)
             + "\n\nCG-LoRA's calibration diagnostics in these runs (mean over seeds; §8 of the derivation):\n\n"
