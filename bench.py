@@ -238,7 +238,8 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k:<40}{v:>8.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results, ratios=ratios), indent=1))
+        record = {k: (Path(v).name if k in ("tokenizer", "pretrained") and v else v) for k, v in vars(args).items()}
+        Path(args.json).write_text(json.dumps(dict(args=record, results=results, ratios=ratios), indent=1))  # no machine paths
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def report():
     # default size's grid does, else at its default size, and says so
     def covered(m, n):
         return {(r["task"], r["seed"]) for r in rows if matches(r, method=m, lr=rates[m], damping=DAMPING, init_norm=n)}
-    sizes = {m: n for m, n in best.items() if covered(m, n) >= covered(m, None) and (n is None or covered(m, n))}
+    sizes = {m: n for m, n in best.items() if (done_at := covered(m, n)) and done_at >= covered(m, None)}
     not_run = [f"{m} {n:g}" for m, n in best.items() if n is not None and m not in sizes]
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
