@@ -2250,6 +2250,9 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     readme = (tmp_path / "README.md").read_text()  # seed 0 at 0.3 scored 0.5 above
     assert f"| cg-lora | 0.001 | {run.INIT_NORMS[1]:g} | 0.500 ± 0.100 (3) |" in readme
     assert "best init size of lora-one" in readme and "best init size of cg-lora " not in readme
+    se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # (0.5, 0.4, 0.6) at 0.3; (0.3, 0.2, 0.1) at the default
+    assert f"| cola | — | — | — | +0.450 ± {se:.3f} | — |" in readme
+    assert f"| cola, cg-lora at the default size | — | — | — | +0.150 ± {se:.3f} | — |" in readme
 
 
 # ============================================================================ adapters in other code: peft, transformers

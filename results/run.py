@@ -158,10 +158,15 @@ def report():
         table.append(f"| {m} | {rates.get(m, '—')} | {size} | " + " | ".join(
             [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
     diff = ["| task | " + " | ".join(f"cg-lora − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    at_default = {t: [r for r in rows if matches(r, task=t, method="cg-lora", lr=rates.get("cg-lora"),
+                                                 damping=DAMPING, init_norm=None)] for t in tasks}
     for t in tasks:
         for epoch, name in ((None, t), (1, f"{t}, epoch 1")):
             diff.append(f"| {name} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b], epoch)
                                                     for b in BASELINES) + " |")
+        if sizes.get("cg-lora") is not None:  # also at the size LoRA-One and the others start from
+            diff.append(f"| {t}, cg-lora at the default size | " + " | ".join(
+                difference(at_default[t], pick[t, b]) for b in BASELINES) + " |")
     sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
         runs = sorted((r for r in rows if matches(r, task="cola", seed=0, method=m, damping=DAMPING, init_norm=None)),
@@ -213,7 +218,9 @@ def report():
             + (f"; the best init size of {', '.join(not_run)} has not been run on every task and seed of the "
                "grid yet, so the table shows the default size" if not_run else "") + ".\n\n"
             + "\n".join(table) + "\n\nCG-LoRA minus each baseline, difference of the means ± its standard error "
-            "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win:\n\n" + "\n".join(diff)
+            "(√(s₁²/n₁ + s₂²/n₂)); a difference inside ±2 standard errors is not a win"
+            + ("; where CG-LoRA's best init size is not the default, its default-size grid is compared too"
+               if sizes.get("cg-lora") is not None else "") + ":\n\n" + "\n".join(diff)
             + "\n\nCG-LoRA's calibration diagnostics in these runs (mean over seeds; §8 of the derivation):\n\n"
             + "\n".join(diag)
             + "\n\nCalibration size (`python results/run.py diagnose`): CG-LoRA's and LoRA-One's directions fitted "
