@@ -183,7 +183,7 @@ def report():
     diag = ["| task | chosen damping (per seed) | split-half overlap L / R: cg-lora | lora-one | held-out q ÷ "
             "LoRA-One's (2-fold) | in-sample q ÷ LoRA-One's |", "|---|---|---|---|---|---|"]
     for t in tasks:
-        cg, one = pick[t, "cg-lora"], pick[t, "lora-one"]
+        cg, one = sorted(pick[t, "cg-lora"], key=lambda r: r["seed"]), pick[t, "lora-one"]
         one = [r for r in one if "overlap" in r]  # rows from before the diagnostics have none
         if cg and all("overlap" in r for r in cg):
             mean = lambda runs, f: statistics.mean(f(r) for r in runs)  # noqa: E731
