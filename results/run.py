@@ -133,7 +133,8 @@ def difference(a, b, epoch=None):  # cg-lora's runs minus a baseline's: mean dif
 
 def report():
     rows = done()
-    rates, best = best_rates(rows), best_sizes(rows, best_rates(rows))
+    rates = best_rates(rows)
+    best = best_sizes(rows, rates)
     # the table shows a method at its best init size once the grid there covers every (task, seed) its
     # default size's grid does, else at its default size, and says so
     def covered(m, n):
@@ -142,8 +143,9 @@ def report():
     not_run = [f"{m} {n:g}" for m, n in best.items() if n is not None and m not in sizes]
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
-    pick = {(t, m): [r for r in rows if matches(r, task=t, method=m, lr=rates.get(m), damping=DAMPING,
-                                                 init_norm=sizes.get(m))] for t in tasks for m in METHODS}
+    pick = {(t, m): sorted((r for r in rows if matches(r, task=t, method=m, lr=rates.get(m), damping=DAMPING,
+                                                       init_norm=sizes.get(m))), key=lambda r: r["seed"])
+            for t in tasks for m in METHODS}
 
     def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
         if not runs:
@@ -158,15 +160,15 @@ def report():
         table.append(f"| {m} | {rates.get(m, '—')} | {size} | " + " | ".join(
             [cell(pick[t, m]) for t in tasks] + [cell(pick[t, m], 1) for t in tasks]) + " |")
     diff = ["| task | " + " | ".join(f"cg-lora − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
-    at_default = {t: [r for r in rows if matches(r, task=t, method="cg-lora", lr=rates.get("cg-lora"),
-                                                 damping=DAMPING, init_norm=None)] for t in tasks}
     for t in tasks:
         for epoch, name in ((None, t), (1, f"{t}, epoch 1")):
             diff.append(f"| {name} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b], epoch)
                                                     for b in BASELINES) + " |")
         if sizes.get("cg-lora") is not None:  # also at the size LoRA-One and the others start from
+            at_default = [r for r in rows if matches(r, task=t, method="cg-lora", lr=rates["cg-lora"],
+                                                     damping=DAMPING, init_norm=None)]
             diff.append(f"| {t}, cg-lora at the default size | " + " | ".join(
-                difference(at_default[t], pick[t, b]) for b in BASELINES) + " |")
+                difference(at_default, pick[t, b]) for b in BASELINES) + " |")
     sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
         runs = sorted((r for r in rows if matches(r, task="cola", seed=0, method=m, damping=DAMPING, init_norm=None)),
@@ -183,7 +185,7 @@ def report():
     diag = ["| task | chosen damping (per seed) | split-half overlap L / R: cg-lora | lora-one | held-out q ÷ "
             "LoRA-One's (2-fold) | in-sample q ÷ LoRA-One's |", "|---|---|---|---|---|---|"]
     for t in tasks:
-        cg, one = sorted(pick[t, "cg-lora"], key=lambda r: r["seed"]), pick[t, "lora-one"]
+        cg, one = pick[t, "cg-lora"], pick[t, "lora-one"]
         one = [r for r in one if "overlap" in r]  # rows from before the diagnostics have none
         if cg and all("overlap" in r for r in cg):
             mean = lambda runs, f: statistics.mean(f(r) for r in runs)  # noqa: E731
@@ -352,7 +354,8 @@ def main():
                 run("cola", m, 0, lr, pretrained)
     else:
         rows = done()
-        rates, sizes = best_rates(rows), ({} if args.default_size else best_sizes(rows, best_rates(rows)))
+        rates = best_rates(rows)
+        sizes = {} if args.default_size else best_sizes(rows, rates)
         if missing := [m for m in methods if m not in rates]:
             sys.exit(f"no CoLA sweep for {', '.join(missing)}: run `python results/run.py sweep` first")
         if missing := [m for m in methods if m in SIZED + ["cg-lora-shift"] and m not in sizes and not args.default_size]:
