@@ -143,9 +143,11 @@ def report():
     not_run = [f"{m} {n:g}" for m, n in best.items() if n is not None and m not in sizes]
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
-    pick = {(t, m): sorted((r for r in rows if matches(r, task=t, method=m, lr=rates.get(m), damping=DAMPING,
-                                                       init_norm=sizes.get(m))), key=lambda r: r["seed"])
-            for t in tasks for m in METHODS}
+
+    def grid(t, m, n):  # method m's grid runs on task t at init size n, in seed order
+        return sorted((r for r in rows if matches(r, task=t, method=m, lr=rates.get(m), damping=DAMPING, init_norm=n)),
+                      key=lambda r: r["seed"])
+    pick = {(t, m): grid(t, m, sizes.get(m)) for t in tasks for m in METHODS}
 
     def cell(runs, epoch=None):  # mean ± std of the main metric (after `epoch`, default the last)
         if not runs:
@@ -165,10 +167,8 @@ def report():
             diff.append(f"| {name} | " + " | ".join(difference(pick[t, "cg-lora"], pick[t, b], epoch)
                                                     for b in BASELINES) + " |")
         if sizes.get("cg-lora") is not None:  # also at the size LoRA-One and the others start from
-            at_default = [r for r in rows if matches(r, task=t, method="cg-lora", lr=rates["cg-lora"],
-                                                     damping=DAMPING, init_norm=None)]
             diff.append(f"| {t}, cg-lora at the default size | " + " | ".join(
-                difference(at_default, pick[t, b]) for b in BASELINES) + " |")
+                difference(grid(t, "cg-lora", None), pick[t, b]) for b in BASELINES) + " |")
     sweep = ["| method | dev MCC at each rate (seed 0; **bold**: a rate the grid chose among) |", "|---|---|"]
     for m in METHODS:
         runs = sorted((r for r in rows if matches(r, task="cola", seed=0, method=m, damping=DAMPING, init_norm=None)),
