@@ -150,6 +150,11 @@ def _sample_labels(out, labels, generator):
 
 
 _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
+_loss.terms = lambda labels: labels.shape[0]  # the terms its batch mean averages: one per example
+
+
+def _terms(loss, labels):  # how many loss terms the batch's mean loss averages (§2, §9)
+    return int(loss.terms(labels)) if hasattr(loss, "terms") else labels.shape[0]
 
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
@@ -172,14 +177,15 @@ def _sample_tokens(logits, labels, generator):
 
 
 causal_lm_loss.sample = _sample_tokens
+causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
 
 
 class _Sums:
-    """Running sums of a^T b over token rows. Rows wait until FLUSH_ROWS of them have come, then
-    one matmul adds them: a d x d update from one short batch would be memory-bound."""
+    """Running sums of a^T b over token rows, held on `device`. Rows wait until FLUSH_ROWS of them
+    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound."""
 
-    def __init__(self):
-        self.total, self.rows, self.count = {}, {}, {}
+    def __init__(self, device=None):
+        self.total, self.rows, self.count, self.device = {}, {}, {}, device
 
     def add(self, key, a, b=None):  # b=None: a^T a
         self.rows.setdefault(key, []).append((a, b))
@@ -188,8 +194,8 @@ class _Sums:
     @torch.no_grad()
     def flush(self):
         for key, pairs in self.rows.items():
-            a = torch.cat([p[0] for p in pairs])
-            b = a if pairs[0][1] is None else torch.cat([p[1] for p in pairs])
+            a = torch.cat([p[0] for p in pairs]).to(self.device)
+            b = a if pairs[0][1] is None else torch.cat([p[1] for p in pairs]).to(self.device)
             if key in self.total:
                 self.total[key].addmm_(a.T, b)
             else:
@@ -210,16 +216,20 @@ class Fold(NamedTuple):
 
 
 class Statistics(NamedTuple):
-    """One layer's statistics over all calibration batches, and per fold (§8.1: batch i is in
-    fold i mod K). The pooled statistics are the folds' weighted mean."""
-    S: torch.Tensor
-    G: torch.Tensor
-    T: torch.Tensor
-    folds: tuple = ()  # K Folds; () when collected with folds=1
+    """One layer's statistics, kept per fold only (§8.1: batch i is in fold i mod K), so that the K
+    folds are the only copies held. S, G, T are those of all batches, pooled on access (a new
+    tensor each time for K > 1; the fold's own for K = 1)."""
+    folds: tuple  # K Folds
+
+    S = property(lambda self: pool(self.folds).S)
+    G = property(lambda self: pool(self.folds).G)
+    T = property(lambda self: pool(self.folds).T)
 
 
 def pool(folds):
     """The statistics of the union of `folds`: S weighted by tokens, G and T by examples."""
+    if len(folds) == 1:
+        return folds[0]
     n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
     S = sum(f.S * (f.tokens / tokens) for f in folds)
     G = sum(f.G * (f.n / n) for f in folds)
@@ -227,21 +237,24 @@ def pool(folds):
     return Fold(S, G, T, n, tokens)
 
 
-def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2):
+def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2,
+                       device=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
     the other entries go to model(**inputs). `loss(output, labels)` returns the batch's mean loss
     (output: the model's output or its .logits); default: cross entropy for long labels on
     [batch, classes], MSE for float labels; pass causal_lm_loss for a causal language model
-    (labels [batch, length], §9). One example is one row of the labels: delta, the gradient of an
-    example's own loss, is n_b * d(batch loss)/dy. fisher="sampled" draws T's labels with
-    loss.sample(output, labels, generator).
+    (labels [batch, length], §9). One example is one term of the batch's mean loss: a loss says
+    how many its batch has with loss.terms(labels) (default: the rows of the labels; causal_lm_loss:
+    the target tokens), and delta, the gradient of one term's loss, is terms * d(batch loss)/dy.
+    fisher="sampled" draws T's labels with loss.sample(output, labels, generator).
 
-    Returns {name: Statistics(S, G, T, folds)} in fp32: S d_in x d_in, G and T as §2; layers fed
+    Returns {name: Statistics(folds)} in fp32: S d_in x d_in, G and T as §2 per fold; layers fed
     the same input tensor share one S. The batches are dealt into `folds` folds (batch i to fold
-    i mod folds) for the held-out choice of the damping (§8.1), kept alongside the pooled
-    statistics (memory: folds + 1 copies; folds=1 keeps one). Under torch.distributed rank r's
+    i mod folds) for the held-out choice of the damping (§8.1); the folds are the only copies
+    held. `device` holds the sums (default: where the layers' outputs are; "cpu" keeps wide
+    factors off an accelerator, at the cost of moving each token row). Under torch.distributed rank r's
     i-th batch is batch r + i * world (train.py deals them so) and the sums are all-reduced, so
     every rank gets the statistics one process would get from all the batches.
     No weight gradients are made and no caller tensor is changed: hooks read activations and
@@ -261,7 +274,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
-    sums = [(_Sums(), _Sums(), _Sums()) for _ in range(folds)]  # per fold: S, G, T
+    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
     n, share, names, pending = [0] * folds, {}, list(layers), 0
 
     def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
@@ -297,7 +310,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             keep = batch.get("attention_mask")
             keep = None if keep is None else keep.bool()
             x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
-            ys, n_b = [seen[name][1] for name in names], labels.shape[0]
+            ys, n_b = [seen[name][1] for name in names], _terms(loss, labels)
             seen.clear()
             alias.clear()
             labels = labels.to(out.device)
@@ -310,7 +323,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             for key, rows in x.items():
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
             for name, y, d, d_T in zip(names, ys, delta, delta_T):
-                # d(mean loss)/dy * n_b = d(own loss)/dy per example; None: y does not reach the loss
+                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach the loss
                 d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
                 T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
@@ -333,7 +346,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
 
 
 def _normalise(sums, n, share, names, distributed):
-    """Per-fold sums -> {name: Statistics}: all-reduce across ranks, divide by counts, pool."""
+    """Per-fold sums -> {name: Statistics}: all-reduce across ranks, divide by counts."""
     if not share:
         raise ValueError("collect_statistics got no calibration batches")
     keys = sorted(dict.fromkeys(share.values()))
@@ -362,14 +375,7 @@ def _normalise(sums, n, share, names, distributed):
             total.div_(c[0])
         folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0], tokens[share[name]])
                       for name in names})
-    if len(folds) == 1:
-        return {name: Statistics(*folds[0][name][:3]) for name in names}
-    stats, pooled_S = {}, {}
-    for name in names:
-        per_layer = tuple(fold[name] for fold in folds)
-        S, G, T, _, _ = pool(per_layer)
-        stats[name] = Statistics(pooled_S.setdefault(share[name], S), G, T, per_layer)
-    return stats
+    return {name: Statistics(tuple(fold[name] for fold in folds)) for name in names}
 
 
 # ----------------------------------------------------------------------------- §3 whitening
@@ -416,11 +422,12 @@ def top_svd(M, k):
 # ----------------------------------------------------------------------------- §4 factors
 
 
-def _balanced_factors(M, L_T, L_S, rank, step, scaling):
-    """B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1."""
+def _balanced_factors(M, L_T, L_S, rank, step, scaling, tol=None):
+    """B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1. The top r of M
+    exact (tol=None: top_svd) or by top_r stopped at relative energy change `tol` (§3)."""
     if not 0 < rank <= min(M.shape):
         raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(M.shape)}")
-    U, sigma, V = top_svd(M, rank)
+    U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
     root, c = sigma.sqrt(), math.sqrt(step / scaling)
     B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)
     A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T
@@ -482,6 +489,7 @@ def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
 # ----------------------------------------------------------------------------- §8 calibration noise
 
 DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # damping="auto" searches 1e-3 .. 1e3 (§8.1)
+FINAL_TOL = 1e-8  # top_r's stop for the init itself: its captured energy within 1e-6 of the exact (§3)
 
 
 def predicted_decrease(B, A, G, S, T):
@@ -501,7 +509,7 @@ def overlap(X, Y):
 
 
 def direction(method, stats, rank, damping):
-    """The rank-r update (B, A) a data-driven method starts from, before its size is set."""
+    """The rank-r update (B, A) a data-driven method starts from, before its size is set (exact)."""
     if method == "lora-ga":
         return lora_ga_factors(stats.G, rank)
     if method == "lora-one":
@@ -509,11 +517,83 @@ def direction(method, stats, rank, damping):
     return cg_lora_factors(stats.G, stats.S, stats.T, rank, damping)[:2]
 
 
-def held_out(method, folds, rank, damping):
-    """K-fold held-out predicted decrease (§8.1): for each fold k, the direction fitted on the
-    other folds, judged by q on fold k. Returns (sum over k, the K directions fitted)."""
-    fitted = [direction(method, pool(folds[:k] + folds[k + 1:]), rank, damping) for k in range(len(folds))]
-    return sum(predicted_decrease(B, A, f.G, f.S, f.T) for (B, A), f in zip(fitted, folds)), fitted
+def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
+    """The top-r singular triplets of M (U, sigma, V as top_svd) by block subspace iteration
+    (block 2r, Rayleigh-Ritz), stopped when the captured energy sum_{i<=r} sigma_i^2 changes by
+    less than `tol` relative (§8.1): a criterion on the objective, met in a few iterations on flat
+    spectra where the subspace itself converges slowly. O(d^2 r) an iteration. Also returns the
+    block (d_in x 2r) to warm-start a nearby matrix; the first start is a seeded random block."""
+    p = min(2 * rank, *M.shape)
+    V = start if start is not None else torch.linalg.qr(torch.randn(
+        M.shape[1], p, generator=generator or torch.Generator().manual_seed(0), dtype=M.dtype)).Q
+    energy = None
+    for _ in range(max_iters):
+        Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
+        V, R = torch.linalg.qr(M.T @ Q)  # Q^T M = R^T V^T: its singular values are the Ritz values
+        u, sigma, vh = torch.linalg.svd(R.T)
+        captured = sigma[:rank].square().sum()
+        if energy is not None and abs(captured - energy) <= tol * captured:
+            break
+        energy = captured
+    V = V @ vh.T  # Ritz vectors, in descending order
+    return Q @ u[:, :rank], sigma[:rank], V[:, :rank], V
+
+
+class _Eig(NamedTuple):  # X = Q diag(w) Q^T, and the scale of its relative damping, mu = tr X / d
+    Q: torch.Tensor
+    w: torch.Tensor
+    mu: float
+
+
+def _eig(X):
+    w, Q = torch.linalg.eigh(X)
+    mu = w.mean().item()
+    return _Eig(Q, w.clamp(min=0), mu if mu > 0 else 1.0)  # mu = 1 when X = 0, as _damped
+
+
+def cg_directions(G, eig_S, eig_T, rank, grid):
+    """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
+    and T (§8.1): S_l = Q_S diag(w_S + l mu_S) Q_S^T, so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T
+    with the rotated gradient C = Q_T^T G Q_S and diagonal D's: every lambda is a rescaling of C,
+    whose top r (top_r, warm-started from the neighbouring lambda) costs O(d^2 r).
+    Returns {lambda: (B, A)} with B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
+    C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
+    out, start = {}, None
+    for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
+        dT, dS = eig_T.w + lam * eig_T.mu, eig_S.w + lam * eig_S.mu
+        if not (dT.min() > 0 and dS.min() > 0):
+            raise ValueError(f"damped statistics are not positive definite (damping={lam}): use damping > 0")
+        dT, dS = dT.rsqrt(), dS.rsqrt()
+        U, sigma, V, start = top_r(dT[:, None] * C * dS, rank, start)
+        root = sigma.sqrt()
+        out[lam] = (-eig_T.Q @ (dT[:, None] * U * root), (eig_S.Q @ (dS[:, None] * V * root)).T)
+    return out
+
+
+def _baseline_direction(method, G, rank):  # LoRA-One's or LoRA-GA's direction by top_r (diagnostics)
+    if method == "lora-ga":
+        U, _, V, _ = top_r(G, 2 * rank)
+        return U[:, rank:], V[:, :rank].T
+    U, sigma, V, _ = top_r(-G, rank)
+    return U * sigma, V.T
+
+
+def _fold_directions(method, folds, rank, lambdas, eig_S):
+    """For each fold k, the directions fitted on the other folds' pooled statistics: this method's
+    at every lambda and LoRA-One's. eig_S[k] caches the eigendecomposition of fold k's training S
+    for the next layer fed the same input (query, key, value share S)."""
+    fitted = []
+    for k in range(len(folds)):
+        train = pool(folds[:k] + folds[k + 1:])
+        one = _baseline_direction("lora-one", train.G, rank)
+        if method.startswith("cg-lora"):
+            if k not in eig_S:
+                eig_S[k] = _eig(train.S)
+            dirs = cg_directions(train.G, eig_S[k], _eig(train.T), rank, lambdas)
+        else:
+            dirs = {lambdas[0]: one if method == "lora-one" else _baseline_direction(method, train.G, rank)}
+        fitted.append((dirs, one))
+    return fitted
 
 
 def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
@@ -524,24 +604,33 @@ def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
     overlap_left / overlap_right: overlap of the column spaces of B and of A^T fitted on the two
     halves of the folds (even, odd); heldout_by_damping: the held-out q at each lambda tried."""
     auto = method.startswith("cg-lora") and damping == "auto"
-    lambdas = grid if auto else [damping]
-    scores = {name: {lam: held_out(method, st.folds, ranks[name], lam) for lam in lambdas}
-              for name, st in stats.items() if st.G.abs().max() > 0}
+    lambdas = tuple(grid) if auto else (damping,)
+    scores, eig_S, last_input = {}, {}, None
+    for name, st in stats.items():
+        if all(f.G.abs().max() == 0 for f in st.folds):
+            continue  # a zero-gradient layer has no direction (init_adapters' fallback)
+        inputs = [id(f.S) for f in st.folds]
+        if inputs != last_input:  # a new input: layers that share S come one after another
+            eig_S.clear()
+            last_input = inputs
+        fitted = _fold_directions(method, st.folds, ranks[name], lambdas, eig_S)
+        q = {lam: sum(predicted_decrease(*dirs[lam], f.G, f.S, f.T) for (dirs, _), f in zip(fitted, st.folds))
+             for lam in lambdas}
+        q_one = sum(predicted_decrease(*one, f.G, f.S, f.T) for (_, one), f in zip(fitted, st.folds))
+        scores[name] = q, q_one, fitted
     if auto:
-        damping = max(lambdas, key=lambda lam: sum(s[lam][0] for s in scores.values()))
+        damping = max(lambdas, key=lambda lam: sum(q[lam] for q, _, _ in scores.values()))
     rows = {}
-    for name, by_damping in scores.items():
+    for name, (q, q_one, fitted) in scores.items():
         folds, r = stats[name].folds, ranks[name]
-        q, fitted = by_damping[damping]
         if len(folds) == 2:  # the directions fitted without fold 1 and without fold 0 are the halves'
-            halves = fitted
+            halves = [dirs[damping] for dirs, _ in fitted]
         else:
             halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
         rows[name] = dict(
-            damping=damping if method.startswith("cg-lora") else None, heldout=q,
-            heldout_lora_one=q if method == "lora-one" else held_out("lora-one", folds, r, None)[0],
+            damping=damping if method.startswith("cg-lora") else None, heldout=q[damping], heldout_lora_one=q_one,
             overlap_left=overlap(halves[0][0], halves[1][0]), overlap_right=overlap(halves[0][1].T, halves[1][1].T),
-            heldout_by_damping={lam: s[0] for lam, s in by_damping.items()} if auto else None)
+            heldout_by_damping=q if auto else None)
     return damping, rows
 
 
@@ -610,7 +699,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         for name in layers:
             if stats is None or name not in stats:
                 raise ValueError(f"layer {name}: method {method} needs statistics for it")
-            if not all(torch.isfinite(X).all() for X in stats[name][:3]):
+            if not all(torch.isfinite(X).all() for f in stats[name].folds for X in f[:3]):
                 raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
                                  "calibration data and loss (run the model in fp32)")
         if all(len(stats[name].folds) >= 2 for name in layers):
@@ -628,14 +717,14 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
         B, A = lora_factors(*layer.base.weight.shape, r, generator)
         if data:
-            st = stats.pop(name)
+            st = pool(stats.pop(name).folds)  # formed here, freed with the layer
             if st.G.abs().max() == 0:
                 row["fallback"] = "zero gradient: plain LoRA init"
             else:
                 try:
                     if cg:
                         M, L_T, L_S = whiten(st.G, st.S, st.T, damping)
-                        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s)
+                        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, tol=FINAL_TOL)
                         row["captured"] = (sigma.square().sum() / M.square().sum()).item()
                     else:
                         B, A = direction(method, st, r, damping)
@@ -643,7 +732,8 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                     raise ValueError(f"layer {name}: {e}") from None
                 if diagnostics:  # in-sample q: directions judged on the statistics they came from
                     row["insample"] = predicted_decrease(B, A, st.G, st.S, st.T)
-                    row["insample_lora_one"] = predicted_decrease(*lora_one_factors(st.G, r), st.G, st.S, st.T)
+                    one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, r)
+                    row["insample_lora_one"] = predicted_decrease(*one, st.G, st.S, st.T)
                 norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
                 if norm and (cg or method == "lora-one"):
                     B, A = _sized(B, A, s, norm)

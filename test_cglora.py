@@ -56,6 +56,10 @@ def _mpow(X, p):  # symmetric matrix power by eigh: the brute-force route the co
     return Q @ torch.diag(w ** p) @ Q.T
 
 
+def _sgt(stats):  # a layer's pooled S, G, T
+    return stats.S, stats.G, stats.T
+
+
 def _damp(X, damping):
     return X + damping * X.trace() / X.shape[0] * torch.eye(X.shape[0], dtype=X.dtype)
 
@@ -265,15 +269,16 @@ def test_folds_pool_to_the_statistics_of_all_batches():
     one = collect_statistics(model, layers, batches, folds=1)
     three = collect_statistics(model, layers, batches, folds=3)
     for name in layers:
-        for X, Y in zip(one[name][:3], three[name][:3]):
+        for X, Y in zip(_sgt(one[name]), _sgt(three[name])):
             torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
         for k, fold in enumerate(three[name].folds):  # fold k = batches k, k + 3, ...
             alone = collect_statistics(model, layers, batches[k::3], folds=1)[name]
-            for X, Y in zip(alone, fold[:3]):
+            for X, Y in zip(_sgt(alone), fold[:3]):
                 torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
             assert fold.n == sum(b["labels"].shape[0] for b in batches[k::3])
             assert fold.tokens == sum(b["attention_mask"].sum().item() for b in batches[k::3])
-    assert three["query"].S is three["value" if "value" in three else "query"].S
+    for name in layers:  # the folds are the only copies: pooled statistics are formed on access
+        assert all(f.S is g.S for f, g in zip(three[name].folds, three["query"].folds)) == (name == "query")
     with pytest.raises(ValueError, match="6 folds need at least 6 calibration batches"):
         collect_statistics(model, layers, batches, folds=6)
 
@@ -300,7 +305,7 @@ def _synthetic_folds(noise=True, seed=0, d=16, samples=100, folds=2):
         X = torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(S).T
         D = X @ W.T + torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(E).T
         out.append(cglora.Fold(X.T @ X / samples, D.T @ X / samples, D.T @ D / samples, samples, samples))
-    return cglora.Statistics(*cglora.pool(out)[:3], tuple(out)), (G, S, T)
+    return cglora.Statistics(tuple(out)), (G, S, T)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3])
@@ -315,6 +320,81 @@ def test_auto_damping_is_near_the_best_grid_point_on_noisy_folds_and_small_witho
     assert rows["w"]["heldout_by_damping"][chosen] == max(rows["w"]["heldout_by_damping"].values())
     clean, _ = _synthetic_folds(noise=False, seed=seed)  # exact statistics: the Newton step itself wins
     assert cglora.diagnose("cg-lora", {"w": clean}, {"w": 2})[0] == min(cglora.DAMPING_GRID)
+
+
+def _spectrum_folds(sigma0, d_out=90, d_in=80, folds=2, seed=0):
+    """Fold statistics whose whitened gradient has singular values ~ sigma0 (flat or gapped at the cut):
+    S, T with eigenvalues over two decades, G = T^1/2 U0 diag(sigma0) V0^T S^1/2, each fold perturbed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def spd(d):
+        Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+        return Q @ torch.diag(torch.logspace(0, -2, d, dtype=torch.float64)) @ Q.T
+
+    S, T = spd(d_in), spd(d_out)
+    U0 = torch.linalg.qr(torch.randn(d_out, d_in, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64)).Q
+    G = _mpow(T, 0.5) @ U0 @ torch.diag(sigma0) @ V0.T @ _mpow(S, 0.5)
+    out = []
+    for _ in range(folds):
+        X = torch.randn(4 * d_in, d_in, generator=g, dtype=torch.float64) @ _mpow(S, 0.5)
+        D = torch.randn(4 * d_out, d_out, generator=g, dtype=torch.float64) @ _mpow(T, 0.5)
+        noise = 0.2 * G.norm() / math.sqrt(d_out * d_in) * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        out.append(cglora.Fold(X.T @ X / len(X), G + noise, D.T @ D / len(D), 100.0, 100.0))
+    return cglora.Statistics(tuple(out))
+
+
+def _exact_scores(stats, rank, grid):  # §8.1 by the exact route: every lambda's direction by a full SVD
+    folds = stats.folds
+    return {lam: sum(cglora.predicted_decrease(*cglora.direction("cg-lora", cglora.pool(folds[:k] + folds[k + 1:]),
+                                                                 rank, lam), f.G, f.S, f.T)
+                     for k, f in enumerate(folds)) for lam in grid}
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "gapped"])
+def test_cheap_damping_choice_agrees_with_the_exact_route(spectrum):
+    """§8.1: one eigh per fold and a top_r per lambda give every lambda's held-out q within 1% of the
+    exact route (full SVD per lambda), and the same lambda; on a gapped spectrum the directions
+    themselves match. Flat: sigma_8 / sigma_9 = 1.01 with a slowly decaying tail, as on real layers."""
+    i = torch.arange(80, dtype=torch.float64)
+    sigma0 = 1 / (1 + 0.01 * i) if spectrum == "flat" else torch.where(i < 8, 10.0, 1 / (1 + 0.01 * i))
+    stats = _spectrum_folds(sigma0)
+    grid = cglora.DAMPING_GRID
+    chosen, rows = cglora.diagnose("cg-lora", {"w": stats}, {"w": 8}, grid=grid)
+    exact = _exact_scores(stats, 8, grid)
+    cheap = rows["w"]["heldout_by_damping"]
+    assert chosen == max(exact, key=exact.get)
+    assert cheap[chosen] == pytest.approx(exact[chosen], rel=1e-2)
+    assert all(cheap[lam] == pytest.approx(exact[lam], rel=0.05) for lam in grid)
+    if spectrum == "gapped":  # the subspace is defined: the fold directions are the exact ones
+        train = stats.folds[1]
+        eig = lambda X: cglora._eig(X.float())  # noqa: E731
+        dirs = cglora.cg_directions(train.G.float(), eig(train.S), eig(train.T), 8, grid)
+        for lam in grid:  # within 0.5% (the energy criterion's tolerance; 1e-5 at the larger lambdas)
+            B, A = cglora.direction("cg-lora", train, 8, lam)
+            dW = B @ A
+            assert ((dirs[lam][0] @ dirs[lam][1]).double() - dW).norm() < 5e-3 * dW.norm()
+            assert cglora.overlap(dirs[lam][0].double(), B) > 1 - 1e-5
+
+
+def test_top_r_captures_the_exact_energy_and_is_deterministic():
+    """top_r stops on the captured energy: on the flat spectrum where 4 fixed iterations lose energy
+    (test above), its energy is within 1e-6 of the exact top r at a tight tolerance, within 1e-3 at the
+    selection's; on a gapped spectrum its subspace is the exact one. One seed, one result."""
+    g = torch.Generator().manual_seed(0)
+    U0 = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(250, 250, generator=g, dtype=torch.float64)).Q
+    flat = 1.0 / (1 + 0.01 * torch.arange(250, dtype=torch.float64))
+    for sigma0 in (flat, torch.cat([flat[:8] * 10, flat[8:]])):
+        M = U0[:, :250] @ torch.diag(sigma0) @ V0.T
+        exact = sigma0[:8].square().sum()
+        for tol, within in ((1e-4, 1e-3), (1e-12, 1e-6)):
+            U, sigma, V, _ = cglora.top_r(M, 8, tol=tol)
+            assert exact * (1 - within) <= sigma.square().sum() <= exact * (1 + 1e-12)
+            torch.testing.assert_close(U.T @ U, torch.eye(8, dtype=M.dtype), atol=1e-10, rtol=0)
+            torch.testing.assert_close(U.T @ M @ V, torch.diag(sigma), atol=1e-8, rtol=0)  # Ritz triplets
+    assert cglora.overlap(U, U0[:, :8]) > 1 - 1e-8 and cglora.overlap(V, V0[:, :8]) > 1 - 1e-8
+    assert all(torch.equal(a, b) for a, b in zip(cglora.top_r(M, 8), cglora.top_r(M.clone(), 8)))
 
 
 def test_init_adapters_reports_the_calibration_diagnostics():
@@ -422,11 +502,11 @@ def test_statistics_equal_per_example_brute_force_with_padding(regression):
     stats = collect_statistics(model, {n: getattr(model, n) for n in names}, batches)
     ref = _per_example_stats(model, batches, names, _mse if regression else nn.functional.cross_entropy)
     for n in names:
-        for got, want in zip(stats[n], ref[n]):
+        for got, want in zip(_sgt(stats[n]), ref[n]):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    assert stats["query"][0] is stats["value"][0]  # a shared input shares one S
-    assert stats["dead"][1].abs().max() == 0  # called, but does not reach the loss
+    assert all(f.S is g.S for f, g in zip(stats["query"].folds, stats["value"].folds))  # one S
+    assert stats["dead"].G.abs().max() == 0  # called, but does not reach the loss
 
 
 def test_statistics_G_is_autograd_gradient_of_mean_loss():
@@ -436,7 +516,7 @@ def test_statistics_G_is_autograd_gradient_of_mean_loss():
     loss = sum(nn.functional.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"],
                                            reduction="sum") for b in batches) / n
     grad, = torch.autograd.grad(loss, model.mix.weight)
-    torch.testing.assert_close(stats["mix"][1], grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats["mix"].G, grad, atol=1e-6, rtol=1e-5)
 
 
 def test_statistics_leave_no_hooks_grads_or_changed_flags():
@@ -468,7 +548,7 @@ def test_statistics_leave_the_callers_input_tensors_alone():
     torch.manual_seed(0)
     model = Net()
     batches = [dict(x=torch.randn(6, 4), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
-    G = collect_statistics(model, {"body": model.body}, batches)["body"][1]
+    G = collect_statistics(model, {"body": model.body}, batches)["body"].G
     assert G.abs().max() > 0 and not any(b["x"].requires_grad for b in batches)
 
 
@@ -494,7 +574,7 @@ def test_sampled_fisher_estimates_the_model_expected_T():
         model.head.weight.mul_(5)
         logits = model(batch["input_ids"], batch["attention_mask"])
     layers = {"mix": model.mix}
-    T = torch.stack([torch.stack([collect_statistics(model, layers, [_one(batch, i, c)], folds=1)["mix"][2]
+    T = torch.stack([torch.stack([collect_statistics(model, layers, [_one(batch, i, c)], folds=1)["mix"].T
                                   for c in range(3)]) for i in range(n)])  # [n, classes, d, d]
 
     def expected(p):  # E T when example i's label is drawn from p[i]
@@ -506,8 +586,8 @@ def test_sampled_fisher_estimates_the_model_expected_T():
     spread = T - torch.einsum("ic,icjk->ijk", p, T)[:, None]
     se = (torch.einsum("ic,icjk->", p, spread.square()) / k).sqrt() / n  # sqrt(E ||estimate - exact||^2)
     est = _sampled_T(model, batch, k)
-    torch.testing.assert_close(est[1], collect_statistics(model, layers, [batch], folds=1)["mix"][1])  # G: true labels
-    assert (est[2] - exact).norm() < 4 * se
+    torch.testing.assert_close(est.G, collect_statistics(model, layers, [batch], folds=1)["mix"].G)  # G: true labels
+    assert (est.T - exact).norm() < 4 * se
     for wrong in (torch.full_like(p, 1 / 3), (2 * logits).softmax(-1)):
         assert (expected(wrong) - exact).norm() > 8 * se
 
@@ -520,11 +600,11 @@ def test_sampled_fisher_for_regression_draws_labels_from_N_f_1():
     with torch.no_grad():
         model.head.bias.fill_(2.0)  # f ~ 2: far from 0
         f = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1)
-    T = [collect_statistics(model, {"mix": model.mix}, [_one(batch, i, f[i].item() + 1)], folds=1)["mix"][2]
+    T = [collect_statistics(model, {"mix": model.mix}, [_one(batch, i, f[i].item() + 1)], folds=1)["mix"].T
          for i in range(n)]
     exact = sum(T) / n
     se = (2 * sum(Ti.square().sum() for Ti in T) / k).sqrt() / n
-    assert (_sampled_T(model, batch, k)[2] - exact).norm() < 4 * se
+    assert (_sampled_T(model, batch, k).T - exact).norm() < 4 * se
     around_zero = sum((f[i] ** 2 + 1) * T[i] for i in range(n)) / n  # E T if y ~ N(0, 1)
     assert (around_zero - exact).norm() > 8 * se
 
@@ -628,7 +708,7 @@ def test_unshifted_cg_lora_moves_weights_by_exactly_step_dW_r():
     W0 = model.mix.weight.detach().clone()
     layers = add_lora(model, ["mix"], rank=2, alpha=4)
     stats = collect_statistics(model, {"mix": layers["mix"].base}, _batches())
-    S, G, T = (X.double() for X in stats["mix"][:3])
+    S, G, T = (X.double() for X in _sgt(stats["mix"]))
     report = init_adapters(layers, "cg-lora", stats, damping=0.1, step=0.3, init_norm=0, log=lambda *a: None)
     dW, sigma = _brute_step(G, S, T, 2, 0.1)
     layer = layers["mix"]
@@ -639,7 +719,7 @@ def test_unshifted_cg_lora_moves_weights_by_exactly_step_dW_r():
 
 def _stats_of(reference, layers):  # the statistics _adapted's init used, again, in float64
     stats = collect_statistics(reference, {n: getattr(reference, n) for n in layers}, _batches())
-    return {n: tuple(X.double() for X in SGT[:3]) for n, SGT in stats.items()}
+    return {n: tuple(X.double() for X in _sgt(st)) for n, st in stats.items()}
 
 
 @pytest.mark.parametrize("init_norm", [None, 0.02])
@@ -726,8 +806,7 @@ def test_init_errors_and_zero_gradient_fallback():
     rows = {r["layer"]: r for r in report}
     assert rows["dead"]["fallback"] and rows["mix"]["fallback"] is None
     assert layers["dead"].lora_B.abs().max() == 0 and torch.isfinite(layers["dead"].lora_A).all()
-    S, G, T, folds = stats["mix"]
-    bad = {"mix": cglora.Statistics(S, G * float("nan"), T, folds)}
+    bad = {"mix": cglora.Statistics(tuple(f._replace(G=f.G * float("nan")) for f in stats["mix"].folds))}
     with pytest.raises(ValueError, match="layer mix: statistics contain NaN"):
         init_adapters({"mix": layers["mix"]}, "cg-lora", bad, log=lambda *a: None)
     with pytest.raises(ValueError, match="unknown init method 'pissa'"):
@@ -780,26 +859,26 @@ def _token_batches(seed=0, sizes=(3, 2), vocab=7, length=7):
 
 
 def _causal_brute_force(model, batches):
-    """S, G, T of §2 with §9's delta for `proj` and `lm_head`, one unpadded sequence at a time,
-    differentiating the model's steps directly: delta_i is the gradient of n_b / N_b times the
-    sequence's summed token losses (n_b sequences and N_b target tokens in its batch)."""
+    """S, G, T of §2 and §9 for `proj` and `lm_head`, one unpadded sequence at a time, differentiating
+    the model's steps directly: one loss term is one target token, so delta_it is the gradient of the
+    sequence's summed token losses, and G, T are sums over sequences divided by all target tokens R:
+    G the gradient of the mean token loss, S (x) T the K-FAC (expand) factors of its Fisher."""
     sums, tokens, n = {"proj": [0, 0, 0], "lm_head": [0, 0, 0]}, 0, 0
     for batch in batches:
         labels = batch["labels"]
-        weight = labels.shape[0] / (labels[:, 1:] != cglora.IGNORE).sum()
+        n = n + (labels[:, 1:] != cglora.IGNORE).sum()
         for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], labels):
             L = int(mask.sum())
             x = model.mix(ids[None, :L], mask[None, :L])[0]  # [L, d]
             y = model.proj(x)
             h = torch.tanh(y)
             logits = model.lm_head(h)  # [L, vocab]
-            loss = weight * nn.functional.cross_entropy(logits[:-1], target[1:L], ignore_index=cglora.IGNORE,
-                                                        reduction="sum")
+            loss = nn.functional.cross_entropy(logits[:-1], target[1:L], ignore_index=cglora.IGNORE, reduction="sum")
             for name, inp, d in zip(sums, (x, h), torch.autograd.grad(loss, [y, logits])):
                 inp = inp.detach()
                 for j, term in enumerate((inp.T @ inp, d.T @ inp, d.T @ d)):
                     sums[name][j] = sums[name][j] + term
-            tokens, n = tokens + L, n + 1
+            tokens = tokens + L
     return {name: (S / tokens, G / n, T / n) for name, (S, G, T) in sums.items()}
 
 
@@ -810,7 +889,7 @@ def test_causal_lm_statistics_equal_per_sequence_brute_force_with_padding_and_ig
                                loss=cglora.causal_lm_loss)
     ref = _causal_brute_force(model, batches)
     for name in ref:
-        for got, want in zip(stats[name][:3], ref[name]):
+        for got, want in zip(_sgt(stats[name]), ref[name]):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\[3, 7, 7\] and \[3, 7\]: .* loss=cglora.causal_lm_loss"):
         collect_statistics(model, {"proj": model.proj}, batches)
@@ -828,7 +907,7 @@ def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
     assert torch.equal(drawn[fixed], batch["labels"][fixed]) and drawn[~fixed].ge(0).all()
     # exact E[T]: delta_i sums independent token terms whose mean is zero, so E[delta delta^T] sums
     # over target positions s and tokens c, weighted by p_s(c), the outer products of one term's gradient
-    weight = 3 / (batch["labels"][:, 1:] != cglora.IGNORE).sum()
+    R = (batch["labels"][:, 1:] != cglora.IGNORE).sum()  # loss terms: target tokens
     exact = 0
     for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
         L = int(mask.sum())
@@ -836,9 +915,9 @@ def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
         logits = model.lm_head(torch.tanh(y))
         for s in (s for s in range(1, L) if target[s] != cglora.IGNORE):
             for c, p in enumerate(logits[s - 1].softmax(-1).detach()):
-                d, = torch.autograd.grad(weight * nn.functional.cross_entropy(logits[s - 1], torch.tensor(c)), y,
+                d, = torch.autograd.grad(nn.functional.cross_entropy(logits[s - 1], torch.tensor(c)), y,
                                          retain_graph=True)
-                exact = exact + p * d.T @ d / 3
+                exact = exact + p * d.T @ d / R
     folds = 8  # each fold's T is an independent Monte Carlo estimate: their spread gives the error bar
     est = collect_statistics(model, {"proj": model.proj}, [batch] * 200, fisher="sampled", loss=cglora.causal_lm_loss,
                              generator=torch.Generator().manual_seed(0), folds=folds)["proj"]
