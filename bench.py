@@ -4,9 +4,14 @@
     python bench.py --targets all --device cuda      # all six linear layers of every block
     python bench.py --shape tiny --repeats 1         # seconds: the smoke test
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
+    python bench.py --shape llama-2048 --tokenizer DIR   # a Llama-style decoder, all 7 linear targets
 
-cg-lora is the default init (damping auto: 7 damping values x 2 folds of exact SVDs per layer, plus
-the diagnostics); cg-lora-fixed is the same at a fixed damping, whose diagnostics still cost 2 folds.
+cg-lora is the default init (damping auto: 7 damping values on 2 folds, plus the diagnostics);
+cg-lora-13 the same with a 13-value grid (x sqrt(10) steps: the per-lambda cost); cg-lora-fixed is
+the same at a fixed damping, whose diagnostics still cost 2 folds. The llama-* shapes are
+TinyLlama-1.1B's widths (2048: hidden 2048, MLP 5632, 32 heads, 4 key-value heads) and half of them
+(1024), with random weights, 2 blocks, causal-LM loss on the same sentences (transformers'
+LlamaForCausalLM, so they need transformers).
 
 Each measurement runs in a fresh process, so its CPU peak memory is that process's peak RSS;
 times are the median of --repeats runs after one warm-up, each on a freshly built model. The
@@ -33,6 +38,11 @@ ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                     layer_norm_eps=1e-5, model_type="roberta")  # HF config.json keys
 ALL = "query,key,value,attn_out,ffn_in,ffn_out"
+LLAMA = {w: dict(vocab_size=50265, hidden_size=w, intermediate_size=w * 11 // 4, num_hidden_layers=2,
+                 num_attention_heads=w // 64, num_key_value_heads=4, max_position_embeddings=256)
+         for w in (1024, 2048)}  # TinyLlama-1.1B: 2048 / 5632 / 32 heads / 4 kv heads
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+GRID_13 = tuple(10 ** (k / 2) for k in range(-6, 7))  # DAMPING_GRID's range at twice the density
 HF_TARGET = dict(query=r"attention\.self\.query", key=r"attention\.self\.key", value=r"attention\.self\.value",
                  attn_out=r"attention\.output\.dense", ffn_in=r"intermediate\.dense", ffn_out=r"output\.dense")
 
@@ -41,15 +51,20 @@ HF_TARGET = dict(query=r"attention\.self\.query", key=r"attention\.self\.key", v
 
 
 def setup(args, device):
-    """(build_ours, build_hf, calibration batches, training batches) for the chosen shape."""
+    """(build_ours, build_hf, calibration batches, training batches, loss) for the chosen shape."""
     texts = ([ex.text_a for ex in data.read_split(data.get_task("cola"), "train")] if os.environ.get("GLUE_DIR")
              else [f"sentence number {i} is a short one ." for i in range(8192)])
+    loss, llama = cglora._loss, args.shape.startswith("llama")
     if args.pretrained:
         tok, hf_dir = data.load_tokenizer(args.pretrained), args.pretrained
         build = lambda: models.from_pretrained(args.pretrained, 2)  # noqa: E731
     elif args.shape == "tiny":
         tok, hf_dir = data.build_tokenizer(texts), None
         build = lambda: models.Encoder(models.tiny_config(tok.vocab_size, 2, tok.pad_id))  # noqa: E731
+    elif llama:  # one model class for ours and the peer: cglora wraps its nn.Linear layers in place
+        import transformers
+        tok, hf_dir, loss = data.load_tokenizer(args.tokenizer), None, cglora.causal_lm_loss
+        build = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA[int(args.shape[6:])]))  # noqa: E731
     else:
         tok, hf_dir = data.load_tokenizer(args.tokenizer), None
         build = lambda: models.Encoder(models.config_from_hf(ROBERTA_BASE, 2))  # noqa: E731
@@ -59,15 +74,18 @@ def setup(args, device):
         if hf_dir:
             return transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
         if args.shape == "tiny":
-            raise SystemExit("peers need --shape roberta-base or --pretrained")
-        return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ROBERTA_BASE))
+            raise SystemExit("peers need --shape roberta-base, llama-* or --pretrained")
+        return build() if llama else transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ROBERTA_BASE))
 
     def batches(n, size, offset=0):
         rows = [data.Example(t, None, i % 2) for i, t in enumerate(texts[offset:offset + n * size])]
-        return [{k: v.to(device) for k, v in b.items()}
-                for b in data.batches(data.encode_examples(rows, tok, 128), size, tok.pad_id)]
+        out = [{k: v.to(device) for k, v in b.items() if not (llama and k == "token_type_ids")}
+               for b in data.batches(data.encode_examples(rows, tok, 128), size, tok.pad_id)]
+        if llama:  # next-token labels: the input ids, padding ignored
+            out = [dict(b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, cglora.IGNORE)) for b in out]
+        return out
 
-    return build, build_hf, batches(args.calib_batches, args.calib_batch_size), batches(4, 32, offset=4096)
+    return build, build_hf, batches(args.calib_batches, args.calib_batch_size), batches(4, 32, offset=4096), loss
 
 
 def logits(model, batch):
@@ -75,7 +93,7 @@ def logits(model, batch):
     return out if torch.is_tensor(out) else out.logits
 
 
-def floor_pass(model, batches):
+def floor_pass(model, batches, loss=cglora._loss):
     """Forward + backward of the frozen model down to its embeddings, no weight gradients: the
     least any gradient-based init pays for the same calibration batches."""
     seen = []
@@ -83,7 +101,7 @@ def floor_pass(model, batches):
     try:
         for b in batches:
             seen.clear()
-            torch.autograd.grad(cglora._loss(logits(model, b), b["labels"]), seen)
+            torch.autograd.grad(loss(logits(model, b), b["labels"]), seen)
     finally:
         hook.remove()
 
@@ -91,9 +109,12 @@ def floor_pass(model, batches):
 def measure(name, args):
     device = torch.device(args.device)
     torch.manual_seed(0)
-    build, build_hf, calib, train = setup(args, device)
-    targets = ALL if args.targets == "all" else args.targets
-    hf_targets = r".*encoder\.layer\.\d+\.(" + "|".join(HF_TARGET[t] for t in targets.split(",")) + ")"
+    build, build_hf, calib, train, loss = setup(args, device)
+    llama = args.shape.startswith("llama")
+    targets = LLAMA_TARGETS if llama else ALL if args.targets == "all" else args.targets
+    hf_targets = (targets.split(",") if llama else
+                  r".*encoder\.layer\.\d+\.(" + "|".join(HF_TARGET[t] for t in targets.split(",")) + ")")
+    head = [] if llama else ["head"]
     parts = {}
 
     def fresh(hf=False):  # a new model for every repeat: inits mutate it
@@ -101,17 +122,18 @@ def measure(name, args):
         model.requires_grad_(False)
         return model
 
-    def ours_init(method, damping="auto"):
+    def ours_init(method, damping="auto", grid=cglora.DAMPING_GRID):
         model = fresh()
-        layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=["head"])
+        layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=head)
 
         def run():
             t0 = time.perf_counter()
-            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
+            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib, loss=loss)
             t1 = time.perf_counter()
-            cglora.init_adapters(layers, method, stats, damping=damping, log=lambda *a: None)
+            report = cglora.init_adapters(layers, method, stats, damping=damping, log=lambda *a: None, grid=grid)
             parts.setdefault("statistics", []).append(t1 - t0)
             parts.setdefault("factorization", []).append(time.perf_counter() - t1)
+            parts.setdefault("statistics_mib", []).append(sum(r["statistics_mib"] for r in report))
         return run
 
     def peft_loraga():
@@ -123,7 +145,7 @@ def measure(name, args):
         def run():
             def train_step():
                 for b in calib:
-                    torch.nn.functional.cross_entropy(logits(model, b), b["labels"]).backward()
+                    loss(logits(model, b), b["labels"]).backward()
             peft.preprocess_loraga(model, config, train_step)
             peft.get_peft_model(model, config)
         return run
@@ -133,30 +155,31 @@ def measure(name, args):
         if hf:
             import peft
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=hf_targets,
-                                                               modules_to_save=["classifier"]))
+                                                               modules_to_save=None if llama else ["classifier"]))
         else:
-            cglora.add_lora(model, targets.split(","), 8, 16, trainable=["head"])
+            cglora.add_lora(model, targets.split(","), 8, 16, trainable=head)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def run():
             for b in train:
                 with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-                    loss = cglora._loss(logits(model, b), b["labels"])
+                    value = loss(logits(model, b), b["labels"])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 opt.step()
         return run
 
-    make = {"floor": lambda: (lambda m: lambda: floor_pass(m, calib))(fresh()),
+    make = {"floor": lambda: (lambda m: lambda: floor_pass(m, calib, loss))(fresh()),
             "cg-lora": lambda: ours_init("cg-lora"), "lora-ga": lambda: ours_init("lora-ga"),
+            "cg-lora-13": lambda: ours_init("cg-lora", grid=GRID_13),
             "cg-lora-fixed": lambda: ours_init("cg-lora", damping=1.0),
             "peft-lora-ga": peft_loraga,
-            "frozen-step": lambda: (lambda m: lambda: floor_pass(m, train))(fresh()),
+            "frozen-step": lambda: (lambda m: lambda: floor_pass(m, train, loss))(fresh()),
             "our-step": train_step, "peft-step": lambda: train_step(hf=True)}[name]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, after data and imports
     times = []
-    for _ in range(args.repeats + 1):  # the first run is the warm-up
+    for _ in range(args.warmups + args.repeats):  # the first --warmups runs are not timed
         fn = make()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -169,8 +192,9 @@ def measure(name, args):
         times.append(time.perf_counter() - t0)
         del fn
     per = 1 if name not in ("frozen-step", "our-step", "peft-step") else len(train)  # seconds per step
-    result = dict(seconds=statistics.median(times[1:]) / per,
-                  **{k: statistics.median(v[1:]) for k, v in parts.items()})
+    result = dict(seconds=statistics.median(times[args.warmups:]) / per, model_mib=sum(
+        p.numel() * p.element_size() for p in build().parameters()) / 2 ** 20,
+                  **{k: statistics.median(v[args.warmups:]) for k, v in parts.items()})
     if device.type == "cuda":
         result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
@@ -184,7 +208,7 @@ def measure(name, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["roberta-base", "tiny"], default="roberta-base")
+    p.add_argument("--shape", choices=["roberta-base", "tiny", "llama-1024", "llama-2048"], default="roberta-base")
     p.add_argument("--pretrained", default=None, help="HF checkpoint directory (overrides --shape)")
     p.add_argument("--tokenizer", default=None, help="roberta-base's tokenizer files (vocab.json, merges.txt), "
                    "for --shape roberta-base")
@@ -194,23 +218,26 @@ def main(argv=None):
     p.add_argument("--calib_batches", type=int, default=64)  # LoRA-GA's default budget: 64 x 2
     p.add_argument("--calib_batch_size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmups", type=int, default=1, help="untimed runs first (0 for slow shapes)")
     p.add_argument("--peers", choices=["auto", "off"], default="auto", help="time peft when installed")
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.shape == "roberta-base" and not (args.pretrained or args.tokenizer):
-        p.error("--shape roberta-base needs --tokenizer DIR, a folder with roberta-base's vocab.json and merges.txt")
+    if args.shape != "tiny" and not (args.pretrained or args.tokenizer):
+        p.error(f"--shape {args.shape} needs --tokenizer DIR, a folder with roberta-base's vocab.json and merges.txt")
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
-    names = ["floor", "cg-lora", "cg-lora-fixed", "lora-ga", "frozen-step", "our-step"]
+    llama = args.shape.startswith("llama") and not args.pretrained
+    names = ["floor", "cg-lora"] if llama else ["floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga",
+                                                "frozen-step", "our-step"]
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
         peers = args.peers == "auto" and (args.shape != "tiny" or args.pretrained)
     except ImportError:
         peers = False
-    names += ["peft-lora-ga", "peft-step"] if peers else []
+    names += (["peft-lora-ga"] if llama else ["peft-lora-ga", "peft-step"]) if peers else []
     forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16") and v is not None]
     forward += ["--bf16"] if args.bf16 else []
     results = {}
@@ -222,19 +249,27 @@ def main(argv=None):
     mem = "peak_mib" if args.device.startswith("cuda") else "peak_rss_mib"
     r = results
     ratios = {"cg-lora init / floor": r["cg-lora"]["seconds"] / r["floor"]["seconds"],
-              "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
-              "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]}
+              "cg-lora factorization / floor": r["cg-lora"]["factorization"] / r["floor"]["seconds"]}
+    if not llama:
+        ratios.update({
+            "13-value grid / 7-value grid (factorization)": r["cg-lora-13"]["factorization"] / r["cg-lora"]["factorization"],
+            "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
+            "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]})
     if peers:
-        ratios.update({"cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
-                       "cg-lora init / peft lora-ga (memory)": r["cg-lora"][mem] / r["peft-lora-ga"][mem],
-                       "our step / hf+peft step": r["our-step"]["seconds"] / r["peft-step"]["seconds"]})
+        ratios.update({"peft lora-ga init / floor": r["peft-lora-ga"]["seconds"] / r["floor"]["seconds"],
+                       "cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
+                       "cg-lora init / peft lora-ga (memory)": r["cg-lora"][mem] / r["peft-lora-ga"][mem]})
+        if not llama:
+            ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     what = args.pretrained or args.shape
     print(f"{what}, targets {args.targets}, {args.device}, calibration {args.calib_batches} x "
           f"{args.calib_batch_size}, training batch 32, median of {args.repeats}")
-    print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}")
+    print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}{'statistics MiB':>16}"
+          f"{'model MiB':>11}")
     for name, v in results.items():
         print(f"{name:<16}{v['seconds']:>10.4f}{v.get('statistics', float('nan')):>10.3f}"
-              f"{v.get('factorization', float('nan')):>10.3f}{v[mem]:>16.0f}")
+              f"{v.get('factorization', float('nan')):>10.3f}{v[mem]:>16.0f}{v.get('statistics_mib', float('nan')):>16.0f}"
+              f"{v['model_mib']:>11.0f}")
     for k, v in ratios.items():
         print(f"{k:<40}{v:>8.2f}")
     if args.json:

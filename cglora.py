@@ -683,7 +683,8 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
     training did not learn, see README). A layer whose gradient is zero keeps the plain LoRA
     init (reported as "fallback").
     Returns one report dict per layer: rank, captured energy, shifted, damping, diagnostics,
-    in-sample q of this method's and LoRA-One's directions, update norm, seconds.
+    in-sample q of this method's and LoRA-One's directions, update norm, seconds, and the memory
+    of its statistics (statistics_mib: all K folds; a shared S counted in its first layer).
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
@@ -710,14 +711,18 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                              "with folds >= 2 (the default), or pass a number")
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
         + (f", damping {damping:g}" if cg else ""))
-    report = []
+    report, counted = [], set()
     for name, layer in layers.items():
         t0, r, s = time.perf_counter(), layer.rank, layer.scaling
-        row = dict(layer=name, rank=r, shifted=shift, captured=None, fallback=None,
+        row = dict(layer=name, rank=r, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
         B, A = lora_factors(*layer.base.weight.shape, r, generator)
         if data:
-            st = pool(stats.pop(name).folds)  # formed here, freed with the layer
+            folds = stats.pop(name).folds
+            for X in (X for f in folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
+                counted.add(id(X))
+                row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
+            st = pool(folds)  # formed here, freed with the layer
             if st.G.abs().max() == 0:
                 row["fallback"] = "zero gradient: plain LoRA init"
             else:
