@@ -2260,8 +2260,11 @@ def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
     bench.main(["--shape", "tiny", "--repeats", "1", "--calib_batches", "4", "--peers", "off", "--json", str(out)])
     result = json.loads(out.read_text())
     r = result["results"]
-    assert set(r) == {"floor", "cg-lora", "cg-lora-fixed", "lora-ga", "frozen-step", "our-step"}
+    assert set(r) == {"floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga", "frozen-step", "our-step"}
     assert all(v["seconds"] > 0 and v["peak_rss_mib"] > 0 for v in r.values())
+    # the statistics' memory: K = 2 folds of S (one per input, query and value share it), G and T, in fp32
+    d, blocks = 128, 2  # the tiny preset
+    assert r["cg-lora"]["statistics_mib"] == pytest.approx(2 * blocks * (d * d + 2 * (2 * d * d)) * 4 / 2 ** 20)
     assert r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"] == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
     assert result["ratios"]["cg-lora init / floor"] == pytest.approx(r["cg-lora"]["seconds"] / r["floor"]["seconds"])
 
