@@ -813,6 +813,122 @@ def test_init_errors_and_zero_gradient_fallback():
         init_adapters(layers, "pissa", stats)
 
 
+def test_plain_lora_A_is_kaiming_uniform():
+    """lora_factors (§6): B = 0 and A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), what nn.Linear's kaiming_uniform_
+    with a = sqrt(5) draws: range, mean and variance (bound^2 / 3) of 64k draws."""
+    B, A = cglora.lora_factors(7, 256, 256, torch.Generator().manual_seed(0))
+    bound = 1 / math.sqrt(256)
+    assert B.shape == (7, 256) and B.abs().max() == 0 and A.shape == (256, 256)
+    assert -bound <= A.min() < -0.99 * bound and 0.99 * bound < A.max() <= bound
+    assert abs(A.mean().item()) < 0.01 * bound
+    assert A.var().item() == pytest.approx(bound ** 2 / 3, rel=0.02)
+
+
+def test_lora_one_own_size_is_one_over_gamma():
+    """LoRA-One's factors (§6): B A = -[G]_r / (sigma_1 gamma), so ||B A||_2 = 1 / gamma, with B = U_r S_r^1/2 and
+    A = S_r^1/2 V_r^T scaled alike (B^T B = A A^T); init_norm=0 keeps that size: ||s B A||_2 = s / gamma."""
+    G, _, _ = _problem(8, 7, seed=2)
+    B, A = cglora.lora_one_factors(G, 3)
+    U, sigma, Vh = torch.linalg.svd(G)
+    torch.testing.assert_close((B @ A).double(), -U[:, :3] @ torch.diag(sigma[:3]) @ Vh[:3] / (sigma[0] * 128),
+                               atol=1e-7, rtol=1e-5)
+    assert torch.linalg.matrix_norm(B @ A, ord=2).item() == pytest.approx(1 / 128, rel=1e-5)
+    torch.testing.assert_close(B.T @ B, A @ A.T, atol=1e-7, rtol=1e-5)
+    _, _, layers, report = _adapted("lora-one", init_norm=0)
+    for row, layer in zip(report, layers.values()):
+        assert row["update_norm"] == pytest.approx(layer.scaling / 128, rel=1e-4)
+
+
+@pytest.mark.parametrize("folds", [2, 3])
+def test_diagnostics_against_a_recomputation_from_fixed_halves(folds):
+    """§8 diagnostics: the overlaps are those of the exact directions fitted on the two halves (K = 2: fold 0
+    and fold 1; K = 3: folds 0 + 2 and fold 1), heldout_lora_one is LoRA-One's K-fold held-out q; on a
+    spectrum gapped enough for the directions to be defined."""
+    i = torch.arange(80, dtype=torch.float64)
+    stats = _spectrum_folds(torch.where(i < 8, 1.5, 1 / (1 + 0.01 * i)), folds=folds, seed=1)
+    f = stats.folds
+    for method in ("cg-lora", "lora-one"):
+        lam, rows = cglora.diagnose(method, {"w": stats}, {"w": 8})
+        row = rows["w"]
+        halves = [cglora.direction(method, cglora.pool(f[h::2]), 8, lam) for h in (0, 1)]
+        left, right = cglora.overlap(halves[0][0], halves[1][0]), cglora.overlap(halves[0][1].T, halves[1][1].T)
+        assert 0.2 < left < 0.99 and 0.2 < right < 0.99  # neither chance nor the same subspace
+        assert row["overlap_left"] == pytest.approx(left, abs=5e-3)  # K = 2: the cheap route's directions
+        assert row["overlap_right"] == pytest.approx(right, abs=5e-3)
+        one = sum(cglora.predicted_decrease(*cglora.lora_one_factors(cglora.pool(f[:k] + f[k + 1:]).G, 8), fk.G, fk.S, fk.T)
+                  for k, fk in enumerate(f))
+        assert row["heldout_lora_one"] == pytest.approx(one, rel=1e-3)
+
+
+def test_init_from_unfolded_statistics_at_a_fixed_damping():
+    """Statistics collected with folds=1 (documented) serve a fixed damping and every baseline, without
+    diagnostics; 'auto' and a negative damping are clear errors."""
+    model = _model()
+    layers = add_lora(model, ["query", "mix"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(), folds=1)
+    for method in ("cg-lora", "lora-one", "lora-ga"):
+        report = init_adapters(layers, method, dict(stats), damping=0.1, log=lambda *a: None)
+        assert all(r["heldout"] is None if "heldout" in r else True for r in report)
+        assert all("overlap_left" not in r and r["update_norm"] > 0 for r in report)
+    ref = cg_lora_factors(stats["mix"].G, stats["mix"].S, stats["mix"].T, 2, damping=0.1)
+    init_adapters(layers, "cg-lora", dict(stats), damping=0.1, init_norm=0, log=lambda *a: None)
+    torch.testing.assert_close(layers["mix"].delta_weight(), ref[0] @ ref[1],  # the raw step dW_r
+                               atol=1e-6, rtol=1e-4)
+    for damping in (-0.1, "loud"):
+        with pytest.raises(ValueError, match="damping must be 'auto' or a number >= 0"):
+            init_adapters(layers, "cg-lora", dict(stats), damping=damping, log=lambda *a: None)
+
+
+def test_a_fold_of_one_token_row_is_that_token_s_statistics():
+    """_normalise divides each fold's sums by its own counts, down to a fold of a single token."""
+    model, (big,) = _model(), _batches(sizes=(3,))
+    one = dict(input_ids=big["input_ids"][:1, :1], attention_mask=torch.ones(1, 1, dtype=torch.long),
+               labels=big["labels"][:1])
+    names = ["query", "mix"]
+    stats = collect_statistics(model, {n: getattr(model, n) for n in names}, [big, one], folds=2)
+    ref = _per_example_stats(model, [one], names)
+    for n in names:
+        assert stats[n].folds[1].tokens == 1 and stats[n].folds[1].n == 1
+        for got, want in zip(stats[n].folds[1][:3], ref[n]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_edge_cases_of_the_small_helpers():
+    G, S, T = _problem(6, 4)
+    B, A = cglora.lora_ga_factors(G, 2)  # 2r = min(d_out, d_in) is allowed: the whole spectrum
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    c = 6 ** 0.25 / 4
+    assert cglora.overlap(B.double(), U[:, 2:4]) == pytest.approx(1, abs=1e-6)
+    assert cglora.overlap(A.double().T, Vh[:2].T) == pytest.approx(1, abs=1e-6)
+    assert B.norm().item() == pytest.approx(c * math.sqrt(2), rel=1e-5)
+    with pytest.raises(ValueError, match="2 \\* rank <= min"):
+        cglora.lora_ga_factors(G, 3)
+    assert cglora.predicted_decrease(torch.zeros(6, 2), torch.randn(2, 4), G, S, T) == 0.0  # no direction
+    torch.testing.assert_close(cglora._damped(torch.zeros(3, 3), 0.5), 0.5 * torch.eye(3))  # X = 0: lambda I
+    assert cglora._eig(torch.zeros(3, 3)).mu == 1.0
+    model = _model()
+    with pytest.raises(ValueError, match="folds must be >= 1, got 0"):
+        collect_statistics(model, {"mix": model.mix}, _batches(), folds=0)
+
+
+def test_sampled_fisher_on_a_regression_model_with_a_flat_output():
+    """A regression model may return [batch] rather than [batch, 1]: the same statistics either way."""
+    class Flat(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids, attention_mask).squeeze(-1)
+
+    model, batches = _model(classes=1), _scores(_batches())
+    kw = dict(fisher="sampled", generator=None)
+    a = collect_statistics(model, {"mix": model.mix}, batches, **kw)["mix"]
+    b = collect_statistics(Flat(model), {"mix": model.mix}, batches, **kw)["mix"]
+    for X, Y in zip(_sgt(a), _sgt(b)):
+        torch.testing.assert_close(X, Y)
+
+
 def test_readme_example_runs(tmp_path, monkeypatch):
     readme = Path(__file__).resolve().parent.joinpath("README.md").read_text()
     code = readme.split("```python\n")[1].split("```")[0]
