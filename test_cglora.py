@@ -2265,6 +2265,27 @@ def test_add_lora_names_the_type_of_a_target_that_is_not_linear():
     assert isinstance(model.query, nn.Linear) and all(p.requires_grad for p in model.parameters())  # as it was
 
 
+def test_add_lora_takes_one_target_name_and_names_an_existing_adapter():
+    model = _model()
+    assert list(add_lora(model, "query", rank=2, alpha=4)) == ["query"]  # "query", not "q", "u", ...
+    with pytest.raises(ValueError, match=r"layer query already has a LoRA adapter \(LoRALinear\)"):
+        add_lora(model, ["query"], rank=2, alpha=4)
+
+
+def test_collect_statistics_wants_a_list_of_dicts_with_labels():
+    model = _model()
+    batch = _batches()[0]
+    with pytest.raises(TypeError, match=r"iterable of dicts \(a list of batches, not one batch: \[batch\]\); "
+                                        r"item 0 is str 'input_ids'"):
+        collect_statistics(model, {"query": model.query}, batch)  # one dict: its keys are iterated
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match=r"batch 1 has no 'labels' \(it has \['attention_mask', 'input_ids'\]\)"):
+        collect_statistics(model, {"query": model.query}, [batch, unlabelled])
+    done = []
+    collect_statistics(model, {"query": model.query}, _batches(sizes=(2, 2, 2)), progress=done.append)
+    assert done == [0, 1, 2]
+
+
 def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
