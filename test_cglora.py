@@ -1352,6 +1352,33 @@ def test_read_split_bad_input(tmp_path):
         data.read_split(rte, "dev_mismatched", tmp_path)
 
 
+def test_read_split_warns_of_a_row_count_not_glues_and_refuses_a_cut_last_line(tmp_path):
+    rte = data.get_task("rte")
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    path = _write(tmp_path / "RTE" / "train.tsv", header + "0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n")
+    with pytest.warns(data.RowCountWarning, match=rf"{path} has 2 rows where GLUE's has 2490: a truncated or edited "
+                                                  rf"copy\? For GLUE's own, delete {tmp_path / 'RTE'} and run again"):
+        assert len(data.read_split(rte, "train", tmp_path)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GLUE's count: no warning
+        data.read_split(dataclasses.replace(rte, rows=(2, 277)), "train", tmp_path)
+    _write(path, header + "0\ta\tb\tentailment\n1\tc d")  # cut mid-row: no line end, 2 of 4 fields
+    with pytest.raises(ValueError, match=rf"{path}:3: the last line has 2 of 4 tab-separated fields and no line "
+                                         rf"end: the file is cut short. Restore it whole \(delete {tmp_path / 'RTE'}"):
+        data.read_split(rte, "train", tmp_path)
+
+
+def test_real_cola_cut_at_byte_200000_warns_with_both_counts(tmp_path):
+    """The cut falls mid-sentence, so the last line still has its four fields: the count tells."""
+    source = _glue_dir() / "CoLA" / "train.tsv"
+    if not source.is_file():
+        pytest.skip("CoLA train not in $GLUE_DIR")
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(source.read_bytes()[:200_000])
+    with pytest.warns(data.RowCountWarning, match="has 3875 rows where GLUE's has 8551"):
+        data.read_split(data.get_task("cola"), "train", tmp_path)
+
+
 def test_missing_files_name_every_expected_path(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         data.read_split(data.get_task("mnli"), "train", tmp_path)
