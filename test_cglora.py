@@ -1877,8 +1877,8 @@ def _train(tmp_path, *flags, out="run"):
     return _metrics(tmp_path / out)
 
 
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run, kind="eval"):
+    return [row for row in train.read_metrics(run) if row["kind"] == kind]
 
 
 def _pretrained_checkpoint(path, glue):
@@ -1960,7 +1960,7 @@ def test_train_on_real_cola(tmp_path, capsys):
     train.main(["--task", "cola", "--data_dir", str(_glue_dir()), "--max_steps", "30", "--out", str(run),
                 "--log_every", "1000"])
     assert "cola: 8551 train / 1043 dev examples" in capsys.readouterr().out
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    cfg = train.load_config(run)
     tokenizer = data.load_tokenizer(run / "tokenizer")
     model = train.build_model(cfg, tokenizer, 2)
     add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, rslora=cglora.RSLORA[cfg.init], trainable=["head"])
@@ -1978,15 +1978,21 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device
 def test_resume_equals_uninterrupted_run(tmp_path, glue, stops, device):
     """Stopped at the end of epoch 1 (96 / 8 = 12 steps), or mid-epoch 1 and again mid-epoch 2, then
     resumed: metrics.jsonl equals the uninterrupted run's, train_loss (the mean over every step of the
-    epoch) included. Dropout in the encoder and the adapters draws from the RNG, so its state must resume."""
-    flags = ["--init", "cg-lora", "--dropout", "0.1", "--device", device]
-    full = _train(tmp_path, *flags, out="a")
+    epoch) and the step rows included, but for the evaluations at the stops. Dropout in the encoder and
+    the adapters draws from the RNG, so its state must resume."""
+    flags = ["--init", "cg-lora", "--dropout", "0.1", "--device", device, "--log_every", "4"]
+    _train(tmp_path, *flags, out="a")
     _train(tmp_path, *flags, "--max_steps", str(stops[0]), out="b")
     for stop in (*stops[1:], 0):
         assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] in stops
-        train.main(["--resume", "--out", str(tmp_path / "b"), "--max_steps", str(stop)])
-    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full]
-    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in _metrics(tmp_path / "b")] == strip
+        train.main(["--resume", "--out", str(tmp_path / "b"), "--max_steps", str(stop), "--log_every", "4"])
+    rows = {run: [{k: v for k, v in r.items() if k != "elapsed"} for r in train.read_metrics(tmp_path / run)]
+            for run in "ab"}
+    assert [r["step"] for r in rows["b"] if r["kind"] == "eval" and r["step"] in stops] == list(stops)
+    at_stops = [r for r in rows["b"] if r["kind"] == "eval" and r["step"] in stops and r["step"] % 12]  # mid-epoch
+    assert all(r["epoch"] == round(r["step"] / 12, 4) for r in at_stops)
+    stop_rows = [r for r in rows["b"] if r["kind"] == "step" and r["step"] in stops and r["step"] % 4]
+    assert [r for r in rows["b"] if r not in at_stops + stop_rows] == rows["a"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -2021,7 +2027,7 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     history = _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1",
                      *(["--pretrained", str(tmp_path / "ckpt")] if pretrained else []))
     run = tmp_path / "run"
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    cfg = train.load_config(run)
     if pretrained:
         original, tokenizer = source.state_dict(), data.load_tokenizer(tmp_path / "ckpt")
         dev = data.encode_examples(data.read_split(data.get_task("cola"), "dev", glue), tokenizer, cfg.max_len)
@@ -2034,7 +2040,9 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     scale = json.loads((run / "adapter_config.json").read_text())
     scale = scale["lora_alpha"] / scale["r"]
     merged = torch.load(run / "merged.pt")
-    assert set(merged) == set(original)
+    to_hf = train.hf_name(cfg, source)  # --pretrained: merged.pt has the checkpoint's own names
+    assert set(merged) == {to_hf(key) for key in original}
+    merged = {key: merged[to_hf(key)] for key in original}
     rename = train.peft_module_name(cfg, source)  # the names the adapter is saved under
     for key, W0 in original.items():
         module, _, param = key.rpartition(".")
@@ -2080,7 +2088,7 @@ train.main(sys.argv[1:])
 def test_tiny_encoder_trains_and_exports_its_word_embeddings(tmp_path, glue):
     _train(tmp_path, "--init", "lora", "--epochs", "1")
     _train(tmp_path, "--init", "lora", "--epochs", "1", "--freeze_embeddings", out="frozen")
-    cfg = train.Config(**json.loads((tmp_path / "run" / "config.json").read_text()))
+    cfg = train.load_config(tmp_path / "run")
     original = train.build_model(cfg, data.load_tokenizer(tmp_path / "run" / "tokenizer"), 2).state_dict()
     key = "word_embeddings.weight"
     for run, trains in (("run", True), ("frozen", False)):
@@ -2141,7 +2149,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
                          cwd=here, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
     assert "2 process(es)" in two.stdout
-    cfg = train.Config(**json.loads((tmp_path / "one" / "config.json").read_text()))
+    cfg = train.load_config(tmp_path / "one")
     model = from_pretrained(str(tmp_path / "ckpt"), 2)
     rename = train.peft_module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
     ours = {rename(n): n for n in {k.rpartition(".")[0] for k in hf_names(model.config)}}
@@ -2349,13 +2357,14 @@ def _hf_checkpoint(tmp_path, glue, model_type):
 @pytest.mark.parametrize("model_type, method", [("bert", "cg-lora"), ("bert", "cg-lora-shift"), ("roberta", "cg-lora"),
                                                 ("roberta", "cg-lora-shift"), ("tiny", "cg-lora-shift")])
 def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
-    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours."""
+    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours: the
+    adapter in peft, and merged.pt in the checkpoint's own *ForSequenceClassification, give our logits."""
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     flags = ["--init", method, "--targets", "query,key,value,attn_out,ffn_in,ffn_out", "--max_steps", "4", "--merge"]
     run = tmp_path / "run"
     if model_type == "tiny":
         _train(tmp_path, *flags)
-        cfg = train.Config(**json.loads((run / "config.json").read_text()))
+        cfg = train.load_config(run)
         build = lambda: train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2)  # noqa: E731
         base = build()
     else:
@@ -2371,12 +2380,20 @@ def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     assert set(torch.load(run / "adapter_model.bin")) == set(peft.get_peft_model_state_dict(theirs))  # none ignored
     ours, plain = build(), build()
-    ours.load_state_dict(torch.load(run / "merged.pt"))
+    merged = torch.load(run / "merged.pt")
+    if model_type != "tiny":  # under the checkpoint's own names: its *ForSequenceClassification loads it strictly
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        hf.load_state_dict(merged, strict=True)
+        rename = train.hf_name(train.load_config(run), ours)
+        merged = {key: merged[rename(key)] for key in ours.state_dict()}
+    ours.load_state_dict(merged)
     plain.head.load_state_dict(ours.head.state_dict())  # the trained head without the adapters
     ids, mask, types = _batch(ours.config)
     with torch.no_grad():
         got, without = ours.eval()(ids, mask, types), plain.eval()(ids, mask, types)
         want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        if model_type != "tiny":
+            assert (hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits - got).abs().max() <= 1e-5
     want = getattr(want, "logits", want)  # our encoder returns the logits themselves
     assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
     back = build()
