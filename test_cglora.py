@@ -1995,6 +1995,150 @@ def test_resume_equals_uninterrupted_run(tmp_path, glue, stops, device):
     assert [r for r in rows["b"] if r not in at_stops + stop_rows] == rows["a"]
 
 
+def _refused(capsys, args):
+    """The one error line of a refused train.py call (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _files(run):
+    return {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+
+
+def test_default_run_directory_tells_experiments_apart():
+    out = lambda *flags, world=1: train.check_flags(train.Config(**dict(zip(flags[::2], flags[1::2]))), world).out  # noqa: E731
+    assert out() == "runs/cola-tiny-cg-lora-r8-query+value-s0"
+    assert out("pretrained", "path/to/all-MiniLM-L6-v2/") == "runs/cola-all-MiniLM-L6-v2-cg-lora-r8-query+value-s0"
+    assert out("targets", "all", "rank", 4) == "runs/cola-tiny-cg-lora-r4-all-s0"
+    assert out(world=2) == "runs/cola-tiny-cg-lora-r8-query+value-s0-w2"
+    assert len({out(), out("rank", 4), out("targets", "query"), out("init", "lora"), out("seed", 1),
+                out("task", "rte"), out(world=2)}) == 7
+
+
+def test_a_run_directory_holds_one_run(tmp_path, glue, capsys):
+    """A second run into a run's directory is refused and changes nothing; --overwrite clears it first, so
+    a --pretrained run leaves no tiny-encoder tokenizer behind; it refuses to clear files train.py did not
+    write; --resume refuses flags that differ from the run's."""
+    run = tmp_path / "run"
+    _train(tmp_path, "--max_steps", "2")
+    before = _files(run)
+    args = ["--data_dir", str(glue), "--out", str(run), "--calib_batches", "2", "--batch_size", "8"]
+    line = _refused(capsys, [*args, "--rank", "4"])
+    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init.bin, adapter_model.bin, "
+                    f"checkpoint.pt, ...): continue it with --resume, pick a new --out, or pass --overwrite to "
+                    f"clear it first")
+    assert _files(run) == before
+    line = _refused(capsys, ["--resume", "--out", str(run), "--rank", "4"])
+    assert f"--resume continues {run} as it was configured: --rank 4 (the run has 8); drop" in line
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    _train(tmp_path, "--pretrained", str(tmp_path / "ckpt"), "--max_steps", "2", "--overwrite")
+    assert not (run / "tokenizer").exists() and train.load_config(run).pretrained == str(tmp_path / "ckpt")
+    assert all(p.stat().st_mtime_ns > max(before.values()) for p in run.iterdir())  # every file is the new run's
+    (run / "notes.txt").write_text("mine")
+    line = _refused(capsys, [*args, "--overwrite"])
+    assert "--overwrite clears only what train.py writes" in line and "notes.txt" in line
+    assert (run / "notes.txt").read_text() == "mine" and (run / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_the_runs_latest_state(tmp_path, glue, capsys):
+    run = tmp_path / "run"
+    _train(tmp_path, "--max_steps", "12")  # a checkpoint at the end of epoch 1
+    resume = ["--resume", "--out", str(run)]
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, rank=4)))  # another run's config beside it
+    assert f"{run / 'checkpoint.pt'} is another run's: it has rank 8 where {run / 'config.json'} has rank 4" \
+        in _refused(capsys, resume)
+    (run / "config.json").write_text(json.dumps(config))
+    old = (run / "checkpoint.pt").read_bytes()
+    train.main(resume)  # to the end: step 24
+    (run / "checkpoint.pt").write_bytes(old)  # a stale checkpoint
+    line = _refused(capsys, resume)
+    assert "(step 12) is not the run's latest state" in line and "(the last at step 24)" in line
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_resume_continues(tmp_path, glue, capsys, monkeypatch):
+    """Interrupted before the first checkpoint: one line, nothing to resume (and --resume refuses); after
+    one: one line naming it and the resume command, which gives the uninterrupted run's evaluations."""
+    uninterrupted = _train(tmp_path, out="a")
+    evaluate, calls = train.evaluate, []
+
+    def interrupt_at(n):
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+        calls.clear()
+        monkeypatch.setattr(train, "evaluate", fake)
+
+    for n, out in ((2, "b"), (3, "c")):  # in the evaluation at the end of epoch 1, or of epoch 2
+        interrupt_at(n)
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path, out=out)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 130 and [line for line in err if not line.startswith("warning: ")] == [
+            f"interrupted before the run's first checkpoint: nothing to resume; start it again with --overwrite "
+            f"--out {tmp_path / out}" if n == 2 else f"interrupted: the last checkpoint is {tmp_path / out / 'checkpoint.pt'} "
+            f"(step 12); continue with: python train.py --resume --out {tmp_path / out}"]
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert "--resume: no checkpoint in" in _refused(capsys, ["--resume", "--out", str(tmp_path / "b")])
+    train.main(["--resume", "--out", str(tmp_path / "c")])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert strip(_metrics(tmp_path / "c")) == strip(uninterrupted)
+
+
+def test_max_steps_evaluates_the_last_step(tmp_path, glue, capsys):
+    history = _train(tmp_path, "--max_steps", "5", "--log_every", "2")
+    out = capsys.readouterr().out
+    assert [(h["step"], h["epoch"]) for h in history] == [(0, 0), (5, round(5 / 12, 4))]
+    assert "step 5/5 |" in out and "step 4/5 |" in out and "/24" not in out
+    assert f"dev mcc {history[-1]['dev_mcc']:.4f} at step 5 (best" in out
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
+
+
+def test_long_passes_show_progress(tmp_path, glue, capsys, monkeypatch):
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)  # every batch: as if each took a while
+    _train(tmp_path, "--calib_batches", "3", "--max_steps", "1")
+    out = capsys.readouterr().out
+    assert "statistics: 1/3 batches, eta" in out and "statistics: 2/3 batches" in out
+    assert "choosing the damping among 7 values on 2 folds of the calibration batches" in out
+    assert "evaluation: 1/2 batches, eta" in out  # 32 dev examples in batches of 16
+
+
+def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
+    """Step rows (train loss, learning rate) every --log_every steps and the evaluations in metrics.jsonl,
+    the init summary in init.json, the versions and the data dir in config.json, curves.svg; --targets all."""
+    run = tmp_path / "run"
+    _train(tmp_path, "--targets", "all", "--log_every", "5", "--warmup", "0.25")
+    assert "CoLA/train.tsv has 96 rows where GLUE's has 8551" in capsys.readouterr().err  # a warning line
+    steps, evals = _metrics(run, "step"), _metrics(run, "eval")
+    assert [r["step"] for r in steps] == [5, 10, 15, 20, 24] and [r["step"] for r in evals] == [0, 12, 24]
+    warm = 6  # 25% of 24 steps
+    assert [r["lr"] for r in steps] == pytest.approx([1e-2 * min(s / warm, (24 - s + 1) / (24 - warm))
+                                                      for s in (5, 10, 15, 20, 24)])
+    assert all(r["train_loss"] > 0 for r in steps)
+    init = json.loads((run / "init.json").read_text())
+    layers, summary = init["layers"], init["summary"]
+    assert len(layers) == 12  # all six linear types in both blocks
+    total = lambda key: sum(r[key] for r in layers)  # noqa: E731
+    assert summary["damping"] == init["damping"] == layers[0]["damping"]
+    assert summary["heldout_ratio"] == pytest.approx(total("heldout") / total("heldout_lora_one"))
+    assert summary["insample_ratio"] == pytest.approx(total("insample") / total("insample_lora_one"))
+    assert summary["overlap_left"] == pytest.approx(total("overlap_left") / 12)
+    config = json.loads((run / "config.json").read_text())
+    assert config["targets"] == "query,key,value,attn_out,ffn_in,ffn_out" and config["torch_version"] == torch.__version__
+    assert config["data_dir"] == str(glue.resolve())
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_HERE, capture_output=True, text=True)
+    assert config["code_version"].startswith(git.stdout.strip()) if git.returncode == 0 else config["code_version"]
+    svg = (run / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "train loss" in svg and "dev mcc" in svg
+    points = [line.split('points="')[1].count(",") for line in svg.splitlines() if 'stroke="#1f77b4"' in line]
+    assert points == [len(steps), len(evals)]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while the new checkpoint is written, or between writing and renaming it, leaves the last
     good checkpoint loadable; the leftover partial file does not block the next save."""
@@ -2184,15 +2328,40 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
         assert (update(ranks[0], name) - update(trained, name)).norm() < 1e-2 * moved, name
 
 
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--task", "colaa"], "unknown GLUE task"),
     (["--init", "pissa"], "--init 'pissa'"),
     (["--rank", "0"], "--rank must be positive"),
+    (["--rank", "100000"], "--rank 100000: cg-lora needs rank <= the smallest side of each target, and layers.0.query "
+                           "is (128, 128): pass --rank 128 or less"),
+    (["--init", "lora-ga", "--rank", "100"], "lora-ga needs 2 x rank"),
+    (["--targets", "nosuchlayer"], "--targets nosuchlayer: targets ['nosuchlayer'] match no Linear layer"),
+    (["--targets", "query,,value"], "--targets 'query,,value'"),
+    (["--damping", "-1"], "--damping takes a number > 0 or auto, got '-1'"),
+    (["--damping", "0"], "--damping takes a number > 0 or auto, got '0'"),
+    (["--damping", "high"], "--damping takes a number > 0 or auto"),
+    (["--balance", "nosuch"], "--balance 'nosuch': choose from euclidean, curvature"),
+    (["--fisher", "exact"], "--fisher 'exact': choose from empirical, sampled"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--calib_batches", "1"], "--calib_batches 1: cg-lora splits the calibration batches into 2 halves"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--warmup", "2"], "--warmup must be in [0, 1]"),
+    (["--max_len", "2"], "--max_len 2 leaves no room for text: cola examples take 2 special tokens: pass --max_len 3"),
+    (["--task", "sts-b", "--max_len", "4"], "sts-b examples take 3 special tokens: pass --max_len 5 or more"),
+    pytest.param(["--device", "cuda"], "--device cuda: this torch sees no CUDA device", marks=_NO_CUDA),
+    pytest.param(["--bf16"], "--bf16 autocasts on CUDA only", marks=_NO_CUDA),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--resume"], "--resume: no checkpoint in"),
     (["--data_dir", "MISSING"], "train.tsv"),
     (["--pretrained", "NOWEIGHTS"], "model.safetensors"),
     (["--batch_size", "1000"], "lower --batch_size"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, message):
+    """Each bad flag: one error line naming the flag (train.py's, not an internal name), exit 2, no traceback
+    and no file in the run directory."""
     (tmp_path / "NOWEIGHTS").mkdir()
     (tmp_path / "NOWEIGHTS" / "config.json").write_text(json.dumps(dict(
         model_type="bert", vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -2204,6 +2373,7 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
+    assert not (tmp_path / "run").exists()
 
 
 # ============================================================================ bench.py
