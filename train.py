@@ -174,15 +174,6 @@ def trainable_modules(cfg):
     return ["head"] + ([] if cfg.pretrained or cfg.freeze_embeddings else ["word_embeddings"])
 
 
-def fetch_data(task, cfg, main, world, log):
-    """Download the task into the data dir when its files are missing (rank 0; the other ranks wait)."""
-    if main and data.missing_files(task, cfg.data_dir):
-        log(f"{task.dir} is not in {cfg.data_dir}: downloading it")
-        data.download_task(task, cfg.data_dir, log=log)
-    if world > 1:
-        dist.barrier()
-
-
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -501,6 +492,24 @@ def new_directory(cfg, out, clear, tokenizer):
 # ----------------------------------------------------------------------------- the steps of a run
 
 
+@dataclass
+class Run:
+    """Where a run happens: its config (on --resume the saved one), directory, processes and device."""
+    cfg: Config
+    out: Path
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def main(self):  # the process that logs and writes the run directory
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.main:
+            print(*args)
+
+
 def start(cfg):
     """(processes, this process's rank, device); under torchrun the process group starts here."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -514,89 +523,99 @@ def start(cfg):
     return world, rank, device
 
 
-def read_data(cfg, main, world, log):
-    """The task and its train and dev examples, downloaded first where missing; cfg.data_dir: the dir used."""
-    task = data.get_task(cfg.task)
+def read_data(run):
+    """The task and its train and dev examples; files missing from the data dir are downloaded first (rank 0;
+    the other ranks wait). cfg.data_dir becomes the dir used."""
+    cfg, task = run.cfg, data.get_task(run.cfg.task)
     cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
-    fetch_data(task, cfg, main, world, log)
+    if run.main and data.missing_files(task, cfg.data_dir):
+        run.log(f"{task.dir} is not in {cfg.data_dir}: downloading it")
+        data.download_task(task, cfg.data_dir, log=run.log)
+    if run.world > 1:
+        dist.barrier()
     return task, data.read_split(task, "train", cfg.data_dir), data.read_split(task, "dev", cfg.data_dir)
 
 
-def model_and_tokenizer(cfg, task, train_set, out):
+def model_and_tokenizer(run, task, train_set):
     """The checkpoint and its tokenizer; or the tiny encoder and a tokenizer of the training texts (on
     --resume the run's own)."""
+    cfg = run.cfg
     if cfg.pretrained:
         return build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
-    tokenizer = (data.load_tokenizer(out / "tokenizer") if cfg.resume
+    tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
                  else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
     return build_model(cfg, tokenizer, task.num_labels), tokenizer
 
 
-def encode(cfg, train_set, dev_set, tokenizer, rank, world):
+def encode(run, train_set, dev_set, tokenizer):
     """Token ids of the training examples, the dev batches, and this process's calibration batches."""
+    cfg = run.cfg
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
     dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
                             tokenizer.pad_id))
     calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
-                              seed=cfg.seed))[:cfg.calib_batches][rank::world]
+                              seed=cfg.seed))[:cfg.calib_batches][run.rank::run.world]
     return train_enc, dev, calib
 
 
-def model_and_init(cfg, model, calib, device, world, main, out, log):
+def model_and_init(run, model, calib):
     """The model on its device with its initialised adapters; init.json and adapter_init.bin written."""
-    model.to(device)
-    record = initialise(cfg, model, calib, device, log)
-    if world > 1:
+    cfg = run.cfg
+    model.to(run.device)
+    record = initialise(cfg, model, calib, run.device, run.log)
+    if run.world > 1:
         check_ranks_agree(model)
-    if main and not cfg.resume:
-        (out / "init.json").write_text(json.dumps(record, indent=1))
+    if run.main and not cfg.resume:
+        (run.out / "init.json").write_text(json.dumps(record, indent=1))
         if cfg.init != "full":
-            adapter_files(cfg, model, out, "adapter_init.bin")  # what training starts from
-        log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
-            f"{record['trainable_parameters']} trainable parameters")
+            adapter_files(cfg, model, run.out, "adapter_init.bin")  # what training starts from
+        run.log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
+                f"{record['trainable_parameters']} trainable parameters")
 
 
-def optimisation(cfg, model, n_train, world, rank, device, ck):
+def optimisation(run, model, n_train, ck):
     """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on
     --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
+    cfg = run.cfg
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    per_epoch = n_train // cfg.batch_size // world  # drop the ragged last batch
+    per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
     total = per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     if ck:
-        if len(ck["rng"]) != world:
-            raise ValueError(f"--resume: {cfg.out}/checkpoint.pt was written by {len(ck['rng'])} process(es); "
+        if len(ck["rng"]) != run.world:
+            raise ValueError(f"--resume: {run.out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
                              f"resume with as many")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        set_rng_states(ck["rng"][rank], device)
+        set_rng_states(ck["rng"][run.rank], run.device)
     return opt, sched, per_epoch, total
 
 
-def fit(cfg, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck, world, rank, device, out, log):
+def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
     """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an
     evaluation at each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the
     evaluation after the checkpoint, so it never holds one the checkpoint lacks. Returns the evaluations."""
-    main, end = rank == 0, min(total, cfg.max_steps or total)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    cfg, out, main, device = run.cfg, run.out, run.main, run.device
+    end = min(total, cfg.max_steps or total)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])  # losses: this epoch's
     if main and ck:
         restore_metrics(out, ck)
-        log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
+        run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     t0, first = time.perf_counter(), step
 
     def evaluation(epoch, train_loss, checkpoint=True):
         if main:
-            metrics = evaluate(model, dev, task, cfg, device, log)
+            metrics = evaluate(model, dev, task, cfg, device, run.log)
             history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
                                 elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
-            log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if checkpoint:
-            rng = rng_states(device, world)  # every rank takes part in the gather
+            rng = rng_states(device, run.world)  # every rank takes part in the gather
             if main:
                 save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
                                  scheduler=sched.state_dict(), step=step, history=history,
@@ -609,7 +628,7 @@ def fit(cfg, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     model.train()
     while step < end:
         order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[rank::world][:per_epoch]
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[run.rank::run.world][:per_epoch]
         for batch in order[step % per_epoch:]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
@@ -625,8 +644,8 @@ def fit(cfg, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
             if step % cfg.log_every == 0 or step == end:
                 recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
                 rate = (step - first) / (time.perf_counter() - t0)
-                log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
-                    f"eta {(end - step) / rate:.0f} s")
+                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
+                        f"eta {(end - step) / rate:.0f} s")
                 if main:
                     append_metrics(out, dict(kind="step", step=step, train_loss=recent, lr=lr))
             if step == end:
@@ -638,8 +657,9 @@ def fit(cfg, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     return history, step, time.perf_counter() - t0
 
 
-def finish(cfg, model, task, history, step, seconds, out, log):
+def finish(run, model, task, history, step, seconds):
     """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the done line."""
+    cfg, out = run.cfg, run.out
     if cfg.init != "full":
         adapter_files(cfg, model, out)
     if cfg.merge:
@@ -647,32 +667,32 @@ def finish(cfg, model, task, history, step, seconds, out, log):
     (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
     key, last = f"dev_{task.main_metric}", history[-1]
     best = max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
-    log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
-        f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s -> {out}")
+    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
+            f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s "
+            f"-> {out}")
 
 
 def train(cfg):
     """One run, step by step: processes, the run directory, data, model and init, optimisation, the loop,
     the end of the run. Every flag is checked before the first file is written."""
     world, rank, device = start(cfg)
-    main, out = rank == 0, Path(cfg.out)
-    log = print if main else (lambda *a, **k: None)
+    out = Path(cfg.out)
     cfg, ck = resumed(cfg, out) if cfg.resume else (cfg, None)
     clear = None if cfg.resume else new_run(cfg, out)
-    task, train_set, dev_set = read_data(cfg, main, world, log)
-    model, tokenizer = model_and_tokenizer(cfg, task, train_set, out)
+    run = Run(cfg, out, world, rank, device)
+    task, train_set, dev_set = read_data(run)
+    model, tokenizer = model_and_tokenizer(run, task, train_set)
     check_against_model(cfg, model, tokenizer, task, len(train_set), world)
-    if main and not cfg.resume:
+    if run.main and not cfg.resume:
         new_directory(cfg, out, clear, None if cfg.pretrained else tokenizer)
-    train_enc, dev, calib = encode(cfg, train_set, dev_set, tokenizer, rank, world)
-    log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
-        f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
-    model_and_init(cfg, model, calib, device, world, main, out, log)
-    opt, sched, per_epoch, total = optimisation(cfg, model, len(train_enc), world, rank, device, ck)
-    history, step, seconds = fit(cfg, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id,
-                                 ck, world, rank, device, out, log)
-    if main:
-        finish(cfg, model, task, history, step, seconds, out, log)
+    train_enc, dev, calib = encode(run, train_set, dev_set, tokenizer)
+    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
+            f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
+    model_and_init(run, model, calib)
+    opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
+    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id, ck)
+    if run.main:
+        finish(run, model, task, history, step, seconds)
     if world > 1:
         dist.destroy_process_group()
     return history
