@@ -2628,7 +2628,21 @@ def test_readme_recipe_with_peft_gives_the_same_update():
     exec(_readme_block("from transformers import BertConfig"), scope)
     exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
     assert len(scope["lora"]) == 4
+    trained = {name: sum(p.numel() for p in scope[name].parameters() if p.requires_grad) for name in ("model", "peft_model")}
+    assert trained == {"model": 2146, "peft_model": 2146}  # the same set: adapters, classifier, pooler
     for name, m in scope["lora"].items():  # same weights, same batches: peft's s B A is cglora's
         ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
         assert ours.abs().max() > 0
         torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)
+
+
+# ============================================================================ README and CI
+
+
+def test_ci_installs_what_the_readme_says_and_runs_its_test_command():
+    here = Path(__file__).resolve().parent
+    block = (here / "README.md").read_text().split("```bash\n")[1].split("```")[0]
+    install, test = block.splitlines()[1].split(" && ")  # the second line: the test install and command
+    ci = [line.split("#")[0].strip() for line in (here / ".ci" / "run").read_text().splitlines()]
+    assert install.replace("pip install", "pip install -q") in ci and test in ci
+    assert ci.index(install.replace("pip install", "pip install -q")) < ci.index(test)
