@@ -2014,7 +2014,9 @@ def _files(run):
 
 
 def test_default_run_directory_tells_experiments_apart():
-    out = lambda *flags, world=1: train.check_flags(train.Config(**dict(zip(flags[::2], flags[1::2]))), world).out  # noqa: E731
+    def out(*flags, world=1):  # the default --out of these flags (name, value, ...) under `world` processes
+        return train.check_flags(train.Config(**dict(zip(flags[::2], flags[1::2]))), world).out
+
     assert out() == "runs/cola-tiny-cg-lora-r8-query+value-s0"
     assert out("pretrained", "path/to/all-MiniLM-L6-v2/") == "runs/cola-all-MiniLM-L6-v2-cg-lora-r8-query+value-s0"
     assert out("targets", "all", "rank", 4) == "runs/cola-tiny-cg-lora-r4-all-s0"
@@ -2084,10 +2086,11 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_resume_continues(tmp_path,
         with pytest.raises(SystemExit) as e:
             _train(tmp_path, out=out)
         err = capsys.readouterr().err.splitlines()
-        assert e.value.code == 130 and [line for line in err if not line.startswith("warning: ")] == [
-            f"interrupted before the run's first checkpoint: nothing to resume; start it again with --overwrite "
-            f"--out {tmp_path / out}" if n == 2 else f"interrupted: the last checkpoint is {tmp_path / out / 'checkpoint.pt'} "
-            f"(step 12); continue with: python train.py --resume --out {tmp_path / out}"]
+        said = (f"interrupted before the run's first checkpoint: nothing to resume; start it again with "
+                f"--overwrite --out {tmp_path / out}" if n == 2 else
+                f"interrupted: the last checkpoint is {tmp_path / out / 'checkpoint.pt'} (step 12); continue with: "
+                f"python train.py --resume --out {tmp_path / out}")
+        assert e.value.code == 130 and [line for line in err if not line.startswith("warning: ")] == [said]
     monkeypatch.setattr(train, "evaluate", evaluate)
     assert "--resume: no checkpoint in" in _refused(capsys, ["--resume", "--out", str(tmp_path / "b")])
     train.main(["--resume", "--out", str(tmp_path / "c")])
@@ -2134,7 +2137,8 @@ def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
     assert summary["insample_ratio"] == pytest.approx(total("insample") / total("insample_lora_one"))
     assert summary["overlap_left"] == pytest.approx(total("overlap_left") / 12)
     config = json.loads((run / "config.json").read_text())
-    assert config["targets"] == "query,key,value,attn_out,ffn_in,ffn_out" and config["torch_version"] == torch.__version__
+    assert config["targets"] == "query,key,value,attn_out,ffn_in,ffn_out"
+    assert config["torch_version"] == torch.__version__
     assert config["data_dir"] == str(glue.resolve())
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_HERE, capture_output=True, text=True)
     assert config["code_version"].startswith(git.stdout.strip()) if git.returncode == 0 else config["code_version"]

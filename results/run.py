@@ -59,7 +59,8 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
         return
     name = f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
     args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr), "--damping", str(damping),
-            "--log_every", "100000", "--overwrite"]  # a run not in RUNS.jsonl failed: its folder is rerun + (["--init_norm", str(init_norm)] if init_norm is not None else [])
+            "--log_every", "100000", "--overwrite"] + (["--init_norm", str(init_norm)] if init_norm is not None else [])
+    # --overwrite: a run that is not in RUNS failed or was stopped, and its folder is run again
     args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
     out = HERE / "runs" / name
     t0 = time.time()
