@@ -8,6 +8,7 @@ Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is n
 """
 import math
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -72,6 +73,9 @@ def _matching(model, names, kind):
     if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
         n, m = other[0]
         kind_m = type(m).__name__
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a layer once: "
+                             f"target other layers, or start again from the model without adapters")
         fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D computes "
                "x @ weight + bias)" if kind_m == "Conv1D" else f"target the nn.{kind.__name__} layers inside it")
         raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only nn.{kind.__name__} layers "
@@ -86,8 +90,9 @@ def _matching(model, names, kind):
 def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=()):
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
-    (e.g. a classifier head), and return {name: LoRALinear}."""
-    targets = _matching(model, list(targets), nn.Linear)  # first: a bad target leaves the model as it was
+    (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets = _matching(model, targets, nn.Linear)  # first: a bad target leaves the model as it was
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
@@ -237,8 +242,18 @@ def pool(folds):
     return Fold(S, G, T, n, tokens)
 
 
+def _labels(batch, i):  # calibration batch i's labels, once it is checked to be a dict that has them
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batches must be an iterable of dicts (a list of batches, not one batch: [batch]); "
+                        f"item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
+    if "labels" not in batch:
+        raise ValueError(f"batch {i} has no 'labels' (it has {sorted(batch)}): each batch needs the targets "
+                         f"of its loss under 'labels'")
+    return batch["labels"]
+
+
 def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2,
-                       device=None):
+                       device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
@@ -257,6 +272,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     factors off an accelerator, at the cost of moving each token row). Under torch.distributed rank r's
     i-th batch is batch r + i * world (train.py deals them so) and the sums are all-reduced, so
     every rank gets the statistics one process would get from all the batches.
+    progress(i), if given, is called before batch i (i batches done).
     No weight gradients are made and no caller tensor is changed: hooks read activations and
     output gradients, and a target layer's input gets a grad-requiring alias.
     """
@@ -296,7 +312,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
-            labels = batch["labels"]
+            if progress:
+                progress(i)
+            labels = _labels(batch, i)
             seen.clear()
             alias.clear()
             out = model(**{k: v for k, v in batch.items() if k != "labels"})

@@ -15,6 +15,7 @@ import time
 import unicodedata
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -99,8 +100,28 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir or os.environ.get("GLUE_DIR") or "glue_data").expanduser()
 
 
+class RowCountWarning(UserWarning):
+    """A task file holds another number of rows than GLUE's: a truncated or edited copy."""
+
+
+def glue_rows(task, split):
+    """GLUE's number of data rows in the split's file (None where unknown)."""
+    return dict(zip((s for s, _ in task.files), task.rows)).get(split)
+
+
 def read_split(task, split, data_dir=None):
-    """Examples of one split ("train", "dev"; MNLI also "dev_mismatched") from <data_dir>/<Task>/*.tsv."""
+    """Examples of one split ("train", "dev"; MNLI also "dev_mismatched") from <data_dir>/<Task>/*.tsv.
+    A file whose number of rows is not GLUE's warns (RowCountWarning) with the file, the counts and the fix."""
+    examples, path = _read(task, split, data_dir)
+    rows = glue_rows(task, split)
+    if rows is not None and len(examples) != rows:
+        warnings.warn(f"{path} has {len(examples)} rows where GLUE's has {rows}: a truncated or edited copy? "
+                      f"For GLUE's own, delete {path.parent} and run again (train.py downloads it)",
+                      RowCountWarning, stacklevel=2)
+    return examples
+
+
+def _read(task, split, data_dir):  # (examples, path) of one split, every row checked
     files = dict(task.files)
     if split not in files:
         raise ValueError(f"{task.name} has splits {list(files)}, not {split!r}")
@@ -124,13 +145,17 @@ def read_split(task, split, data_dir=None):
     a, b, y = (None if c is None else header.index(c) for c in task.columns)
     examples = []
     for n, fields in rows:
+        if len(fields) != len(header) and n == len(lines) and lines[-1]:  # the last line, with no line end
+            raise ValueError(f"{path}:{n}: the last line has {len(fields)} of {len(header)} tab-separated fields "
+                             f"and no line end: the file is cut short. Restore it whole (delete {folder} and run "
+                             f"again: train.py downloads it)")
         if len(fields) != len(header):
             raise ValueError(f"{path}:{n}: expected {len(header)} tab-separated fields "
                              f"({', '.join(header)}), found {len(fields)}")
         examples.append(Example(fields[a], None if b is None else fields[b], _label(task, fields[y], path, n)))
     if not examples:
         raise ValueError(f"{path}: header but no data rows")
-    return examples
+    return examples, path
 
 
 def _label(task, raw, path, n):
@@ -230,8 +255,8 @@ def build_mrpc(folder):
 
 def check_task(task, data_dir):
     """Every file of the task reads as GLUE's and, where known, has GLUE's number of rows."""
-    for (split, file), rows in itertools.zip_longest(task.files, task.rows):
-        n = len(read_split(task, split, data_dir))
+    for split, file in task.files:
+        n, rows = len(_read(task, split, data_dir)[0]), glue_rows(task, split)
         if rows is not None and n != rows:
             raise DownloadError(f"{task.dir}/{file} has {n} rows where GLUE's has {rows}")
 

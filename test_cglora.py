@@ -36,6 +36,11 @@ from models import (EncoderConfig, Encoder, from_pretrained, hf_names, load_adap
                     tiny_config)
 
 
+# The GLUE fixtures here hold a few rows, not GLUE's counts: read_split's RowCountWarning is expected
+# (pytest.warns still sees it where a test checks it).
+pytestmark = pytest.mark.filterwarnings("ignore::data.RowCountWarning")
+
+
 @pytest.fixture(autouse=True)
 def _offline(tmp_path_factory, monkeypatch):
     """No test reaches the network: a download a test does not point elsewhere goes to an empty local folder."""
@@ -525,7 +530,7 @@ def test_statistics_leave_no_hooks_grads_or_changed_flags():
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
     collect_statistics(model, {"query": model.query, "mix": model.mix}, batches, fisher="sampled")
-    with pytest.raises(KeyError):  # a failing pass must clean up too
+    with pytest.raises(ValueError, match="no 'labels'"):  # a failing pass must clean up too
         collect_statistics(model, {"query": model.query}, [{"input_ids": batches[0]["input_ids"]}])
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
@@ -1547,6 +1552,33 @@ def test_read_split_bad_input(tmp_path):
         data.read_split(rte, "dev_mismatched", tmp_path)
 
 
+def test_read_split_warns_of_a_row_count_not_glues_and_refuses_a_cut_last_line(tmp_path):
+    rte = data.get_task("rte")
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    path = _write(tmp_path / "RTE" / "train.tsv", header + "0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n")
+    with pytest.warns(data.RowCountWarning, match=rf"{path} has 2 rows where GLUE's has 2490: a truncated or edited "
+                                                  rf"copy\? For GLUE's own, delete {tmp_path / 'RTE'} and run again"):
+        assert len(data.read_split(rte, "train", tmp_path)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GLUE's count: no warning
+        data.read_split(dataclasses.replace(rte, rows=(2, 277)), "train", tmp_path)
+    _write(path, header + "0\ta\tb\tentailment\n1\tc d")  # cut mid-row: no line end, 2 of 4 fields
+    with pytest.raises(ValueError, match=rf"{path}:3: the last line has 2 of 4 tab-separated fields and no line "
+                                         rf"end: the file is cut short. Restore it whole \(delete {tmp_path / 'RTE'}"):
+        data.read_split(rte, "train", tmp_path)
+
+
+def test_real_cola_cut_at_byte_200000_warns_with_both_counts(tmp_path):
+    """The cut falls mid-sentence, so the last line still has its four fields: the count tells."""
+    source = _glue_dir() / "CoLA" / "train.tsv"
+    if not source.is_file():
+        pytest.skip("CoLA train not in $GLUE_DIR")
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(source.read_bytes()[:200_000])
+    with pytest.warns(data.RowCountWarning, match="has 3875 rows where GLUE's has 8551"):
+        data.read_split(data.get_task("cola"), "train", tmp_path)
+
+
 def test_missing_files_name_every_expected_path(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         data.read_split(data.get_task("mnli"), "train", tmp_path)
@@ -2045,8 +2077,8 @@ def _train(tmp_path, *flags, out="run"):
     return _metrics(tmp_path / out)
 
 
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run, kind="eval"):
+    return [row for row in train.read_metrics(run) if row["kind"] == kind]
 
 
 def _pretrained_checkpoint(path, glue):
@@ -2128,7 +2160,7 @@ def test_train_on_real_cola(tmp_path, capsys):
     train.main(["--task", "cola", "--data_dir", str(_glue_dir()), "--max_steps", "30", "--out", str(run),
                 "--log_every", "1000"])
     assert "cola: 8551 train / 1043 dev examples" in capsys.readouterr().out
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    cfg = train.load_config(run)
     tokenizer = data.load_tokenizer(run / "tokenizer")
     model = train.build_model(cfg, tokenizer, 2)
     add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, rslora=cglora.RSLORA[cfg.init], trainable=["head"])
@@ -2146,15 +2178,169 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device
 def test_resume_equals_uninterrupted_run(tmp_path, glue, stops, device):
     """Stopped at the end of epoch 1 (96 / 8 = 12 steps), or mid-epoch 1 and again mid-epoch 2, then
     resumed: metrics.jsonl equals the uninterrupted run's, train_loss (the mean over every step of the
-    epoch) included. Dropout in the encoder and the adapters draws from the RNG, so its state must resume."""
-    flags = ["--init", "cg-lora", "--dropout", "0.1", "--device", device]
-    full = _train(tmp_path, *flags, out="a")
+    epoch) and the step rows included, but for the evaluations at the stops. Dropout in the encoder and
+    the adapters draws from the RNG, so its state must resume."""
+    flags = ["--init", "cg-lora", "--dropout", "0.1", "--device", device, "--log_every", "4"]
+    _train(tmp_path, *flags, out="a")
     _train(tmp_path, *flags, "--max_steps", str(stops[0]), out="b")
     for stop in (*stops[1:], 0):
         assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] in stops
-        train.main(["--resume", "--out", str(tmp_path / "b"), "--max_steps", str(stop)])
-    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full]
-    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in _metrics(tmp_path / "b")] == strip
+        train.main(["--resume", "--out", str(tmp_path / "b"), "--max_steps", str(stop), "--log_every", "4"])
+    rows = {run: [{k: v for k, v in r.items() if k != "elapsed"} for r in train.read_metrics(tmp_path / run)]
+            for run in "ab"}
+    assert [r["step"] for r in rows["b"] if r["kind"] == "eval" and r["step"] in stops] == list(stops)
+    at_stops = [r for r in rows["b"] if r["kind"] == "eval" and r["step"] in stops and r["step"] % 12]  # mid-epoch
+    assert all(r["epoch"] == round(r["step"] / 12, 4) for r in at_stops)
+    stop_rows = [r for r in rows["b"] if r["kind"] == "step" and r["step"] in stops and r["step"] % 4]
+    assert [r for r in rows["b"] if r not in at_stops + stop_rows] == rows["a"]
+
+
+def _refused(capsys, args):
+    """The one error line of a refused train.py call (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _files(run):
+    return {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+
+
+def test_default_run_directory_tells_experiments_apart():
+    def out(*flags, world=1):  # the default --out of these flags (name, value, ...) under `world` processes
+        return train.check_flags(train.Config(**dict(zip(flags[::2], flags[1::2]))), world).out
+
+    assert out() == "runs/cola-tiny-cg-lora-r8-query+value-s0"
+    assert out("pretrained", "path/to/all-MiniLM-L6-v2/") == "runs/cola-all-MiniLM-L6-v2-cg-lora-r8-query+value-s0"
+    assert out("targets", "all", "rank", 4) == "runs/cola-tiny-cg-lora-r4-all-s0"
+    assert out(world=2) == "runs/cola-tiny-cg-lora-r8-query+value-s0-w2"
+    assert len({out(), out("rank", 4), out("targets", "query"), out("init", "lora"), out("seed", 1),
+                out("task", "rte"), out(world=2)}) == 7
+
+
+def test_a_run_directory_holds_one_run(tmp_path, glue, capsys):
+    """A second run into a run's directory is refused and changes nothing; --overwrite clears it first, so
+    a --pretrained run leaves no tiny-encoder tokenizer behind; it refuses to clear files train.py did not
+    write; --resume refuses flags that differ from the run's."""
+    run = tmp_path / "run"
+    _train(tmp_path, "--max_steps", "2")
+    before = _files(run)
+    args = ["--data_dir", str(glue), "--out", str(run), "--calib_batches", "2", "--batch_size", "8"]
+    line = _refused(capsys, [*args, "--rank", "4"])
+    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init.bin, adapter_model.bin, "
+                    f"checkpoint.pt, ...): continue it with --resume, pick a new --out, or pass --overwrite to "
+                    f"clear it first")
+    assert _files(run) == before
+    line = _refused(capsys, ["--resume", "--out", str(run), "--rank", "4"])
+    assert f"--resume continues {run} as it was configured: --rank 4 (the run has 8); drop" in line
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    _train(tmp_path, "--pretrained", str(tmp_path / "ckpt"), "--max_steps", "2", "--overwrite")
+    assert not (run / "tokenizer").exists() and train.load_config(run).pretrained == str(tmp_path / "ckpt")
+    assert all(p.stat().st_mtime_ns > max(before.values()) for p in run.iterdir())  # every file is the new run's
+    (run / "notes.txt").write_text("mine")
+    line = _refused(capsys, [*args, "--overwrite"])
+    assert "--overwrite clears only what train.py writes" in line and "notes.txt" in line
+    assert (run / "notes.txt").read_text() == "mine" and (run / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_the_runs_latest_state(tmp_path, glue, capsys):
+    run = tmp_path / "run"
+    _train(tmp_path, "--max_steps", "12")  # a checkpoint at the end of epoch 1
+    resume = ["--resume", "--out", str(run)]
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, rank=4)))  # another run's config beside it
+    assert f"{run / 'checkpoint.pt'} is another run's: it has rank 8 where {run / 'config.json'} has rank 4" \
+        in _refused(capsys, resume)
+    (run / "config.json").write_text(json.dumps(config))
+    old = (run / "checkpoint.pt").read_bytes()
+    train.main(resume)  # to the end: step 24
+    (run / "checkpoint.pt").write_bytes(old)  # a stale checkpoint
+    line = _refused(capsys, resume)
+    assert "(step 12) is not the run's latest state" in line and "(the last at step 24)" in line
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_resume_continues(tmp_path, glue, capsys, monkeypatch):
+    """Interrupted before the first checkpoint: one line, nothing to resume (and --resume refuses); after
+    one: one line naming it and the resume command, which gives the uninterrupted run's evaluations."""
+    uninterrupted = _train(tmp_path, out="a")
+    evaluate, calls = train.evaluate, []
+
+    def interrupt_at(n):
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+        calls.clear()
+        monkeypatch.setattr(train, "evaluate", fake)
+
+    for n, out in ((2, "b"), (3, "c")):  # in the evaluation at the end of epoch 1, or of epoch 2
+        interrupt_at(n)
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path, out=out)
+        err = capsys.readouterr().err.splitlines()
+        said = (f"interrupted before the run's first checkpoint: nothing to resume; start it again with "
+                f"--overwrite --out {tmp_path / out}" if n == 2 else
+                f"interrupted: the last checkpoint is {tmp_path / out / 'checkpoint.pt'} (step 12); continue with: "
+                f"python train.py --resume --out {tmp_path / out}")
+        assert e.value.code == 130 and [line for line in err if not line.startswith("warning: ")] == [said]
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert "--resume: no checkpoint in" in _refused(capsys, ["--resume", "--out", str(tmp_path / "b")])
+    train.main(["--resume", "--out", str(tmp_path / "c")])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert strip(_metrics(tmp_path / "c")) == strip(uninterrupted)
+
+
+def test_max_steps_evaluates_the_last_step(tmp_path, glue, capsys):
+    history = _train(tmp_path, "--max_steps", "5", "--log_every", "2")
+    out = capsys.readouterr().out
+    assert [(h["step"], h["epoch"]) for h in history] == [(0, 0), (5, round(5 / 12, 4))]
+    assert "step 5/5 |" in out and "step 4/5 |" in out and "/24" not in out
+    assert f"dev mcc {history[-1]['dev_mcc']:.4f} at step 5 (best" in out
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
+
+
+def test_long_passes_show_progress(tmp_path, glue, capsys, monkeypatch):
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)  # every batch: as if each took a while
+    _train(tmp_path, "--calib_batches", "3", "--max_steps", "1")
+    out = capsys.readouterr().out
+    assert "statistics: 1/3 batches, eta" in out and "statistics: 2/3 batches" in out
+    assert "choosing the damping among 7 values on 2 folds of the calibration batches" in out
+    assert "evaluation: 1/2 batches, eta" in out  # 32 dev examples in batches of 16
+
+
+def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
+    """Step rows (train loss, learning rate) every --log_every steps and the evaluations in metrics.jsonl,
+    the init summary in init.json, the versions and the data dir in config.json, curves.svg; --targets all."""
+    run = tmp_path / "run"
+    _train(tmp_path, "--targets", "all", "--log_every", "5", "--warmup", "0.25")
+    assert "CoLA/train.tsv has 96 rows where GLUE's has 8551" in capsys.readouterr().err  # a warning line
+    steps, evals = _metrics(run, "step"), _metrics(run, "eval")
+    assert [r["step"] for r in steps] == [5, 10, 15, 20, 24] and [r["step"] for r in evals] == [0, 12, 24]
+    warm = 6  # 25% of 24 steps
+    assert [r["lr"] for r in steps] == pytest.approx([1e-2 * min(s / warm, (24 - s + 1) / (24 - warm))
+                                                      for s in (5, 10, 15, 20, 24)])
+    assert all(r["train_loss"] > 0 for r in steps)
+    init = json.loads((run / "init.json").read_text())
+    layers, summary = init["layers"], init["summary"]
+    assert len(layers) == 12  # all six linear types in both blocks
+    total = lambda key: sum(r[key] for r in layers)  # noqa: E731
+    assert summary["damping"] == init["damping"] == layers[0]["damping"]
+    assert summary["heldout_ratio"] == pytest.approx(total("heldout") / total("heldout_lora_one"))
+    assert summary["insample_ratio"] == pytest.approx(total("insample") / total("insample_lora_one"))
+    assert summary["overlap_left"] == pytest.approx(total("overlap_left") / 12)
+    config = json.loads((run / "config.json").read_text())
+    assert config["targets"] == "query,key,value,attn_out,ffn_in,ffn_out"
+    assert config["torch_version"] == torch.__version__
+    assert config["data_dir"] == str(glue.resolve())
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_HERE, capture_output=True, text=True)
+    assert config["code_version"].startswith(git.stdout.strip()) if git.returncode == 0 else config["code_version"]
+    svg = (run / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "train loss" in svg and "dev mcc" in svg
+    points = [line.split('points="')[1].count(",") for line in svg.splitlines() if 'stroke="#1f77b4"' in line]
+    assert points == [len(steps), len(evals)]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -2189,7 +2375,7 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     history = _train(tmp_path, "--init", "cg-lora-shift", "--merge", "--epochs", "1",
                      *(["--pretrained", str(tmp_path / "ckpt")] if pretrained else []))
     run = tmp_path / "run"
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    cfg = train.load_config(run)
     if pretrained:
         original, tokenizer = source.state_dict(), data.load_tokenizer(tmp_path / "ckpt")
         dev = data.encode_examples(data.read_split(data.get_task("cola"), "dev", glue), tokenizer, cfg.max_len)
@@ -2202,7 +2388,9 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     scale = json.loads((run / "adapter_config.json").read_text())
     scale = scale["lora_alpha"] / scale["r"]
     merged = torch.load(run / "merged.pt")
-    assert set(merged) == set(original)
+    to_hf = train.hf_name(cfg, source)  # --pretrained: merged.pt has the checkpoint's own names
+    assert set(merged) == {to_hf(key) for key in original}
+    merged = {key: merged[to_hf(key)] for key in original}
     rename = train.peft_module_name(cfg, source)  # the names the adapter is saved under
     for key, W0 in original.items():
         module, _, param = key.rpartition(".")
@@ -2248,7 +2436,7 @@ train.main(sys.argv[1:])
 def test_tiny_encoder_trains_and_exports_its_word_embeddings(tmp_path, glue):
     _train(tmp_path, "--init", "lora", "--epochs", "1")
     _train(tmp_path, "--init", "lora", "--epochs", "1", "--freeze_embeddings", out="frozen")
-    cfg = train.Config(**json.loads((tmp_path / "run" / "config.json").read_text()))
+    cfg = train.load_config(tmp_path / "run")
     original = train.build_model(cfg, data.load_tokenizer(tmp_path / "run" / "tokenizer"), 2).state_dict()
     key = "word_embeddings.weight"
     for run, trains in (("run", True), ("frozen", False)):
@@ -2309,7 +2497,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
                          cwd=here, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]  # includes train.py's check that both ranks agree
     assert "2 process(es)" in two.stdout
-    cfg = train.Config(**json.loads((tmp_path / "one" / "config.json").read_text()))
+    cfg = train.load_config(tmp_path / "one")
     model = from_pretrained(str(tmp_path / "ckpt"), 2)
     rename = train.peft_module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
     ours = {rename(n): n for n in {k.rpartition(".")[0] for k in hf_names(model.config)}}
@@ -2344,15 +2532,40 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
         assert (update(ranks[0], name) - update(trained, name)).norm() < 1e-2 * moved, name
 
 
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--task", "colaa"], "unknown GLUE task"),
     (["--init", "pissa"], "--init 'pissa'"),
     (["--rank", "0"], "--rank must be positive"),
+    (["--rank", "100000"], "--rank 100000: cg-lora needs rank <= the smallest side of each target, and layers.0.query "
+                           "is (128, 128): pass --rank 128 or less"),
+    (["--init", "lora-ga", "--rank", "100"], "lora-ga needs 2 x rank"),
+    (["--targets", "nosuchlayer"], "--targets nosuchlayer: targets ['nosuchlayer'] match no Linear layer"),
+    (["--targets", "query,,value"], "--targets 'query,,value'"),
+    (["--damping", "-1"], "--damping takes a number > 0 or auto, got '-1'"),
+    (["--damping", "0"], "--damping takes a number > 0 or auto, got '0'"),
+    (["--damping", "high"], "--damping takes a number > 0 or auto"),
+    (["--balance", "nosuch"], "--balance 'nosuch': choose from euclidean, curvature"),
+    (["--fisher", "exact"], "--fisher 'exact': choose from empirical, sampled"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--calib_batches", "1"], "--calib_batches 1: cg-lora splits the calibration batches into 2 halves"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--warmup", "2"], "--warmup must be in [0, 1]"),
+    (["--max_len", "2"], "--max_len 2 leaves no room for text: cola examples take 2 special tokens: pass --max_len 3"),
+    (["--task", "sts-b", "--max_len", "4"], "sts-b examples take 3 special tokens: pass --max_len 5 or more"),
+    pytest.param(["--device", "cuda"], "--device cuda: this torch sees no CUDA device", marks=_NO_CUDA),
+    pytest.param(["--bf16"], "--bf16 autocasts on CUDA only", marks=_NO_CUDA),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--resume"], "--resume: no checkpoint in"),
     (["--data_dir", "MISSING"], "train.tsv"),
     (["--pretrained", "NOWEIGHTS"], "model.safetensors"),
     (["--batch_size", "1000"], "lower --batch_size"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, message):
+    """Each bad flag: one error line naming the flag (train.py's, not an internal name), exit 2, no traceback
+    and no file in the run directory."""
     (tmp_path / "NOWEIGHTS").mkdir()
     (tmp_path / "NOWEIGHTS" / "config.json").write_text(json.dumps(dict(
         model_type="bert", vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -2364,6 +2577,7 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
+    assert not (tmp_path / "run").exists()
 
 
 # ============================================================================ bench.py
@@ -2463,6 +2677,27 @@ def test_add_lora_names_the_type_of_a_target_that_is_not_linear():
     assert isinstance(model.query, nn.Linear) and all(p.requires_grad for p in model.parameters())  # as it was
 
 
+def test_add_lora_takes_one_target_name_and_names_an_existing_adapter():
+    model = _model()
+    assert list(add_lora(model, "query", rank=2, alpha=4)) == ["query"]  # "query", not "q", "u", ...
+    with pytest.raises(ValueError, match=r"layer query already has a LoRA adapter \(LoRALinear\)"):
+        add_lora(model, ["query"], rank=2, alpha=4)
+
+
+def test_collect_statistics_wants_a_list_of_dicts_with_labels():
+    model = _model()
+    batch = _batches()[0]
+    with pytest.raises(TypeError, match=r"iterable of dicts \(a list of batches, not one batch: \[batch\]\); "
+                                        r"item 0 is str 'input_ids'"):
+        collect_statistics(model, {"query": model.query}, batch)  # one dict: its keys are iterated
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match=r"batch 1 has no 'labels' \(it has \['attention_mask', 'input_ids'\]\)"):
+        collect_statistics(model, {"query": model.query}, [batch, unlabelled])
+    done = []
+    collect_statistics(model, {"query": model.query}, _batches(sizes=(2, 2, 2)), progress=done.append)
+    assert done == [0, 1, 2]
+
+
 def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
@@ -2499,13 +2734,14 @@ def _hf_checkpoint(tmp_path, glue, model_type):
 @pytest.mark.parametrize("model_type, method", [("bert", "cg-lora"), ("bert", "cg-lora-shift"), ("roberta", "cg-lora"),
                                                 ("roberta", "cg-lora-shift"), ("tiny", "cg-lora-shift")])
 def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
-    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours."""
+    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours: the
+    adapter in peft, and merged.pt in the checkpoint's own *ForSequenceClassification, give our logits."""
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     flags = ["--init", method, "--targets", "query,key,value,attn_out,ffn_in,ffn_out", "--max_steps", "4", "--merge"]
     run = tmp_path / "run"
     if model_type == "tiny":
         _train(tmp_path, *flags)
-        cfg = train.Config(**json.loads((run / "config.json").read_text()))
+        cfg = train.load_config(run)
         build = lambda: train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2)  # noqa: E731
         base = build()
     else:
@@ -2521,12 +2757,20 @@ def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     assert set(torch.load(run / "adapter_model.bin")) == set(peft.get_peft_model_state_dict(theirs))  # none ignored
     ours, plain = build(), build()
-    ours.load_state_dict(torch.load(run / "merged.pt"))
+    merged = torch.load(run / "merged.pt")
+    if model_type != "tiny":  # under the checkpoint's own names: its *ForSequenceClassification loads it strictly
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        hf.load_state_dict(merged, strict=True)
+        rename = train.hf_name(train.load_config(run), ours)
+        merged = {key: merged[rename(key)] for key in ours.state_dict()}
+    ours.load_state_dict(merged)
     plain.head.load_state_dict(ours.head.state_dict())  # the trained head without the adapters
     ids, mask, types = _batch(ours.config)
     with torch.no_grad():
         got, without = ours.eval()(ids, mask, types), plain.eval()(ids, mask, types)
         want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        if model_type != "tiny":
+            assert (hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits - got).abs().max() <= 1e-5
     want = getattr(want, "logits", want)  # our encoder returns the logits themselves
     assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
     back = build()
@@ -2591,7 +2835,21 @@ def test_readme_recipe_with_peft_gives_the_same_update():
     exec(_readme_block("from transformers import BertConfig"), scope)
     exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
     assert len(scope["lora"]) == 4
+    trained = {name: sum(p.numel() for p in scope[name].parameters() if p.requires_grad) for name in ("model", "peft_model")}
+    assert trained == {"model": 2146, "peft_model": 2146}  # the same set: adapters, classifier, pooler
     for name, m in scope["lora"].items():  # same weights, same batches: peft's s B A is cglora's
         ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
         assert ours.abs().max() > 0
         torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)
+
+
+# ============================================================================ README and CI
+
+
+def test_ci_installs_what_the_readme_says_and_runs_its_test_command():
+    here = Path(__file__).resolve().parent
+    block = (here / "README.md").read_text().split("```bash\n")[1].split("```")[0]
+    install, test = block.splitlines()[1].split(" && ")  # the second line: the test install and command
+    ci = [line.split("#")[0].strip() for line in (here / ".ci" / "run").read_text().splitlines()]
+    assert install.replace("pip install", "pip install -q") in ci and test in ci
+    assert ci.index(install.replace("pip install", "pip install -q")) < ci.index(test)

@@ -8,11 +8,15 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import resource
+import shutil
+import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +31,13 @@ import models
 @dataclass
 class Config:
     task: str = "cola"  # GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli
-    data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data
+    data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the one used)
     pretrained: str = None  # HF BERT/RoBERTa checkpoint dir (model + tokenizer); None: tiny encoder
     init: str = "cg-lora"  # cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full
     rank: int = 8
     alpha: float = 16.0  # scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)
-    targets: str = "query,value"  # linear layers that get adapters (last name component)
-    dropout: float = 0.0  # LoRA dropout
+    targets: str = "query,value"  # linear layers that get adapters (last name component), or all: the six of a block
+    dropout: float = 0.0  # LoRA dropout, in [0, 1)
     lr: float = 1e-3  # peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)
     epochs: int = 3
     batch_size: int = 32  # per process
@@ -42,7 +46,7 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
-    damping: str = "auto"  # relative damping of S and T (docs/cg-lora.md section 3): a number, or auto: chosen on held-out folds (section 8.1)
+    damping: str = "auto"  # relative damping of S and T (docs/cg-lora.md section 3): a number > 0, or auto: chosen on held-out folds (section 8.1)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
@@ -51,11 +55,19 @@ class Config:
     seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
-    out: str = None  # run directory; default runs/<task>-<init>-s<seed>
+    out: str = None  # run directory; default runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]
     max_steps: int = 0  # stop after this many steps (0: all epochs); the schedule spans --epochs
     resume: bool = False  # continue the run in --out from its last checkpoint
+    overwrite: bool = False  # clear the earlier run in --out first (only files train.py writes)
     merge: bool = False  # also write merged.pt: a plain state dict with the adapters merged
-    log_every: int = 100  # steps between progress lines
+    log_every: int = 100  # steps between progress lines and metrics.jsonl's step rows
+
+
+ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")  # --targets all: every linear of a block
+PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every")  # what a --resume may change
+RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer", "adapter_init.bin",
+             "adapter_model.bin", "adapter_config.json", "checkpoint.pt", "checkpoint.tmp", "merged.pt")
+PROGRESS_SECONDS = 5  # a long pass (statistics, evaluation) prints a progress line at most this often
 
 
 def parse_args(argv=None):
@@ -68,21 +80,81 @@ def parse_args(argv=None):
             kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
             p.add_argument(f"--{f.name}", type=kind, default=f.default,
                            help=f"{why.get(f.name, '')} (default: {f.default})")
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.init not in cglora.METHODS + ("full",):
-        raise ValueError(f"--init {cfg.init!r}: choose from {', '.join(cglora.METHODS + ('full',))}")
-    for name in ("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    return check_flags(Config(**vars(p.parse_args(argv))), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def check_flags(cfg, world):
+    """One pass over the flags, before any work or file: each error names the flag and what it takes.
+    (The targets, --rank and --max_len against the model: check_against_model.)"""
+    task = data.get_task(cfg.task)
+    choices = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"),
+                   balance=("euclidean", "curvature"), device=("auto", "cpu", "cuda"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
+    positive = ("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
+                "alpha", "lr", "step")
+    wants = {**{name: (0 < getattr(cfg, name) < math.inf, "positive") for name in positive},
+             "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"), "warmup": (0 <= cfg.warmup <= 1, "in [0, 1]"),
+             "weight_decay": (cfg.weight_decay >= 0, ">= 0"), "max_steps": (cfg.max_steps >= 0, ">= 0 (0: all epochs)"),
+             "init_norm": (cfg.init_norm is None or cfg.init_norm >= 0, ">= 0 (0: the raw Newton step)")}
+    for name, (ok, want) in wants.items():
+        if not ok:
+            raise ValueError(f"--{name} must be {want}, got {getattr(cfg, name)}")
     if cfg.damping != "auto":
         try:
-            cfg.damping = float(cfg.damping)
+            damping = float(cfg.damping)
         except ValueError:
-            raise ValueError(f"--damping takes a number or auto, got {cfg.damping!r}") from None
-    if cfg.fisher not in ("empirical", "sampled") or cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError("--fisher takes empirical|sampled, --device auto|cpu|cuda")
-    cfg.out = cfg.out or f"runs/{data.get_task(cfg.task).name}-{cfg.init}-s{cfg.seed}"
+            damping = math.nan
+        if not 0 < damping < math.inf:
+            raise ValueError(f"--damping takes a number > 0 or auto, got {cfg.damping!r}")
+        cfg.damping = damping
+    need = max(2, world)  # the calibration check's two halves (and --damping auto's folds); a batch per process
+    if cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need:
+        raise ValueError(f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 "
+                         f"halves to check its init (and to choose --damping auto), over {world} process(es): "
+                         f"pass --calib_batches {need} or more")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto")
+    if cfg.bf16 and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--bf16 autocasts on CUDA only, and this run is on the CPU: drop --bf16")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite clears it: pass one of them")
+    cfg.targets = ",".join(ALL_TARGETS) if cfg.targets == "all" else cfg.targets
+    if not all(cfg.targets.split(",")):
+        raise ValueError(f"--targets {cfg.targets!r}: a comma-separated list of layer names, or all")
+    if not cfg.out:
+        names = cfg.targets.split(",")
+        model = Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
+        targets = "all" if sorted(names) == sorted(ALL_TARGETS) else "+".join(names)
+        cfg.out = (f"runs/{task.name}-{model}-{cfg.init}-r{cfg.rank}-{targets}-s{cfg.seed}"
+                   + (f"-w{world}" if world > 1 else ""))
     return cfg
+
+
+def check_against_model(cfg, model, tokenizer, task, n_train, world):
+    """The flags that need the model, tokenizer and data: the targets and --rank against the model's linear
+    layers, --max_len against the special tokens, --batch_size against the training set."""
+    if cfg.init != "full":
+        try:
+            layers = cglora._matching(model, cfg.targets.split(","), torch.nn.Linear)
+        except ValueError as e:
+            raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all ({','.join(ALL_TARGETS)})") from None
+        factor = 2 if cfg.init == "lora-ga" else 1  # LoRA-GA takes 2r singular vectors
+        name, layer = min(layers.items(), key=lambda item: min(item[1].weight.shape))
+        if factor * cfg.rank > min(layer.weight.shape):
+            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' if factor == 2 else ''}rank <= the "
+                             f"smallest side of each target, and {name} is {tuple(layer.weight.shape)}: pass "
+                             f"--rank {min(layer.weight.shape) // factor} or less")
+    pair = task.columns[1] is not None
+    shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)  # the special tokens and one token of each text
+    if cfg.max_len < shortest:
+        raise ValueError(f"--max_len {cfg.max_len} leaves no room for text: {task.name} examples take "
+                         f"{shortest - 1 - pair} special tokens: pass --max_len {shortest} or more")
+    if n_train // cfg.batch_size // world == 0:
+        raise ValueError(f"{n_train} training examples make no full batch of {cfg.batch_size} "
+                         f"per process ({world} processes): lower --batch_size")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -102,16 +174,6 @@ def trainable_modules(cfg):
     return ["head"] + ([] if cfg.pretrained or cfg.freeze_embeddings else ["word_embeddings"])
 
 
-def fetch_data(task, cfg, main, world, log):
-    """Download the task into the data dir when its files are missing (rank 0; the other ranks wait)."""
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-    if main and data.missing_files(task, data_dir):
-        log(f"{task.dir} is not in {data_dir}: downloading it")
-        data.download_task(task, data_dir, log=log)
-    if world > 1:
-        dist.barrier()
-
-
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -120,11 +182,27 @@ def autocast(cfg, device):
     return torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
+def progress(what, total, log):
+    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS: a short pass
+    prints nothing."""
+    t0 = shown = time.monotonic()
+
+    def report(done):
+        nonlocal shown
+        now = time.monotonic()
+        if done and now - shown >= PROGRESS_SECONDS:
+            log(f"{what}: {done}/{total} batches, eta {(now - t0) / done * (total - done):.0f} s")
+            shown = now
+    return report
+
+
 @torch.no_grad()
-def evaluate(model, dev, task, cfg, device):
+def evaluate(model, dev, task, cfg, device, log=None):
     model.eval()
+    report = progress("evaluation", len(dev), log or (lambda *a: None))
     preds, labels, loss = [], [], 0.0
-    for batch in dev:
+    for i, batch in enumerate(dev):
+        report(i)
         batch = to_device(batch, device)
         with autocast(cfg, device):
             out = model(**{k: v for k, v in batch.items() if k != "labels"}).float()
@@ -153,13 +231,17 @@ def initialise(cfg, model, calib, device, log):
         if cfg.init not in ("lora", "rslora"):
             stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()},
                                               (to_device(b, device) for b in calib), cfg.fisher,
-                                              torch.Generator().manual_seed(cfg.seed))
+                                              torch.Generator().manual_seed(cfg.seed),
+                                              progress=progress("statistics", len(calib), log))
+            if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
+                log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
+                    f"calibration batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
         record["layers"] = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step,
                                                 cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log,
                                                 cfg.balance)
         record["damping"] = next((r["damping"] for r in record["layers"] if r["damping"] is not None), None)
-        summarise(record["layers"], cfg.rank, log)
+        record["summary"] = summarise(record["layers"], cfg.rank, log)
     record["seconds"] = time.perf_counter() - t0
     record["peak_memory_mib"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
@@ -168,23 +250,31 @@ def initialise(cfg, model, calib, device, log):
 
 
 def summarise(rows, rank, log):
-    """The init's one-line summaries: captured energy (§3) and the §8 calibration diagnostics."""
-    captured = [r["captured"] for r in rows if r["captured"] is not None]
+    """The init's summary, logged and returned for init.json: captured energy (§3) and the §8 calibration
+    diagnostics summed over the layers (the ratios are of the sums), with the damping chosen."""
+    summary, captured = {}, [r["captured"] for r in rows if r["captured"] is not None]
     if captured:
-        log(f"captured energy at rank {rank}: mean {sum(captured) / len(captured):.3f}, "
-            f"min {min(captured):.3f} over {len(captured)} layers")
+        summary.update(captured_mean=sum(captured) / len(captured), captured_min=min(captured))
+        log(f"captured energy at rank {rank}: mean {summary['captured_mean']:.3f}, "
+            f"min {summary['captured_min']:.3f} over {len(captured)} layers")
     rows = [r for r in rows if r.get("heldout") is not None]
     if rows:
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        ratio = lambda key: sum(r[key] for r in rows) / max(sum(r[key + "_lora_one"] for r in rows), 1e-30)  # noqa: E731
-        by_damping = rows[0]["heldout_by_damping"]
-        if by_damping:
+        total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+        summary.update({key: total(key) for key in ("heldout", "heldout_lora_one", "insample", "insample_lora_one")})
+        summary.update(overlap_left=total("overlap_left") / len(rows), overlap_right=total("overlap_right") / len(rows),
+                       heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
+                       insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
+                       damping=rows[0]["damping"], heldout_by_damping=None)
+        if rows[0]["heldout_by_damping"]:
+            summary["heldout_by_damping"] = {lam: sum(r["heldout_by_damping"][lam] for r in rows)
+                                             for lam in rows[0]["heldout_by_damping"]}
             log("damping auto: held-out predicted decrease " + ", ".join(
-                f"{lam:g}: {sum(r['heldout_by_damping'][lam] for r in rows):.3g}" for lam in by_damping)
-                + f" -> damping {rows[0]['damping']:g}")
-        log(f"calibration check: split-half overlap left {mean('overlap_left'):.2f} / right "
-            f"{mean('overlap_right'):.2f}; predicted decrease vs LoRA-One's direction: held-out "
-            f"{ratio('heldout'):.2f}x, in-sample {ratio('insample'):.2f}x")
+                f"{lam:g}: {q:.3g}" for lam, q in summary["heldout_by_damping"].items())
+                + f" -> damping {summary['damping']:g}")
+        log(f"calibration check: split-half overlap left {summary['overlap_left']:.2f} / right "
+            f"{summary['overlap_right']:.2f}; predicted decrease vs LoRA-One's direction: held-out "
+            f"{summary['heldout_ratio']:.2f}x, in-sample {summary['insample_ratio']:.2f}x")
+    return summary
 
 
 def check_ranks_agree(model):
@@ -196,16 +286,20 @@ def check_ranks_agree(model):
         raise RuntimeError(f"ranks disagree on the initial adapters: {[s.tolist() for s in sums]}")
 
 
-def peft_module_name(cfg, model):
-    """Our module name -> the name the adapter is saved under. A Hugging Face checkpoint's own
-    module names in its *ForSequenceClassification (`layers.0.query` -> `bert.encoder.layer.0.
-    attention.self.query`, `head.out_proj` -> `classifier`: the converter's name map reversed);
-    the tiny encoder keeps ours."""
+def hf_name(cfg, model):
+    """Our parameter name -> its name in the Hugging Face checkpoint's *ForSequenceClassification
+    (`layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight`
+    -> `classifier.weight`: the converter's name map reversed); the tiny encoder keeps ours."""
     if not cfg.pretrained:
         return lambda name: name
     names, kind = models.hf_names(model.config), model.config.model_type
-    hf = {ours.removesuffix(".weight"): theirs.removesuffix(".weight") for ours, theirs in names.items()}
-    return lambda name: hf[name] if hf[name].startswith("classifier") else f"{kind}.{hf[name]}"
+    return lambda name: names[name] if names[name].startswith("classifier") else f"{kind}.{names[name]}"
+
+
+def peft_module_name(cfg, model):
+    """Our module name -> the name the adapter is saved under: the checkpoint's own (hf_name) or ours."""
+    rename = hf_name(cfg, model)
+    return lambda module: rename(module + ".weight").removesuffix(".weight")
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
@@ -237,13 +331,14 @@ def adapter_files(cfg, model, out, name="adapter_model.bin"):
         target_modules=sorted(set(targets)), modules_to_save=sorted(head)), indent=1))
 
 
-def merged_state_dict(model):
-    """A plain state dict of the model with every adapter merged (keys as before add_lora)."""
+def merged_state_dict(cfg, model):
+    """A plain state dict of the model with every adapter merged, under the names of the model before
+    add_lora: on a Hugging Face checkpoint its own (hf_name), so its *ForSequenceClassification loads it."""
     for m in model.modules():
         if isinstance(m, cglora.LoRALinear):
             m.merge()
-    state = {k.replace(".base.", "."): v.clone() for k, v in model.state_dict().items()
-             if ".lora_" not in k}
+    rename = hf_name(cfg, model)
+    state = {rename(k.replace(".base.", ".")): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     for m in model.modules():
         if isinstance(m, cglora.LoRALinear):
             m.unmerge()
@@ -273,118 +368,267 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- main
+def code_version():
+    """The git commit of this checkout ("-dirty" when it has uncommitted changes), else "unknown"."""
+    try:
+        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return git.stdout.strip() or "unknown"
 
 
-def train(cfg):
+def curves_svg(rows, metric, w=360, h=240, pad=44):
+    """A dependency-free SVG of metrics.jsonl: train loss at each step row, the dev metric at each evaluation."""
+    panels = [("train loss", [(r["step"], r["train_loss"]) for r in rows if r.get("kind") == "step"]),
+              (f"dev {metric}", [(r["step"], r[f"dev_{metric}"]) for r in rows if r.get("kind", "eval") == "eval"])]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11">', f'<rect width="{2 * w}" height="{h}" fill="white"/>']
+    for i, (title, points) in enumerate(panels):
+        left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
+        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step)</text>',
+                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>']
+        if not points:
+            out.append(f'<text x="{left + 10}" y="{top + 20}">no rows (see --log_every)</text>')
+            continue
+        (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
+        X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
+        Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
+        out += [f'<text x="{left - 40}" y="{Y(y) + 4}">{y:.3g}</text>' for y in {y0, y1}]
+        out += [f'<text x="{X(x) - 8}" y="{bottom + 14}">{x}</text>' for x in {x0, x1}]
+        out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+                   + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def load_config(out):
+    """The Config a run directory's config.json holds (the versions recorded beside it left out)."""
+    saved = json.loads((Path(out) / "config.json").read_text())
+    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+
+
+def read_metrics(out):
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append_metrics(out, row):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def new_run(cfg, out):
+    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only
+    the files train.py writes: a directory holding anything else is refused. Returns what to clear."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pick a directory")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if found and not cfg.overwrite:
+        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+                         f"continue it with --resume, pick a new --out, or pass --overwrite to clear it first")
+    others = [name for name in found if name not in RUN_FILES]
+    if others:
+        raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
+                         f"{', '.join(others)}: pick a new --out")
+    return [out / name for name in found]
+
+
+def resumed(cfg, out):
+    """--resume: the run's saved config (with this call's PER_CALL flags) and its checkpoint, once the
+    checkpoint is known to be the run's latest state: written under that config, and holding every
+    evaluation metrics.jsonl has."""
+    path = out / "checkpoint.pt"
+    if not (out / "config.json").is_file() or not path.is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, or there is "
+                         f"no run): start it again with --overwrite")
+    saved, default = load_config(out), Config()
+    given = [n for n in dataclasses.asdict(cfg) if n not in PER_CALL
+             and getattr(cfg, n) not in (getattr(default, n), getattr(saved, n))]
+    if given:
+        raise ValueError(f"--resume continues {out} as it was configured: " + ", ".join(
+            f"--{n} {getattr(cfg, n)} (the run has {getattr(saved, n)})" for n in given)
+            + "; drop these flags, or start another run with a new --out")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    mine = {k: v for k, v in dataclasses.asdict(saved).items() if k not in PER_CALL}
+    theirs = {k: v for k, v in ck.get("config", {}).items() if k not in PER_CALL}
+    differ = [k for k in mine if theirs.get(k) != mine[k]]
+    if differ:
+        raise ValueError(f"--resume: {path} is another run's: it has " + ", ".join(
+            f"{k} {theirs.get(k)}" for k in differ) + f" where {out / 'config.json'} has " + ", ".join(
+            f"{k} {mine[k]}" for k in differ) + "; start the run again with --overwrite")
+    evals = [r for r in read_metrics(out) if r.get("kind", "eval") == "eval"]
+    if evals != ck["history"][:len(evals)]:
+        raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: {out / 'metrics.jsonl'} "
+                         f"has evaluations it lacks (the last at step {evals[-1]['step']}); start the run again "
+                         f"with --overwrite")
+    calls = {n: getattr(cfg, n) for n in PER_CALL}
+    return dataclasses.replace(saved, **dict(calls, data_dir=cfg.data_dir or saved.data_dir)), ck
+
+
+def restore_metrics(out, ck):
+    """metrics.jsonl as at the checkpoint: rows after it (an interrupted epoch's) go, and an evaluation
+    the checkpoint holds but the file missed (interrupted in between) is added."""
+    rows = [r for r in read_metrics(out) if r["step"] <= ck["step"]]
+    rows += ck["history"][sum(r.get("kind", "eval") == "eval" for r in rows):]
+    (out / "metrics.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(out / "metrics.tmp", out / "metrics.jsonl")
+
+
+def new_directory(cfg, out, clear, tokenizer):
+    """The main process starts the run directory: --overwrite's files cleared, then config.json (with the
+    data dir used, the torch and code versions) and the tiny encoder's tokenizer."""
+    for path in clear:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
+                                                     code_version=code_version()), indent=1))
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer")
+
+
+# ----------------------------------------------------------------------------- the steps of a run
+
+
+@dataclass
+class Run:
+    """Where a run happens: its config (on --resume the saved one), directory, processes and device."""
+    cfg: Config
+    out: Path
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def main(self):  # the process that logs and writes the run directory
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.main:
+            print(*args)
+
+
+def start(cfg):
+    """(processes, this process's rank, device); under torchrun the process group starts here."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    main = rank == 0
-    log = print if main else (lambda *a, **k: None)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    out = Path(cfg.out)
-    if cfg.resume:
-        if not (out / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
-        saved = json.loads((out / "config.json").read_text())
-        cfg = Config(**dict(saved, resume=True, max_steps=cfg.max_steps))
-    out.mkdir(parents=True, exist_ok=True)
+    return world, rank, device
 
-    # data and tokenizer
-    task = data.get_task(cfg.task)
-    fetch_data(task, cfg, main, world, log)
-    train_set = data.read_split(task, "train", cfg.data_dir)
-    dev_set = data.read_split(task, "dev", cfg.data_dir)
+
+def read_data(run):
+    """The task and its train and dev examples; files missing from the data dir are downloaded first (rank 0;
+    the other ranks wait). cfg.data_dir becomes the dir used."""
+    cfg, task = run.cfg, data.get_task(run.cfg.task)
+    cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
+    if run.main and data.missing_files(task, cfg.data_dir):
+        run.log(f"{task.dir} is not in {cfg.data_dir}: downloading it")
+        data.download_task(task, cfg.data_dir, log=run.log)
+    if run.world > 1:
+        dist.barrier()
+    return task, data.read_split(task, "train", cfg.data_dir), data.read_split(task, "dev", cfg.data_dir)
+
+
+def model_and_tokenizer(run, task, train_set):
+    """The checkpoint and its tokenizer; or the tiny encoder and a tokenizer of the training texts (on
+    --resume the run's own)."""
+    cfg = run.cfg
     if cfg.pretrained:
-        model = build_model(cfg, None, task.num_labels)  # first: a bad checkpoint fails fast
-        tokenizer = data.load_tokenizer(cfg.pretrained)
-    elif cfg.resume:
-        tokenizer = data.load_tokenizer(out / "tokenizer")
-    else:
-        tokenizer = data.build_tokenizer([t for ex in train_set for t in ex[:2] if t])
-        if main:
-            tokenizer.save(out / "tokenizer")
+        return build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
+    tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
+                 else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
+    return build_model(cfg, tokenizer, task.num_labels), tokenizer
+
+
+def encode(run, train_set, dev_set, tokenizer):
+    """Token ids of the training examples, the dev batches, and this process's calibration batches."""
+    cfg = run.cfg
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
-    dev_batches = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len),
-                                    2 * cfg.batch_size, tokenizer.pad_id))
+    dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
+                            tokenizer.pad_id))
     calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
-                              seed=cfg.seed))[:cfg.calib_batches][rank::world]
-    log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
-        f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
+                              seed=cfg.seed))[:cfg.calib_batches][run.rank::run.world]
+    return train_enc, dev, calib
 
-    # model and initialisation
-    if not cfg.pretrained:
-        model = build_model(cfg, tokenizer, task.num_labels)
-    model.to(device)
-    record = initialise(cfg, model, calib, device, log)
-    if world > 1:
+
+def model_and_init(run, model, calib):
+    """The model on its device with its initialised adapters; init.json and adapter_init.bin written."""
+    cfg = run.cfg
+    model.to(run.device)
+    record = initialise(cfg, model, calib, run.device, run.log)
+    if run.world > 1:
         check_ranks_agree(model)
-    if main and not cfg.resume:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        (out / "init.json").write_text(json.dumps(record, indent=1))
+    if run.main and not cfg.resume:
+        (run.out / "init.json").write_text(json.dumps(record, indent=1))
         if cfg.init != "full":
-            adapter_files(cfg, model, out, "adapter_init.bin")  # what training starts from
-        log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
-            f"{record['trainable_parameters']} trainable parameters")
+            adapter_files(cfg, model, run.out, "adapter_init.bin")  # what training starts from
+        run.log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
+                f"{record['trainable_parameters']} trainable parameters")
 
-    # optimisation
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = len(train_enc) // cfg.batch_size // world  # drop the ragged last batch
-    if per_epoch == 0:
-        raise ValueError(f"{len(train_enc)} training examples make no full batch of {cfg.batch_size} "
-                         f"per process ({world} processes): lower --batch_size")
+
+def optimisation(run, model, n_train, ck):
+    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on
+    --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
+    cfg = run.cfg
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
     total = per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    step, history, losses = 0, [], []  # losses: the current epoch's, so far
-    if cfg.resume:
-        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    if ck:
+        if len(ck["rng"]) != run.world:
+            raise ValueError(f"--resume: {run.out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
+                             f"resume with as many")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        if len(ck["rng"]) != world:
-            raise ValueError(f"--resume: {out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
-                             f"resume with as many")
-        set_rng_states(ck["rng"][rank], device)
-        step, history, losses = ck["step"], ck["history"], ck["losses"]
-        log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
+        set_rng_states(ck["rng"][run.rank], run.device)
+    return opt, sched, per_epoch, total
 
-    def checkpoint():
-        rng = rng_states(device, world)  # every rank takes part in the gather
+
+def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
+    """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an
+    evaluation at each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the
+    evaluation after the checkpoint, so it never holds one the checkpoint lacks. Returns the evaluations."""
+    cfg, out, main, device = run.cfg, run.out, run.main, run.device
+    end = min(total, cfg.max_steps or total)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])  # losses: this epoch's
+    if main and ck:
+        restore_metrics(out, ck)
+        run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
+    t0, first = time.perf_counter(), step
+
+    def evaluation(epoch, train_loss, checkpoint=True):
         if main:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
-                             scheduler=sched.state_dict(), step=step, history=history), out / "checkpoint.pt")
+            metrics = evaluate(model, dev, task, cfg, device, run.log)
+            history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
+                                elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
+            run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if checkpoint:
+            rng = rng_states(device, run.world)  # every rank takes part in the gather
+            if main:
+                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
+                                 scheduler=sched.state_dict(), step=step, history=history,
+                                 config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
+        if main:
+            append_metrics(out, history[-1])
 
-    def record_eval(epoch, train_loss):
-        if not main:
-            return
-        metrics = evaluate(model, dev_batches, task, cfg, device)
-        row = dict(step=step, epoch=epoch, train_loss=train_loss, elapsed=time.perf_counter() - t0,
-                   **{f"dev_{k}": v for k, v in metrics.items()})
-        history.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    t0 = time.perf_counter()
     if step == 0:
-        if main and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-        record_eval(0, None)
+        evaluation(0, None, checkpoint=False)
     model.train()
-    first = step
-    while step < total and (not cfg.max_steps or step < cfg.max_steps):
-        epoch = step // per_epoch
-        order = list(data.batches(train_enc, cfg.batch_size, tokenizer.pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + epoch + 1))[rank::world][:per_epoch]
+    while step < end:
+        order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[run.rank::run.world][:per_epoch]
         for batch in order[step % per_epoch:]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
@@ -392,42 +636,94 @@ def train(cfg):
             loss = cglora._loss(out_, batch["labels"])  # fp32 inside
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr = sched.get_last_lr()[0]  # this step's
             opt.step()
             sched.step()
             step += 1
             losses.append(loss.item())
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == end:
+                recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
                 rate = (step - first) / (time.perf_counter() - t0)
-                log(f"step {step}/{total} | loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f}"
-                    f" | {rate:.1f} steps/s | eta {(total - step) / rate:.0f} s")
-            if cfg.max_steps and step >= cfg.max_steps:
+                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
+                        f"eta {(end - step) / rate:.0f} s")
+                if main:
+                    append_metrics(out, dict(kind="step", step=step, train_loss=recent, lr=lr))
+            if step == end:
                 break
+        train_loss = sum(losses) / len(losses)
         if step % per_epoch == 0:
-            record_eval(epoch + 1, sum(losses) / max(1, len(losses)))
-            losses = []
-        checkpoint()
+            losses = []  # a new epoch: the checkpoint holds its (no) losses so far
+        evaluation(step // per_epoch if step % per_epoch == 0 else round(step / per_epoch, 4), train_loss)
+    return history, step, time.perf_counter() - t0
 
-    if main:
-        if cfg.init != "full":
-            adapter_files(cfg, model, out)
-        if cfg.merge:
-            torch.save(merged_state_dict(model), out / "merged.pt")
-        key = f"dev_{task.main_metric}"
-        scored = [h for h in history if h["epoch"] > 0] or history
-        best = max(scored, key=lambda h: h[key])
-        log(f"done: {task.name} {cfg.init} dev {task.main_metric} {history[-1][key]:.4f} (best {best[key]:.4f} "
-            f"at epoch {best['epoch']}), {step} steps, train {time.perf_counter() - t0:.0f} s -> {out}")
+
+def finish(run, model, task, history, step, seconds):
+    """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the done line."""
+    cfg, out = run.cfg, run.out
+    if cfg.init != "full":
+        adapter_files(cfg, model, out)
+    if cfg.merge:
+        torch.save(merged_state_dict(cfg, model), out / "merged.pt")
+    (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
+    key, last = f"dev_{task.main_metric}", history[-1]
+    best = max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
+    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
+            f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s "
+            f"-> {out}")
+
+
+def train(cfg):
+    """One run, step by step: processes, the run directory, data, model and init, optimisation, the loop,
+    the end of the run. Every flag is checked before the first file is written."""
+    world, rank, device = start(cfg)
+    out = Path(cfg.out)
+    cfg, ck = resumed(cfg, out) if cfg.resume else (cfg, None)
+    clear = None if cfg.resume else new_run(cfg, out)
+    run = Run(cfg, out, world, rank, device)
+    task, train_set, dev_set = read_data(run)
+    model, tokenizer = model_and_tokenizer(run, task, train_set)
+    check_against_model(cfg, model, tokenizer, task, len(train_set), world)
+    if run.main and not cfg.resume:
+        new_directory(cfg, out, clear, None if cfg.pretrained else tokenizer)
+    train_enc, dev, calib = encode(run, train_set, dev_set, tokenizer)
+    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
+            f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
+    model_and_init(run, model, calib)
+    opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
+    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id, ck)
+    if run.main:
+        finish(run, model, task, history, step, seconds)
     if world > 1:
         dist.destroy_process_group()
     return history
 
 
+def interrupted(cfg):
+    """The one line Ctrl-C ends with: where the last checkpoint is and how to resume."""
+    path = Path(cfg.out) / "checkpoint.pt" if cfg else None
+    if path and path.is_file():
+        step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]
+        return f"interrupted: the last checkpoint is {path} (step {step}); continue with: " \
+               f"python train.py --resume --out {cfg.out}"
+    return "interrupted before the run's first checkpoint: nothing to resume" + (
+        f"; start it again with --overwrite --out {cfg.out}" if cfg and Path(cfg.out).exists() else "")
+
+
 def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except (ValueError, FileNotFoundError, NotADirectoryError, data.DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = None
+    with warnings.catch_warnings():  # a warning (data.RowCountWarning) is one line too
+        warnings.simplefilter("always", data.RowCountWarning)
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+        try:
+            cfg = parse_args(argv)
+            train(cfg)
+        except (ValueError, FileNotFoundError, NotADirectoryError, data.DownloadError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":
+                print(interrupted(cfg), file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

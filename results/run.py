@@ -59,7 +59,8 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
         return
     name = f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
     args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr), "--damping", str(damping),
-            "--log_every", "100000"] + (["--init_norm", str(init_norm)] if init_norm is not None else [])
+            "--log_every", "100000", "--overwrite"] + (["--init_norm", str(init_norm)] if init_norm is not None else [])
+    # --overwrite: a run that is not in RUNS failed or was stopped, and its folder is run again
     args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
     out = HERE / "runs" / name
     t0 = time.time()
@@ -67,14 +68,13 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
                            "--out", str(out)], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"failed: train.py {' '.join(args)}\n{proc.stderr[-3000:]}")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = [r for r in rows if r.get("kind", "eval") == "eval"]  # the evaluations, not the step rows
     init = json.loads((out / "init.json").read_text())
-    layers = [r for r in init["layers"] if r.get("heldout") is not None]
-    diagnostics = dict(
-        chosen_damping=init.get("damping"),
-        overlap=[statistics.mean(r[k] for r in layers) for k in ("overlap_left", "overlap_right")],
-        heldout_ratio=sum(r["heldout"] for r in layers) / sum(r["heldout_lora_one"] for r in layers),
-        insample_ratio=sum(r["insample"] for r in layers) / sum(r["insample_lora_one"] for r in layers)) if layers else {}
+    summary = init.get("summary", {})  # train.py's totals of the calibration diagnostics
+    diagnostics = dict(chosen_damping=init.get("damping"), overlap=[summary["overlap_left"], summary["overlap_right"]],
+                       heldout_ratio=summary["heldout_ratio"],
+                       insample_ratio=summary["insample_ratio"]) if "heldout_ratio" in summary else {}
     row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
                captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None], **diagnostics,
                wall_seconds=time.time() - t0,  # the command as run from the repository root:
