@@ -5,6 +5,7 @@
     python bench.py --shape tiny --repeats 1         # seconds: the smoke test
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
     python bench.py --shape llama-2048 --tokenizer DIR   # a Llama-style decoder, all 7 linear targets
+    python bench.py --tokenizer DIR --nproc 2        # also the cg-lora init as 2 torchrun processes (gloo)
 
 cg-lora is the default init (damping auto: 7 damping values on 2 folds, plus the diagnostics);
 cg-lora-13 the same with a 13-value grid (x sqrt(10) steps: the per-lambda cost); cg-lora-fixed is
@@ -110,6 +111,9 @@ def measure(name, args):
     device = torch.device(args.device)
     torch.manual_seed(0)
     build, build_hf, calib, train, loss = setup(args, device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's calibration batches (train.py's)
+        torch.distributed.init_process_group("gloo")
+        calib = calib[torch.distributed.get_rank()::torch.distributed.get_world_size()]
     llama = args.shape.startswith("llama")
     targets = LLAMA_TARGETS if llama else ALL if args.targets == "all" else args.targets
     hf_targets = (targets.split(",") if llama else
@@ -221,12 +225,16 @@ def main(argv=None):
     p.add_argument("--warmups", type=int, default=1, help="untimed runs first (0 for slow shapes)")
     p.add_argument("--peers", choices=["auto", "off"], default="auto", help="time peft when installed")
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
+    p.add_argument("--nproc", type=int, default=1, help="also time the cg-lora init under torchrun with this many "
+                   "processes (each layer factorized by its owner)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.shape != "tiny" and not (args.pretrained or args.tokenizer):
         p.error(f"--shape {args.shape} needs --tokenizer DIR, a folder with roberta-base's vocab.json and merges.txt")
     if args.child:
-        print(json.dumps(measure(args.child, args)))
+        result = measure(args.child, args)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(json.dumps(result))
         return
     llama = args.shape.startswith("llama") and not args.pretrained
     names = ["floor", "cg-lora"] if llama else ["floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga",
@@ -238,11 +246,15 @@ def main(argv=None):
     except ImportError:
         peers = False
     names += (["peft-lora-ga"] if llama else ["peft-lora-ga", "peft-step"]) if peers else []
-    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16") and v is not None]
+    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16", "nproc")
+               and v is not None]
     forward += ["--bf16"] if args.bf16 else []
     results = {}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    names += [f"cg-lora-x{args.nproc}"] if args.nproc > 1 else []
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, *forward, "--child", name], capture_output=True, text=True)
+        launch = [sys.executable] if "-x" not in name else torchrun
+        proc = subprocess.run([*launch, __file__, *forward, "--child", name.split("-x")[0]], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"bench {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -255,6 +267,9 @@ def main(argv=None):
             "13-value grid / 7-value grid (factorization)": r["cg-lora-13"]["factorization"] / r["cg-lora"]["factorization"],
             "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
             "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]})
+    if args.nproc > 1:
+        ratios[f"cg-lora factorization, {args.nproc} processes / 1"] = (r[f"cg-lora-x{args.nproc}"]["factorization"]
+                                                                      / r["cg-lora"]["factorization"])
     if peers:
         ratios.update({"peft lora-ga init / floor": r["peft-lora-ga"]["seconds"] / r["floor"]["seconds"],
                        "cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],

@@ -223,12 +223,19 @@ class Fold(NamedTuple):
 class Statistics(NamedTuple):
     """One layer's statistics, kept per fold only (§8.1: batch i is in fold i mod K), so that the K
     folds are the only copies held. S, G, T are those of all batches, pooled on access (a new
-    tensor each time for K > 1; the fold's own for K = 1)."""
+    tensor each time for K > 1; the fold's own for K = 1). Under torch.distributed only the
+    layer's owner holds them (folds=() elsewhere)."""
     folds: tuple  # K Folds
+    owner: int = 0  # the rank that holds them and factorizes the layer
 
-    S = property(lambda self: pool(self.folds).S)
-    G = property(lambda self: pool(self.folds).G)
-    T = property(lambda self: pool(self.folds).T)
+    S = property(lambda self: self.pooled().S)
+    G = property(lambda self: self.pooled().G)
+    T = property(lambda self: self.pooled().T)
+
+    def pooled(self):
+        if not self.folds:
+            raise ValueError(f"these statistics are held by rank {self.owner}")
+        return pool(self.folds)
 
 
 def pool(folds):
@@ -270,8 +277,10 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     i mod folds) for the held-out choice of the damping (§8.1); the folds are the only copies
     held. `device` holds the sums (default: where the layers' outputs are; "cpu" keeps wide
     factors off an accelerator, at the cost of moving each token row). Under torch.distributed rank r's
-    i-th batch is batch r + i * world (train.py deals them so) and the sums are all-reduced, so
-    every rank gets the statistics one process would get from all the batches.
+    i-th batch is batch r + i * world (train.py deals them so), and each layer's sums are reduced to
+    its owner only (the layers fed the i-th distinct input go to rank i mod world, as KAISA places
+    K-FAC work): the owner holds what one process would get from all the batches, the others
+    Statistics((), owner), and init_adapters factorizes each layer on its owner.
     progress(i), if given, is called before batch i (i batches done).
     No weight gradients are made and no caller tensor is changed: hooks read activations and
     output gradients, and a target layer's input gets a grad-requiring alias.
@@ -285,7 +294,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
     generator = generator or torch.Generator().manual_seed(0)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = _distributed()
     proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -363,8 +372,22 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     return _normalise(sums, n, share, names, distributed)
 
 
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _owners(share, names, world):  # layer -> rank: the i-th distinct input's layers go to rank i mod world
+    inputs = list(dict.fromkeys(share[name] for name in names))
+    return {name: inputs.index(share[name]) % world for name in names}
+
+
+def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
+    nccl = torch.distributed.get_backend() == "nccl"
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
+
+
 def _normalise(sums, n, share, names, distributed):
-    """Per-fold sums -> {name: Statistics}: all-reduce across ranks, divide by counts."""
+    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
     if not share:
         raise ValueError("collect_statistics got no calibration batches")
     keys = sorted(dict.fromkeys(share.values()))
@@ -375,16 +398,26 @@ def _normalise(sums, n, share, names, distributed):
                 fold[j].total.setdefault(key, torch.zeros_like(t))
     counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
                            for n_k, fold in zip(n, sums)], dtype=torch.float64)
+    proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    owner = _owners(share, names, world)  # S's key is its first layer's name
     if distributed:
-        device = next(iter(sums[0][1].total.values())).device
-        counts = counts.to(device)
-        for t in [counts] + [fold[j].total[k] for fold in sums for j in range(3) for k in sorted(fold[j].total)]:
-            torch.distributed.all_reduce(t)
+        counts = _comm(counts)
+        torch.distributed.all_reduce(counts)
         counts = counts.cpu()
+        for fold in sums:
+            for j in range(3):
+                for key in sorted(fold[j].total):
+                    t = _comm(fold[j].total[key])
+                    torch.distributed.reduce(t, owner[key])
+                    if owner[key] == proc:
+                        fold[j].total[key].copy_(t)
+                    else:
+                        del fold[j].total[key]  # freed: the owner holds it
     if (counts[:, 0] == 0).any():
         raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
                          "pass more batches or fewer folds")
     folds = []
+    mine = [name for name in names if owner[name] == proc]
     for (S, G, T), c in zip(sums, counts.tolist()):
         tokens = dict(zip(keys, c[1:]))
         for key, total in S.total.items():  # in place: the statistics are the largest thing here
@@ -392,8 +425,9 @@ def _normalise(sums, n, share, names, distributed):
         for total in (*G.total.values(), *T.total.values()):
             total.div_(c[0])
         folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0], tokens[share[name]])
-                      for name in names})
-    return {name: Statistics(tuple(fold[name] for fold in folds)) for name in names}
+                      for name in mine})
+    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (), owner[name])
+            for name in names}
 
 
 # ----------------------------------------------------------------------------- §3 whitening
@@ -636,8 +670,12 @@ def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
              for lam in lambdas}
         q_one = sum(predicted_decrease(*one, f.G, f.S, f.T) for (_, one), f in zip(fitted, st.folds))
         scores[name] = q, q_one, fitted
-    if auto:
-        damping = max(lambdas, key=lambda lam: sum(q[lam] for q, _, _ in scores.values()))
+    if auto:  # summed over this process's layers, and under torch.distributed over every rank's
+        total = torch.tensor([sum(q[lam] for q, _, _ in scores.values()) for lam in lambdas], dtype=torch.float64)
+        if _distributed():
+            total = _comm(total)
+            torch.distributed.all_reduce(total)
+        damping = lambdas[int(total.argmax())]
     rows = {}
     for name, (q, q_one, fitted) in scores.items():
         folds, r = stats[name].folds, ranks[name]
@@ -713,17 +751,20 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift = method in SHIFTED
-    diagnostics = {}
+    diagnostics, distributed = {}, data and _distributed()
+    proc = torch.distributed.get_rank() if distributed else 0
+    mine = list(layers)  # the layers this process factorizes: under torch.distributed, those it owns
     if data:
-        for name in layers:
-            if stats is None or name not in stats:
-                raise ValueError(f"layer {name}: method {method} needs statistics for it")
+        if stats is None or (missing := [n for n in layers if n not in stats]):
+            raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs statistics for them")
+        mine = [n for n in layers if stats[n].owner == proc]
+        for name in mine:
             if not all(torch.isfinite(X).all() for f in stats[name].folds for X in f[:3]):
                 raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
                                  "calibration data and loss (run the model in fp32)")
-        if all(len(stats[name].folds) >= 2 for name in layers):
-            damping, diagnostics = diagnose(method, {n: stats[n] for n in layers},
-                                            {n: layer.rank for n, layer in layers.items()}, damping, grid)
+        if all(len(stats[name].folds) >= 2 for name in mine):
+            damping, diagnostics = diagnose(method, {n: stats[n] for n in mine},
+                                            {n: layers[n].rank for n in mine}, damping, grid)
         elif cg and damping == "auto":
             raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
                              "with folds >= 2 (the default), or pass a number")
@@ -731,39 +772,58 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         + (f", damping {damping:g}" if cg else ""))
     report, counted = [], set()
     for name, layer in layers.items():
-        t0, r, s = time.perf_counter(), layer.rank, layer.scaling
-        row = dict(layer=name, rank=r, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
+        t0 = time.perf_counter()
+        row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
-        B, A = lora_factors(*layer.base.weight.shape, r, generator)
+        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator)
         if data:
-            folds = stats.pop(name).folds
-            for X in (X for f in folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
+            st = stats.pop(name)
+            for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
                 counted.add(id(X))
                 row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
-            st = pool(folds)  # formed here, freed with the layer
-            if st.G.abs().max() == 0:
-                row["fallback"] = "zero gradient: plain LoRA init"
-            else:
+            if name in mine:
                 try:
-                    if cg:
-                        M, L_T, L_S = whiten(st.G, st.S, st.T, damping)
-                        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, tol=FINAL_TOL)
-                        row["captured"] = (sigma.square().sum() / M.square().sum()).item()
-                    else:
-                        B, A = direction(method, st, r, damping)
+                    factors, more = _data_factors(method, st.pooled(), layer, damping, step, init_norm,
+                                                  factor_balance, bool(diagnostics))
                 except ValueError as e:
                     raise ValueError(f"layer {name}: {e}") from None
-                if diagnostics:  # in-sample q: directions judged on the statistics they came from
-                    row["insample"] = predicted_decrease(B, A, st.G, st.S, st.T)
-                    one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, r)
-                    row["insample_lora_one"] = predicted_decrease(*one, st.G, st.S, st.T)
-                norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
-                if norm and (cg or method == "lora-one"):
-                    B, A = _sized(B, A, s, norm)
-                if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
-                    B, A = balance(B, A)
+                B, A = factors or (B, A)
+                row.update(more)
+            if distributed:  # the owner's factors, on every rank
+                B, A = (_comm(X.float().contiguous()) for X in (B, A))
+                for X in (B, A):
+                    torch.distributed.broadcast(X, st.owner)
         write_adapter(layer, B, A, shift)
-        row["update_norm"] = (s * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
+        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
         row["seconds"] = time.perf_counter() - t0
         report.append(row)
+    if distributed:  # each owner's report rows, on every rank
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report if r["layer"] in mine})
+        rows = {k: v for part in parts for k, v in part.items()}
+        report = [rows[r["layer"]] for r in report]
     return report
+
+
+def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, diagnostics):
+    """One layer's data-driven factors (B, A) from its pooled statistics `st`, sized and balanced as
+    init_adapters says, and its report entries; (None, fallback) for a zero gradient."""
+    if st.G.abs().max() == 0:
+        return None, dict(fallback="zero gradient: plain LoRA init")
+    cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
+    if cg:
+        M, L_T, L_S = whiten(st.G, st.S, st.T, damping)
+        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, tol=FINAL_TOL)
+        row["captured"] = (sigma.square().sum() / M.square().sum()).item()
+    else:
+        B, A = direction(method, st, r, damping)
+    if diagnostics:  # in-sample q: directions judged on the statistics they came from
+        row["insample"] = predicted_decrease(B, A, st.G, st.S, st.T)
+        one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, r)
+        row["insample_lora_one"] = predicted_decrease(*one, st.G, st.S, st.T)
+    norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
+    if norm and (cg or method == "lora-one"):
+        B, A = _sized(B, A, s, norm)
+    if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
+        B, A = balance(B, A)
+    return (B, A), row
