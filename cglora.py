@@ -155,11 +155,6 @@ def _sample_labels(out, labels, generator):
 
 
 _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
-_loss.terms = lambda labels: labels.shape[0]  # the terms its batch mean averages: one per example
-
-
-def _terms(loss, labels):  # how many loss terms the batch's mean loss averages (§2, §9)
-    return int(loss.terms(labels)) if hasattr(loss, "terms") else labels.shape[0]
 
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
@@ -167,7 +162,7 @@ IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face'
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
     (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
-    the result is the mean over the batch's target tokens. One example is one sequence."""
+    the result is the mean over the batch's target tokens. One loss term is one target token."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
@@ -264,24 +259,18 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
-    the other entries go to model(**inputs). `loss(output, labels)` returns the batch's mean loss
-    (output: the model's output or its .logits); default: cross entropy for long labels on
-    [batch, classes], MSE for float labels; pass causal_lm_loss for a causal language model
-    (labels [batch, length], §9). One example is one term of the batch's mean loss: a loss says
-    how many its batch has with loss.terms(labels) (default: the rows of the labels; causal_lm_loss:
-    the target tokens), and delta, the gradient of one term's loss, is terms * d(batch loss)/dy.
-    fisher="sampled" draws T's labels with loss.sample(output, labels, generator).
+    the rest goes to model(**inputs). `loss(output, labels)` returns the batch's mean loss over
+    loss.terms(labels) terms (default: cross entropy or, for float labels, MSE, one term per row of
+    the labels; causal_lm_loss for a language model, one per target token, §9); delta, the gradient
+    of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws T's labels with
+    loss.sample(output, labels, generator). progress(i), if given, is called before batch i.
 
-    Returns {name: Statistics(folds)} in fp32: S d_in x d_in, G and T as §2 per fold; layers fed
-    the same input tensor share one S. The batches are dealt into `folds` folds (batch i to fold
-    i mod folds) for the held-out choice of the damping (§8.1); the folds are the only copies
-    held. `device` holds the sums (default: where the layers' outputs are; "cpu" keeps wide
-    factors off an accelerator, at the cost of moving each token row). Under torch.distributed rank r's
-    i-th batch is batch r + i * world (train.py deals them so), and each layer's sums are reduced to
-    its owner only (the layers fed the i-th distinct input go to rank i mod world, as KAISA places
-    K-FAC work): the owner holds what one process would get from all the batches, the others
-    Statistics((), owner), and init_adapters factorizes each layer on its owner.
-    progress(i), if given, is called before batch i (i batches done).
+    Returns {name: Statistics(folds)} in fp32, §2's S, G, T per fold (batch i in fold i mod folds,
+    for the damping choice of §8.1), the only copies held; layers fed one input tensor share its S.
+    `device` holds the sums (default: the layers' own; "cpu" keeps wide factors off an accelerator).
+    Under torch.distributed rank r's i-th batch is batch r + i * world (train.py deals them so), and
+    a layer's sums are reduced to its owner only (the i-th distinct input's layers to rank i mod
+    world, as KAISA places K-FAC work); the others hold Statistics((), owner).
     No weight gradients are made and no caller tensor is changed: hooks read activations and
     output gradients, and a target layer's input gets a grad-requiring alias.
     """
@@ -337,7 +326,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             keep = batch.get("attention_mask")
             keep = None if keep is None else keep.bool()
             x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
-            ys, n_b = [seen[name][1] for name in names], _terms(loss, labels)
+            ys, n_b = [seen[name][1] for name in names], int(getattr(loss, "terms", len)(labels))
             seen.clear()
             alias.clear()
             labels = labels.to(out.device)
@@ -725,22 +714,19 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
-    pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used).
+    pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used;
+    under torch.distributed each owner factorizes its layers and broadcasts the factors).
 
     damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` by the held-out
-    predicted decrease over the statistics' folds (§8.1). Every data-driven method (lora-ga,
-    lora-one, cg-lora*) whose statistics have folds also gets the §8 diagnostics (see diagnose).
-    CG-LoRA's and LoRA-One's factors are rescaled by one scalar per layer so that
-    ||s B A||_2 = init_norm (default: LoRA-One's own size alpha / (sqrt(r) * 128); 0: CG-LoRA's
-    raw step * dW_r, LoRA-One's own), then CG-LoRA's are rebalanced so that B^T B = A A^T
-    (factor_balance="euclidean", the default: the balance gradient descent on (A, B) conserves,
-    as LoRA-One's factors have; B A is unchanged) or kept balanced in the curvature metric
-    ("curvature": there |B| / |A| ~ sqrt(tr S / tr T), thousands through a fresh head, and
-    training did not learn, see README). A layer whose gradient is zero keeps the plain LoRA
-    init (reported as "fallback").
-    Returns one report dict per layer: rank, captured energy, shifted, damping, diagnostics,
-    in-sample q of this method's and LoRA-One's directions, update norm, seconds, and the memory
-    of its statistics (statistics_mib: all K folds; a shared S counted in its first layer).
+    predicted decrease over the statistics' folds (§8.1); data-driven methods with folds also get
+    the §8 diagnostics (diagnose). CG-LoRA's and LoRA-One's factors are rescaled by one scalar per
+    layer to ||s B A||_2 = init_norm (default: LoRA-One's size alpha / (sqrt(r) 128); 0: CG-LoRA's
+    raw step * dW_r, LoRA-One's own), then CG-LoRA's rebalanced to B^T B = A A^T
+    (factor_balance="euclidean", what gradient descent conserves; B A unchanged) or kept balanced
+    in the curvature metric ("curvature", which did not train, §4). A zero-gradient layer keeps
+    the plain LoRA init ("fallback"). Returns one report dict per layer: rank, captured energy,
+    shifted, damping, diagnostics, in-sample q of this method's and LoRA-One's directions, update
+    norm, seconds, statistics_mib (its K folds; a shared S counted in its first layer).
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
