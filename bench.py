@@ -6,6 +6,7 @@
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
     python bench.py --shape llama-2048 --tokenizer DIR   # a Llama-style decoder, all 7 linear targets
     python bench.py --tokenizer DIR --nproc 2        # also the cg-lora init as 2 torchrun processes (gloo)
+    OMP_NUM_THREADS=1 python bench.py --tokenizer DIR --cpu_time   # CPU seconds: on a CPU other jobs share
 
 cg-lora is the default init (damping auto: 7 damping values on 2 folds, plus the diagnostics);
 cg-lora-13 the same with a 13-value grid (x sqrt(10) steps: the per-lambda cost); cg-lora-fixed is
@@ -111,6 +112,7 @@ def measure(name, args):
     device = torch.device(args.device)
     torch.manual_seed(0)
     build, build_hf, calib, train, loss = setup(args, device)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's calibration batches (train.py's)
         torch.distributed.init_process_group("gloo")
         calib = calib[torch.distributed.get_rank()::torch.distributed.get_world_size()]
@@ -131,12 +133,12 @@ def measure(name, args):
         layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=head)
 
         def run():
-            t0 = time.perf_counter()
+            t0 = clock()
             stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib, loss=loss)
-            t1 = time.perf_counter()
+            t1 = clock()
             report = cglora.init_adapters(layers, method, stats, damping=damping, log=lambda *a: None, grid=grid)
             parts.setdefault("statistics", []).append(t1 - t0)
-            parts.setdefault("factorization", []).append(time.perf_counter() - t1)
+            parts.setdefault("factorization", []).append(clock() - t1)
             parts.setdefault("statistics_mib", []).append(sum(r["statistics_mib"] for r in report))
         return run
 
@@ -189,11 +191,11 @@ def measure(name, args):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         del fn
     per = 1 if name not in ("frozen-step", "our-step", "peft-step") else len(train)  # seconds per step
     result = dict(seconds=statistics.median(times[args.warmups:]) / per, model_mib=sum(
@@ -222,6 +224,8 @@ def main(argv=None):
     p.add_argument("--calib_batches", type=int, default=64)  # LoRA-GA's default budget: 64 x 2
     p.add_argument("--calib_batch_size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpu_time", action="store_true", help="time in CPU seconds of each process (all its threads) "
+                   "instead of wall seconds: ratios that hold on a CPU other jobs share (CPU only)")
     p.add_argument("--warmups", type=int, default=1, help="untimed runs first (0 for slow shapes)")
     p.add_argument("--peers", choices=["auto", "off"], default="auto", help="time peft when installed")
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
@@ -246,9 +250,9 @@ def main(argv=None):
     except ImportError:
         peers = False
     names += (["peft-lora-ga"] if llama else ["peft-lora-ga", "peft-step"]) if peers else []
-    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16", "nproc")
+    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16", "nproc", "cpu_time")
                and v is not None]
-    forward += ["--bf16"] if args.bf16 else []
+    forward += ["--bf16"] * args.bf16 + ["--cpu_time"] * args.cpu_time
     results = {}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     names += [f"cg-lora-x{args.nproc}"] if args.nproc > 1 else []
@@ -278,7 +282,8 @@ def main(argv=None):
             ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     what = args.pretrained or args.shape
     print(f"{what}, targets {args.targets}, {args.device}, calibration {args.calib_batches} x "
-          f"{args.calib_batch_size}, training batch 32, median of {args.repeats}")
+          f"{args.calib_batch_size}, training batch 32, median of {args.repeats}"
+          + (", CPU seconds" if args.cpu_time else ""))
     print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}{'statistics MiB':>16}"
           f"{'model MiB':>11}")
     for name, v in results.items():
