@@ -144,6 +144,19 @@ def test_no_whitening_reduces_to_top_r_step_of_minus_G():
     torch.testing.assert_close(ours / ours.norm(), theirs / theirs.norm(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("c", [0.05, 20.0])
+def test_relative_damping_makes_the_step_independent_of_the_scale_of_inputs_and_loss(c):
+    """§3: the damping is relative to tr S / d and tr T / d, so inputs scaled by c (G -> c G, S -> c^2 S) give
+    the step dW_r / c, and a loss scaled by c (G -> c G, T -> c^2 T) gives dW_r / c: the same M, the same
+    directions, at any scale of the statistics (here tr / d far below and above 1)."""
+    G, S, T = _problem(seed=5)
+    B, A, sigma = cg_lora_factors(G, S, T, 2, damping=0.3)
+    for G2, S2, T2 in ((c * G, c * c * S, T), (c * G, S, c * c * T)):
+        B2, A2, sigma2 = cg_lora_factors(G2, S2, T2, 2, damping=0.3)
+        torch.testing.assert_close(B2 @ A2, B @ A / c, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(sigma2, sigma, atol=1e-10, rtol=1e-8)
+
+
 def test_cg_factors_are_balanced_in_the_curvature_metric():
     G, S, T = _problem()
     B, A, sigma = cg_lora_factors(G, S, T, rank=3, damping=0.1, step=2.0, scaling=0.5)
@@ -410,6 +423,11 @@ def test_init_adapters_reports_the_calibration_diagnostics():
         assert row["heldout"] == row["heldout_by_damping"][row["damping"]] > 0
         assert 0 <= row["overlap_left"] <= 1 + 1e-6 and 0 <= row["overlap_right"] <= 1 + 1e-6
         assert row["insample"] > 0 and row["insample_lora_one"] > 0 and row["heldout_lora_one"] > 0
+    model = _model()
+    stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches())
+    held = {id(X): X for st in stats.values() for f in st.folds for X in f[:3]}  # query and value share S
+    assert sum(r["statistics_mib"] for r in report) == pytest.approx(
+        sum(X.numel() * 4 for X in held.values()) / 2 ** 20, rel=1e-9)
     fixed = _adapted("cg-lora", damping=0.5)[3]
     assert all(r["damping"] == 0.5 and r["heldout_by_damping"] is None for r in fixed)
     one = _adapted("lora-one")[3]
