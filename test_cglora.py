@@ -929,6 +929,10 @@ def test_edge_cases_of_the_small_helpers():
     assert cglora.predicted_decrease(torch.zeros(6, 2), torch.randn(2, 4), G, S, T) == 0.0  # no direction
     torch.testing.assert_close(cglora._damped(torch.zeros(3, 3), 0.5), 0.5 * torch.eye(3))  # X = 0: lambda I
     assert cglora._eig(torch.zeros(3, 3)).mu == 1.0
+    stats, _ = _synthetic_folds()  # a gradient with no positive entry is not a zero gradient
+    nonpositive = cglora.Statistics(tuple(f._replace(G=-f.G.abs() * (f.G.abs() > f.G.abs().min())) for f in stats.folds))
+    assert all(f.G.max() == 0 for f in nonpositive.folds)
+    assert set(cglora.diagnose("cg-lora", {"w": nonpositive}, {"w": 2})[1]) == {"w"}
     model = _model()
     with pytest.raises(ValueError, match="folds must be >= 1, got 0"):
         collect_statistics(model, {"mix": model.mix}, _batches(), folds=0)
