@@ -712,7 +712,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 
 
 def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
+                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
     pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used;
     under torch.distributed each owner factorizes its layers and broadcasts the factors).
@@ -726,7 +726,10 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
     in the curvature metric ("curvature", which did not train, §4). A zero-gradient layer keeps
     the plain LoRA init ("fallback"). Returns one report dict per layer: rank, captured energy,
     shifted, damping, diagnostics, in-sample q of this method's and LoRA-One's directions, update
-    norm, seconds, statistics_mib (its K folds; a shared S counted in its first layer).
+    norm, seconds, statistics_mib (its K folds; a shared S counted in its first layer), and for a
+    data-driven init quadratic_step: the multiple of its update that minimises the calibration
+    data's quadratic model. judge(factors, report), if given, sees every layer's {name: (B, A)}
+    before any is written into the model (each layer still at its W0; e.g. real_decrease).
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
@@ -756,7 +759,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                              "with folds >= 2 (the default), or pass a number")
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
         + (f", damping {damping:g}" if cg else ""))
-    report, counted = [], set()
+    report, counted, chosen = [], set(), {}
     for name, layer in layers.items():
         t0 = time.perf_counter()
         row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
@@ -779,8 +782,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                 B, A = (_comm(X.float().contiguous()) for X in (B, A))
                 for X in (B, A):
                     torch.distributed.broadcast(X, st.owner)
-        write_adapter(layer, B, A, shift)
-        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
+        chosen[name] = B, A
         row["seconds"] = time.perf_counter() - t0
         report.append(row)
     if distributed:  # each owner's report rows, on every rank
@@ -788,6 +790,11 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report if r["layer"] in mine})
         rows = {k: v for part in parts for k, v in part.items()}
         report = [rows[r["layer"]] for r in report]
+    if judge:
+        judge(chosen, report)
+    for row, (name, layer) in zip(report, layers.items()):
+        write_adapter(layer, *chosen[name], shift)
+        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
     return report
 
 
@@ -812,4 +819,42 @@ def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, d
         B, A = _sized(B, A, s, norm)
     if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
         B, A = balance(B, A)
+    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s for dW = s B A
+    row["quadratic_step"] = (-(B * (st.G @ A.T)).sum() / curvature).item() if curvature > 0 else 0.0
     return (B, A), row
+
+
+# ----------------------------------------------------------------------------- §8.2 the real loss
+
+
+@torch.no_grad()
+def real_decrease(model, layers, directions, batches, scales, loss=None):
+    """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
+    over `batches` at W0 (every lora_B = 0) and, for each c in `scales`, with every layer's adapter
+    set to (c B, A), i.e. the update s c B A. layers: {name: LoRALinear}; directions: {name: (B
+    d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are restored."""
+    loss, batches = loss or _loss, list(batches)
+    saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
+    was_training = model.training
+
+    def mean_loss():  # batch means weighted by their examples
+        total = sum(loss(getattr(out := model(**{k: v for k, v in b.items() if k != "labels"}), "logits", out),
+                         b["labels"]).item() * b["labels"].shape[0] for b in batches)
+        return total / sum(b["labels"].shape[0] for b in batches)
+
+    try:
+        model.eval()
+        for m in layers.values():
+            m.lora_B.zero_()
+        at_W0, by_scale = mean_loss(), {}
+        for c in scales:
+            for name, (B, A) in directions.items():
+                layers[name].lora_B.copy_(c * B)
+                layers[name].lora_A.copy_(A)
+            by_scale[c] = mean_loss()
+        return at_W0, by_scale
+    finally:
+        for name, (B, A) in saved.items():
+            layers[name].lora_B.copy_(B)
+            layers[name].lora_A.copy_(A)
+        model.train(was_training)
