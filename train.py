@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import data
 import models
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     task: str = "cola"  # GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli
     data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the one used)
@@ -74,62 +73,56 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     why = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action="store_true", help=f"{why.get(f.name, '')} (default: off)")
-        else:
-            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
-            p.add_argument(f"--{f.name}", type=kind, default=f.default,
-                           help=f"{why.get(f.name, '')} (default: {f.default})")
+        kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
+        how = dict(action="store_true") if f.type is bool else dict(type=kind, default=f.default)
+        p.add_argument(f"--{f.name}", **how, help=f"{why.get(f.name, '')} (default: {how.get('default', 'off')})")
     return check_flags(Config(**vars(p.parse_args(argv))), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+CHOICES = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"), balance=("euclidean", "curvature"),
+               device=("auto", "cpu", "cuda"))
+RANGES = dict(  # flag: (holds, what it must be)
+    **dict.fromkeys(("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
+                     "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
+    dropout=(lambda x: 0 <= x < 1, "in [0, 1)"), warmup=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+    weight_decay=(lambda x: x >= 0, ">= 0"), max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
+    init_norm=(lambda x: x is None or x >= 0, ">= 0 (0: the raw Newton step)"))
+
+
 def check_flags(cfg, world):
-    """One pass over the flags, before any work or file: each error names the flag and what it takes.
-    (The targets, --rank and --max_len against the model: check_against_model.)"""
-    task = data.get_task(cfg.task)
-    choices = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"),
-                   balance=("euclidean", "curvature"), device=("auto", "cpu", "cuda"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
-    positive = ("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
-                "alpha", "lr", "step")
-    wants = {**{name: (0 < getattr(cfg, name) < math.inf, "positive") for name in positive},
-             "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"), "warmup": (0 <= cfg.warmup <= 1, "in [0, 1]"),
-             "weight_decay": (cfg.weight_decay >= 0, ">= 0"), "max_steps": (cfg.max_steps >= 0, ">= 0 (0: all epochs)"),
-             "init_norm": (cfg.init_norm is None or cfg.init_norm >= 0, ">= 0 (0: the raw Newton step)")}
-    for name, (ok, want) in wants.items():
-        if not ok:
-            raise ValueError(f"--{name} must be {want}, got {getattr(cfg, name)}")
-    if cfg.damping != "auto":
-        try:
-            damping = float(cfg.damping)
-        except ValueError:
-            damping = math.nan
-        if not 0 < damping < math.inf:
-            raise ValueError(f"--damping takes a number > 0 or auto, got {cfg.damping!r}")
-        cfg.damping = damping
-    need = max(2, world)  # the calibration check's two halves (and --damping auto's folds); a batch per process
-    if cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need:
-        raise ValueError(f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 "
-                         f"halves to check its init (and to choose --damping auto), over {world} process(es): "
-                         f"pass --calib_batches {need} or more")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu, or auto")
-    if cfg.bf16 and (cfg.device == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("--bf16 autocasts on CUDA only, and this run is on the CPU: drop --bf16")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite clears it: pass one of them")
+    """Every flag, before any work or file, in one table of (refused, why): each error names the flag and what it
+    takes. Sets --damping's number, --targets all's names and the default --out. (Against the model and data:
+    check_against_model.)"""
+    task, cuda = data.get_task(cfg.task), torch.cuda.is_available()
+    need = max(2, world)  # calibration batches: the init check's two halves, and a batch per process
+    try:
+        damping = float(cfg.damping)
+    except ValueError:
+        damping = math.nan  # auto, or refused below
     cfg.targets = ",".join(ALL_TARGETS) if cfg.targets == "all" else cfg.targets
-    if not all(cfg.targets.split(",")):
-        raise ValueError(f"--targets {cfg.targets!r}: a comma-separated list of layer names, or all")
+    value = lambda name: getattr(cfg, name)  # noqa: E731
+    refusals = [(value(n) not in allowed, f"--{n} {value(n)!r}: choose from {', '.join(allowed)}")
+                for n, allowed in CHOICES.items()]
+    refusals += [(not holds(value(n)), f"--{n} must be {want}, got {value(n)}") for n, (holds, want) in RANGES.items()]
+    refusals += [
+        (cfg.damping != "auto" and not 0 < damping < math.inf,
+         f"--damping takes a number > 0 or auto, got {cfg.damping!r}"),
+        (cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need,
+         f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 halves to check its "
+         f"init (and to choose --damping auto), over {world} process(es): pass --calib_batches {need} or more"),
+        (cfg.device == "cuda" and not cuda, "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
+        (cfg.bf16 and (cfg.device == "cpu" or not cuda), "--bf16 autocasts on CUDA only: drop it on the CPU"),
+        (cfg.resume and cfg.overwrite, "--resume continues the run in --out and --overwrite clears it: pass one of them"),
+        (not all(cfg.targets.split(",")), f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(why)
+    cfg.damping = cfg.damping if cfg.damping == "auto" else damping
     if not cfg.out:
-        names = cfg.targets.split(",")
-        model = Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
+        names, model = cfg.targets.split(","), Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
         targets = "all" if sorted(names) == sorted(ALL_TARGETS) else "+".join(names)
         cfg.out = (f"runs/{task.name}-{model}-{cfg.init}-r{cfg.rank}-{targets}-s{cfg.seed}"
-                   + (f"-w{world}" if world > 1 else ""))
+                   + f"-w{world}" * (world > 1))
     return cfg
 
 
@@ -142,11 +135,10 @@ def check_against_model(cfg, model, tokenizer, task, n_train, world):
         except ValueError as e:
             raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all ({','.join(ALL_TARGETS)})") from None
         factor = 2 if cfg.init == "lora-ga" else 1  # LoRA-GA takes 2r singular vectors
-        name, layer = min(layers.items(), key=lambda item: min(item[1].weight.shape))
-        if factor * cfg.rank > min(layer.weight.shape):
-            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' if factor == 2 else ''}rank <= the "
-                             f"smallest side of each target, and {name} is {tuple(layer.weight.shape)}: pass "
-                             f"--rank {min(layer.weight.shape) // factor} or less")
+        name, shape = min(((n, tuple(m.weight.shape)) for n, m in layers.items()), key=lambda item: min(item[1]))
+        if factor * cfg.rank > min(shape):
+            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' * (factor - 1)}rank <= the smallest side of "
+                             f"each target, and {name} is {shape}: pass --rank {min(shape) // factor} or less")
     pair = task.columns[1] is not None
     shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)  # the special tokens and one token of each text
     if cfg.max_len < shortest:
@@ -492,7 +484,7 @@ def new_directory(cfg, out, clear, tokenizer):
 # ----------------------------------------------------------------------------- the steps of a run
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """Where a run happens: its config (on --resume the saved one), directory, processes and device."""
     cfg: Config
