@@ -112,7 +112,7 @@ def check_flags(cfg, world):
          f"init (and to choose --damping auto), over {world} process(es): pass --calib_batches {need} or more"),
         (cfg.device == "cuda" and not cuda, "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
         (cfg.bf16 and (cfg.device == "cpu" or not cuda), "--bf16 autocasts on CUDA only: drop it on the CPU"),
-        (cfg.resume and cfg.overwrite, "--resume continues the run in --out and --overwrite clears it: pass one of them"),
+        (cfg.resume and cfg.overwrite, "--resume continues the run in --out, --overwrite clears it: pass one of them"),
         (not all(cfg.targets.split(",")), f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
     for refused, why in refusals:
         if refused:
@@ -175,16 +175,14 @@ def autocast(cfg, device):
 
 
 def progress(what, total, log):
-    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS: a short pass
-    prints nothing."""
+    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS (a short pass: never)."""
     t0 = shown = time.monotonic()
 
     def report(done):
         nonlocal shown
-        now = time.monotonic()
-        if done and now - shown >= PROGRESS_SECONDS:
-            log(f"{what}: {done}/{total} batches, eta {(now - t0) / done * (total - done):.0f} s")
-            shown = now
+        if done and time.monotonic() - shown >= PROGRESS_SECONDS:
+            shown = time.monotonic()
+            log(f"{what}: {done}/{total} batches, eta {(shown - t0) / done * (total - done):.0f} s")
     return report
 
 
@@ -219,26 +217,21 @@ def initialise(cfg, model, calib, device, log):
                                  rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
-        stats = None
-        if cfg.init not in ("lora", "rslora"):
-            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()},
-                                              (to_device(b, device) for b in calib), cfg.fisher,
-                                              torch.Generator().manual_seed(cfg.seed),
-                                              progress=progress("statistics", len(calib), log))
-            if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
-                log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
-                    f"calibration batches ...")
+        stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
+            model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib), cfg.fisher,
+            torch.Generator().manual_seed(cfg.seed), progress=progress("statistics", len(calib), log))
+        if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
+            log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the calibration "
+                "batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
-        record["layers"] = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step,
-                                                cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log,
-                                                cfg.balance)
-        record["damping"] = next((r["damping"] for r in record["layers"] if r["damping"] is not None), None)
-        record["summary"] = summarise(record["layers"], cfg.rank, log)
-    record["seconds"] = time.perf_counter() - t0
-    record["peak_memory_mib"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return record
+        record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step, cfg.init_norm,
+                                                      torch.Generator().manual_seed(cfg.seed), log, cfg.balance)
+        record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
+        record["summary"] = summarise(rows, cfg.rank, log)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(record, seconds=time.perf_counter() - t0, peak_memory_mib=peak / 2 ** 20,
+                trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def summarise(rows, rank, log):
@@ -252,17 +245,16 @@ def summarise(rows, rank, log):
     rows = [r for r in rows if r.get("heldout") is not None]
     if rows:
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+        by_damping = rows[0]["heldout_by_damping"]  # None, or damping -> q
         summary.update({key: total(key) for key in ("heldout", "heldout_lora_one", "insample", "insample_lora_one")})
         summary.update(overlap_left=total("overlap_left") / len(rows), overlap_right=total("overlap_right") / len(rows),
                        heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
                        insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
-                       damping=rows[0]["damping"], heldout_by_damping=None)
-        if rows[0]["heldout_by_damping"]:
-            summary["heldout_by_damping"] = {lam: sum(r["heldout_by_damping"][lam] for r in rows)
-                                             for lam in rows[0]["heldout_by_damping"]}
-            log("damping auto: held-out predicted decrease " + ", ".join(
-                f"{lam:g}: {q:.3g}" for lam, q in summary["heldout_by_damping"].items())
-                + f" -> damping {summary['damping']:g}")
+                       damping=rows[0]["damping"], heldout_by_damping=None if not by_damping else {
+                           lam: sum(r["heldout_by_damping"][lam] for r in rows) for lam in by_damping})
+        if by_damping:
+            log("damping auto: held-out predicted decrease " + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in
+                summary["heldout_by_damping"].items()) + f" -> damping {summary['damping']:g}")
         log(f"calibration check: split-half overlap left {summary['overlap_left']:.2f} / right "
             f"{summary['overlap_right']:.2f}; predicted decrease vs LoRA-One's direction: held-out "
             f"{summary['heldout_ratio']:.2f}x, in-sample {summary['insample_ratio']:.2f}x")
