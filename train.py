@@ -271,9 +271,9 @@ def check_ranks_agree(model):
 
 
 def hf_name(cfg, model):
-    """Our parameter name -> its name in the Hugging Face checkpoint's *ForSequenceClassification
-    (`layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight`
-    -> `classifier.weight`: the converter's name map reversed); the tiny encoder keeps ours."""
+    """Our parameter name -> its name in the Hugging Face checkpoint's *ForSequenceClassification (the converter's
+    map reversed: `layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight`
+    -> `classifier.weight`); the tiny encoder keeps ours."""
     if not cfg.pretrained:
         return lambda name: name
     names, kind = models.hf_names(model.config), model.config.model_type
@@ -287,46 +287,39 @@ def peft_module_name(cfg, model):
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """The adapter as peft saves it: weights (shifted inits exported against the original W0 as
-    rank 2r, §5) and adapter_config.json, a peft LoraConfig with exactly our scaling. On a Hugging
-    Face checkpoint the names are the checkpoint's own, so that PeftModel.from_pretrained(
-    AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=...), run dir) loads it."""
-    rename, state, targets, head = peft_module_name(cfg, model), {}, [], set()
+    """The adapter as peft saves it, under peft_module_name's names (so that PeftModel.from_pretrained(
+    AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=...), run dir) loads it): the
+    weights (a shifted init against the original W0 as rank 2r, §5) and the modules trained whole, and
+    adapter_config.json, a peft LoraConfig with exactly our scaling."""
+    rename, state, targets, head = peft_module_name(cfg, model), {}, set(), set()
     for key, value in cglora.lora_state_dict(model).items():  # base_model.model.<module>.lora_A.weight
         module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
         state[f"base_model.model.{rename(module)}.lora_{param}"] = value
-        targets.append(rename(module))
-    saved = trainable_modules(cfg)  # the head, and the tiny encoder's word embeddings when they train
+        targets.add(rename(module))
     for key, value in model.state_dict().items():
-        if key.split(".")[0] in saved:  # in peft's modules_to_save: HF's classifier and
-            module, _, param = key.rpartition(".")  # BERT's pooler whole; our head.* one by one (a ModuleDict)
+        if key.split(".")[0] in trainable_modules(cfg):  # peft's modules_to_save: HF's classifier and BERT's
+            module, _, param = key.rpartition(".")  # pooler whole, our head.* one by one (a ModuleDict)
             state[f"base_model.model.{rename(module)}.{param}"] = value.clone()
             head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
                      else module)
     torch.save(state, out / name)
     r, = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if r == cfg.rank:  # peft computes alpha / sqrt(r) or alpha / r as LoRALinear does
-        alpha, rslora = cfg.alpha, cglora.RSLORA[cfg.init]
-    else:  # shifted, rank 2r: the same scaling s = alpha' / 2r
-        alpha, rslora = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling * r, False
+    shifted = r != cfg.rank  # rank 2r at the same scaling s = alpha' / 2r; else peft computes s as LoRALinear does
+    scaling = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling
     (out / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None, base_model_name_or_path=cfg.pretrained,
-        r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=cfg.dropout, bias="none",
-        target_modules=sorted(set(targets)), modules_to_save=sorted(head)), indent=1))
+        r=r, lora_alpha=scaling * r if shifted else cfg.alpha, use_rslora=not shifted and cglora.RSLORA[cfg.init],
+        lora_dropout=cfg.dropout, bias="none", target_modules=sorted(targets), modules_to_save=sorted(head)), indent=1))
 
 
 def merged_state_dict(cfg, model):
-    """A plain state dict of the model with every adapter merged, under the names of the model before
-    add_lora: on a Hugging Face checkpoint its own (hf_name), so its *ForSequenceClassification loads it."""
-    for m in model.modules():
+    """A plain state dict with every adapter merged, under the names of the model before add_lora (on a Hugging
+    Face checkpoint its own, hf_name's, so its *ForSequenceClassification loads it)."""
+    state, rename = model.state_dict(), hf_name(cfg, model)
+    for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
-            m.merge()
-    rename = hf_name(cfg, model)
-    state = {rename(k.replace(".base.", ".")): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-    for m in model.modules():
-        if isinstance(m, cglora.LoRALinear):
-            m.unmerge()
-    return state
+            state[f"{name}.base.weight"] = m.base.weight.detach() + m.delta_weight().detach()
+    return {rename(k.replace(".base.", ".")): v.clone() for k, v in state.items() if ".lora_" not in k}
 
 
 def rng_states(device, world):
@@ -355,33 +348,29 @@ def save_atomic(obj, path):
 def code_version():
     """The git commit of this checkout ("-dirty" when it has uncommitted changes), else "unknown"."""
     try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return git.stdout.strip() or "unknown"
 
 
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl: train loss at each step row, the dev metric at each evaluation."""
-    panels = [("train loss", [(r["step"], r["train_loss"]) for r in rows if r.get("kind") == "step"]),
-              (f"dev {metric}", [(r["step"], r[f"dev_{metric}"]) for r in rows if r.get("kind", "eval") == "eval"])]
+    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the dev metric at
+    each evaluation, the axes labelled with their ranges."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11">', f'<rect width="{2 * w}" height="{h}" fill="white"/>']
-    for i, (title, points) in enumerate(panels):
-        left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
-        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step)</text>',
-                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>']
-        if not points:
-            out.append(f'<text x="{left + 10}" y="{top + 20}">no rows (see --log_every)</text>')
-            continue
+           f'font-size="11" style="background: white">']
+    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]  # title, rows, column
+    for i, (title, kind, key) in enumerate(series):
+        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind] or [(0, 0)]
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
+        left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
         X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
         Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
-        out += [f'<text x="{left - 40}" y="{Y(y) + 4}">{y:.3g}</text>' for y in {y0, y1}]
-        out += [f'<text x="{X(x) - 8}" y="{bottom + 14}">{x}</text>' for x in {x0, x1}]
-        out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-                   + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>')
+        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to {y1:.3g})</text>',
+                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>',
+                '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>']
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
