@@ -333,12 +333,6 @@ def rng_states(device, world):
     return [[g[r].cpu() for g in gathered] for r in range(world)]
 
 
-def set_rng_states(states, device):  # this process's entry of rng_states()
-    torch.set_rng_state(states[0].cpu())
-    if device.type == "cuda" and len(states) > 1:
-        torch.cuda.set_rng_state(states[1].cpu(), device)
-
-
 def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -388,66 +382,59 @@ def read_metrics(out):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def append_metrics(out, row):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+def write_metrics(out, rows, replace=False):  # append rows to metrics.jsonl, or replace it with them atomically
+    with open(out / ("metrics.tmp" if replace else "metrics.jsonl"), "w" if replace else "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if replace:
+        os.replace(out / "metrics.tmp", out / "metrics.jsonl")
 
 
 def new_run(cfg, out):
-    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only
-    the files train.py writes: a directory holding anything else is refused. Returns what to clear."""
+    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only the
+    files train.py writes: a directory holding anything else is refused. Returns what to clear."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: pick a directory")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if found and not cfg.overwrite:
-        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
-                         f"continue it with --resume, pick a new --out, or pass --overwrite to clear it first")
-    others = [name for name in found if name not in RUN_FILES]
-    if others:
+        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue "
+                         f"it with --resume, pick a new --out, or pass --overwrite to clear it first")
+    if set(found) - set(RUN_FILES):
         raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
-                         f"{', '.join(others)}: pick a new --out")
+                         f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
     return [out / name for name in found]
 
 
-def resumed(cfg, out):
-    """--resume: the run's saved config (with this call's PER_CALL flags) and its checkpoint, once the
-    checkpoint is known to be the run's latest state: written under that config, and holding every
-    evaluation metrics.jsonl has."""
+def resumed(cfg, out, world):
+    """--resume: the run's saved config (with this call's PER_CALL flags) and its checkpoint, once that is known
+    to be the run's latest state: written under that config, by as many processes, holding every evaluation
+    metrics.jsonl has."""
     path = out / "checkpoint.pt"
     if not (out / "config.json").is_file() or not path.is_file():
         raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, or there is "
                          f"no run): start it again with --overwrite")
-    saved, default = load_config(out), Config()
-    given = [n for n in dataclasses.asdict(cfg) if n not in PER_CALL
-             and getattr(cfg, n) not in (getattr(default, n), getattr(saved, n))]
+    saved = load_config(out)
+    fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}  # noqa: E731
+    given = [k for k, v in fixed(cfg).items() if v not in (getattr(Config(), k), getattr(saved, k))]
     if given:
         raise ValueError(f"--resume continues {out} as it was configured: " + ", ".join(
-            f"--{n} {getattr(cfg, n)} (the run has {getattr(saved, n)})" for n in given)
+            f"--{k} {getattr(cfg, k)} (the run has {getattr(saved, k)})" for k in given)
             + "; drop these flags, or start another run with a new --out")
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    mine = {k: v for k, v in dataclasses.asdict(saved).items() if k not in PER_CALL}
-    theirs = {k: v for k, v in ck.get("config", {}).items() if k not in PER_CALL}
-    differ = [k for k in mine if theirs.get(k) != mine[k]]
+    theirs = ck.get("config", {})
+    differ = [k for k, v in fixed(saved).items() if theirs.get(k) != v]
     if differ:
         raise ValueError(f"--resume: {path} is another run's: it has " + ", ".join(
             f"{k} {theirs.get(k)}" for k in differ) + f" where {out / 'config.json'} has " + ", ".join(
-            f"{k} {mine[k]}" for k in differ) + "; start the run again with --overwrite")
-    evals = [r for r in read_metrics(out) if r.get("kind", "eval") == "eval"]
+            f"{k} {getattr(saved, k)}" for k in differ) + "; start the run again with --overwrite")
+    if len(ck["rng"]) != world:
+        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume with as many")
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     if evals != ck["history"][:len(evals)]:
         raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: {out / 'metrics.jsonl'} "
                          f"has evaluations it lacks (the last at step {evals[-1]['step']}); start the run again "
                          f"with --overwrite")
-    calls = {n: getattr(cfg, n) for n in PER_CALL}
+    calls = {k: getattr(cfg, k) for k in PER_CALL}
     return dataclasses.replace(saved, **dict(calls, data_dir=cfg.data_dir or saved.data_dir)), ck
-
-
-def restore_metrics(out, ck):
-    """metrics.jsonl as at the checkpoint: rows after it (an interrupted epoch's) go, and an evaluation
-    the checkpoint holds but the file missed (interrupted in between) is added."""
-    rows = [r for r in read_metrics(out) if r["step"] <= ck["step"]]
-    rows += ck["history"][sum(r.get("kind", "eval") == "eval" for r in rows):]
-    (out / "metrics.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(out / "metrics.tmp", out / "metrics.jsonl")
 
 
 def new_directory(cfg, out, clear, tokenizer):
@@ -467,7 +454,7 @@ def new_directory(cfg, out, clear, tokenizer):
 
 @dataclasses.dataclass
 class Run:
-    """Where a run happens: its config (on --resume the saved one), directory, processes and device."""
+    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and device."""
     cfg: Config
     out: Path
     world: int
@@ -484,16 +471,18 @@ class Run:
 
 
 def start(cfg):
-    """(processes, this process's rank, device); under torchrun the process group starts here."""
+    """(the Run, --resume's checkpoint, a new run's files to clear) once the run directory is checked; under
+    torchrun the process group starts here."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return world, rank, device
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda and world > 1 else \
+        torch.device("cuda" if cuda else "cpu")
+    out = Path(cfg.out)
+    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
+    clear = None if cfg.resume else new_run(cfg, out)
+    return Run(run_cfg, out, world, dist.get_rank() if world > 1 else 0, device), ck, clear
 
 
 def read_data(run):
@@ -509,47 +498,48 @@ def read_data(run):
     return task, data.read_split(task, "train", cfg.data_dir), data.read_split(task, "dev", cfg.data_dir)
 
 
-def model_and_tokenizer(run, task, train_set):
-    """The checkpoint and its tokenizer; or the tiny encoder and a tokenizer of the training texts (on
-    --resume the run's own)."""
+def model_and_batches(run, task, train_set, dev_set, clear):
+    """The model and its tokenizer (the checkpoint's, or one of the training texts for the tiny encoder: on
+    --resume the run's own), checked against the flags; a new run's directory started; then the token ids:
+    (model, tokenizer, training examples, dev batches, this process's calibration batches)."""
     cfg = run.cfg
-    if cfg.pretrained:
-        return build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
-    tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
-                 else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
-    return build_model(cfg, tokenizer, task.num_labels), tokenizer
-
-
-def encode(run, train_set, dev_set, tokenizer):
-    """Token ids of the training examples, the dev batches, and this process's calibration batches."""
-    cfg = run.cfg
+    if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer is read
+        model, tokenizer = build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
+    else:
+        tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
+                     else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
+        model = build_model(cfg, tokenizer, task.num_labels)
+    check_against_model(cfg, model, tokenizer, task, len(train_set), run.world)
+    if run.main and not cfg.resume:
+        new_directory(cfg, run.out, clear, None if cfg.pretrained else tokenizer)
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
     dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
                             tokenizer.pad_id))
     calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
                               seed=cfg.seed))[:cfg.calib_batches][run.rank::run.world]
-    return train_enc, dev, calib
+    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
+            f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
+    return model, tokenizer, train_enc, dev, calib
 
 
 def model_and_init(run, model, calib):
     """The model on its device with its initialised adapters; init.json and adapter_init.bin written."""
-    cfg = run.cfg
     model.to(run.device)
-    record = initialise(cfg, model, calib, run.device, run.log)
+    record = initialise(run.cfg, model, calib, run.device, run.log)
     if run.world > 1:
         check_ranks_agree(model)
-    if run.main and not cfg.resume:
+    if run.main and not run.cfg.resume:
         (run.out / "init.json").write_text(json.dumps(record, indent=1))
-        if cfg.init != "full":
-            adapter_files(cfg, model, run.out, "adapter_init.bin")  # what training starts from
-        run.log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
+        if run.cfg.init != "full":
+            adapter_files(run.cfg, model, run.out, "adapter_init.bin")  # what training starts from
+        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
                 f"{record['trainable_parameters']} trainable parameters")
 
 
 def optimisation(run, model, n_train, ck):
-    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on
-    --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
-    cfg = run.cfg
+    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on --resume
+    the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
+    cfg, states = run.cfg, ck and ck["rng"][run.rank]  # this process's rng_states(): CPU, and CUDA on a GPU
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
@@ -558,43 +548,42 @@ def optimisation(run, model, n_train, ck):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     if ck:
-        if len(ck["rng"]) != run.world:
-            raise ValueError(f"--resume: {run.out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
-                             f"resume with as many")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        set_rng_states(ck["rng"][run.rank], run.device)
+        torch.set_rng_state(states[0])
+        if run.device.type == "cuda" and len(states) > 1:
+            torch.cuda.set_rng_state(states[1], run.device)
     return opt, sched, per_epoch, total
 
 
 def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
-    """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an
-    evaluation at each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the
-    evaluation after the checkpoint, so it never holds one the checkpoint lacks. Returns the evaluations."""
-    cfg, out, main, device = run.cfg, run.out, run.main, run.device
+    """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an evaluation at
+    each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the evaluation after the
+    checkpoint, so it never holds one the checkpoint lacks. Returns (the evaluations, steps, seconds)."""
+    cfg, out, device = run.cfg, run.out, run.device
     end = min(total, cfg.max_steps or total)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])  # losses: this epoch's
-    if main and ck:
-        restore_metrics(out, ck)
+    if run.main and ck:  # metrics.jsonl as at the checkpoint: rows after it go, an evaluation it missed is added
+        rows = [r for r in read_metrics(out) if r["step"] <= step]
+        write_metrics(out, rows + history[sum(r["kind"] == "eval" for r in rows):], replace=True)
         run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     t0, first = time.perf_counter(), step
 
     def evaluation(epoch, train_loss, checkpoint=True):
-        if main:
+        if run.main:
             metrics = evaluate(model, dev, task, cfg, device, run.log)
             history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
                                 elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
             run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if checkpoint:
-            rng = rng_states(device, run.world)  # every rank takes part in the gather
-            if main:
-                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
-                                 scheduler=sched.state_dict(), step=step, history=history,
-                                 config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
-        if main:
-            append_metrics(out, history[-1])
+        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part in the gather
+        if run.main and checkpoint:
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
+                             scheduler=sched.state_dict(), step=step, history=history,
+                             config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
+        if run.main:
+            write_metrics(out, history[-1:])
 
     if step == 0:
         evaluation(0, None, checkpoint=False)
@@ -619,8 +608,8 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
                 rate = (step - first) / (time.perf_counter() - t0)
                 run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
                         f"eta {(end - step) / rate:.0f} s")
-                if main:
-                    append_metrics(out, dict(kind="step", step=step, train_loss=recent, lr=lr))
+                if run.main:
+                    write_metrics(out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
             if step == end:
                 break
         train_loss = sum(losses) / len(losses)
@@ -632,41 +621,30 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
 
 def finish(run, model, task, history, step, seconds):
     """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the done line."""
-    cfg, out = run.cfg, run.out
+    cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
     if cfg.init != "full":
         adapter_files(cfg, model, out)
     if cfg.merge:
         torch.save(merged_state_dict(cfg, model), out / "merged.pt")
     (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
-    key, last = f"dev_{task.main_metric}", history[-1]
-    best = max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
+    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
     run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
             f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s "
             f"-> {out}")
 
 
 def train(cfg):
-    """One run, step by step: processes, the run directory, data, model and init, optimisation, the loop,
-    the end of the run. Every flag is checked before the first file is written."""
-    world, rank, device = start(cfg)
-    out = Path(cfg.out)
-    cfg, ck = resumed(cfg, out) if cfg.resume else (cfg, None)
-    clear = None if cfg.resume else new_run(cfg, out)
-    run = Run(cfg, out, world, rank, device)
+    """One run, step by step: processes and the run directory, data, model and tokens, init, optimisation, the
+    loop, the end of the run. Every flag is checked before the first file is written."""
+    run, ck, clear = start(cfg)
     task, train_set, dev_set = read_data(run)
-    model, tokenizer = model_and_tokenizer(run, task, train_set)
-    check_against_model(cfg, model, tokenizer, task, len(train_set), world)
-    if run.main and not cfg.resume:
-        new_directory(cfg, out, clear, None if cfg.pretrained else tokenizer)
-    train_enc, dev, calib = encode(run, train_set, dev_set, tokenizer)
-    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
-            f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
+    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set, clear)
     model_and_init(run, model, calib)
     opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
     history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id, ck)
     if run.main:
         finish(run, model, task, history, step, seconds)
-    if world > 1:
+    if run.world > 1:
         dist.destroy_process_group()
     return history
 
@@ -676,8 +654,8 @@ def interrupted(cfg):
     path = Path(cfg.out) / "checkpoint.pt" if cfg else None
     if path and path.is_file():
         step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]
-        return f"interrupted: the last checkpoint is {path} (step {step}); continue with: " \
-               f"python train.py --resume --out {cfg.out}"
+        return (f"interrupted: the last checkpoint is {path} (step {step}); continue with: "
+                f"python train.py --resume --out {cfg.out}")
     return "interrupted before the run's first checkpoint: nothing to resume" + (
         f"; start it again with --overwrite --out {cfg.out}" if cfg and Path(cfg.out).exists() else "")
 
