@@ -237,9 +237,9 @@ def initialise(cfg, model, calib, device, log):
 def summarise(rows, rank, log):
     """The init's summary, logged and returned for init.json: captured energy (§3) and the §8 calibration
     diagnostics summed over the layers (the ratios are of the sums), with the damping chosen."""
-    summary, captured = {}, [r["captured"] for r in rows if r["captured"] is not None]
+    captured = [r["captured"] for r in rows if r["captured"] is not None]
+    summary = dict(captured_mean=sum(captured) / len(captured), captured_min=min(captured)) if captured else {}
     if captured:
-        summary.update(captured_mean=sum(captured) / len(captured), captured_min=min(captured))
         log(f"captured energy at rank {rank}: mean {summary['captured_mean']:.3f}, "
             f"min {summary['captured_min']:.3f} over {len(captured)} layers")
     rows = [r for r in rows if r.get("heldout") is not None]
@@ -339,16 +339,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def code_version():
-    """The git commit of this checkout ("-dirty" when it has uncommitted changes), else "unknown"."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def curves_svg(rows, metric, w=360, h=240, pad=44):
     """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the dev metric at
     each evaluation, the axes labelled with their ranges."""
@@ -443,8 +433,13 @@ def new_directory(cfg, out, clear, tokenizer):
     for path in clear:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    try:  # the git commit of this checkout, "-dirty" with uncommitted changes
+        version = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                                 cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
     (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
-                                                     code_version=code_version()), indent=1))
+                                                     code_version=version.strip() or "unknown"), indent=1))
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
 
@@ -460,10 +455,7 @@ class Run:
     world: int
     rank: int
     device: torch.device
-
-    @property
-    def main(self):  # the process that logs and writes the run directory
-        return self.rank == 0
+    main: bool  # rank 0: the process that logs and writes the run directory
 
     def log(self, *args):
         if self.main:
@@ -477,12 +469,13 @@ def start(cfg):
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda and world > 1 else \
-        torch.device("cuda" if cuda else "cpu")
+    index = int(os.environ.get("LOCAL_RANK", 0)) if cuda and world > 1 else None  # torchrun: this process's GPU
+    device = torch.device("cuda" if cuda else "cpu", index)
     out = Path(cfg.out)
     run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
     clear = None if cfg.resume else new_run(cfg, out)
-    return Run(run_cfg, out, world, dist.get_rank() if world > 1 else 0, device), ck, clear
+    rank = dist.get_rank() if world > 1 else 0
+    return Run(run_cfg, out, world, rank, device, rank == 0), ck, clear
 
 
 def read_data(run):
@@ -499,9 +492,9 @@ def read_data(run):
 
 
 def model_and_batches(run, task, train_set, dev_set, clear):
-    """The model and its tokenizer (the checkpoint's, or one of the training texts for the tiny encoder: on
-    --resume the run's own), checked against the flags; a new run's directory started; then the token ids:
-    (model, tokenizer, training examples, dev batches, this process's calibration batches)."""
+    """The model and its tokenizer (the tiny encoder's of the training texts, on --resume the run's own) checked
+    against the flags, a new run's directory started, then the token ids: (model, tokenizer, training
+    examples, dev batches, this process's calibration batches)."""
     cfg = run.cfg
     if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer is read
         model, tokenizer = build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
@@ -572,17 +565,16 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     t0, first = time.perf_counter(), step
 
     def evaluation(epoch, train_loss, checkpoint=True):
+        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part; evaluating draws none
         if run.main:
             metrics = evaluate(model, dev, task, cfg, device, run.log)
             history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
                                 elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
             run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part in the gather
-        if run.main and checkpoint:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
-                             scheduler=sched.state_dict(), step=step, history=history,
-                             config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
-        if run.main:
+            if checkpoint:
+                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
+                                 scheduler=sched.state_dict(), step=step, history=history,
+                                 config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
             write_metrics(out, history[-1:])
 
     if step == 0:
@@ -591,7 +583,7 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     while step < end:
         order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
                                   seed=cfg.seed * 1000 + step // per_epoch + 1))[run.rank::run.world][:per_epoch]
-        for batch in order[step % per_epoch:]:
+        for batch in order[step % per_epoch:][:end - step]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
                 out_ = ddp(**{k: v for k, v in batch.items() if k != "labels"})
@@ -610,12 +602,9 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
                         f"eta {(end - step) / rate:.0f} s")
                 if run.main:
                     write_metrics(out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
-            if step == end:
-                break
-        train_loss = sum(losses) / len(losses)
-        if step % per_epoch == 0:
-            losses = []  # a new epoch: the checkpoint holds its (no) losses so far
-        evaluation(step // per_epoch if step % per_epoch == 0 else round(step / per_epoch, 4), train_loss)
+        train_loss, epoch_end = sum(losses) / len(losses), step % per_epoch == 0
+        losses = [] if epoch_end else losses  # a new epoch: the checkpoint holds its (no) losses so far
+        evaluation(step // per_epoch if epoch_end else round(step / per_epoch, 4), train_loss)
     return history, step, time.perf_counter() - t0
 
 
