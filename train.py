@@ -90,9 +90,8 @@ RANGES = dict(  # flag: (holds, what it must be)
 
 
 def check_flags(cfg, world):
-    """Every flag, before any work or file, in one table of (refused, why): each error names the flag and what it
-    takes. Sets --damping's number, --targets all's names and the default --out. (Against the model and data:
-    check_against_model.)"""
+    """Every flag before any work or file, as one table of (refused, why) naming the flag and what it takes; sets
+    --damping's number, --targets all's names, the default --out. (Against the model: check_against_model.)"""
     task, cuda = data.get_task(cfg.task), torch.cuda.is_available()
     need = max(2, world)  # calibration batches: the init check's two halves, and a batch per process
     try:
@@ -271,9 +270,8 @@ def check_ranks_agree(model):
 
 
 def hf_name(cfg, model):
-    """Our parameter name -> its name in the Hugging Face checkpoint's *ForSequenceClassification (the converter's
-    map reversed: `layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight`
-    -> `classifier.weight`); the tiny encoder keeps ours."""
+    """Our parameter name -> the checkpoint's in its *ForSequenceClassification (`layers.0.query.weight` ->
+    `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight` -> `classifier.weight`), or ours."""
     if not cfg.pretrained:
         return lambda name: name
     names, kind = models.hf_names(model.config), model.config.model_type
@@ -287,10 +285,8 @@ def peft_module_name(cfg, model):
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """The adapter as peft saves it, under peft_module_name's names (so that PeftModel.from_pretrained(
-    AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=...), run dir) loads it): the
-    weights (a shifted init against the original W0 as rank 2r, §5) and the modules trained whole, and
-    adapter_config.json, a peft LoraConfig with exactly our scaling."""
+    """The adapter as peft saves it, under peft_module_name's names: the weights (a shifted init against the original
+    W0, as rank 2r: §5), the modules trained whole, and adapter_config.json with exactly our scaling."""
     rename, state, targets, head = peft_module_name(cfg, model), {}, set(), set()
     for key, value in cglora.lora_state_dict(model).items():  # base_model.model.<module>.lora_A.weight
         module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
@@ -395,9 +391,8 @@ def new_run(cfg, out):
 
 
 def resumed(cfg, out, world):
-    """--resume: the run's saved config (with this call's PER_CALL flags) and its checkpoint, once that is known
-    to be the run's latest state: written under that config, by as many processes, holding every evaluation
-    metrics.jsonl has."""
+    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is known to be the
+    run's latest state: of that config, as many processes, every evaluation metrics.jsonl has."""
     path = out / "checkpoint.pt"
     if not (out / "config.json").is_file() or not path.is_file():
         raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, or there is "
@@ -463,8 +458,7 @@ class Run:
 
 
 def start(cfg):
-    """(the Run, --resume's checkpoint, a new run's files to clear) once the run directory is checked; under
-    torchrun the process group starts here."""
+    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts torchrun's group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
@@ -492,9 +486,8 @@ def read_data(run):
 
 
 def model_and_batches(run, task, train_set, dev_set, clear):
-    """The model and its tokenizer (the tiny encoder's of the training texts, on --resume the run's own) checked
-    against the flags, a new run's directory started, then the token ids: (model, tokenizer, training
-    examples, dev batches, this process's calibration batches)."""
+    """The model and tokenizer, checked against the flags; a new run's directory; the token ids: (model, tokenizer,
+    training examples, dev batches, this process's calibration batches)."""
     cfg = run.cfg
     if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer is read
         model, tokenizer = build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
@@ -551,9 +544,8 @@ def optimisation(run, model, n_train, ck):
 
 
 def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
-    """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an evaluation at
-    each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the evaluation after the
-    checkpoint, so it never holds one the checkpoint lacks. Returns (the evaluations, steps, seconds)."""
+    """The loop: step rows every --log_every steps; at each epoch's end and the last step an evaluation, a checkpoint,
+    then the evaluation's row (so metrics.jsonl never has one the checkpoint lacks). Returns (evaluations, steps, s)."""
     cfg, out, device = run.cfg, run.out, run.device
     end = min(total, cfg.max_steps or total)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
@@ -623,8 +615,7 @@ def finish(run, model, task, history, step, seconds):
 
 
 def train(cfg):
-    """One run, step by step: processes and the run directory, data, model and tokens, init, optimisation, the
-    loop, the end of the run. Every flag is checked before the first file is written."""
+    """One run, step by step; every flag is checked before the first file is written."""
     run, ck, clear = start(cfg)
     task, train_set, dev_set = read_data(run)
     model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set, clear)
