@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import data
 import models
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     task: str = "cola"  # GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli
     data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the one used)
@@ -74,62 +73,55 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     why = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action="store_true", help=f"{why.get(f.name, '')} (default: off)")
-        else:
-            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
-            p.add_argument(f"--{f.name}", type=kind, default=f.default,
-                           help=f"{why.get(f.name, '')} (default: {f.default})")
+        kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
+        how = dict(action="store_true") if f.type is bool else dict(type=kind, default=f.default)
+        p.add_argument(f"--{f.name}", **how, help=f"{why.get(f.name, '')} (default: {how.get('default', 'off')})")
     return check_flags(Config(**vars(p.parse_args(argv))), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+CHOICES = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"), balance=("euclidean", "curvature"),
+               device=("auto", "cpu", "cuda"))
+RANGES = dict(  # flag: (holds, what it must be)
+    **dict.fromkeys(("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
+                     "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
+    dropout=(lambda x: 0 <= x < 1, "in [0, 1)"), warmup=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+    weight_decay=(lambda x: x >= 0, ">= 0"), max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
+    init_norm=(lambda x: x is None or x >= 0, ">= 0 (0: the raw Newton step)"))
+
+
 def check_flags(cfg, world):
-    """One pass over the flags, before any work or file: each error names the flag and what it takes.
-    (The targets, --rank and --max_len against the model: check_against_model.)"""
-    task = data.get_task(cfg.task)
-    choices = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"),
-                   balance=("euclidean", "curvature"), device=("auto", "cpu", "cuda"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
-    positive = ("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
-                "alpha", "lr", "step")
-    wants = {**{name: (0 < getattr(cfg, name) < math.inf, "positive") for name in positive},
-             "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"), "warmup": (0 <= cfg.warmup <= 1, "in [0, 1]"),
-             "weight_decay": (cfg.weight_decay >= 0, ">= 0"), "max_steps": (cfg.max_steps >= 0, ">= 0 (0: all epochs)"),
-             "init_norm": (cfg.init_norm is None or cfg.init_norm >= 0, ">= 0 (0: the raw Newton step)")}
-    for name, (ok, want) in wants.items():
-        if not ok:
-            raise ValueError(f"--{name} must be {want}, got {getattr(cfg, name)}")
-    if cfg.damping != "auto":
-        try:
-            damping = float(cfg.damping)
-        except ValueError:
-            damping = math.nan
-        if not 0 < damping < math.inf:
-            raise ValueError(f"--damping takes a number > 0 or auto, got {cfg.damping!r}")
-        cfg.damping = damping
-    need = max(2, world)  # the calibration check's two halves (and --damping auto's folds); a batch per process
-    if cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need:
-        raise ValueError(f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 "
-                         f"halves to check its init (and to choose --damping auto), over {world} process(es): "
-                         f"pass --calib_batches {need} or more")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu, or auto")
-    if cfg.bf16 and (cfg.device == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("--bf16 autocasts on CUDA only, and this run is on the CPU: drop --bf16")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite clears it: pass one of them")
+    """Every flag before any work or file, as one table of (refused, why) naming the flag and what it takes; sets
+    --damping's number, --targets all's names, the default --out. (Against the model: check_against_model.)"""
+    task, cuda = data.get_task(cfg.task), torch.cuda.is_available()
+    need = max(2, world)  # calibration batches: the init check's two halves, and a batch per process
+    try:
+        damping = float(cfg.damping)
+    except ValueError:
+        damping = math.nan  # auto, or refused below
     cfg.targets = ",".join(ALL_TARGETS) if cfg.targets == "all" else cfg.targets
-    if not all(cfg.targets.split(",")):
-        raise ValueError(f"--targets {cfg.targets!r}: a comma-separated list of layer names, or all")
+    value = lambda name: getattr(cfg, name)  # noqa: E731
+    refusals = [(value(n) not in allowed, f"--{n} {value(n)!r}: choose from {', '.join(allowed)}")
+                for n, allowed in CHOICES.items()]
+    refusals += [(not holds(value(n)), f"--{n} must be {want}, got {value(n)}") for n, (holds, want) in RANGES.items()]
+    refusals += [
+        (cfg.damping != "auto" and not 0 < damping < math.inf,
+         f"--damping takes a number > 0 or auto, got {cfg.damping!r}"),
+        (cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need,
+         f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 halves to check its "
+         f"init (and to choose --damping auto), over {world} process(es): pass --calib_batches {need} or more"),
+        (cfg.device == "cuda" and not cuda, "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
+        (cfg.bf16 and (cfg.device == "cpu" or not cuda), "--bf16 autocasts on CUDA only: drop it on the CPU"),
+        (cfg.resume and cfg.overwrite, "--resume continues the run in --out, --overwrite clears it: pass one of them"),
+        (not all(cfg.targets.split(",")), f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(why)
+    cfg.damping = cfg.damping if cfg.damping == "auto" else damping
     if not cfg.out:
-        names = cfg.targets.split(",")
-        model = Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
+        names, model = cfg.targets.split(","), Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
         targets = "all" if sorted(names) == sorted(ALL_TARGETS) else "+".join(names)
         cfg.out = (f"runs/{task.name}-{model}-{cfg.init}-r{cfg.rank}-{targets}-s{cfg.seed}"
-                   + (f"-w{world}" if world > 1 else ""))
+                   + f"-w{world}" * (world > 1))
     return cfg
 
 
@@ -142,11 +134,10 @@ def check_against_model(cfg, model, tokenizer, task, n_train, world):
         except ValueError as e:
             raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all ({','.join(ALL_TARGETS)})") from None
         factor = 2 if cfg.init == "lora-ga" else 1  # LoRA-GA takes 2r singular vectors
-        name, layer = min(layers.items(), key=lambda item: min(item[1].weight.shape))
-        if factor * cfg.rank > min(layer.weight.shape):
-            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' if factor == 2 else ''}rank <= the "
-                             f"smallest side of each target, and {name} is {tuple(layer.weight.shape)}: pass "
-                             f"--rank {min(layer.weight.shape) // factor} or less")
+        name, shape = min(((n, tuple(m.weight.shape)) for n, m in layers.items()), key=lambda item: min(item[1]))
+        if factor * cfg.rank > min(shape):
+            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' * (factor - 1)}rank <= the smallest side of "
+                             f"each target, and {name} is {shape}: pass --rank {min(shape) // factor} or less")
     pair = task.columns[1] is not None
     shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)  # the special tokens and one token of each text
     if cfg.max_len < shortest:
@@ -183,16 +174,14 @@ def autocast(cfg, device):
 
 
 def progress(what, total, log):
-    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS: a short pass
-    prints nothing."""
+    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS (a short pass: never)."""
     t0 = shown = time.monotonic()
 
     def report(done):
         nonlocal shown
-        now = time.monotonic()
-        if done and now - shown >= PROGRESS_SECONDS:
-            log(f"{what}: {done}/{total} batches, eta {(now - t0) / done * (total - done):.0f} s")
-            shown = now
+        if done and time.monotonic() - shown >= PROGRESS_SECONDS:
+            shown = time.monotonic()
+            log(f"{what}: {done}/{total} batches, eta {(shown - t0) / done * (total - done):.0f} s")
     return report
 
 
@@ -227,50 +216,44 @@ def initialise(cfg, model, calib, device, log):
                                  rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
-        stats = None
-        if cfg.init not in ("lora", "rslora"):
-            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()},
-                                              (to_device(b, device) for b in calib), cfg.fisher,
-                                              torch.Generator().manual_seed(cfg.seed),
-                                              progress=progress("statistics", len(calib), log))
-            if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
-                log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
-                    f"calibration batches ...")
+        stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
+            model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib), cfg.fisher,
+            torch.Generator().manual_seed(cfg.seed), progress=progress("statistics", len(calib), log))
+        if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
+            log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the calibration "
+                "batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
-        record["layers"] = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step,
-                                                cfg.init_norm, torch.Generator().manual_seed(cfg.seed), log,
-                                                cfg.balance)
-        record["damping"] = next((r["damping"] for r in record["layers"] if r["damping"] is not None), None)
-        record["summary"] = summarise(record["layers"], cfg.rank, log)
-    record["seconds"] = time.perf_counter() - t0
-    record["peak_memory_mib"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return record
+        record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step, cfg.init_norm,
+                                                      torch.Generator().manual_seed(cfg.seed), log, cfg.balance)
+        record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
+        record["summary"] = summarise(rows, cfg.rank, log)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(record, seconds=time.perf_counter() - t0, peak_memory_mib=peak / 2 ** 20,
+                trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def summarise(rows, rank, log):
     """The init's summary, logged and returned for init.json: captured energy (§3) and the §8 calibration
     diagnostics summed over the layers (the ratios are of the sums), with the damping chosen."""
-    summary, captured = {}, [r["captured"] for r in rows if r["captured"] is not None]
+    captured = [r["captured"] for r in rows if r["captured"] is not None]
+    summary = dict(captured_mean=sum(captured) / len(captured), captured_min=min(captured)) if captured else {}
     if captured:
-        summary.update(captured_mean=sum(captured) / len(captured), captured_min=min(captured))
         log(f"captured energy at rank {rank}: mean {summary['captured_mean']:.3f}, "
             f"min {summary['captured_min']:.3f} over {len(captured)} layers")
     rows = [r for r in rows if r.get("heldout") is not None]
     if rows:
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+        by_damping = rows[0]["heldout_by_damping"]  # None, or damping -> q
         summary.update({key: total(key) for key in ("heldout", "heldout_lora_one", "insample", "insample_lora_one")})
         summary.update(overlap_left=total("overlap_left") / len(rows), overlap_right=total("overlap_right") / len(rows),
                        heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
                        insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
-                       damping=rows[0]["damping"], heldout_by_damping=None)
-        if rows[0]["heldout_by_damping"]:
-            summary["heldout_by_damping"] = {lam: sum(r["heldout_by_damping"][lam] for r in rows)
-                                             for lam in rows[0]["heldout_by_damping"]}
-            log("damping auto: held-out predicted decrease " + ", ".join(
-                f"{lam:g}: {q:.3g}" for lam, q in summary["heldout_by_damping"].items())
-                + f" -> damping {summary['damping']:g}")
+                       damping=rows[0]["damping"], heldout_by_damping=None if not by_damping else {
+                           lam: sum(r["heldout_by_damping"][lam] for r in rows) for lam in by_damping})
+        if by_damping:
+            log("damping auto: held-out predicted decrease " + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in
+                summary["heldout_by_damping"].items()) + f" -> damping {summary['damping']:g}")
         log(f"calibration check: split-half overlap left {summary['overlap_left']:.2f} / right "
             f"{summary['overlap_right']:.2f}; predicted decrease vs LoRA-One's direction: held-out "
             f"{summary['heldout_ratio']:.2f}x, in-sample {summary['insample_ratio']:.2f}x")
@@ -287,9 +270,8 @@ def check_ranks_agree(model):
 
 
 def hf_name(cfg, model):
-    """Our parameter name -> its name in the Hugging Face checkpoint's *ForSequenceClassification
-    (`layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight`
-    -> `classifier.weight`: the converter's name map reversed); the tiny encoder keeps ours."""
+    """Our parameter name -> the checkpoint's in its *ForSequenceClassification (`layers.0.query.weight` ->
+    `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight` -> `classifier.weight`), or ours."""
     if not cfg.pretrained:
         return lambda name: name
     names, kind = models.hf_names(model.config), model.config.model_type
@@ -303,46 +285,37 @@ def peft_module_name(cfg, model):
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """The adapter as peft saves it: weights (shifted inits exported against the original W0 as
-    rank 2r, §5) and adapter_config.json, a peft LoraConfig with exactly our scaling. On a Hugging
-    Face checkpoint the names are the checkpoint's own, so that PeftModel.from_pretrained(
-    AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=...), run dir) loads it."""
-    rename, state, targets, head = peft_module_name(cfg, model), {}, [], set()
+    """The adapter as peft saves it, under peft_module_name's names: the weights (a shifted init against the original
+    W0, as rank 2r: §5), the modules trained whole, and adapter_config.json with exactly our scaling."""
+    rename, state, targets, head = peft_module_name(cfg, model), {}, set(), set()
     for key, value in cglora.lora_state_dict(model).items():  # base_model.model.<module>.lora_A.weight
         module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
         state[f"base_model.model.{rename(module)}.lora_{param}"] = value
-        targets.append(rename(module))
-    saved = trainable_modules(cfg)  # the head, and the tiny encoder's word embeddings when they train
+        targets.add(rename(module))
     for key, value in model.state_dict().items():
-        if key.split(".")[0] in saved:  # in peft's modules_to_save: HF's classifier and
-            module, _, param = key.rpartition(".")  # BERT's pooler whole; our head.* one by one (a ModuleDict)
+        if key.split(".")[0] in trainable_modules(cfg):  # peft's modules_to_save: HF's classifier and BERT's
+            module, _, param = key.rpartition(".")  # pooler whole, our head.* one by one (a ModuleDict)
             state[f"base_model.model.{rename(module)}.{param}"] = value.clone()
             head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
                      else module)
     torch.save(state, out / name)
     r, = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if r == cfg.rank:  # peft computes alpha / sqrt(r) or alpha / r as LoRALinear does
-        alpha, rslora = cfg.alpha, cglora.RSLORA[cfg.init]
-    else:  # shifted, rank 2r: the same scaling s = alpha' / 2r
-        alpha, rslora = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling * r, False
+    shifted = r != cfg.rank  # rank 2r at the same scaling s = alpha' / 2r; else peft computes s as LoRALinear does
+    scaling = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling
     (out / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None, base_model_name_or_path=cfg.pretrained,
-        r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=cfg.dropout, bias="none",
-        target_modules=sorted(set(targets)), modules_to_save=sorted(head)), indent=1))
+        r=r, lora_alpha=scaling * r if shifted else cfg.alpha, use_rslora=not shifted and cglora.RSLORA[cfg.init],
+        lora_dropout=cfg.dropout, bias="none", target_modules=sorted(targets), modules_to_save=sorted(head)), indent=1))
 
 
 def merged_state_dict(cfg, model):
-    """A plain state dict of the model with every adapter merged, under the names of the model before
-    add_lora: on a Hugging Face checkpoint its own (hf_name), so its *ForSequenceClassification loads it."""
-    for m in model.modules():
+    """A plain state dict with every adapter merged, under the names of the model before add_lora (on a Hugging
+    Face checkpoint its own, hf_name's, so its *ForSequenceClassification loads it)."""
+    state, rename = model.state_dict(), hf_name(cfg, model)
+    for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
-            m.merge()
-    rename = hf_name(cfg, model)
-    state = {rename(k.replace(".base.", ".")): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-    for m in model.modules():
-        if isinstance(m, cglora.LoRALinear):
-            m.unmerge()
-    return state
+            state[f"{name}.base.weight"] = m.base.weight.detach() + m.delta_weight().detach()
+    return {rename(k.replace(".base.", ".")): v.clone() for k, v in state.items() if ".lora_" not in k}
 
 
 def rng_states(device, world):
@@ -356,48 +329,28 @@ def rng_states(device, world):
     return [[g[r].cpu() for g in gathered] for r in range(world)]
 
 
-def set_rng_states(states, device):  # this process's entry of rng_states()
-    torch.set_rng_state(states[0].cpu())
-    if device.type == "cuda" and len(states) > 1:
-        torch.cuda.set_rng_state(states[1].cpu(), device)
-
-
 def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def code_version():
-    """The git commit of this checkout ("-dirty" when it has uncommitted changes), else "unknown"."""
-    try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return git.stdout.strip() or "unknown"
-
-
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl: train loss at each step row, the dev metric at each evaluation."""
-    panels = [("train loss", [(r["step"], r["train_loss"]) for r in rows if r.get("kind") == "step"]),
-              (f"dev {metric}", [(r["step"], r[f"dev_{metric}"]) for r in rows if r.get("kind", "eval") == "eval"])]
+    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the dev metric at
+    each evaluation, the axes labelled with their ranges."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11">', f'<rect width="{2 * w}" height="{h}" fill="white"/>']
-    for i, (title, points) in enumerate(panels):
-        left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
-        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step)</text>',
-                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>']
-        if not points:
-            out.append(f'<text x="{left + 10}" y="{top + 20}">no rows (see --log_every)</text>')
-            continue
+           f'font-size="11" style="background: white">']
+    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]  # title, rows, column
+    for i, (title, kind, key) in enumerate(series):
+        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind] or [(0, 0)]
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
+        left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
         X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
         Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
-        out += [f'<text x="{left - 40}" y="{Y(y) + 4}">{y:.3g}</text>' for y in {y0, y1}]
-        out += [f'<text x="{X(x) - 8}" y="{bottom + 14}">{x}</text>' for x in {x0, x1}]
-        out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-                   + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>')
+        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to {y1:.3g})</text>',
+                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>',
+                '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>']
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
@@ -415,66 +368,58 @@ def read_metrics(out):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def append_metrics(out, row):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+def write_metrics(out, rows, replace=False):  # append rows to metrics.jsonl, or replace it with them atomically
+    with open(out / ("metrics.tmp" if replace else "metrics.jsonl"), "w" if replace else "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if replace:
+        os.replace(out / "metrics.tmp", out / "metrics.jsonl")
 
 
 def new_run(cfg, out):
-    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only
-    the files train.py writes: a directory holding anything else is refused. Returns what to clear."""
+    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only the
+    files train.py writes: a directory holding anything else is refused. Returns what to clear."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: pick a directory")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if found and not cfg.overwrite:
-        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
-                         f"continue it with --resume, pick a new --out, or pass --overwrite to clear it first")
-    others = [name for name in found if name not in RUN_FILES]
-    if others:
+        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue "
+                         f"it with --resume, pick a new --out, or pass --overwrite to clear it first")
+    if set(found) - set(RUN_FILES):
         raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
-                         f"{', '.join(others)}: pick a new --out")
+                         f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
     return [out / name for name in found]
 
 
-def resumed(cfg, out):
-    """--resume: the run's saved config (with this call's PER_CALL flags) and its checkpoint, once the
-    checkpoint is known to be the run's latest state: written under that config, and holding every
-    evaluation metrics.jsonl has."""
+def resumed(cfg, out, world):
+    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is known to be the
+    run's latest state: of that config, as many processes, every evaluation metrics.jsonl has."""
     path = out / "checkpoint.pt"
     if not (out / "config.json").is_file() or not path.is_file():
         raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, or there is "
                          f"no run): start it again with --overwrite")
-    saved, default = load_config(out), Config()
-    given = [n for n in dataclasses.asdict(cfg) if n not in PER_CALL
-             and getattr(cfg, n) not in (getattr(default, n), getattr(saved, n))]
+    saved = load_config(out)
+    fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}  # noqa: E731
+    given = [k for k, v in fixed(cfg).items() if v not in (getattr(Config(), k), getattr(saved, k))]
     if given:
         raise ValueError(f"--resume continues {out} as it was configured: " + ", ".join(
-            f"--{n} {getattr(cfg, n)} (the run has {getattr(saved, n)})" for n in given)
+            f"--{k} {getattr(cfg, k)} (the run has {getattr(saved, k)})" for k in given)
             + "; drop these flags, or start another run with a new --out")
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    mine = {k: v for k, v in dataclasses.asdict(saved).items() if k not in PER_CALL}
-    theirs = {k: v for k, v in ck.get("config", {}).items() if k not in PER_CALL}
-    differ = [k for k in mine if theirs.get(k) != mine[k]]
+    theirs = ck.get("config", {})
+    differ = [k for k, v in fixed(saved).items() if theirs.get(k) != v]
     if differ:
         raise ValueError(f"--resume: {path} is another run's: it has " + ", ".join(
             f"{k} {theirs.get(k)}" for k in differ) + f" where {out / 'config.json'} has " + ", ".join(
-            f"{k} {mine[k]}" for k in differ) + "; start the run again with --overwrite")
-    evals = [r for r in read_metrics(out) if r.get("kind", "eval") == "eval"]
+            f"{k} {getattr(saved, k)}" for k in differ) + "; start the run again with --overwrite")
+    if len(ck["rng"]) != world:
+        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume with as many")
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     if evals != ck["history"][:len(evals)]:
         raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: {out / 'metrics.jsonl'} "
                          f"has evaluations it lacks (the last at step {evals[-1]['step']}); start the run again "
                          f"with --overwrite")
-    calls = {n: getattr(cfg, n) for n in PER_CALL}
+    calls = {k: getattr(cfg, k) for k in PER_CALL}
     return dataclasses.replace(saved, **dict(calls, data_dir=cfg.data_dir or saved.data_dir)), ck
-
-
-def restore_metrics(out, ck):
-    """metrics.jsonl as at the checkpoint: rows after it (an interrupted epoch's) go, and an evaluation
-    the checkpoint holds but the file missed (interrupted in between) is added."""
-    rows = [r for r in read_metrics(out) if r["step"] <= ck["step"]]
-    rows += ck["history"][sum(r.get("kind", "eval") == "eval" for r in rows):]
-    (out / "metrics.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(out / "metrics.tmp", out / "metrics.jsonl")
 
 
 def new_directory(cfg, out, clear, tokenizer):
@@ -483,8 +428,13 @@ def new_directory(cfg, out, clear, tokenizer):
     for path in clear:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    try:  # the git commit of this checkout, "-dirty" with uncommitted changes
+        version = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                                 cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
     (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
-                                                     code_version=code_version()), indent=1))
+                                                     code_version=version.strip() or "unknown"), indent=1))
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
 
@@ -492,18 +442,15 @@ def new_directory(cfg, out, clear, tokenizer):
 # ----------------------------------------------------------------------------- the steps of a run
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
-    """Where a run happens: its config (on --resume the saved one), directory, processes and device."""
+    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and device."""
     cfg: Config
     out: Path
     world: int
     rank: int
     device: torch.device
-
-    @property
-    def main(self):  # the process that logs and writes the run directory
-        return self.rank == 0
+    main: bool  # rank 0: the process that logs and writes the run directory
 
     def log(self, *args):
         if self.main:
@@ -511,16 +458,18 @@ class Run:
 
 
 def start(cfg):
-    """(processes, this process's rank, device); under torchrun the process group starts here."""
+    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts torchrun's group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    index = int(os.environ.get("LOCAL_RANK", 0)) if cuda and world > 1 else None  # torchrun: this process's GPU
+    device = torch.device("cuda" if cuda else "cpu", index)
+    out = Path(cfg.out)
+    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
+    clear = None if cfg.resume else new_run(cfg, out)
     rank = dist.get_rank() if world > 1 else 0
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return world, rank, device
+    return Run(run_cfg, out, world, rank, device, rank == 0), ck, clear
 
 
 def read_data(run):
@@ -536,47 +485,47 @@ def read_data(run):
     return task, data.read_split(task, "train", cfg.data_dir), data.read_split(task, "dev", cfg.data_dir)
 
 
-def model_and_tokenizer(run, task, train_set):
-    """The checkpoint and its tokenizer; or the tiny encoder and a tokenizer of the training texts (on
-    --resume the run's own)."""
+def model_and_batches(run, task, train_set, dev_set, clear):
+    """The model and tokenizer, checked against the flags; a new run's directory; the token ids: (model, tokenizer,
+    training examples, dev batches, this process's calibration batches)."""
     cfg = run.cfg
-    if cfg.pretrained:
-        return build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
-    tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
-                 else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
-    return build_model(cfg, tokenizer, task.num_labels), tokenizer
-
-
-def encode(run, train_set, dev_set, tokenizer):
-    """Token ids of the training examples, the dev batches, and this process's calibration batches."""
-    cfg = run.cfg
+    if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer is read
+        model, tokenizer = build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
+    else:
+        tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
+                     else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
+        model = build_model(cfg, tokenizer, task.num_labels)
+    check_against_model(cfg, model, tokenizer, task, len(train_set), run.world)
+    if run.main and not cfg.resume:
+        new_directory(cfg, run.out, clear, None if cfg.pretrained else tokenizer)
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
     dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
                             tokenizer.pad_id))
     calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
                               seed=cfg.seed))[:cfg.calib_batches][run.rank::run.world]
-    return train_enc, dev, calib
+    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
+            f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
+    return model, tokenizer, train_enc, dev, calib
 
 
 def model_and_init(run, model, calib):
     """The model on its device with its initialised adapters; init.json and adapter_init.bin written."""
-    cfg = run.cfg
     model.to(run.device)
-    record = initialise(cfg, model, calib, run.device, run.log)
+    record = initialise(run.cfg, model, calib, run.device, run.log)
     if run.world > 1:
         check_ranks_agree(model)
-    if run.main and not cfg.resume:
+    if run.main and not run.cfg.resume:
         (run.out / "init.json").write_text(json.dumps(record, indent=1))
-        if cfg.init != "full":
-            adapter_files(cfg, model, run.out, "adapter_init.bin")  # what training starts from
-        run.log(f"init {cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
+        if run.cfg.init != "full":
+            adapter_files(run.cfg, model, run.out, "adapter_init.bin")  # what training starts from
+        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
                 f"{record['trainable_parameters']} trainable parameters")
 
 
 def optimisation(run, model, n_train, ck):
-    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on
-    --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
-    cfg = run.cfg
+    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on --resume
+    the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
+    cfg, states = run.cfg, ck and ck["rng"][run.rank]  # this process's rng_states(): CPU, and CUDA on a GPU
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
@@ -585,43 +534,40 @@ def optimisation(run, model, n_train, ck):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     if ck:
-        if len(ck["rng"]) != run.world:
-            raise ValueError(f"--resume: {run.out / 'checkpoint.pt'} was written by {len(ck['rng'])} process(es); "
-                             f"resume with as many")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        set_rng_states(ck["rng"][run.rank], run.device)
+        torch.set_rng_state(states[0])
+        if run.device.type == "cuda" and len(states) > 1:
+            torch.cuda.set_rng_state(states[1], run.device)
     return opt, sched, per_epoch, total
 
 
 def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
-    """The loop: a metrics.jsonl step row (train loss, learning rate) every --log_every steps, an
-    evaluation at each epoch's end and at the last step, then a checkpoint; metrics.jsonl gets the
-    evaluation after the checkpoint, so it never holds one the checkpoint lacks. Returns the evaluations."""
-    cfg, out, main, device = run.cfg, run.out, run.main, run.device
+    """The loop: step rows every --log_every steps; at each epoch's end and the last step an evaluation, a checkpoint,
+    then the evaluation's row (so metrics.jsonl never has one the checkpoint lacks). Returns (evaluations, steps, s)."""
+    cfg, out, device = run.cfg, run.out, run.device
     end = min(total, cfg.max_steps or total)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])  # losses: this epoch's
-    if main and ck:
-        restore_metrics(out, ck)
+    if run.main and ck:  # metrics.jsonl as at the checkpoint: rows after it go, an evaluation it missed is added
+        rows = [r for r in read_metrics(out) if r["step"] <= step]
+        write_metrics(out, rows + history[sum(r["kind"] == "eval" for r in rows):], replace=True)
         run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     t0, first = time.perf_counter(), step
 
     def evaluation(epoch, train_loss, checkpoint=True):
-        if main:
+        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part; evaluating draws none
+        if run.main:
             metrics = evaluate(model, dev, task, cfg, device, run.log)
             history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
                                 elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
             run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if checkpoint:
-            rng = rng_states(device, run.world)  # every rank takes part in the gather
-            if main:
+            if checkpoint:
                 save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
                                  scheduler=sched.state_dict(), step=step, history=history,
                                  config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
-        if main:
-            append_metrics(out, history[-1])
+            write_metrics(out, history[-1:])
 
     if step == 0:
         evaluation(0, None, checkpoint=False)
@@ -629,7 +575,7 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     while step < end:
         order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
                                   seed=cfg.seed * 1000 + step // per_epoch + 1))[run.rank::run.world][:per_epoch]
-        for batch in order[step % per_epoch:]:
+        for batch in order[step % per_epoch:][:end - step]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
                 out_ = ddp(**{k: v for k, v in batch.items() if k != "labels"})
@@ -646,54 +592,39 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
                 rate = (step - first) / (time.perf_counter() - t0)
                 run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
                         f"eta {(end - step) / rate:.0f} s")
-                if main:
-                    append_metrics(out, dict(kind="step", step=step, train_loss=recent, lr=lr))
-            if step == end:
-                break
-        train_loss = sum(losses) / len(losses)
-        if step % per_epoch == 0:
-            losses = []  # a new epoch: the checkpoint holds its (no) losses so far
-        evaluation(step // per_epoch if step % per_epoch == 0 else round(step / per_epoch, 4), train_loss)
+                if run.main:
+                    write_metrics(out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
+        train_loss, epoch_end = sum(losses) / len(losses), step % per_epoch == 0
+        losses = [] if epoch_end else losses  # a new epoch: the checkpoint holds its (no) losses so far
+        evaluation(step // per_epoch if epoch_end else round(step / per_epoch, 4), train_loss)
     return history, step, time.perf_counter() - t0
 
 
 def finish(run, model, task, history, step, seconds):
     """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the done line."""
-    cfg, out = run.cfg, run.out
+    cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
     if cfg.init != "full":
         adapter_files(cfg, model, out)
     if cfg.merge:
         torch.save(merged_state_dict(cfg, model), out / "merged.pt")
     (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
-    key, last = f"dev_{task.main_metric}", history[-1]
-    best = max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
+    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
     run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
             f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s "
             f"-> {out}")
 
 
 def train(cfg):
-    """One run, step by step: processes, the run directory, data, model and init, optimisation, the loop,
-    the end of the run. Every flag is checked before the first file is written."""
-    world, rank, device = start(cfg)
-    out = Path(cfg.out)
-    cfg, ck = resumed(cfg, out) if cfg.resume else (cfg, None)
-    clear = None if cfg.resume else new_run(cfg, out)
-    run = Run(cfg, out, world, rank, device)
+    """One run, step by step; every flag is checked before the first file is written."""
+    run, ck, clear = start(cfg)
     task, train_set, dev_set = read_data(run)
-    model, tokenizer = model_and_tokenizer(run, task, train_set)
-    check_against_model(cfg, model, tokenizer, task, len(train_set), world)
-    if run.main and not cfg.resume:
-        new_directory(cfg, out, clear, None if cfg.pretrained else tokenizer)
-    train_enc, dev, calib = encode(run, train_set, dev_set, tokenizer)
-    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
-            f"{tokenizer.vocab_size}, device {device}, {world} process(es)")
+    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set, clear)
     model_and_init(run, model, calib)
     opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
     history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id, ck)
     if run.main:
         finish(run, model, task, history, step, seconds)
-    if world > 1:
+    if run.world > 1:
         dist.destroy_process_group()
     return history
 
@@ -703,8 +634,8 @@ def interrupted(cfg):
     path = Path(cfg.out) / "checkpoint.pt" if cfg else None
     if path and path.is_file():
         step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]
-        return f"interrupted: the last checkpoint is {path} (step {step}); continue with: " \
-               f"python train.py --resume --out {cfg.out}"
+        return (f"interrupted: the last checkpoint is {path} (step {step}); continue with: "
+                f"python train.py --resume --out {cfg.out}")
     return "interrupted before the run's first checkpoint: nothing to resume" + (
         f"; start it again with --overwrite --out {cfg.out}" if cfg and Path(cfg.out).exists() else "")
 
