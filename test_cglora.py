@@ -2172,6 +2172,26 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
                                torch.load(run / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"])
 
 
+def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_path, glue, capsys):
+    """The real loss check (§8.2): the examples after the calibration batches, the loss at W0 and along each
+    layer's quadratic-model step; a shifted init is judged before W0 moves, so every method of one seed sees
+    one loss at W0. The decrease is the loss at W0 minus the best scale's, beside the calibration model's
+    prediction (the summed in-sample q)."""
+    summaries = {}
+    for method in ("cg-lora", "cg-lora-shift", "lora-ga", "lora-one"):
+        _train(tmp_path, "--init", method, "--max_steps", "1", "--real_check", "2", out=method)
+        summaries[method] = json.loads((tmp_path / method / "init.json").read_text())["summary"]
+        assert "real loss check on 16 held-out examples" in capsys.readouterr().out
+    for method, s in summaries.items():
+        assert s["real_examples"] == 16 and set(map(float, s["real_losses"])) == set(train.REAL_SCALES)
+        assert s["real_loss_at_W0"] == pytest.approx(summaries["cg-lora"]["real_loss_at_W0"], rel=1e-6), method
+        assert s["real_decrease"] == pytest.approx(s["real_loss_at_W0"] - min(s["real_losses"].values()))
+        assert s["predicted_decrease"] == pytest.approx(s["insample"])
+    assert summaries["cg-lora-shift"]["real_losses"] == pytest.approx(summaries["cg-lora"]["real_losses"], rel=1e-5)
+    _train(tmp_path, "--init", "lora", "--max_steps", "1", out="plain")  # no statistics, no direction to judge
+    assert "real_decrease" not in json.loads((tmp_path / "plain" / "init.json").read_text())["summary"]
+
+
 def test_train_regression_end_to_end_with_sampled_fisher(tmp_path, glue):
     """STS-B (one output, MSE loss, labels for T drawn from N(f, 1)): dev scored by correlation, and learnt."""
     history = _train(tmp_path, "--task", "sts-b", "--fisher", "sampled", "--epochs", "3")

@@ -45,6 +45,7 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
+    real_check: int = 4  # batches after the calibration ones on which the init is judged by the real loss (0: off)
     damping: str = "auto"  # relative damping of S and T (docs/cg-lora.md section 3): a number > 0, or auto: chosen on held-out folds (section 8.1)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
@@ -86,6 +87,7 @@ RANGES = dict(  # flag: (holds, what it must be)
                      "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
     dropout=(lambda x: 0 <= x < 1, "in [0, 1)"), warmup=(lambda x: 0 <= x <= 1, "in [0, 1]"),
     weight_decay=(lambda x: x >= 0, ">= 0"), max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
+    real_check=(lambda x: x >= 0, ">= 0 (0: no real loss check)"),
     init_norm=(lambda x: x is None or x >= 0, ">= 0 (0: the raw Newton step)"))
 
 
@@ -203,8 +205,9 @@ def evaluate(model, dev, task, cfg, device, log=None):
     return dict(data.compute_metrics(task, preds.tolist(), labels.tolist()), loss=loss / len(labels))
 
 
-def initialise(cfg, model, calib, device, log):
+def initialise(cfg, model, batches, device, log):
     """Adapters + init by method (full: every weight trains). Returns the init.json record."""
+    calib, heldout = batches
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -223,14 +226,39 @@ def initialise(cfg, model, calib, device, log):
             log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the calibration "
                 "batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
+        judge = real_check(model, layers, [to_device(b, device) for b in heldout], record, log) if stats and heldout else None
         record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step, cfg.init_norm,
-                                                      torch.Generator().manual_seed(cfg.seed), log, cfg.balance)
+                                                      torch.Generator().manual_seed(cfg.seed), log, cfg.balance,
+                                                      judge=judge)
         record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
-        record["summary"] = summarise(rows, cfg.rank, log)
+        record["summary"] = dict(summarise(rows, cfg.rank, log), **record.pop("real", {}))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(record, seconds=time.perf_counter() - t0, peak_memory_mib=peak / 2 ** 20,
                 trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+REAL_SCALES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the real check's multiples of each layer's quadratic-model step
+
+
+def real_check(model, layers, heldout, record, log):
+    """A judge for init_adapters (docs/cg-lora.md §8.2): the real mean loss on `heldout` at W0 and with every
+    layer moved by REAL_SCALES times its update's quadratic-model step (quadratic_step), jointly; the
+    decrease is the loss at W0 minus the best, beside what the calibration model predicts (summed in-sample q)."""
+    def judge(factors, rows):
+        step = {r["layer"]: r.get("quadratic_step", 0.0) for r in rows}
+        at_W0, losses = cglora.real_decrease(model, layers, {n: (step[n] * B, A) for n, (B, A) in factors.items()},
+                                             heldout, REAL_SCALES)
+        best = min(losses, key=losses.get)
+        predicted = sum(r.get("insample") or 0.0 for r in rows)
+        record["real"] = dict(real_loss_at_W0=at_W0, real_losses=losses, real_best_scale=best,
+                              real_decrease=at_W0 - losses[best], predicted_decrease=predicted,
+                              real_examples=sum(len(b["labels"]) for b in heldout))
+        log(f"real loss check on {record['real']['real_examples']} held-out examples: {at_W0:.4f} at W0, "
+            f"{losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease of {at_W0 - losses[best]:.4f}"
+            + (f"; the calibration model predicts {predicted:.3g} ({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)"
+               if predicted else ""))
+    return judge
 
 
 def summarise(rows, rank, log):
@@ -501,8 +529,9 @@ def model_and_batches(run, task, train_set, dev_set, clear):
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
     dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
                             tokenizer.pad_id))
-    calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
-                              seed=cfg.seed))[:cfg.calib_batches][run.rank::run.world]
+    shuffled = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True, seed=cfg.seed))
+    calib = (shuffled[:cfg.calib_batches][run.rank::run.world],  # this rank's calibration batches, and
+             shuffled[cfg.calib_batches:cfg.calib_batches + cfg.real_check])  # examples no calibration saw
     run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
             f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
     return model, tokenizer, train_enc, dev, calib
