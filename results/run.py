@@ -579,11 +579,25 @@ def realloss_report():
                          f" ({len(ds)}) | {statistics.mean(spearman([predicted(d, k) for d in r['directions']], [d['real']['decrease'] for d in r['directions']]) for r in runs):.2f} ({len(runs)}) | "
                          f"{mean_std(logs)} ({len(logs)}) | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | "
                          f"{statistics.mean(b['real']['decrease'] - c['real']['decrease'] for c, b in zip(chosen, best)):.4f} |")
+    pair = ["| task | head | CG-LoRA (auto λ) ÷ LoRA-One, per seed: q K-FAC expand | q exact Fisher, joint | real decrease |",
+            "|---|---|---|---|---|"]
+    for task, head in groups:
+        runs = sorted((r for r in rows if (r["task"], r["head"]) == (task, head)), key=lambda r: r["seed"])
+        ratio = lambda f: ", ".join(f"{f(pick(r, 'cg-lora')) / f(pick(r, 'lora-one')):.2f}" for r in runs)  # noqa: E731
+        pair.append(f"| {task} | {head} | {ratio(lambda d: predicted(d, 'expand'))} | "
+                    f"{ratio(lambda d: predicted(d, 'joint'))} | {ratio(lambda d: d['real']['decrease'])} |")
+    layer_q = {k: [x[k] for r in rows for d in r["directions"] for x in d["layers"].values()]
+               for k in ("expand", "reduce", "fisher")}
+    bound = "; ".join(f"{MODELS[k]} {sum(q > 0.5 for q in qs)} of {len(qs)}, largest {max(qs):.2f}"
+                      for k, qs in layer_q.items())
     text = ("`python results/run.py realloss --tasks cola,sts-b --seeds 0,1,2 --heads fresh,probe`, then `python "
             f"results/run.py realloss-report`, over {len(rows)} rows of `results/realloss.jsonl`.\n\n" + "\n".join(table)
             + "\n\nWhich curvature model's q tracks the real decrease (all directions: CG-LoRA at every λ, LoRA-One, "
             "LoRA-GA, random; both heads; the λ columns: the λ of the grid with the largest q of that model, per "
-            "run, against the λ with the largest real decrease):\n\n" + "\n".join(track) + "\n")
+            "run, against the λ with the largest real decrease):\n\n" + "\n".join(track)
+            + "\n\nCG-LoRA's direction against LoRA-One's in the same run:\n\n" + "\n".join(pair)
+            + f"\n\nOne layer's q above ½ (impossible under the exact empirical Fisher), of all (layer, direction) "
+            f"pairs: {bound}.\n")
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split("<!-- realloss -->\n", 1)
     readme.write_text(head + "<!-- realloss -->\n" + text + "<!-- /realloss -->\n" + rest.split("<!-- /realloss -->\n", 1)[1])
