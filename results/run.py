@@ -452,22 +452,17 @@ def realloss_directions(stats, ranks, seed):
     return out
 
 
-def realloss(task_name, seed, head, pretrained):
-    """Issue 21: for each direction, its held-out predicted decrease under K-FAC expand, K-FAC reduce
-    and the exact per-example Fisher, per layer and jointly, and its real held-out decrease."""
+def prepared(task_name, seed, head, pretrained):
+    """all-MiniLM-L6-v2 seeded as train.py (its fresh head), the head probed first if head="probe",
+    rank-8 rsLoRA adapters on query and value, the calibration statistics (2 folds) and the held-out
+    batches. Returns (task, model, layers, held, stats, probe record or None)."""
     import torch
-    sys.path.insert(0, str(HERE.parent))
     import cglora
     import data
     import models
-    key = dict(task=task_name, seed=seed, head=head)
-    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(REALLOSS)):
-        return
-    t0 = time.time()
     task = data.get_task(task_name)
     tokenizer = data.load_tokenizer(pretrained)
     calib, held, rest = split(task, tokenizer, seed)
-    held = list(data.batches(held, 8, tokenizer.pad_id))
     torch.manual_seed(seed)  # the fresh head, as train.py
     model = models.from_pretrained(pretrained, task.num_labels)
     probed = None
@@ -475,10 +470,44 @@ def realloss(task_name, seed, head, pretrained):
         pool = rest[:PROBE["steps"] * PROBE["batch_size"]]
         last, whole = probe(model, pool, tokenizer.pad_id, seed, **PROBE)
         probed = dict(PROBE, examples=len(pool), train_loss_last50=last, train_loss=whole)
-    layers = cglora.add_lora(model, ["query", "value"], BUDGET["rank"], BUDGET["alpha"], rslora=cglora.RSLORA["cg-lora"])
+    layers = cglora.add_lora(model, ["query", "value"], BUDGET["rank"], BUDGET["alpha"],
+                             rslora=cglora.RSLORA["cg-lora"])
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
+    return task, model, layers, list(data.batches(held, 8, tokenizer.pad_id)), stats, probed
+
+
+def realloss_cost(task_name, seed, pretrained):
+    """Seconds of the statistics pass and of the one pass that scores every direction of realloss under
+    the exact Fisher (sequence_curvature, K-FAC reduce included), on the same held-out examples."""
+    sys.path.insert(0, str(HERE.parent))
+    import cglora
+    task, model, layers, held, stats, _ = prepared(task_name, seed, "fresh", pretrained)
     base = {n: m.base for n, m in layers.items()}
-    ranks = {n: BUDGET["rank"] for n in layers}
-    stats = cglora.collect_statistics(model, base, calib)
+    directions = [d for _, d in realloss_directions(stats, {n: m.rank for n, m in layers.items()}, seed)]
+    for _ in range(2):  # the second round: warm
+        t0 = time.perf_counter()
+        cglora.collect_statistics(model, base, held, folds=1)
+        t1 = time.perf_counter()
+        sequence_curvature(model, base, held, directions)
+        t2 = time.perf_counter()
+        sequence_curvature(model, base, held, directions[:1])
+        t3 = time.perf_counter()
+    print(f"{task.name} seed {seed}, {len(held) * 8} held-out examples: statistics pass {t1 - t0:.1f} s; "
+          f"exact-Fisher pass for {len(directions)} directions {t2 - t1:.1f} s ({(t2 - t1) / (t1 - t0):.2f}x), "
+          f"for one {t3 - t2:.1f} s")
+
+
+def realloss(task_name, seed, head, pretrained):
+    """Issue 21: for each direction, its held-out predicted decrease under K-FAC expand, K-FAC reduce
+    and the exact per-example Fisher, per layer and jointly, and its real held-out decrease."""
+    sys.path.insert(0, str(HERE.parent))
+    import cglora
+    key = dict(task=task_name, seed=seed, head=head)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(REALLOSS)):
+        return
+    t0 = time.time()
+    task, model, layers, held, stats, probed = prepared(task_name, seed, head, pretrained)
+    base, ranks = {n: m.base for n, m in layers.items()}, {n: m.rank for n, m in layers.items()}
     chosen = cglora.diagnose("cg-lora", stats, ranks)[0]
     directions = realloss_directions(stats, ranks, seed)
     test = cglora.collect_statistics(model, base, held, folds=1)  # K-FAC expand on the held-out examples
@@ -544,13 +573,32 @@ def spearman(xs, ys):  # rank correlation (no ties expected in these measurement
     return statistics.correlation([rx[i] for i in range(len(xs))], [ry[i] for i in range(len(ys))])
 
 
+def tracking(runs, model):
+    """How one curvature model's q tracks the real decrease in `runs`: the Spearman correlation over all
+    their directions and the mean within a run, log10(q / real), and for the lambda it would choose (the
+    largest q of CG-LoRA's directions in a run): how often it is the lambda of the largest real decrease,
+    and the real decrease lost by it."""
+    import math
+    q = lambda ds: [predicted(d, model) for d in ds]  # noqa: E731
+    real = lambda ds: [d["real"]["decrease"] for d in ds]  # noqa: E731
+    every = [d for r in runs for d in r["directions"]]
+    within = statistics.mean(spearman(q(r["directions"]), real(r["directions"])) for r in runs)
+    logs = [math.log10(a / b) for a, b in zip(q(every), real(every)) if a > 0 and b > 0]
+    cg = [[d for d in r["directions"] if d["method"] == "cg-lora"] for r in runs]
+    chosen = [max(c, key=lambda d: predicted(d, model)) for c in cg]
+    best = [max(c, key=lambda d: d["real"]["decrease"]) for c in cg]
+    lost = statistics.mean(b["real"]["decrease"] - c["real"]["decrease"] for c, b in zip(chosen, best))
+    return (f"{spearman(q(every), real(every)):.2f} ({len(every)}) | {within:.2f} ({len(runs)}) | {mean_std(logs)} "
+            f"({len(logs)}) | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | {lost:.4f}")
+
+
 def realloss_report():
     """The README's realloss block from results/realloss.jsonl (issue 21)."""
-    import math
     rows = read_rows(REALLOSS)
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     groups = sorted({(r["task"], r["head"]) for r in rows}, key=lambda g: (order.index(g[0]), g[1]))
-    pick = lambda r, m: next(d for d in r["directions"] if d["method"] == m and (m != "cg-lora" or d["auto"]))  # noqa: E731
+    pick = lambda r, m: next(d for d in r["directions"]  # noqa: E731  (cg-lora: at the auto damping)
+                             if d["method"] == m and (m != "cg-lora" or d["auto"]))
     table = ["| task | head | method | λ (per seed) | " + " | ".join(f"q {v}" for v in MODELS.values())
              + " | real decrease | " + " | ".join(f"{v} ÷ real" for v in MODELS.values()) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(MODELS) + 1)]
@@ -569,18 +617,9 @@ def realloss_report():
              "|---|---|---|---|---|---|---|"]
     for k, name in MODELS.items():
         for task in sorted({r["task"] for r in rows}, key=order.index):
-            runs = [r for r in rows if r["task"] == task]
-            ds = [d for r in runs for d in r["directions"]]
-            logs = [math.log10(predicted(d, k) / d["real"]["decrease"]) for d in ds if d["real"]["decrease"] > 0]
-            cg = [[d for d in r["directions"] if d["method"] == "cg-lora"] for r in runs]
-            chosen = [max(c, key=lambda d: predicted(d, k)) for c in cg]
-            best = [max(c, key=lambda d: d["real"]["decrease"]) for c in cg]
-            track.append(f"| {name} | {task} | {spearman([predicted(d, k) for d in ds], [d['real']['decrease'] for d in ds]):.2f}"
-                         f" ({len(ds)}) | {statistics.mean(spearman([predicted(d, k) for d in r['directions']], [d['real']['decrease'] for d in r['directions']]) for r in runs):.2f} ({len(runs)}) | "
-                         f"{mean_std(logs)} ({len(logs)}) | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | "
-                         f"{statistics.mean(b['real']['decrease'] - c['real']['decrease'] for c, b in zip(chosen, best)):.4f} |")
-    pair = ["| task | head | CG-LoRA (auto λ) ÷ LoRA-One, per seed: q K-FAC expand | q exact Fisher, joint | real decrease |",
-            "|---|---|---|---|---|"]
+            track.append(f"| {name} | {task} | {tracking([r for r in rows if r['task'] == task], k)} |")
+    pair = ["| task | head | CG-LoRA (auto λ) ÷ LoRA-One, per seed: q K-FAC expand | q exact Fisher, joint | "
+            "real decrease |", "|---|---|---|---|---|"]
     for task, head in groups:
         runs = sorted((r for r in rows if (r["task"], r["head"]) == (task, head)), key=lambda r: r["seed"])
         ratio = lambda f: ", ".join(f"{f(pick(r, 'cg-lora')) / f(pick(r, 'lora-one')):.2f}" for r in runs)  # noqa: E731
@@ -591,7 +630,8 @@ def realloss_report():
     bound = "; ".join(f"{MODELS[k]} {sum(q > 0.5 for q in qs)} of {len(qs)}, largest {max(qs):.2f}"
                       for k, qs in layer_q.items())
     text = ("`python results/run.py realloss --tasks cola,sts-b --seeds 0,1,2 --heads fresh,probe`, then `python "
-            f"results/run.py realloss-report`, over {len(rows)} rows of `results/realloss.jsonl`.\n\n" + "\n".join(table)
+            f"results/run.py realloss-report`, over {len(rows)} rows of `results/realloss.jsonl`.\n\n"
+            + "\n".join(table)
             + "\n\nWhich curvature model's q tracks the real decrease (all directions: CG-LoRA at every λ, LoRA-One, "
             "LoRA-GA, random; both heads; the λ columns: the λ of the grid with the largest q of that model, per "
             "run, against the λ with the largest real decrease):\n\n" + "\n".join(track)
@@ -600,14 +640,15 @@ def realloss_report():
             f"pairs: {bound}.\n")
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split("<!-- realloss -->\n", 1)
-    readme.write_text(head + "<!-- realloss -->\n" + text + "<!-- /realloss -->\n" + rest.split("<!-- /realloss -->\n", 1)[1])
+    rest = rest.split("<!-- /realloss -->\n", 1)[1]
+    readme.write_text(head + "<!-- realloss -->\n" + text + "<!-- /realloss -->\n" + rest)
     print(text)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
-                                       "realloss-report"])
+                                       "realloss-report", "realloss-cost"])
     p.add_argument("--heads", default="fresh,probe", help="realloss: fresh head, or probe (head trained alone first)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
@@ -628,6 +669,8 @@ def main():
                 for head in args.heads.split(","):
                     realloss(task, seed, head, pretrained)
         return
+    if args.command == "realloss-cost":
+        return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
     if args.command == "diagnose":
         for task in args.tasks.split(","):
             for calibration in map(int, args.calibration.split(",")):
