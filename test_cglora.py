@@ -2361,7 +2361,7 @@ def test_realloss_report_renders_the_rows(tmp_path, monkeypatch):
     # every model ranks the directions alike but cg-lora at lambda 10 over lora-one: Spearman 0.9 within a run,
     # 0.88 over the ten (as scipy.stats.spearmanr); the lambda every model chooses (10) is the real best in both runs
     assert "| K-FAC expand | cola | 0.88 (10) | 0.90 (2) |" in readme
-    assert "| exact Fisher, joint | cola | 0.88 (10) | 0.90 (2) |" in readme and "| 2 of 2 | 0.0000 |" in readme
+    assert "| exact Fisher, joint | cola | 0.88 (10) | 0.90 (2) |" in readme and "| 10, 10 | 2 of 2 | 0.0000 |" in readme
     assert "| cola | fresh | 1.50, 1.50 | 1.50, 1.50 | 0.50, 0.50 |" in readme  # cg-lora (auto) / lora-one per seed
     assert "K-FAC expand 14 of 20, largest 3.30" in readme  # 1, 3, 2 and seed 1's 0.55, in two layers
 

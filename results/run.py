@@ -588,8 +588,9 @@ def tracking(runs, model):
     chosen = [max(c, key=lambda d: predicted(d, model)) for c in cg]
     best = [max(c, key=lambda d: d["real"]["decrease"]) for c in cg]
     lost = statistics.mean(b["real"]["decrease"] - c["real"]["decrease"] for c, b in zip(chosen, best))
+    lams = ", ".join(f"{c['damping']:g}" for c in chosen)
     return (f"{spearman(q(every), real(every)):.2f} ({len(every)}) | {within:.2f} ({len(runs)}) | {mean_std(logs)} "
-            f"({len(logs)}) | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | {lost:.4f}")
+            f"({len(logs)}) | {lams} | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | {lost:.4f}")
 
 
 def realloss_report():
@@ -613,8 +614,8 @@ def realloss_report():
                 + " | ".join(f"{statistics.mean(predicted(d, k) for d in ds) / statistics.mean(real):.1f}"
                              for k in MODELS) + " |")
     track = ["| curvature model | task | Spearman over all directions | mean Spearman within a run | "
-             "log₁₀(predicted ÷ real): mean ± std | its λ is the real best λ | real decrease lost by its λ |",
-             "|---|---|---|---|---|---|---|"]
+             "log₁₀(predicted ÷ real): mean ± std | its λ per run | its λ is the real best λ | "
+             "real decrease lost by its λ |", "|---|---|---|---|---|---|---|---|"]
     for k, name in MODELS.items():
         for task in sorted({r["task"] for r in rows}, key=order.index):
             track.append(f"| {name} | {task} | {tracking([r for r in rows if r['task'] == task], k)} |")
