@@ -5,6 +5,8 @@
     python results/run.py sizes --tasks cola,sts-b   # cg-lora and lora-one init sizes (seed 0)
     python results/run.py diagnose         # §8 diagnostics on examples the calibration never saw
     python results/run.py report           # the README's results table + results/cola_curves.svg
+    python results/run.py realloss --tasks cola,sts-b --heads fresh,probe   # q under 3 curvatures vs the real loss
+    python results/run.py realloss-report  # its README table (results/realloss.jsonl)
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
@@ -323,9 +325,332 @@ def diagnose(task_name, calibration, seed, pretrained):
           f"statistics {seconds:.1f} s, selection {select_seconds:.1f} s", flush=True)
 
 
+# ----------------------------------------------------------------------------- realloss (issue 21)
+
+REALLOSS = HERE / "realloss.jsonl"
+SCALES = [0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]  # multiples of each layer's K-FAC-expand step
+BELOW = [0.0001, 0.0003, 0.001]  # also tried when a direction's best scale is SCALES[0]
+PROBE = dict(steps=300, batch_size=32, lr=1e-3)  # the head trained alone first (head="probe")
+CALIBRATION = 128
+
+
+def split(task, tokenizer, seed):
+    """train.py's seeded shuffle of the training set: the calibration batches (8 each, as train.py),
+    the next HELD_OUT examples and the rest; the last two sorted by length (less padding: every
+    quantity here is a per-example mean, so how examples are batched does not change it)."""
+    import torch
+    import data
+    encoded = data.encode_examples(data.read_split(task, "train"), tokenizer, BUDGET["max_len"])
+    calib = list(data.batches(encoded, 8, tokenizer.pad_id, shuffle=True, seed=seed))[:CALIBRATION // 8]
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, rest = ([encoded[i] for i in order[a:b]] for a, b in ((CALIBRATION, CALIBRATION + HELD_OUT),
+                                                                (CALIBRATION + HELD_OUT, len(order))))
+    return calib, sorted(held, key=lambda e: len(e[0])), sorted(rest, key=lambda e: len(e[0]))
+
+
+def probe(model, pool, pad_id, seed, steps, batch_size, lr):
+    """Train model.head alone (AdamW) on first-token features of `pool`, computed once (eval mode,
+    no dropout: the same as training the head inside the frozen model). Returns the mean train loss
+    of the last 50 steps and over the whole pool after training."""
+    import torch
+    import cglora
+    import data
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.encode(**{k: v for k, v in b.items() if k != "labels"})[:, 0]
+                           for b in data.batches(pool, 64, pad_id)])  # n x hidden
+    labels = torch.tensor([y for _, _, y in pool])
+    head = lambda h: model.head.out_proj(torch.tanh(model.head.dense(h)))  # noqa: E731  (Encoder.forward, eval)
+    model.head.requires_grad_(True)
+    opt = torch.optim.AdamW(model.head.parameters(), lr=lr)
+    g, order, losses = torch.Generator().manual_seed(seed), torch.tensor([], dtype=torch.long), []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(pool), generator=g)])
+        idx, order = order[:batch_size], order[batch_size:]
+        loss = cglora._loss(head(feats[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.head.requires_grad_(False)
+    with torch.no_grad():
+        return statistics.mean(losses[-50:]), cglora._loss(head(feats), labels).item()
+
+
+def sequence_curvature(model, layers, batches, directions):
+    """One forward + backward over `batches` for the two curvature models that see whole sequences.
+
+    layers: {name: nn.Linear}; directions: K dicts {name: (B d_out x r, A r x d_in)}. With x_it a
+    layer's input and delta_it = n_b dL_batch/dy_it (collect_statistics' hooks) at the real tokens
+    t = 1..R_i of sequence i, an example's weight gradient is g_i = sum_t delta_it x_it^T.
+    K-FAC reduce (Eschenhagen et al. 2023): xbar_i = (1/R_i) sum_t x_it, dbar_i = sum_t delta_it;
+    g_i ~ dbar_i xbar_i^T (exact when x_it is the same at every token, and <G, dW> keeps its
+    value there: sum_t delta_it = dbar_i), so F = (1/n) sum_i vec g_i vec g_i^T ~ (1/n) sum_i
+    (xbar xbar^T) (x) (dbar dbar^T) ~ S_red (x) T_red, S_red = (1/n) sum_i xbar xbar^T (d_in x d_in),
+    T_red = (1/n) sum_i dbar dbar^T (d_out x d_out): K-FAC's mean of products -> product of means.
+    Exact empirical Fisher along dW = B A: p_i = <g_i, B A> = sum_t (B^T delta_it) . (A x_it), from
+    r-dimensional projections. Returns ({name: (S_red, T_red)}, [{name: p (n,)}] per direction)."""
+    import torch
+    import cglora
+    sums = {n: [0.0, 0.0] for n in layers}
+    p = [{n: [] for n in layers} for _ in directions]
+    BA = {n: (torch.cat([d[n][0] for d in directions], 1), torch.cat([d[n][1] for d in directions]))
+          for n in layers}  # d_out x K r, K r x d_in
+    seen, was_training = {}, model.training
+
+    def hook(name):
+        def add_zero(module, inputs, y):  # y + z, z = 0: dL/dz = dL/dy, and the graph through y stays
+            z = torch.zeros_like(y, requires_grad=True)
+            seen[name] = (inputs[0].detach(), z)
+            return y + z
+        return add_zero
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            seen.clear()
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            n_b, keep = batch["labels"].shape[0], batch["attention_mask"][..., None].float()  # b x L x 1
+            grads = torch.autograd.grad(cglora._loss(out, batch["labels"]), [seen[n][1] for n in layers])
+            for n, dy in zip(layers, grads):
+                x, delta = seen[n][0].float() * keep, dy.float() * n_b * keep  # b x L x d_in, b x L x d_out
+                xbar, dbar = x.sum(1) / keep.sum(1), delta.sum(1)  # b x d_in, b x d_out
+                sums[n][0] = sums[n][0] + xbar.T @ xbar
+                sums[n][1] = sums[n][1] + dbar.T @ dbar
+                proj = ((delta @ BA[n][0]) * (x @ BA[n][1].T)).sum(1)  # b x K r: sum_t (B^T delta)_j (A x)_j
+                for k, pk in enumerate(proj.reshape(n_b, len(directions), -1).sum(-1).T):
+                    p[k][n].append(pk)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    n = sum(b["labels"].shape[0] for b in batches)
+    return ({name: (S / n, T / n) for name, (S, T) in sums.items()},
+            [{name: torch.cat(v) for name, v in pk.items()} for pk in p])
+
+
+def fisher_decrease(p):
+    """q_F = <G, dW>^2 / (2 (1/n) sum_i <g_i, dW>^2) from p_i = <g_i, dW> (G = mean g_i): the
+    decrease the exact empirical Fisher predicts for the best multiple of dW; <= 1/2 (Cauchy-Schwarz)."""
+    return (p.mean().square() / (2 * p.square().mean())).item() if p.square().mean() > 0 else 0.0
+
+
+def realloss_directions(stats, ranks, seed):
+    """(label, {name: (B, A)}) for CG-LoRA at every lambda of the grid, LoRA-One, LoRA-GA and a seeded
+    random rank-r direction, all fitted on the calibration statistics."""
+    import torch
+    import cglora
+    g = torch.Generator().manual_seed(seed)
+    out = [(dict(method="cg-lora", damping=lam), {n: cglora.direction("cg-lora", st, ranks[n], lam)
+                                                   for n, st in stats.items()}) for lam in cglora.DAMPING_GRID]
+    out += [(dict(method=m, damping=None), {n: cglora.direction(m, st, ranks[n], None) for n, st in stats.items()})
+            for m in ("lora-one", "lora-ga")]
+    out.append((dict(method="random", damping=None), {n: (torch.randn(st.G.shape[0], ranks[n], generator=g),
+                                                         torch.randn(ranks[n], st.G.shape[1], generator=g))
+                                                      for n, st in stats.items()}))
+    return out
+
+
+def prepared(task_name, seed, head, pretrained):
+    """all-MiniLM-L6-v2 seeded as train.py (its fresh head), the head probed first if head="probe",
+    rank-8 rsLoRA adapters on query and value, the calibration statistics (2 folds) and the held-out
+    batches. Returns (task, model, layers, held, stats, probe record or None)."""
+    import torch
+    import cglora
+    import data
+    import models
+    task = data.get_task(task_name)
+    tokenizer = data.load_tokenizer(pretrained)
+    calib, held, rest = split(task, tokenizer, seed)
+    torch.manual_seed(seed)  # the fresh head, as train.py
+    model = models.from_pretrained(pretrained, task.num_labels)
+    probed = None
+    if head == "probe":
+        pool = rest[:PROBE["steps"] * PROBE["batch_size"]]
+        last, whole = probe(model, pool, tokenizer.pad_id, seed, **PROBE)
+        probed = dict(PROBE, examples=len(pool), train_loss_last50=last, train_loss=whole)
+    layers = cglora.add_lora(model, ["query", "value"], BUDGET["rank"], BUDGET["alpha"],
+                             rslora=cglora.RSLORA["cg-lora"])
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
+    return task, model, layers, list(data.batches(held, 8, tokenizer.pad_id)), stats, probed
+
+
+def realloss_cost(task_name, seed, pretrained):
+    """Seconds of the statistics pass and of the one pass that scores every direction of realloss under
+    the exact Fisher (sequence_curvature, K-FAC reduce included), on the same held-out examples."""
+    sys.path.insert(0, str(HERE.parent))
+    import cglora
+    task, model, layers, held, stats, _ = prepared(task_name, seed, "fresh", pretrained)
+    base = {n: m.base for n, m in layers.items()}
+    directions = [d for _, d in realloss_directions(stats, {n: m.rank for n, m in layers.items()}, seed)]
+    for _ in range(2):  # the second round: warm
+        t0 = time.perf_counter()
+        cglora.collect_statistics(model, base, held, folds=1)
+        t1 = time.perf_counter()
+        sequence_curvature(model, base, held, directions)
+        t2 = time.perf_counter()
+        sequence_curvature(model, base, held, directions[:1])
+        t3 = time.perf_counter()
+    print(f"{task.name} seed {seed}, {len(held) * 8} held-out examples: statistics pass {t1 - t0:.1f} s; "
+          f"exact-Fisher pass for {len(directions)} directions {t2 - t1:.1f} s ({(t2 - t1) / (t1 - t0):.2f}x), "
+          f"for one {t3 - t2:.1f} s")
+
+
+def realloss(task_name, seed, head, pretrained):
+    """Issue 21: for each direction, its held-out predicted decrease under K-FAC expand, K-FAC reduce
+    and the exact per-example Fisher, per layer and jointly, and its real held-out decrease."""
+    sys.path.insert(0, str(HERE.parent))
+    import cglora
+    key = dict(task=task_name, seed=seed, head=head)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(REALLOSS)):
+        return
+    t0 = time.time()
+    task, model, layers, held, stats, probed = prepared(task_name, seed, head, pretrained)
+    base, ranks = {n: m.base for n, m in layers.items()}, {n: m.rank for n, m in layers.items()}
+    chosen = cglora.diagnose("cg-lora", stats, ranks)[0]
+    directions = realloss_directions(stats, ranks, seed)
+    test = cglora.collect_statistics(model, base, held, folds=1)  # K-FAC expand on the held-out examples
+    reduced, projections = sequence_curvature(model, base, held, [d for _, d in directions])
+    s, out = next(iter(layers.values())).scaling, []
+    at_W0 = None
+    for (label, d), p in zip(directions, projections):
+        per_layer, step = {}, {}
+        for n, (B, A) in d.items():
+            G, S, T = test[n].G, test[n].S, test[n].T
+            inner, curv = (B * (G @ A.T)).sum().item(), ((B.T @ T @ B) * (A @ S @ A.T)).sum().item()
+            step[n] = -inner / curv  # the expand model's optimal multiple of B A
+            S_r, T_r = reduced[n]
+            per_layer[n] = dict(expand=cglora.predicted_decrease(B, A, G, S, T),
+                                reduce=cglora.predicted_decrease(B, A, G, S_r, T_r), fisher=fisher_decrease(p[n]),
+                                inner=inner, inner_fisher=p[n].mean().item(), step=step[n],
+                                curvature_reduce=((B.T @ T_r @ B) * (A @ S_r @ A.T)).sum().item(), curvature=curv)
+        joint_p = sum(step[n] * p[n] for n in d)  # <g_i, sum_l step_l B_l A_l>
+        num = sum(step[n] * r["inner"] for n, r in per_layer.items()) ** 2
+        joint = dict(expand=sum(r["expand"] for r in per_layer.values()), fisher=fisher_decrease(joint_p),
+                     reduce=num / (2 * sum(step[n] ** 2 * r["curvature_reduce"] for n, r in per_layer.items())))
+        # the real loss at every scale; where the best is the smallest, three smaller scales too
+        update = {n: (step[n] / s * B, A) for n, (B, A) in d.items()}  # s (step B / s) A = step B A
+        at_W0, losses = cglora.real_decrease(model, layers, update, held, SCALES)
+        on_grid = at_W0 - min(losses.values())
+        if min(losses, key=losses.get) == SCALES[0]:
+            again, below = cglora.real_decrease(model, layers, update, held, BELOW)
+            assert abs(again - at_W0) < 1e-6, (again, at_W0)  # the adapters were restored
+            losses.update(below)
+        best = min(losses, key=losses.get)
+        out.append(dict(label, auto=label["method"] == "cg-lora" and label["damping"] == chosen, layers=per_layer,
+                        joint=joint, real=dict(losses={f"{c:g}": v for c, v in sorted(losses.items())}, best_scale=best,
+                                                decrease=at_W0 - losses[best], decrease_on_grid=on_grid)))
+        r = out[-1]
+        print(f"{task.name} seed {seed} {head} {label['method']}" + (f" λ={label['damping']:g}" if label["damping"]
+              else "") + (" (auto)" if r["auto"] else "") + ": q expand / reduce / fisher (sum over layers) "
+              + " / ".join(f"{sum(x[m] for x in per_layer.values()):.3f}" for m in ("expand", "reduce", "fisher"))
+              + f", joint fisher {joint['fisher']:.3f}; real {r['real']['decrease']:.4f} at {best:g}x "
+              f"(W0 {at_W0:.4f})", flush=True)
+    row = dict(key, calibration=CALIBRATION, held_out=HELD_OUT, rank=BUDGET["rank"], alpha=BUDGET["alpha"],
+               scaling=s, targets=["query", "value"], probe=probed, damping_auto=chosen, loss_W0=at_W0,
+               scales=SCALES, directions=out, seconds=time.time() - t0,
+               command=f"python results/run.py realloss --tasks {task.name} --seeds {seed} --heads {head}")
+    with open(REALLOSS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+MODELS = {"expand": "K-FAC expand", "reduce": "K-FAC reduce", "fisher": "exact Fisher", "joint": "exact Fisher, joint"}
+REPORTED = ["cg-lora", "lora-one", "lora-ga", "random"]  # cg-lora: at the damping "auto" chose
+
+
+def predicted(d, model):  # a direction's predicted decrease: summed over layers, or the joint exact-Fisher q
+    return d["joint"]["fisher"] if model == "joint" else sum(x[model] for x in d["layers"].values())
+
+
+def spearman(xs, ys):  # rank correlation (no ties expected in these measurements)
+    rank = lambda v: {i: r for r, i in enumerate(sorted(range(len(v)), key=v.__getitem__))}  # noqa: E731
+    rx, ry = rank(xs), rank(ys)
+    return statistics.correlation([rx[i] for i in range(len(xs))], [ry[i] for i in range(len(ys))])
+
+
+def tracking(runs, model):
+    """How one curvature model's q tracks the real decrease in `runs`: the Spearman correlation over all
+    their directions and the mean within a run, log10(q / real), and for the lambda it would choose (the
+    largest q of CG-LoRA's directions in a run): how often it is the lambda of the largest real decrease,
+    and the real decrease lost by it."""
+    import math
+    q = lambda ds: [predicted(d, model) for d in ds]  # noqa: E731
+    real = lambda ds: [d["real"]["decrease"] for d in ds]  # noqa: E731
+    every = [d for r in runs for d in r["directions"]]
+    within = statistics.mean(spearman(q(r["directions"]), real(r["directions"])) for r in runs)
+    logs = [math.log10(a / b) for a, b in zip(q(every), real(every)) if a > 0 and b > 0]
+    cg = [[d for d in r["directions"] if d["method"] == "cg-lora"] for r in runs]
+    chosen = [max(c, key=lambda d: predicted(d, model)) for c in cg]
+    best = [max(c, key=lambda d: d["real"]["decrease"]) for c in cg]
+    lost = statistics.mean(b["real"]["decrease"] - c["real"]["decrease"] for c, b in zip(chosen, best))
+    lams = ", ".join(f"{c['damping']:g}" for c in chosen)
+    return (f"{spearman(q(every), real(every)):.2f} ({len(every)}) | {within:.2f} ({len(runs)}) | {mean_std(logs)} "
+            f"({len(logs)}) | {lams} | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | {lost:.4f}")
+
+
+def realloss_report():
+    """The README's realloss block from results/realloss.jsonl (issue 21)."""
+    rows = read_rows(REALLOSS)
+    order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
+    groups = sorted({(r["task"], r["head"]) for r in rows}, key=lambda g: (order.index(g[0]), g[1]))
+    pick = lambda r, m: next(d for d in r["directions"]  # noqa: E731  (cg-lora: at the auto damping)
+                             if d["method"] == m and (m != "cg-lora" or d["auto"]))
+    table = ["| task | head | method | λ (per seed) | " + " | ".join(f"q {v}" for v in MODELS.values())
+             + " | real decrease | " + " | ".join(f"{v} ÷ real" for v in MODELS.values()) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(MODELS) + 1)]
+    for task, head in groups:
+        runs = sorted((r for r in rows if (r["task"], r["head"]) == (task, head)), key=lambda r: r["seed"])
+        for m in REPORTED:
+            ds = [pick(r, m) for r in runs]
+            real = [d["real"]["decrease"] for d in ds]
+            lam = ", ".join(f"{d['damping']:g}" for d in ds) if m == "cg-lora" else "—"
+            table.append(f"| {task} | {head} | {m} | {lam} | " + " | ".join(
+                mean_std([predicted(d, k) for d in ds]) for k in MODELS) + f" | {mean_std(real)} ({len(ds)}) | "
+                + " | ".join(f"{statistics.mean(predicted(d, k) for d in ds) / statistics.mean(real):.1f}"
+                             for k in MODELS) + " |")
+    track = ["| curvature model | task | Spearman over all directions | mean Spearman within a run | "
+             "log₁₀(predicted ÷ real): mean ± std | its λ per run | its λ is the real best λ | "
+             "real decrease lost by its λ |", "|---|---|---|---|---|---|---|---|"]
+    for k, name in MODELS.items():
+        for task in sorted({r["task"] for r in rows}, key=order.index):
+            track.append(f"| {name} | {task} | {tracking([r for r in rows if r['task'] == task], k)} |")
+    pair = ["| task | head | CG-LoRA (auto λ) ÷ LoRA-One, per seed: q K-FAC expand | q exact Fisher, joint | "
+            "real decrease |", "|---|---|---|---|---|"]
+    for task, head in groups:
+        runs = sorted((r for r in rows if (r["task"], r["head"]) == (task, head)), key=lambda r: r["seed"])
+        ratio = lambda f: ", ".join(f"{f(pick(r, 'cg-lora')) / f(pick(r, 'lora-one')):.2f}" for r in runs)  # noqa: E731
+        pair.append(f"| {task} | {head} | {ratio(lambda d: predicted(d, 'expand'))} | "
+                    f"{ratio(lambda d: predicted(d, 'joint'))} | {ratio(lambda d: d['real']['decrease'])} |")
+    layer_q = {k: [x[k] for r in rows for d in r["directions"] for x in d["layers"].values()]
+               for k in ("expand", "reduce", "fisher")}
+    bound = "; ".join(f"{MODELS[k]} {sum(q > 0.5 for q in qs)} of {len(qs)}, largest {max(qs):.2f}"
+                      for k, qs in layer_q.items())
+    text = ("`python results/run.py realloss --tasks cola,sts-b --seeds 0,1,2 --heads fresh,probe`, then `python "
+            f"results/run.py realloss-report`, over {len(rows)} rows of `results/realloss.jsonl`.\n\n"
+            + "\n".join(table)
+            + "\n\nWhich curvature model's q tracks the real decrease (all directions: CG-LoRA at every λ, LoRA-One, "
+            "LoRA-GA, random; both heads; the λ columns: the λ of the grid with the largest q of that model, per "
+            "run, against the λ with the largest real decrease):\n\n" + "\n".join(track)
+            + "\n\nCG-LoRA's direction against LoRA-One's in the same run:\n\n" + "\n".join(pair)
+            + f"\n\nOne layer's q above ½ (impossible under the exact empirical Fisher), of all (layer, direction) "
+            f"pairs: {bound}.\n")
+    readme = HERE.parent / "README.md"
+    head, rest = readme.read_text().split("<!-- realloss -->\n", 1)
+    rest = rest.split("<!-- /realloss -->\n", 1)[1]
+    readme.write_text(head + "<!-- realloss -->\n" + text + "<!-- /realloss -->\n" + rest)
+    print(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report"])
+    p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
+                                       "realloss-report", "realloss-cost"])
+    p.add_argument("--heads", default="fresh,probe", help="realloss: fresh head, or probe (head trained alone first)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
@@ -336,7 +661,17 @@ def main():
     methods = args.methods.split(",")
     if args.command == "report":
         return report()
+    if args.command == "realloss-report":
+        return realloss_report()
     pretrained = args.pretrained or minilm()
+    if args.command == "realloss":
+        for seed in map(int, args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for head in args.heads.split(","):
+                    realloss(task, seed, head, pretrained)
+        return
+    if args.command == "realloss-cost":
+        return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
     if args.command == "diagnose":
         for task in args.tasks.split(","):
             for calibration in map(int, args.calibration.split(",")):
