@@ -679,39 +679,6 @@ def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
     return damping, rows
 
 
-@torch.no_grad()
-def real_decrease(model, layers, directions, batches, scales, loss=None):
-    """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
-    over `batches` at W0 (every lora_B = 0) and, for each c in `scales`, with every layer's adapter
-    set to (c B, A), i.e. the update s c B A. layers: {name: LoRALinear}; directions: {name: (B
-    d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are restored."""
-    loss, batches = loss or _loss, list(batches)
-    saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
-    was_training = model.training
-
-    def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(getattr(out := model(**{k: v for k, v in b.items() if k != "labels"}), "logits", out),
-                         b["labels"]).item() * b["labels"].shape[0] for b in batches)
-        return total / sum(b["labels"].shape[0] for b in batches)
-
-    try:
-        model.eval()
-        for m in layers.values():
-            m.lora_B.zero_()
-        at_W0, by_scale = mean_loss(), {}
-        for c in scales:
-            for name, (B, A) in directions.items():
-                layers[name].lora_B.copy_(c * B)
-                layers[name].lora_A.copy_(A)
-            by_scale[c] = mean_loss()
-        return at_W0, by_scale
-    finally:
-        for name, (B, A) in saved.items():
-            layers[name].lora_B.copy_(B)
-            layers[name].lora_A.copy_(A)
-        model.train(was_training)
-
-
 # ----------------------------------------------------------------------------- §5 apply
 
 METHODS = ("cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one")
