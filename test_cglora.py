@@ -247,8 +247,9 @@ def test_zero_gradient_gives_zero_factors_not_nan():
 
 def test_rank_too_large_for_factors():
     G, S, T = _problem()
-    with pytest.raises(ValueError, match="rank 6"):
-        cg_lora_factors(G, S, T, rank=6)
+    for rank in (6, 0):
+        with pytest.raises(ValueError, match=f"rank {rank} must be in 1..min"):
+            cg_lora_factors(G, S, T, rank=rank)
 
 
 def test_singular_statistics_without_damping_is_a_clear_error():
@@ -295,6 +296,7 @@ def test_folds_pool_to_the_statistics_of_all_batches():
                 torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
             assert fold.n == sum(b["labels"].shape[0] for b in batches[k::3])
             assert fold.tokens == sum(b["attention_mask"].sum().item() for b in batches[k::3])
+    assert cglora.pool(three["mix"].folds[1:2]) is three["mix"].folds[1]  # one fold's pool is itself, not a copy
     for name in layers:  # the folds are the only copies: pooled statistics are formed on access
         assert all(f.S is g.S for f, g in zip(three[name].folds, three["query"].folds)) == (name == "query")
     with pytest.raises(ValueError, match="6 folds need at least 6 calibration batches"):
@@ -954,6 +956,53 @@ def test_sampled_fisher_on_a_regression_model_with_a_flat_output():
     b = collect_statistics(Flat(model), {"mix": model.mix}, batches, **kw)["mix"]
     for X, Y in zip(_sgt(a), _sgt(b)):
         torch.testing.assert_close(X, Y)
+
+
+_OWNERS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cglora, test_cglora as tc
+distributed = len(sys.argv) > 3
+if distributed:
+    dist.init_process_group("gloo")
+rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+model, batches = tc._model(), tc._batches(sizes=(3, 2, 4, 1, 2, 3, 2, 2))
+layers = cglora.add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
+stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches[rank::world])
+held = {n: (st.owner, len(st.folds)) for n, st in stats.items()}
+report = cglora.init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+torch.save(dict(held=held, report=report, BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
+           f"{sys.argv[2]}/rank{rank}.pt")
+"""
+
+
+def test_torchrun_layers_are_owned_factorized_once_and_broadcast(tmp_path):
+    """Under torch.distributed each layer's statistics are reduced to one owner (the i-th distinct input's
+    layers to rank i mod world: query and value share theirs) and freed elsewhere; the damping scores are
+    summed across ranks, so both ranks choose one process's lambda, and the owner's factors reach every rank."""
+    (tmp_path / "owners.py").write_text(_OWNERS)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = subprocess.run([sys.executable, str(tmp_path / "owners.py"), here, str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "owners.py"), here, str(tmp_path / "two"), "distributed"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
+    ref = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    assert ref["held"] == {"query": (0, 2), "value": (0, 2), "mix": (0, 2)}
+    assert ranks[0]["held"] == {"query": (0, 2), "value": (0, 2), "mix": (1, 0)}
+    assert ranks[1]["held"] == {"query": (0, 0), "value": (0, 0), "mix": (1, 2)}
+    for got in ranks:
+        assert [r["damping"] for r in got["report"]] == [r["damping"] for r in ref["report"]]
+        for r1, r2 in zip(ref["report"], got["report"]):
+            for key in ("heldout", "heldout_lora_one", "insample", "overlap_left", "captured", "statistics_mib"):
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
+        for name, BA in ref["BA"].items():
+            torch.testing.assert_close(got["BA"][name], BA, atol=1e-6, rtol=1e-4)
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
@@ -2605,53 +2654,6 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
 
 
 _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-
-
-_OWNERS = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-import cglora, test_cglora as tc
-distributed = len(sys.argv) > 3
-if distributed:
-    dist.init_process_group("gloo")
-rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-model, batches = tc._model(), tc._batches(sizes=(3, 2, 4, 1, 2, 3, 2, 2))
-layers = cglora.add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
-stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches[rank::world])
-held = {n: (st.owner, len(st.folds)) for n, st in stats.items()}
-report = cglora.init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
-torch.save(dict(held=held, report=report, BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
-           f"{sys.argv[2]}/rank{rank}.pt")
-"""
-
-
-def test_torchrun_layers_are_owned_factorized_once_and_broadcast(tmp_path):
-    """Under torch.distributed each layer's statistics are reduced to one owner (the i-th distinct input's
-    layers to rank i mod world: query and value share theirs) and freed elsewhere; the damping scores are
-    summed across ranks, so both ranks choose one process's lambda, and the owner's factors reach every rank."""
-    (tmp_path / "owners.py").write_text(_OWNERS)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    one = subprocess.run([sys.executable, str(tmp_path / "owners.py"), here, str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tmp_path / "owners.py"), here, str(tmp_path / "two"), "distributed"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
-    ref = torch.load(tmp_path / "one" / "rank0.pt")
-    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
-    assert ref["held"] == {"query": (0, 2), "value": (0, 2), "mix": (0, 2)}
-    assert ranks[0]["held"] == {"query": (0, 2), "value": (0, 2), "mix": (1, 0)}
-    assert ranks[1]["held"] == {"query": (0, 0), "value": (0, 0), "mix": (1, 2)}
-    for got in ranks:
-        assert [r["damping"] for r in got["report"]] == [r["damping"] for r in ref["report"]]
-        for r1, r2 in zip(ref["report"], got["report"]):
-            for key in ("heldout", "heldout_lora_one", "insample", "overlap_left", "captured", "statistics_mib"):
-                assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
-        for name, BA in ref["BA"].items():
-            torch.testing.assert_close(got["BA"][name], BA, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("flags,message", [
