@@ -281,7 +281,7 @@ def main(argv=None):
         if not llama:
             ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     what = args.pretrained or args.shape
-    print(f"{what}, targets {args.targets}, {args.device}, calibration {args.calib_batches} x "
+    print(f"{what}, targets {LLAMA_TARGETS if llama else args.targets}, {args.device}, calibration {args.calib_batches} x "
           f"{args.calib_batch_size}, training batch 32, median of {args.repeats}"
           + (", CPU seconds" if args.cpu_time else ""))
     print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}{'statistics MiB':>16}"
