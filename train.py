@@ -238,7 +238,7 @@ def initialise(cfg, model, batches, device, log):
                 trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-REAL_SCALES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the real check's multiples of each layer's quadratic-model step
+REAL_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # the real check's multiples of each layer's quadratic-model step
 
 
 def real_check(model, layers, heldout, record, log):
