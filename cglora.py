@@ -455,8 +455,7 @@ def top_svd(M, k):
     of u_i is positive."""
     U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
     U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
-    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
-    sign[sign == 0] = 1
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column of U has unit norm
     return U * sign, sigma, V * sign
 
 
