@@ -904,6 +904,15 @@ def test_init_from_unfolded_statistics_at_a_fixed_damping():
             init_adapters(layers, "cg-lora", dict(stats), damping=damping, log=lambda *a: None)
 
 
+def test_the_default_loss_refuses_anything_but_logits_batch_by_classes_and_labels_batch():
+    for logits, labels in ((torch.randn(3, 4), torch.zeros(3, 5).long()),  # token labels on sequence logits
+                           (torch.randn(3, 5, 4), torch.zeros(3).long()),  # per-token logits, one label each
+                           (torch.randn(3, 5, 4), torch.zeros(3, 5).long())):  # a language model's
+        with pytest.raises(ValueError, match=r"the default loss takes logits \[batch, classes\] and labels \[batch\]"):
+            cglora._loss(logits, labels)
+    assert cglora._loss(torch.zeros(3, 4), torch.zeros(3).long()).item() == pytest.approx(math.log(4))
+
+
 def test_a_fold_of_one_token_row_is_that_token_s_statistics():
     """_normalise divides each fold's sums by its own counts, down to a fold of a single token."""
     model, (big,) = _model(), _batches(sizes=(3,))
