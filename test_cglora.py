@@ -830,6 +830,7 @@ def test_init_errors_and_zero_gradient_fallback():
     report = init_adapters(layers, "cg-lora", dict(stats), log=lambda *a: None)
     rows = {r["layer"]: r for r in report}
     assert rows["dead"]["fallback"] and rows["mix"]["fallback"] is None
+    assert "heldout" not in rows["dead"] and rows["mix"]["heldout"] > 0  # no direction, so no diagnostics
     assert layers["dead"].lora_B.abs().max() == 0 and torch.isfinite(layers["dead"].lora_A).all()
     bad = {"mix": cglora.Statistics(tuple(f._replace(G=f.G * float("nan")) for f in stats["mix"].folds))}
     with pytest.raises(ValueError, match="layer mix: statistics contain NaN"):
