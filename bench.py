@@ -250,15 +250,15 @@ def main(argv=None):
     except ImportError:
         peers = False
     names += (["peft-lora-ga"] if llama else ["peft-lora-ga", "peft-step"]) if peers else []
-    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "child", "bf16", "nproc", "cpu_time")
-               and v is not None]
-    forward += ["--bf16"] * args.bf16 + ["--cpu_time"] * args.cpu_time
+    forward = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+               if k not in ("json", "child", "nproc") and v is not None and v is not False]
+    runs = {name: ([sys.executable], name) for name in names}  # name: (launcher, the child's measurement)
+    if args.nproc > 1:
+        runs[f"cg-lora-x{args.nproc}"] = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                           f"--nproc_per_node={args.nproc}"], "cg-lora")
     results = {}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    names += [f"cg-lora-x{args.nproc}"] if args.nproc > 1 else []
-    for name in names:
-        launch = [sys.executable] if "-x" not in name else torchrun
-        proc = subprocess.run([*launch, __file__, *forward, "--child", name.split("-x")[0]], capture_output=True, text=True)
+    for name, (launch, child) in runs.items():
+        proc = subprocess.run([*launch, __file__, *forward, "--child", child], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"bench {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
