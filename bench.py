@@ -7,6 +7,7 @@
     python bench.py --shape llama-2048 --tokenizer DIR   # a Llama-style decoder, all 7 linear targets
     python bench.py --tokenizer DIR --nproc 2        # also the cg-lora init as 2 torchrun processes (gloo)
     OMP_NUM_THREADS=1 python bench.py --tokenizer DIR --cpu_time   # CPU seconds: on a CPU other jobs share
+    OMP_NUM_THREADS=1 python bench.py --routes 768,2048,5632 --cpu_time   # the damping choice's two routes, per width
 
 cg-lora is the default init (damping auto: 7 damping values on 2 folds, plus the diagnostics);
 cg-lora-13 the same with a 13-value grid (x sqrt(10) steps: the per-lambda cost); cg-lora-fixed is
@@ -209,6 +210,31 @@ def measure(name, args):
     return result
 
 
+def routes(widths, clock, rank=8, grid=len(cglora.DAMPING_GRID)):
+    """The O(d^3) and per-iteration costs of the two routes to every lambda's direction on one fold (issue 22):
+    one eigh per statistics factor + the rotation C = Q_T^T G Q_S (two d^3 products, per layer), against one
+    Cholesky per factor and lambda with top_r matrix-free through triangular solves (no d x d whitening)."""
+    def time_of(f, n=3):
+        f()
+        t0 = clock()
+        for _ in range(n):
+            f()
+        return (clock() - t0) / n
+    print(f"{'d':>6}{'eigh s':>10}{'cholesky s':>12}{'eigh/chol':>10}{'2 d^3 gemm s':>14}{'iter dense ms':>15}"
+          f"{'iter solves ms':>16}   per factor and fold: eigh route d^3 / Cholesky route d^3 ({grid} lambdas)")
+    for d in widths:
+        X = torch.randn(d, 2 * d)
+        S, G, V = X @ X.T / (2 * d) + 1e-3 * torch.eye(d), torch.randn(d, d), torch.randn(d, 2 * rank)
+        L, n = torch.linalg.cholesky(S), 3 if d <= 2048 else 1
+        e, c, g = time_of(lambda: torch.linalg.eigh(S), n), time_of(lambda: torch.linalg.cholesky(S), n), time_of(lambda: G @ G, n)
+        dense = time_of(lambda: torch.linalg.qr(G.T @ torch.linalg.qr(G @ V).Q), 5 * n)
+        solves = time_of(lambda: torch.linalg.qr(torch.linalg.solve_triangular(L, G.T @ torch.linalg.solve_triangular(
+            L.T, torch.linalg.qr(torch.linalg.solve_triangular(L, G @ torch.linalg.solve_triangular(L.T, V, upper=True),
+                                                               upper=False)).Q, upper=True), upper=False)), 5 * n)
+        print(f"{d:>6}{e:>10.3f}{c:>12.4f}{e / c:>10.1f}{2 * g:>14.3f}{dense * 1e3:>15.2f}{solves * 1e3:>16.2f}"
+              f"   {e + 2 * g:.3f} / {grid * c:.3f} s")
+
+
 # ----------------------------------------------------------------------------- the table (parent)
 
 
@@ -231,8 +257,11 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.add_argument("--nproc", type=int, default=1, help="also time the cg-lora init under torchrun with this many "
                    "processes (each layer factorized by its owner)")
+    p.add_argument("--routes", default=None, help="only time the damping choice's two routes at these widths")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.routes:
+        return routes([int(d) for d in args.routes.split(",")], time.process_time if args.cpu_time else time.perf_counter)
     if args.shape != "tiny" and not (args.pretrained or args.tokenizer):
         p.error(f"--shape {args.shape} needs --tokenizer DIR, a folder with roberta-base's vocab.json and merges.txt")
     if args.child:
@@ -241,7 +270,8 @@ def main(argv=None):
             print(json.dumps(result))
         return
     llama = args.shape.startswith("llama") and not args.pretrained
-    names = ["floor", "cg-lora"] if llama else ["floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga",
+    lean = llama or args.targets == "all"  # wide targets: the init and its peer only, for their time and memory
+    names = ["floor", "cg-lora"] if lean else ["floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga",
                                                 "frozen-step", "our-step"]
     try:
         import peft  # noqa: F401
@@ -249,7 +279,7 @@ def main(argv=None):
         peers = args.peers == "auto" and (args.shape != "tiny" or args.pretrained)
     except ImportError:
         peers = False
-    names += (["peft-lora-ga"] if llama else ["peft-lora-ga", "peft-step"]) if peers else []
+    names += (["peft-lora-ga"] if lean else ["peft-lora-ga", "peft-step"]) if peers else []
     forward = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
                if k not in ("json", "child", "nproc") and v is not None and v is not False]
     runs = {name: ([sys.executable], name) for name in names}  # name: (launcher, the child's measurement)
@@ -266,7 +296,10 @@ def main(argv=None):
     r = results
     ratios = {"cg-lora init / floor": r["cg-lora"]["seconds"] / r["floor"]["seconds"],
               "cg-lora factorization / floor": r["cg-lora"]["factorization"] / r["floor"]["seconds"]}
-    if not llama:
+    if mem == "peak_rss_mib":  # what the init holds beyond the process before it, the model and the K folds
+        ratios["cg-lora working set, MiB"] = (r["cg-lora"][mem] - r["cg-lora"]["rss_before_mib"]
+                                              - r["cg-lora"]["model_mib"] - r["cg-lora"]["statistics_mib"])
+    if not lean:
         ratios.update({
             "13-value grid / 7-value grid (factorization)": r["cg-lora-13"]["factorization"] / r["cg-lora"]["factorization"],
             "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
@@ -278,7 +311,7 @@ def main(argv=None):
         ratios.update({"peft lora-ga init / floor": r["peft-lora-ga"]["seconds"] / r["floor"]["seconds"],
                        "cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
                        "cg-lora init / peft lora-ga (memory)": r["cg-lora"][mem] / r["peft-lora-ga"][mem]})
-        if not llama:
+        if not lean:
             ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     what = args.pretrained or args.shape
     print(f"{what}, targets {LLAMA_TARGETS if llama else args.targets}, {args.device}, calibration {args.calib_batches} x "

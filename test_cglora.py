@@ -2728,6 +2728,15 @@ def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
     assert r["cg-lora"]["statistics_mib"] == pytest.approx(2 * blocks * (d * d + 2 * (2 * d * d)) * 4 / 2 ** 20)
     assert r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"] == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
     assert result["ratios"]["cg-lora init / floor"] == pytest.approx(r["cg-lora"]["seconds"] / r["floor"]["seconds"])
+    want = r["cg-lora"]["peak_rss_mib"] - r["cg-lora"]["rss_before_mib"] - r["cg-lora"]["model_mib"] - r["cg-lora"]["statistics_mib"]
+    assert result["ratios"]["cg-lora working set, MiB"] == pytest.approx(want)
+
+
+def test_bench_routes_prints_both_routes_per_width(capsys):
+    import bench
+    bench.main(["--routes", "16,32"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "eigh route d^3 / Cholesky route d^3 (7 lambdas)" in lines[0] and [ln.split()[0] for ln in lines[1:]] == ["16", "32"]
 
 
 # ============================================================================ results/run.py
@@ -2877,6 +2886,61 @@ def test_realloss_report_renders_the_rows(tmp_path, monkeypatch):
     assert "| exact Fisher, joint | cola | 0.88 (10) | 0.90 (2) |" in readme and "| 10, 10 | 2 of 2 | 0.0000 |" in readme
     assert "| cola | fresh | 1.50, 1.50 | 1.50, 1.50 | 0.50, 0.50 |" in readme  # cg-lora (auto) / lora-one per seed
     assert "K-FAC expand 14 of 20, largest 3.30" in readme  # 1, 3, 2 and seed 1's 0.55, in two layers
+
+
+def test_early_movement_and_subspace_fractions_against_projections():
+    """Issue 21 item 4: |P - P0| and <P, P0>/|P0|^2 summed over layers; the update's share in an r-dim column /
+    row space is |Pr_U D|^2 / |D|^2 with the explicit projector; a side without a basis (B0 = 0) has none."""
+    run, g = _results_run(), torch.Generator().manual_seed(3)
+    P0 = {n: torch.randn(6, 5, generator=g) for n in "ab"}
+    P = {n: X + 0.1 * torch.randn(6, 5, generator=g) for n, X in P0.items()}
+    m = run.movement(P, P0)
+    flat = lambda Q: torch.cat([X.flatten() for X in Q.values()])  # noqa: E731
+    assert m["moved"] == pytest.approx((flat(P) - flat(P0)).norm().item(), rel=1e-5)
+    assert m["init"] == pytest.approx(flat(P0).norm().item(), rel=1e-5)
+    assert m["kept"] == pytest.approx((flat(P) @ flat(P0) / flat(P0).square().sum()).item(), rel=1e-5)
+    assert run.movement(P, {n: torch.zeros(6, 5) for n in "ab"})["kept"] is None
+    D = {n: P[n] - P0[n] for n in "ab"}
+    bases = {n: (torch.linalg.qr(torch.randn(6, 2, generator=g)).Q, torch.linalg.qr(torch.randn(5, 2, generator=g)).Q)
+             for n in "ab"}
+    got, total = run.in_subspaces(D, bases), sum(X.square().sum() for X in D.values())
+    left = sum((U @ U.T @ D[n]).square().sum() for n, (U, _) in bases.items()) / total
+    right = sum((D[n] @ V @ V.T).square().sum() for n, (_, V) in bases.items()) / total
+    both = sum((U @ U.T @ D[n] @ V @ V.T).square().sum() for n, (U, V) in bases.items()) / total
+    assert [got[k] for k in ("left", "right", "both")] == pytest.approx([left.item(), right.item(), both.item()], rel=1e-5)
+    assert both <= min(left, right) and 0 < both
+    full = {n: (torch.eye(6), torch.eye(5)) for n in "ab"}  # the whole space holds all of it
+    assert run.in_subspaces(D, full) == pytest.approx(dict(left=1.0, right=1.0, both=1.0))
+    half = run.in_subspaces(D, {n: (None, V) for n, (_, V) in bases.items()})
+    assert half["left"] is None and half["both"] is None and half["right"] == pytest.approx(right.item(), rel=1e-5)
+
+
+def test_early_report_means_and_figure(tmp_path, monkeypatch):
+    """The early-training block: window means of the train loss, mean ± standard error over seeds, the figure."""
+    run = _results_run()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("head\n<!-- early -->\nSTALE\n<!-- /early -->\ntail\n")
+    monkeypatch.setattr(run, "HERE", tmp_path / "results")
+    monkeypatch.setattr(run, "EARLY", tmp_path / "results" / "early.jsonl")
+    with open(run.EARLY, "w") as f:
+        for seed, level in enumerate((0.6, 0.8)):
+            moves = {str(k): dict(moved=level * k, init=2.0, kept=0.5) for k in (*run.MOVES, 300)}
+            evals = [dict(step=s, mcc=level / 10, loss=level) for s in (*run.EVALS, 267, 300)]
+            f.write(json.dumps(dict(task="cola", method="cg-lora", seed=seed, optimizer="adamw", lr=1e-3, head="fresh",
+                                    steps=300, real=0.01 * (seed + 1), train_loss=[level] * 300, evals=evals,
+                                    moves=moves, in_init=dict(left=0.5, right=0.25, both=0.1),
+                                    in_lora_one=dict(left=0.2, right=0.1, both=0.0))) + "\n")
+    run.early_report()
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("head\n<!-- early -->\n") and readme.endswith("<!-- /early -->\ntail\n")
+    assert "STALE" not in readme
+    # train loss 0.6 and 0.8 at every step: 0.700 ± 0.100 (stdev 0.141 / sqrt 2); real decrease 0.0150 ± 0.0050
+    assert "| cg-lora | 0.001 | 0.0150 ± 0.0050 (2) | 0.700 ± 0.100 (2) |" in readme
+    assert "| dev mcc 267 (epoch 1) | 300 |" in readme and "0.070 ± 0.010 (2) |" in readme
+    assert "| cg-lora | 3.50 ± 0.50 (2) |" in readme  # moved / init at step 10: 0.6 * 10 / 2 and 0.8 * 10 / 2
+    assert "0.50 ± 0.00 (2) / 0.25 ± 0.00 (2)" in readme
+    svg = (tmp_path / "results" / "early_curves.svg").read_text()
+    assert svg.startswith("<svg") and "cg-lora (2)" in svg and svg.count("<polyline") == 1
 
 
 # ============================================================================ adapters in other code: peft, transformers

@@ -555,6 +555,275 @@ def realloss(task_name, seed, head, pretrained):
         f.write(json.dumps(row) + "\n")
 
 
+# ----------------------------------------------------------------------------- early training (issue 21, items 3-5)
+
+EARLY = HERE / "early.jsonl"
+EARLY_METHODS = ["rslora", "lora-one", "cg-lora", "random", "full"]  # random: LoRA-One's size, a random direction
+EARLY_STEPS = 300
+EVALS = (0, 50, 100, 200)  # dev evaluations, besides the end of epoch 1 and the last step
+MOVES = (10, 50, 200)  # the adapters' product measured against its init, besides the last step
+SGD_RATES = [0.01, 0.03, 0.1, 0.3]  # SGD (momentum 0.9): each method's rate by its train loss over steps 51-100
+WARM = 300  # head warm-up steps (head="probe": realloss's PROBE, on features of the training set)
+
+
+def products(layers):  # {name: s B A} in fp32, the adapters' current update of W0
+    return {n: m.scaling * (m.lora_B.detach().float() @ m.lora_A.detach().float()) for n, m in layers.items()}
+
+
+def movement(now, init):
+    """How far the adapters' product moved from its init, over all layers: |P - P0|_F, |P0|_F, and
+    <P, P0> / |P0|^2 (1: the init is intact, 0: erased)."""
+    sq = lambda P: sum(X.square().sum().item() for X in P.values())  # noqa: E731
+    moved, size = sq({n: now[n] - init[n] for n in now}) ** 0.5, sq(init) ** 0.5
+    kept = sum((now[n] * init[n]).sum().item() for n in now) / size ** 2 if size else None
+    return dict(moved=moved, init=size, kept=kept)
+
+
+def in_subspaces(update, bases):
+    """Fraction of |update|_F^2 in the r-dimensional column (U) and row (V) spaces of `bases`
+    ({name: (U d_out x r, V d_in x r)} orthonormal; None: that side is undefined): left |U^T D|^2,
+    right |D V|^2, both |U^T D V|^2, over |D|^2, summed over layers."""
+    total = sum(D.square().sum().item() for D in update.values())
+    out = {}
+    for side in ("left", "right", "both"):
+        parts = []
+        for n, D in update.items():
+            U, V = bases[n]
+            if (side != "right" and U is None) or (side != "left" and V is None):
+                break
+            X = U.T @ D if side == "left" else D @ V if side == "right" else U.T @ D @ V
+            parts.append(X.square().sum().item())
+        out[side] = sum(parts) / total if len(parts) == len(update) and total else None
+    return out
+
+
+def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head="fresh", steps=EARLY_STEPS):
+    """Items 3-5 of issue 21: the first `steps` steps of train.py's run (same seeding, calibration, init,
+    data order and schedule over BUDGET's epochs; AdamW, or SGD with momentum 0.9) with the train loss
+    of every step, dev at EVALS, the end of epoch 1 and the last step, and the adapters' product
+    against its init at MOVES and the end. head="probe": the head is first trained alone (WARM steps).
+    Also: the fraction of the final update in the init's subspaces and in LoRA-One's (the calibration
+    gradient's top-r singular subspaces, for every method)."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+    import cglora
+    import data
+    import train
+    rate = lr or best_rates(done())["lora-one" if method == "random" else method]
+    key = dict(task=task_name, method=method, seed=seed, optimizer=optimizer, lr=rate, head=head, steps=steps)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(EARLY)):
+        return
+    t0 = time.time()
+    cfg = train.Config(task=task_name, pretrained=pretrained, init="lora-one" if method == "random" else method,
+                       seed=seed, lr=rate, out="unused", device="cpu",
+                       **{k: v for k, v in BUDGET.items() if k != "alpha"}, alpha=BUDGET["alpha"])
+    run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
+    task, train_set, dev_set = train.read_data(run_)
+    model, tokenizer, train_enc, dev, calib = train.model_and_batches(run_, task, train_set, dev_set, None)
+    probed = None
+    if head == "probe":
+        last, whole = probe(model, train_enc[:WARM * PROBE["batch_size"]], tokenizer.pad_id, seed,
+                            WARM, PROBE["batch_size"], PROBE["lr"])
+        probed = dict(steps=WARM, batch_size=PROBE["batch_size"], lr=PROBE["lr"], train_loss_last50=last)
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
+    targets = {n: model.get_submodule(n) for n in names}
+    stats = cglora.collect_statistics(model, targets, calib[0], folds=1)  # LoRA-One's subspaces, for every method
+    svd = {n: torch.linalg.svd(st.G, full_matrices=False) for n, st in stats.items()}
+    one = {n: (U[:, :BUDGET["rank"]], Vh[:BUDGET["rank"]].T) for n, (U, _, Vh) in svd.items()}
+    del stats, svd
+    init = train.initialise(cfg, model, calib, run_.device, lambda *a: None)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, cglora.LoRALinear)}
+    if method == "random":  # LoRA-One's ||s B A||_2 per layer, in a seeded random direction, balanced
+        g = torch.Generator().manual_seed(seed)
+        for r_, (n, m) in zip(init["layers"], layers.items()):
+            B, A = torch.randn(m.lora_B.shape, generator=g), torch.randn(m.lora_A.shape, generator=g)
+            cglora.write_adapter(m, *cglora.balance(*cglora._sized(B, A, m.scaling, r_["update_norm"])), False)
+    if method == "full":  # the weights of the same layers stand in for the adapters' product
+        weights = lambda: {n: model.get_submodule(n).weight.detach().float().clone() for n in names}  # noqa: E731
+        w0, now = weights(), weights
+        P0 = {n: torch.zeros_like(w) for n, w in w0.items()}
+        bases = {n: (None, None) for n in names}
+    else:
+        w0, now = None, lambda: products(layers)
+        P0 = now()
+        orth = lambda X: torch.linalg.qr(X.float()).Q if X.abs().max() > 0 else None  # noqa: E731
+        bases = {n: (orth(m.lora_B.detach()), orth(m.lora_A.detach().T)) for n, m in layers.items()}
+    delta = (lambda: {n: w - w0[n] for n, w in now().items()}) if w0 else (lambda: {n: P - P0[n] for n, P in now().items()})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=rate, weight_decay=cfg.weight_decay) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=rate, momentum=0.9))
+    per_epoch = len(train_enc) // cfg.batch_size
+    total = per_epoch * cfg.epochs
+    warm = max(1, int(cfg.warmup * total))  # train.py's schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    at = sorted(set(EVALS) | {per_epoch, steps})
+    losses, evals, moves, step = [], [], {}, 0
+    measure = lambda: dict(movement(now(), P0), moved=sum(D.square().sum().item() for D in delta().values()) ** 0.5)  # noqa: E731
+    evals.append(dict(step=0, **train.evaluate(model, dev, task, cfg, run_.device)))
+    model.train()
+    while step < steps:
+        order = list(data.batches(train_enc, cfg.batch_size, tokenizer.pad_id, shuffle=True,
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[:per_epoch]
+        for batch in order[step % per_epoch:][:steps - step]:
+            loss = cglora._loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if step in MOVES or step == steps:
+                moves[step] = measure()
+            if step in at:
+                evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
+                model.train()
+    D = delta()
+    row = dict(key, budget=BUDGET, probe=probed, init={k: init.get(k) for k in ("damping", "seconds")},
+               real=None if method == "random" else init.get("summary", {}).get("real_decrease"),  # random: LoRA-One's was judged
+               train_loss=[round(x, 5) for x in losses], evals=evals,
+               moves={str(k): v for k, v in moves.items()}, in_init=in_subspaces(D, bases),
+               in_lora_one=in_subspaces(D, one), seconds=time.time() - t0,
+               command=f"python results/run.py early --tasks {task_name} --methods {method} --seeds {seed} "
+                       f"--optimizer {optimizer} --heads {head}" + (f" --lr {rate:g}" if lr else ""))
+    fd = os.open(EARLY, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one write: two workers may append at once
+    os.write(fd, (json.dumps(row) + "\n").encode())
+    os.close(fd)
+    main_ = next(k for k in evals[-1] if k not in ("step", "loss"))
+    print(f"{task_name} {method} seed {seed} {optimizer} lr {rate:g} {head}: train loss (last 20) "
+          f"{statistics.mean(losses[-20:]):.4f}, dev {main_} {evals[-1][main_]:.4f} at step {steps}, "
+          f"moved {moves[steps]['moved']:.3g} (init {moves[steps]['init']:.3g}) ({row['seconds']:.0f} s)", flush=True)
+
+
+def sgd_rates(task, methods, pretrained, seeds=(0,), steps=100):
+    """Each method's SGD rate: the SGD_RATES candidate with the lowest mean train loss over steps 51-100, seed 0."""
+    for m in methods:
+        for lr in SGD_RATES:
+            early(task, m, 0, pretrained, "sgd", lr, steps=steps)
+    rows = [r for r in read_rows(EARLY) if r["optimizer"] == "sgd" and r["steps"] == steps and r["task"] == task]
+    return {m: min((r for r in rows if r["method"] == m), key=lambda r: statistics.mean(r["train_loss"][50:]))["lr"]
+            for m in methods}
+
+
+def mean_se(xs, digits=3):  # mean ± standard error (n)
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f} (1)"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.{digits}f} ({len(xs)})"
+
+
+def window(losses, a, b):  # mean train loss over steps a..b (1-based, inclusive)
+    return statistics.mean(losses[a - 1:b]) if len(losses) >= b else None
+
+
+def band_svg(series, title, w=620, h=340, pad=48, legend=130):
+    """A dependency-free SVG: for each label, a line of means over steps with a band of ± one standard error.
+    series: {label: (colour, dash, [(step, mean, se)])}."""
+    pts = [p for _, _, ps in series.values() for p in ps]
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] - p[2] for p in pts), max(p[1] + p[2] for p in pts) + 1e-9
+    X = lambda x: pad + (x - x0) / max(1e-9, x1 - x0) * (w - 2 * pad - legend)  # noqa: E731
+    Y = lambda y: h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad - legend}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2 - 80}" y="{h - 12}">training step</text>', f'<text x="6" y="{pad - 16}">{title}</text>']
+    for x in sorted({x0, x1, *range(0, int(x1) + 1, 50)}):
+        out.append(f'<text x="{X(x) - 6}" y="{h - pad + 14}">{x:g}</text>')
+    for y in (y0, (y0 + y1) / 2, y1):
+        out.append(f'<text x="4" y="{Y(y) + 4}">{y:.3f}</text>')
+    for i, (label, (colour, dash, ps)) in enumerate(series.items()):
+        band = [(X(x), Y(m + e)) for x, m, e in ps] + [(X(x), Y(m - e)) for x, m, e in reversed(ps)]
+        out.append(f'<polygon fill="{colour}" fill-opacity="0.15" stroke="none" points="'
+                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in band) + '"/>')
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" stroke-dasharray="{dash}" points="'
+                   + " ".join(f"{X(x):.1f},{Y(m):.1f}" for x, m, _ in ps) + '"/>')
+        out.append(f'<text x="{w - pad - legend + 10}" y="{pad + 14 * i}" fill="{colour}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+COLOURS = dict(zip(EARLY_METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#d62728"]))
+SMOOTH = 10  # the figure's train loss: means over windows of this many steps
+
+
+def early_report():
+    """The README's "When does the initial direction matter?" block and results/early_curves.svg, from
+    results/early.jsonl (issue 21, items 3-5)."""
+    rows = read_rows(EARLY)
+    text = [f"`python results/run.py early-report` over {len(rows)} rows of `results/early.jsonl`; each row's "
+            "command is in it. CoLA, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
+            "16×8 calibration examples) and each method's grid rate; the first steps of the grid's 2-epoch "
+            "schedule. Mean ± standard error over seeds (number of seeds)."]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["optimizer"], r["head"], r["steps"]), []).append(r)
+    for (task, opt, head, steps), rs in sorted(groups.items()):
+        methods = [m for m in EARLY_METHODS if any(r["method"] == m for r in rs)]
+        by = {m: [r for r in rs if r["method"] == m and (opt == "adamw" or steps == EARLY_STEPS)] for m in methods}
+        if steps != EARLY_STEPS:  # the SGD rate probe: one line per (method, rate)
+            text.append(f"\n{task}, {opt} rate probe ({steps} steps, seed 0): mean train loss over steps 51-100 — "
+                        + "; ".join(f"{r['method']} {r['lr']:g}: {window(r['train_loss'], 51, 100):.4f}"
+                                    for r in sorted(rs, key=lambda r: (EARLY_METHODS.index(r["method"]), r["lr"]))))
+            continue
+        per_epoch = next((e["step"] for e in rs[0]["evals"] if e["step"] not in (0, *EVALS, steps)), None)
+        main = next(k for k in rs[0]["evals"][0] if k not in ("step", "loss"))
+        dev = lambda r, step, k: next((e[k] for e in r["evals"] if e["step"] == step), None)  # noqa: E731
+        text += [f"\n**{task}, {opt.upper() if opt == 'sgd' else 'AdamW'}, {head} head** "
+                 + ("(the head trained alone first: 300 steps of 32, lr 10⁻³, on the frozen features)" if head == "probe"
+                    else "") + ":\n",
+                 "| method | rate | real decrease at init | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | "
+                 f"dev loss 0 | 50 | 100 | 300 | dev {main} {per_epoch} (epoch 1) | {steps} |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            rr = by[m]
+            rates = ", ".join(sorted({f"{r['lr']:g}" for r in rr}))
+            text.append(f"| {m} | {rates} | "
+                        f"{mean_se([r['real'] for r in rr], 4)} | "
+                        + " | ".join(mean_se([window(r["train_loss"], a, b) for r in rr])
+                                     for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
+                        + " | " + " | ".join(mean_se([dev(r, s_, "loss") for r in rr]) for s_ in (0, 50, 100, steps))
+                        + f" | {mean_se([dev(r, per_epoch, main) for r in rr])} | {mean_se([dev(r, steps, main) for r in rr])} |")
+        text += ["\nHow far the adapters' product `s·B·A` moved from its init (`‖P − P₀‖_F` over the layers ÷ "
+                 "`‖P₀‖_F`; for rsLoRA `P₀ = 0`, the absolute movement; full: `‖W − W₀‖_F` of the same layers), "
+                 "how much of the init is left (`⟨P, P₀⟩ / ‖P₀‖²`), and how much of the update `P − P₀` at the "
+                 f"last step lies in the init's r-dimensional column / row spaces and in LoRA-One's (the calibration "
+                 f"gradient's top {BUDGET['rank']} singular subspaces); a random subspace holds r/d = "
+                 f"{BUDGET['rank']}/384 = {BUDGET['rank'] / 384:.3f} of it:\n",
+                 "| method | moved ÷ init, step " + " | ".join(map(str, MOVES)) + f" | {steps} | init left at {steps} | "
+                 "update in init's columns / rows | in LoRA-One's columns / rows |", "|---|" + "---|" * (len(MOVES) + 4)]
+        for m in methods:
+            rr = by[m]
+            rel = lambda r, k: (r["moves"][k]["moved"] / r["moves"][k]["init"] if r["moves"][k]["init"]  # noqa: E731
+                                else r["moves"][k]["moved"])
+            text.append(f"| {m} | " + " | ".join(mean_se([rel(r, k) for r in rr], 2) for k in [*map(str, MOVES), str(steps)])
+                        + f" | {mean_se([r['moves'][str(steps)]['kept'] for r in rr], 2)} | "
+                        + " / ".join(mean_se([r["in_init"][k] for r in rr], 2) for k in ("left", "right")) + " | "
+                        + " / ".join(mean_se([r["in_lora_one"][k] for r in rr], 2) for k in ("left", "right")) + " |")
+        if (task, opt, head) == ("cola", "adamw", "fresh"):
+            def curve(rr):
+                n = min(len(r["train_loss"]) for r in rr) // SMOOTH
+                pts = []
+                for i in range(n):
+                    xs = [statistics.mean(r["train_loss"][i * SMOOTH:(i + 1) * SMOOTH]) for r in rr]
+                    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+                    pts.append(((i + 1) * SMOOTH, statistics.mean(xs), se))
+                return pts
+            series = {f"{m} ({len(by[m])})": (COLOURS[m], "", curve(by[m])) for m in methods}
+            probed = groups.get((task, opt, "probe", steps), [])
+            series.update({f"{m}, head first ({n})": (COLOURS[m], "5,3", curve(rr)) for m in EARLY_METHODS
+                           if (rr := [r for r in probed if r["method"] == m]) and (n := len(rr))})
+            (HERE / "early_curves.svg").write_text(band_svg(
+                series, f"{task} train loss, means over {SMOOTH} steps, ± one standard error over seeds"))
+            text.append("\n![Early training: train loss](results/early_curves.svg)")
+    block = "\n".join(text) + "\n"
+    readme = HERE.parent / "README.md"
+    head_, rest = readme.read_text().split("<!-- early -->\n", 1)
+    readme.write_text(head_ + "<!-- early -->\n" + block + "<!-- /early -->\n" + rest.split("<!-- /early -->\n", 1)[1])
+    print(block)
+
+
 def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -649,7 +918,7 @@ def realloss_report():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
-                                       "realloss-report", "realloss-cost"])
+                                       "realloss-report", "realloss-cost", "early", "early-sgd", "early-report"])
     p.add_argument("--heads", default="fresh,probe", help="realloss: fresh head, or probe (head trained alone first)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
@@ -657,18 +926,33 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="early: the optimizer")
+    p.add_argument("--lr", type=float, default=None, help="early: the rate (default: the method's grid rate)")
+    p.add_argument("--steps", type=int, default=EARLY_STEPS, help="early: training steps")
     args = p.parse_args()
     methods = args.methods.split(",")
     if args.command == "report":
         return report()
     if args.command == "realloss-report":
         return realloss_report()
+    if args.command == "early-report":
+        return early_report()
     pretrained = args.pretrained or minilm()
     if args.command == "realloss":
         for seed in map(int, args.seeds.split(",")):
             for task in args.tasks.split(","):
                 for head in args.heads.split(","):
                     realloss(task, seed, head, pretrained)
+        return
+    if args.command in ("early", "early-sgd"):
+        methods = [m for m in methods if m in EARLY_METHODS] if args.methods != ",".join(METHODS) else EARLY_METHODS
+        for task in args.tasks.split(","):
+            rates = sgd_rates(task, methods, pretrained) if args.command == "early-sgd" else {}
+            for seed in map(int, args.seeds.split(",")):
+                for head in args.heads.split(","):
+                    for m in methods:
+                        early(task, m, seed, pretrained, "sgd" if rates else args.optimizer, rates.get(m, args.lr),
+                              head, args.steps)
         return
     if args.command == "realloss-cost":
         return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
