@@ -422,10 +422,11 @@ def _normalise(sums, n, share, names, distributed):
 # ----------------------------------------------------------------------------- §3 whitening
 
 
-def _damped(X, damping):  # X + damping * (tr X / d) I; the identity when X = 0
+def _damped(X, damping):  # X + damping * (tr X / d) I (tr X / d = 1 when X = 0), a new tensor
     scale = X.trace() / X.shape[0]
-    scale = scale if scale > 0 else X.new_tensor(1.0)
-    return X + damping * scale * torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
+    out = X.clone()
+    out.diagonal().add_(damping * (scale if scale > 0 else 1.0))
+    return out
 
 
 def whiten(G, S, T, damping=1e-2):
