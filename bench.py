@@ -58,6 +58,7 @@ def setup(args, device):
     texts = ([ex.text_a for ex in data.read_split(data.get_task("cola"), "train")] if os.environ.get("GLUE_DIR")
              else [f"sentence number {i} is a short one ." for i in range(8192)])
     loss, llama = cglora._loss, args.shape.startswith("llama")
+    blocks = dict(num_hidden_layers=args.blocks) if args.blocks else {}  # the shape's own depth by default
     if args.pretrained:
         tok, hf_dir = data.load_tokenizer(args.pretrained), args.pretrained
         build = lambda: models.from_pretrained(args.pretrained, 2)  # noqa: E731
@@ -67,10 +68,11 @@ def setup(args, device):
     elif llama:  # one model class for ours and the peer: cglora wraps its nn.Linear layers in place
         import transformers
         tok, hf_dir, loss = data.load_tokenizer(args.tokenizer), None, cglora.causal_lm_loss
-        build = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA[int(args.shape[6:])]))  # noqa: E731
+        build = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
+            **dict(LLAMA[int(args.shape[6:])], **blocks)))
     else:
         tok, hf_dir = data.load_tokenizer(args.tokenizer), None
-        build = lambda: models.Encoder(models.config_from_hf(ROBERTA_BASE, 2))  # noqa: E731
+        build = lambda: models.Encoder(models.config_from_hf(dict(ROBERTA_BASE, **blocks), 2))  # noqa: E731
 
     def build_hf():
         import transformers
@@ -78,7 +80,8 @@ def setup(args, device):
             return transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
         if args.shape == "tiny":
             raise SystemExit("peers need --shape roberta-base, llama-* or --pretrained")
-        return build() if llama else transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ROBERTA_BASE))
+        return build() if llama else transformers.RobertaForSequenceClassification(
+            transformers.RobertaConfig(**dict(ROBERTA_BASE, **blocks)))
 
     def batches(n, size, offset=0):
         rows = [data.Example(t, None, i % 2) for i, t in enumerate(texts[offset:offset + n * size])]
@@ -257,6 +260,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.add_argument("--nproc", type=int, default=1, help="also time the cg-lora init under torchrun with this many "
                    "processes (each layer factorized by its owner)")
+    p.add_argument("--blocks", type=int, default=None, help="roberta-base / llama-*: this many blocks "
+                   "(default: the shape's 12 / 2)")
     p.add_argument("--routes", default=None, help="only time the damping choice's two routes at these widths")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
