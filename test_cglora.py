@@ -2941,6 +2941,13 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     assert "0.50 ± 0.00 (2) / 0.25 ± 0.00 (2)" in readme
     svg = (tmp_path / "results" / "early_curves.svg").read_text()
     assert svg.startswith("<svg") and "cg-lora (2)" in svg and svg.count("<polyline") == 1
+    assert not (tmp_path / "results" / "early_diff.svg").exists()  # no rsLoRA rows: no paired difference
+    with open(run.EARLY, "a") as f:  # rsLoRA at 0.5 on seed 0 only: one pair, cg-lora minus rsLoRA = 0.1
+        f.write(json.dumps(dict(json.loads(run.EARLY.read_text().splitlines()[0]), method="rslora",
+                                train_loss=[0.5] * 300)) + "\n")
+    run.early_report()
+    diff = (tmp_path / "results" / "early_diff.svg").read_text()
+    assert "cg-lora (1)" in diff and "rslora" not in diff and "0.100" in diff  # the y axis spans the one value
 
 
 # ============================================================================ adapters in other code: peft, transformers

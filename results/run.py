@@ -732,7 +732,7 @@ def band_svg(series, title, w=620, h=340, pad=48, legend=130):
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad - legend}" y2="{h - pad}" stroke="black"/>',
            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
            f'<text x="{w / 2 - 80}" y="{h - 12}">training step</text>', f'<text x="6" y="{pad - 16}">{title}</text>']
-    for x in sorted({x0, x1, *range(0, int(x1) + 1, 50)}):
+    for x in sorted({x0, x1, *range(0, int(x1) + 1, 50)} - {x for x in range(0, int(x0), 50)}):
         out.append(f'<text x="{X(x) - 6}" y="{h - pad + 14}">{x:g}</text>')
     for y in (y0, (y0 + y1) / 2, y1):
         out.append(f'<text x="4" y="{Y(y) + 4}">{y:.3f}</text>')
@@ -750,10 +750,40 @@ COLOURS = dict(zip(EARLY_METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "
 SMOOTH = 10  # the figure's train loss: means over windows of this many steps
 
 
+def early_figures(task, by, probed):
+    """results/early_curves.svg: the train loss in windows of SMOOTH steps, mean ± standard error over seeds, per
+    method (fresh head; dashed: head trained first); results/early_diff.svg: each method's minus rsLoRA's on the
+    same seed (the same batches, so their noise cancels), mean ± standard error over the seeds both have."""
+    def windows(r):
+        return [statistics.mean(r["train_loss"][i:i + SMOOTH]) for i in range(0, len(r["train_loss"]) - SMOOTH + 1, SMOOTH)]
+
+    def curve(values):  # per-seed lists of window means -> [(step, mean, se)]
+        pts = []
+        for i, xs in enumerate(zip(*values)):
+            se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+            pts.append(((i + 1) * SMOOTH, statistics.mean(xs), se))
+        return pts
+    series = {f"{m} ({len(rr)})": (COLOURS[m], "", curve([windows(r) for r in rr])) for m, rr in by.items() if rr}
+    series.update({f"{m}, head first ({len(rr)})": (COLOURS[m], "5,3", curve([windows(r) for r in rr]))
+                   for m in EARLY_METHODS if (rr := [r for r in probed if r["method"] == m])})
+    (HERE / "early_curves.svg").write_text(band_svg(
+        series, f"{task} train loss, means over {SMOOTH} steps, ± one standard error over seeds"))
+    base = {r["seed"]: windows(r) for r in by.get("rslora", [])}
+    diff = {}
+    for m, rr in list(by.items()) + [(m + ", head first", [r for r in probed if r["method"] == m]) for m in EARLY_METHODS]:
+        pairs = [[a - b for a, b in zip(windows(r), base[r["seed"]])] for r in rr if r["seed"] in base]
+        if pairs and m != "rslora":
+            diff[f"{m} ({len(pairs)})"] = (COLOURS[m.split(",")[0]], "5,3" if "head first" in m else "", curve(pairs))
+    if diff:
+        (HERE / "early_diff.svg").write_text(band_svg(
+            diff, f"{task} train loss minus rsLoRA's (same seed, same batches), ± one standard error"))
+
+
 def early_report():
     """The README's "When does the initial direction matter?" block and results/early_curves.svg, from
     results/early.jsonl (issue 21, items 3-5)."""
-    rows = read_rows(EARLY)
+    keys = ("task", "method", "seed", "optimizer", "lr", "head", "steps")
+    rows = list({tuple(r[k] for k in keys): r for r in reversed(read_rows(EARLY))}.values())[::-1]  # first of a key
     text = [f"`python results/run.py early-report` over {len(rows)} rows of `results/early.jsonl`; each row's "
             "command is in it. CoLA, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
             "16×8 calibration examples) and each method's grid rate; the first steps of the grid's 2-epoch "
@@ -804,21 +834,9 @@ def early_report():
                         + " / ".join(mean_se([r["in_init"][k] for r in rr], 2) for k in ("left", "right")) + " | "
                         + " / ".join(mean_se([r["in_lora_one"][k] for r in rr], 2) for k in ("left", "right")) + " |")
         if (task, opt, head) == ("cola", "adamw", "fresh"):
-            def curve(rr):
-                n = min(len(r["train_loss"]) for r in rr) // SMOOTH
-                pts = []
-                for i in range(n):
-                    xs = [statistics.mean(r["train_loss"][i * SMOOTH:(i + 1) * SMOOTH]) for r in rr]
-                    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
-                    pts.append(((i + 1) * SMOOTH, statistics.mean(xs), se))
-                return pts
-            series = {f"{m} ({len(by[m])})": (COLOURS[m], "", curve(by[m])) for m in methods}
-            probed = groups.get((task, opt, "probe", steps), [])
-            series.update({f"{m}, head first ({n})": (COLOURS[m], "5,3", curve(rr)) for m in EARLY_METHODS
-                           if (rr := [r for r in probed if r["method"] == m]) and (n := len(rr))})
-            (HERE / "early_curves.svg").write_text(band_svg(
-                series, f"{task} train loss, means over {SMOOTH} steps, ± one standard error over seeds"))
-            text.append("\n![Early training: train loss](results/early_curves.svg)")
+            early_figures(task, by, groups.get((task, opt, "probe", steps), []))
+            text.append("\n![Early training: train loss](results/early_curves.svg)\n\n"
+                        "![Early training: train loss minus rsLoRA's on the same seed](results/early_diff.svg)")
     block = "\n".join(text) + "\n"
     readme = HERE.parent / "README.md"
     head_, rest = readme.read_text().split("<!-- early -->\n", 1)
