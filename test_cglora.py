@@ -2915,6 +2915,37 @@ def test_early_movement_and_subspace_fractions_against_projections():
     assert half["left"] is None and half["both"] is None and half["right"] == pytest.approx(right.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["cg-lora", "full"])
+def test_early_trains_exactly_the_first_steps_of_train_py(tmp_path, glue, monkeypatch, method):
+    """results/run.py early measures train.py's own run: the same init, the loss of every step and the dev
+    evaluation at the last step, on a tiny checkpoint (the step rows of --log_every 1 are single steps)."""
+    run = _results_run()
+    ckpt = tmp_path / "ckpt"
+    _pretrained_checkpoint(ckpt, glue)
+    budget = dict(rank=2, alpha=4, epochs=2, batch_size=8, max_len=16, calib_batches=2, calib_batch_size=8)
+    monkeypatch.setattr(run, "BUDGET", budget)
+    monkeypatch.setattr(run, "EARLY", tmp_path / "early.jsonl")
+    monkeypatch.setattr(run, "EVALS", (0,))
+    monkeypatch.setattr(run, "MOVES", (2,))
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    run.early("cola", method, 0, str(ckpt), lr=1e-2, steps=5)
+    row = json.loads(run.EARLY.read_text())
+    train.main(["--task", "cola", "--init", method, "--pretrained", str(ckpt), "--lr", "1e-2", "--max_steps", "5",
+                "--log_every", "1", "--out", str(tmp_path / "run"), "--seed", "0",
+                *[a for k, v in budget.items() for a in (f"--{k}", str(v))]])
+    steps = _metrics(tmp_path / "run", kind="step")
+    assert row["train_loss"] == pytest.approx([r["train_loss"] for r in steps], abs=1e-5) and len(steps) == 5
+    last = _metrics(tmp_path / "run")[-1]
+    assert row["evals"][-1]["step"] == last["step"] == 5 and row["evals"][-1]["loss"] == pytest.approx(last["dev_loss"])
+    assert set(row["moves"]) == {"2", "5"} and row["moves"]["5"]["moved"] > row["moves"]["2"]["moved"] > 0
+    if method == "cg-lora":  # its init is train.py's: the same damping and real check
+        init = json.loads((tmp_path / "run" / "init.json").read_text())
+        assert row["init"]["damping"] == init["damping"] and row["real"] == pytest.approx(init["summary"]["real_decrease"])
+        assert 0 < row["in_init"]["both"] <= min(row["in_init"]["left"], row["in_init"]["right"]) <= 1
+    else:
+        assert row["in_init"] == dict(left=None, right=None, both=None) and row["in_lora_one"]["left"] > 0
+
+
 def test_early_report_means_and_figure(tmp_path, monkeypatch):
     """The early-training block: window means of the train loss, mean ± standard error over seeds, the figure."""
     run = _results_run()
