@@ -817,6 +817,30 @@ def early_report():
                                      for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
                         + " | " + " | ".join(mean_se([dev(r, s_, "loss") for r in rr]) for s_ in (0, 50, 100, steps))
                         + f" | {mean_se([dev(r, per_epoch, main) for r in rr])} | {mean_se([dev(r, steps, main) for r in rr])} |")
+        base = {r["seed"]: r for r in by.get("rslora", [])}
+        if base:  # paired by seed: the same calibration, data order and dropout draws up to the init's effect
+            def paired(m, f):
+                return mean_se([f(r) - f(base[r["seed"]]) for r in by[m] if r["seed"] in base and f(r) is not None
+                                and f(base[r["seed"]]) is not None])
+            text += ["\nThe same runs minus rsLoRA's on the same seed (mean ± standard error of the per-seed differences):\n",
+                     "| method | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | dev loss 0 | 50 | 100 | 300 | "
+                     f"dev {main} {per_epoch} | {steps} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for m in (m for m in methods if m != "rslora"):
+                text.append(f"| {m} | " + " | ".join(paired(m, lambda r, a=a, b=b: window(r["train_loss"], a, b))
+                                                     for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
+                            + " | " + " | ".join(paired(m, lambda r, s_=s_: dev(r, s_, "loss")) for s_ in (0, 50, 100, steps))
+                            + f" | {paired(m, lambda r: dev(r, per_epoch, main))} | {paired(m, lambda r: dev(r, steps, main))} |")
+        fresh = {(r["method"], r["seed"]): r for r in groups.get((task, opt, "fresh", steps), [])}
+        if head == "probe" and fresh:  # item 3: what the warm-up did to each method, paired by seed
+            def warmed(m, f):
+                return mean_se([f(r) - f(fresh[m, r["seed"]]) for r in by[m] if (m, r["seed"]) in fresh])
+            text += ["\nHead first minus fresh head, same method and seed:\n",
+                     f"| method | train loss 281-300 | dev loss 0 | 50 | 300 | dev {main} {per_epoch} | {steps} |",
+                     "|---|---|---|---|---|---|---|"]
+            for m in methods:
+                text.append(f"| {m} | {warmed(m, lambda r: window(r['train_loss'], 281, 300))} | "
+                            + " | ".join(warmed(m, lambda r, s_=s_: dev(r, s_, "loss")) for s_ in (0, 50, steps))
+                            + f" | {warmed(m, lambda r: dev(r, per_epoch, main))} | {warmed(m, lambda r: dev(r, steps, main))} |")
         text += ["\nHow far the adapters' product `s·B·A` moved from its init (`‖P − P₀‖_F` over the layers ÷ "
                  "`‖P₀‖_F`; for rsLoRA `P₀ = 0`, the absolute movement; full: `‖W − W₀‖_F` of the same layers), "
                  "how much of the init is left (`⟨P, P₀⟩ / ‖P₀‖²`), and how much of the update `P − P₀` at the "
