@@ -7,6 +7,10 @@
     python results/run.py report           # the README's results table + results/cola_curves.svg
     python results/run.py realloss --tasks cola,sts-b --heads fresh,probe   # q under 3 curvatures vs the real loss
     python results/run.py realloss-report  # its README table (results/realloss.jsonl)
+    python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
+    python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora   # head trained first
+    python results/run.py early-sgd --tasks cola --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
+    python results/run.py early-report     # their README block + results/early_curves.svg, early_diff.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
