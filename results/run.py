@@ -806,8 +806,8 @@ def early_report():
         per_epoch = next((e["step"] for e in rs[0]["evals"] if e["step"] not in (0, *EVALS, steps)), None)
         main = next(k for k in rs[0]["evals"][0] if k not in ("step", "loss"))
         dev = lambda r, step, k: next((e[k] for e in r["evals"] if e["step"] == step), None)  # noqa: E731
-        text += [f"\n**{task}, {opt.upper() if opt == 'sgd' else 'AdamW'}, {head} head** "
-                 + ("(the head trained alone first: 300 steps of 32, lr 10⁻³, on the frozen features)" if head == "probe"
+        text += [f"\n**{task}, {opt.upper() if opt == 'sgd' else 'AdamW'}, {head} head**"
+                 + (" (the head trained alone first: 300 steps of 32, lr 10⁻³, on the frozen features)" if head == "probe"
                     else "") + ":\n",
                  "| method | rate | real decrease at init | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | "
                  f"dev loss 0 | 50 | 100 | 300 | dev {main} {per_epoch} (epoch 1) | {steps} |",
