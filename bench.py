@@ -230,10 +230,13 @@ def routes(widths, clock, rank=8, grid=len(cglora.DAMPING_GRID)):
         S, G, V = X @ X.T / (2 * d) + 1e-3 * torch.eye(d), torch.randn(d, d), torch.randn(d, 2 * rank)
         L, n = torch.linalg.cholesky(S), 3 if d <= 2048 else 1
         e, c, g = time_of(lambda: torch.linalg.eigh(S), n), time_of(lambda: torch.linalg.cholesky(S), n), time_of(lambda: G @ G, n)
-        dense = time_of(lambda: torch.linalg.qr(G.T @ torch.linalg.qr(G @ V).Q), 5 * n)
-        solves = time_of(lambda: torch.linalg.qr(torch.linalg.solve_triangular(L, G.T @ torch.linalg.solve_triangular(
-            L.T, torch.linalg.qr(torch.linalg.solve_triangular(L, G @ torch.linalg.solve_triangular(L.T, V, upper=True),
-                                                               upper=False)).Q, upper=True), upper=False)), 5 * n)
+        solve = lambda X: torch.linalg.solve_triangular(L, X, upper=False)  # noqa: E731  L^-1 X
+        solve_T = lambda X: torch.linalg.solve_triangular(L.T, X, upper=True)  # noqa: E731  L^-T X
+
+        def iteration(M, MT):  # one top_r iteration: Q = qr(M V), then qr(M^T Q)
+            return torch.linalg.qr(MT(torch.linalg.qr(M(V)).Q))
+        dense = time_of(lambda: iteration(lambda X: G @ X, lambda X: G.T @ X), 5 * n)
+        solves = time_of(lambda: iteration(lambda X: solve(G @ solve_T(X)), lambda X: solve(G.T @ solve_T(X))), 5 * n)
         print(f"{d:>6}{e:>10.3f}{c:>12.4f}{e / c:>10.1f}{2 * g:>14.3f}{dense * 1e3:>15.2f}{solves * 1e3:>16.2f}"
               f"   {e + 2 * g:.3f} / {grid * c:.3f} s")
 

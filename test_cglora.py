@@ -2742,17 +2742,28 @@ def test_bench_routes_prints_both_routes_per_width(capsys):
 # ============================================================================ results/run.py
 
 
-def test_results_report_matches_the_runs(tmp_path, monkeypatch):
-    """The README table is computed from the JSON lines: best seed-0 CoLA rate, mean ± std, differences."""
+def _results_run():  # results/run.py as a module (it is a script, not a package)
     import importlib.util
     spec = importlib.util.spec_from_file_location("results_run", Path(__file__).parent / "results" / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
+    return run
+
+
+def _results_sandbox(tmp_path, monkeypatch, block, **files):
+    """results/run.py writing into tmp_path: a README with a STALE `block`, and each files[NAME] (run.NAME) there."""
+    run = _results_run()
     (tmp_path / "results").mkdir()
-    (tmp_path / "README.md").write_text("head\n<!-- results -->\nSTALE\n<!-- /results -->\ntail\n")
+    (tmp_path / "README.md").write_text(f"head\n<!-- {block} -->\nSTALE\n<!-- /{block} -->\ntail\n")
     monkeypatch.setattr(run, "HERE", tmp_path / "results")
-    monkeypatch.setattr(run, "RUNS", tmp_path / "results" / "runs.jsonl")
-    monkeypatch.setattr(run, "DIAGNOSTICS", tmp_path / "results" / "diagnostics.jsonl")
+    for name, file in files.items():
+        monkeypatch.setattr(run, name, tmp_path / "results" / file)
+    return run
+
+
+def test_results_report_matches_the_runs(tmp_path, monkeypatch):
+    """The README table is computed from the JSON lines: best seed-0 CoLA rate, mean ± std, differences."""
+    run = _results_sandbox(tmp_path, monkeypatch, "results", RUNS="runs.jsonl", DIAGNOSTICS="diagnostics.jsonl")
     scores = {("cg-lora", 1e-3): [0.30, 0.20, 0.10], ("cg-lora", 3e-3): [0.05], ("cg-lora", 5e-4): [0.9],
               ("lora-one", 1e-3): [0.10, 0.12, 0.14], ("lora-one", 3e-3): [0.15, 0.0, 0.0]}
     with open(run.RUNS, "w") as f:
@@ -2807,14 +2818,6 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
     assert f"| cola, cg-lora at the default size | — | — | — | +0.150 ± {se:.3f} | — |" in readme
 
 
-def _results_run():  # results/run.py as a module (it is a script, not a package)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("results_run", Path(__file__).parent / "results" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
-    return run
-
-
 def test_realloss_curvatures_equal_per_example_gradients():
     """K-FAC reduce's S_red, T_red and the exact-Fisher projections <g_i, B A> of one pass against each
     example's own weight and bias gradients (the bias gradient is sum_t delta_t); q_F <= 1/2."""
@@ -2855,11 +2858,7 @@ def test_realloss_curvatures_equal_per_example_gradients():
 
 def test_realloss_report_renders_the_rows(tmp_path, monkeypatch):
     """The realloss table: mean ± std over seeds at the auto damping, predicted ÷ real, rank correlations."""
-    run = _results_run()
-    (tmp_path / "results").mkdir()
-    (tmp_path / "README.md").write_text("head\n<!-- realloss -->\nSTALE\n<!-- /realloss -->\ntail\n")
-    monkeypatch.setattr(run, "HERE", tmp_path / "results")
-    monkeypatch.setattr(run, "REALLOSS", tmp_path / "results" / "realloss.jsonl")
+    run = _results_sandbox(tmp_path, monkeypatch, "realloss", REALLOSS="realloss.jsonl")
 
     def direction(method, damping, q, real, auto=False):  # two layers sharing q; the joint Fisher q = q / 4
         layer = dict(expand=q, reduce=2 * q, fisher=q / 2)
@@ -2948,11 +2947,7 @@ def test_early_trains_exactly_the_first_steps_of_train_py(tmp_path, glue, monkey
 
 def test_early_report_means_and_figure(tmp_path, monkeypatch):
     """The early-training block: window means of the train loss, mean ± standard error over seeds, the figure."""
-    run = _results_run()
-    (tmp_path / "results").mkdir()
-    (tmp_path / "README.md").write_text("head\n<!-- early -->\nSTALE\n<!-- /early -->\ntail\n")
-    monkeypatch.setattr(run, "HERE", tmp_path / "results")
-    monkeypatch.setattr(run, "EARLY", tmp_path / "results" / "early.jsonl")
+    run = _results_sandbox(tmp_path, monkeypatch, "early", EARLY="early.jsonl")
     with open(run.EARLY, "w") as f:
         for seed, level in enumerate((0.6, 0.8)):
             moves = {str(k): dict(moved=level * k, init=2.0, kept=0.5) for k in (*run.MOVES, 300)}

@@ -559,9 +559,7 @@ def optimisation(run, model, n_train, ck):
                             weight_decay=cfg.weight_decay)
     per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
     total = per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    sched = schedule(opt, total, cfg.warmup)
     if ck:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -570,6 +568,12 @@ def optimisation(run, model, n_train, ck):
         if run.device.type == "cuda" and len(states) > 1:
             torch.cuda.set_rng_state(states[1], run.device)
     return opt, sched, per_epoch, total
+
+
+def schedule(opt, total, warmup):
+    """The learning rate: a linear warm-up over a `warmup` fraction of the `total` steps, then linear decay to 0."""
+    warm = max(1, int(warmup * total))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
 
 def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):

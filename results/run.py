@@ -239,9 +239,7 @@ def report():
             + "\n".join(size_table)
             + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
             + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
-    readme = HERE.parent / "README.md"
-    head, rest = readme.read_text().split("<!-- results -->\n", 1)
-    readme.write_text(head + "<!-- results -->\n" + text + "<!-- /results -->\n" + rest.split("<!-- /results -->\n", 1)[1])
+    write_block("results", text)
     (HERE / "cola_curves.svg").write_text(curves(pick, [m for m in METHODS if pick.get(("cola", m))]))
     print(text)
 
@@ -620,8 +618,7 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
         return
     t0 = time.time()
     cfg = train.Config(task=task_name, pretrained=pretrained, init="lora-one" if method == "random" else method,
-                       seed=seed, lr=rate, out="unused", device="cpu",
-                       **{k: v for k, v in BUDGET.items() if k != "alpha"}, alpha=BUDGET["alpha"])
+                       seed=seed, lr=rate, out="unused", device="cpu", **BUDGET)
     run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
     task, train_set, dev_set = train.read_data(run_)
     model, tokenizer, train_enc, dev, calib = train.model_and_batches(run_, task, train_set, dev_set, None)
@@ -633,9 +630,8 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
     names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
     targets = {n: model.get_submodule(n) for n in names}
     stats = cglora.collect_statistics(model, targets, calib[0], folds=1)  # LoRA-One's subspaces, for every method
-    svd = {n: torch.linalg.svd(st.G, full_matrices=False) for n, st in stats.items()}
-    one = {n: (U[:, :BUDGET["rank"]], Vh[:BUDGET["rank"]].T) for n, (U, _, Vh) in svd.items()}
-    del stats, svd
+    one = {n: cglora.top_svd(st.G, BUDGET["rank"])[::2] for n, st in stats.items()}  # (U, V)
+    del stats
     init = train.initialise(cfg, model, calib, run_.device, lambda *a: None)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, cglora.LoRALinear)}
     if method == "random":  # LoRA-One's ||s B A||_2 per layer, in a seeded random direction, balanced
@@ -643,27 +639,22 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
         for r_, (n, m) in zip(init["layers"], layers.items()):
             B, A = torch.randn(m.lora_B.shape, generator=g), torch.randn(m.lora_A.shape, generator=g)
             cglora.write_adapter(m, *cglora.balance(*cglora._sized(B, A, m.scaling, r_["update_norm"])), False)
-    if method == "full":  # the weights of the same layers stand in for the adapters' product
-        weights = lambda: {n: model.get_submodule(n).weight.detach().float().clone() for n in names}  # noqa: E731
-        w0, now = weights(), weights
-        P0 = {n: torch.zeros_like(w) for n, w in w0.items()}
+    if method == "full":  # the change of the same layers' weights stands in for the adapters' product (P0 = 0)
+        w0 = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
+        now = lambda: {n: model.get_submodule(n).weight.detach().float() - w for n, w in w0.items()}  # noqa: E731
         bases = {n: (None, None) for n in names}
     else:
-        w0, now = None, lambda: products(layers)
-        P0 = now()
+        now = lambda: products(layers)  # noqa: E731
         orth = lambda X: torch.linalg.qr(X.float()).Q if X.abs().max() > 0 else None  # noqa: E731
         bases = {n: (orth(m.lora_B.detach()), orth(m.lora_A.detach().T)) for n, m in layers.items()}
-    delta = (lambda: {n: w - w0[n] for n, w in now().items()}) if w0 else (lambda: {n: P - P0[n] for n, P in now().items()})
+    P0 = now()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=rate, weight_decay=cfg.weight_decay) if optimizer == "adamw"
            else torch.optim.SGD(params, lr=rate, momentum=0.9))
     per_epoch = len(train_enc) // cfg.batch_size
-    total = per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))  # train.py's schedule
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    sched = train.schedule(opt, per_epoch * cfg.epochs, cfg.warmup)
     at = sorted(set(EVALS) | {per_epoch, steps})
     losses, evals, moves, step = [], [], {}, 0
-    measure = lambda: dict(movement(now(), P0), moved=sum(D.square().sum().item() for D in delta().values()) ** 0.5)  # noqa: E731
     evals.append(dict(step=0, **train.evaluate(model, dev, task, cfg, run_.device)))
     model.train()
     while step < steps:
@@ -678,11 +669,11 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
             step += 1
             losses.append(loss.item())
             if step in MOVES or step == steps:
-                moves[step] = measure()
+                moves[step] = movement(now(), P0)
             if step in at:
                 evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
                 model.train()
-    D = delta()
+    D = {n: P - P0[n] for n, P in now().items()}
     row = dict(key, budget=BUDGET, probe=probed, init={k: init.get(k) for k in ("damping", "seconds")},
                real=None if method == "random" else init.get("summary", {}).get("real_decrease"),  # random: LoRA-One's was judged
                train_loss=[round(x, 5) for x in losses], evals=evals,
@@ -866,10 +857,14 @@ def early_report():
             text.append("\n![Early training: train loss](results/early_curves.svg)\n\n"
                         "![Early training: train loss minus rsLoRA's on the same seed](results/early_diff.svg)")
     block = "\n".join(text) + "\n"
-    readme = HERE.parent / "README.md"
-    head_, rest = readme.read_text().split("<!-- early -->\n", 1)
-    readme.write_text(head_ + "<!-- early -->\n" + block + "<!-- /early -->\n" + rest.split("<!-- /early -->\n", 1)[1])
+    write_block("early", block)
     print(block)
+
+
+def write_block(name, text):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
+    readme = HERE.parent / "README.md"
+    head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
+    readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + rest.split(f"<!-- /{name} -->\n", 1)[1])
 
 
 def read_rows(path):
@@ -956,10 +951,7 @@ def realloss_report():
             + "\n\nCG-LoRA's direction against LoRA-One's in the same run:\n\n" + "\n".join(pair)
             + f"\n\nOne layer's q above ½ (impossible under the exact empirical Fisher), of all (layer, direction) "
             f"pairs: {bound}.\n")
-    readme = HERE.parent / "README.md"
-    head, rest = readme.read_text().split("<!-- realloss -->\n", 1)
-    rest = rest.split("<!-- /realloss -->\n", 1)[1]
-    readme.write_text(head + "<!-- realloss -->\n" + text + "<!-- /realloss -->\n" + rest)
+    write_block("realloss", text)
     print(text)
 
 
