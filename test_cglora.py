@@ -2965,15 +2965,25 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     assert "| dev mcc 267 (epoch 1) | 300 |" in readme and "0.070 ± 0.010 (2) |" in readme
     assert "| cg-lora | 3.50 ± 0.50 (2) |" in readme  # moved / init at step 10: 0.6 * 10 / 2 and 0.8 * 10 / 2
     assert "0.50 ± 0.00 (2) / 0.25 ± 0.00 (2)" in readme
-    svg = (tmp_path / "results" / "early_curves.svg").read_text()
+    svg = (tmp_path / "results" / "early_curves_cola.svg").read_text()
     assert svg.startswith("<svg") and "cg-lora (2)" in svg and svg.count("<polyline") == 1
-    assert not (tmp_path / "results" / "early_diff.svg").exists()  # no rsLoRA rows: no paired difference
+    assert not (tmp_path / "results" / "early_diff_cola.svg").exists()  # no rsLoRA rows: no paired difference
     with open(run.EARLY, "a") as f:  # rsLoRA at 0.5 on seed 0 only: one pair, cg-lora minus rsLoRA = 0.1
         f.write(json.dumps(dict(json.loads(run.EARLY.read_text().splitlines()[0]), method="rslora",
                                 train_loss=[0.5] * 300)) + "\n")
     run.early_report()
-    diff = (tmp_path / "results" / "early_diff.svg").read_text()
+    diff = (tmp_path / "results" / "early_diff_cola.svg").read_text()
     assert "cg-lora (1)" in diff and "rslora" not in diff and "0.100" in diff  # the y axis spans the one value
+    first = json.loads(run.EARLY.read_text().splitlines()[0])  # a second task: its own table and figure
+    with open(run.EARLY, "a") as f:
+        f.write(json.dumps(dict(first, task="sts-b", train_loss=[2.0] * 300,
+                                evals=[dict(step=s, pearson=0.5, loss=2.0) for s in (*run.EVALS, 179, 300)])) + "\n")
+    run.early_report()
+    readme = (tmp_path / "README.md").read_text()
+    assert "cola and sts-b, all-MiniLM-L6-v2" in readme and "**sts-b, AdamW, fresh head**" in readme
+    assert "| dev pearson 179 (epoch 1) | 300 |" in readme and "results/early_curves_sts-b.svg" in readme
+    assert "sts-b train loss" in (tmp_path / "results" / "early_curves_sts-b.svg").read_text()
+    assert "cg-lora (2)" in (tmp_path / "results" / "early_curves_cola.svg").read_text()  # cola's unchanged
 
 
 # ============================================================================ adapters in other code: peft, transformers

@@ -10,7 +10,7 @@
     python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
     python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora   # head trained first
     python results/run.py early-sgd --tasks cola --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
-    python results/run.py early-report     # their README block + results/early_curves.svg, early_diff.svg
+    python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
@@ -746,9 +746,10 @@ SMOOTH = 10  # the figure's train loss: means over windows of this many steps
 
 
 def early_figures(task, by, probed):
-    """results/early_curves.svg: the train loss in windows of SMOOTH steps, mean ± standard error over seeds, per
-    method (fresh head; dashed: head trained first); results/early_diff.svg: each method's minus rsLoRA's on the
-    same seed (the same batches, so their noise cancels), mean ± standard error over the seeds both have."""
+    """results/early_curves_<task>.svg: the train loss in windows of SMOOTH steps, mean ± standard error over
+    seeds, per method (fresh head; dashed: head trained first); results/early_diff_<task>.svg: each method's minus
+    rsLoRA's on the same seed (the same batches, so their noise cancels), mean ± standard error over the seeds
+    both have. Returns the README lines that show them."""
     def windows(r):
         return [statistics.mean(r["train_loss"][i:i + SMOOTH]) for i in range(0, len(r["train_loss"]) - SMOOTH + 1, SMOOTH)]
 
@@ -761,7 +762,7 @@ def early_figures(task, by, probed):
     series = {f"{m} ({len(rr)})": (COLOURS[m], "", curve([windows(r) for r in rr])) for m, rr in by.items() if rr}
     series.update({f"{m}, head first ({len(rr)})": (COLOURS[m], "5,3", curve([windows(r) for r in rr]))
                    for m in EARLY_METHODS if (rr := [r for r in probed if r["method"] == m])})
-    (HERE / "early_curves.svg").write_text(band_svg(
+    (HERE / f"early_curves_{task}.svg").write_text(band_svg(
         series, f"{task} train loss, means over {SMOOTH} steps, ± one standard error over seeds"))
     base = {r["seed"]: windows(r) for r in by.get("rslora", [])}
     diff = {}
@@ -769,9 +770,12 @@ def early_figures(task, by, probed):
         pairs = [[a - b for a, b in zip(windows(r), base[r["seed"]])] for r in rr if r["seed"] in base]
         if pairs and m != "rslora":
             diff[f"{m} ({len(pairs)})"] = (COLOURS[m.split(",")[0]], "5,3" if "head first" in m else "", curve(pairs))
+    lines = f"\n![{task}, early training: train loss](results/early_curves_{task}.svg)"
     if diff:
-        (HERE / "early_diff.svg").write_text(band_svg(
+        (HERE / f"early_diff_{task}.svg").write_text(band_svg(
             diff, f"{task} train loss minus rsLoRA's (same seed, same batches), ± one standard error"))
+        lines += f"\n\n![{task}, early training: train loss minus rsLoRA's on the same seed](results/early_diff_{task}.svg)"
+    return lines
 
 
 def early_report():
@@ -779,8 +783,9 @@ def early_report():
     results/early.jsonl (issue 21, items 3-5)."""
     keys = ("task", "method", "seed", "optimizer", "lr", "head", "steps")
     rows = list({tuple(r[k] for k in keys): r for r in reversed(read_rows(EARLY))}.values())[::-1]  # first of a key
+    tasks = " and ".join(dict.fromkeys(r["task"] for r in sorted(rows, key=lambda r: r["task"])))
     text = [f"`python results/run.py early-report` over {len(rows)} rows of `results/early.jsonl`; each row's "
-            "command is in it. CoLA, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
+            f"command is in it. {tasks}, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
             "16×8 calibration examples) and each method's grid rate; the first steps of the grid's 2-epoch "
             "schedule. Mean ± standard error over seeds (number of seeds)."]
     groups = {}
@@ -852,10 +857,8 @@ def early_report():
                         + f" | {mean_se([r['moves'][str(steps)]['kept'] for r in rr], 2)} | "
                         + " / ".join(mean_se([r["in_init"][k] for r in rr], 2) for k in ("left", "right")) + " | "
                         + " / ".join(mean_se([r["in_lora_one"][k] for r in rr], 2) for k in ("left", "right")) + " |")
-        if (task, opt, head) == ("cola", "adamw", "fresh"):
-            early_figures(task, by, groups.get((task, opt, "probe", steps), []))
-            text.append("\n![Early training: train loss](results/early_curves.svg)\n\n"
-                        "![Early training: train loss minus rsLoRA's on the same seed](results/early_diff.svg)")
+        if (opt, head) == ("adamw", "fresh"):
+            text.append(early_figures(task, by, groups.get((task, opt, "probe", steps), [])))
     block = "\n".join(text) + "\n"
     write_block("early", block)
     print(block)
