@@ -2974,8 +2974,13 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     run.early_report()
     diff = (tmp_path / "results" / "early_diff_cola.svg").read_text()
     assert "cg-lora (1)" in diff and "rslora" not in diff and "0.100" in diff  # the y axis spans the one value
-    first = json.loads(run.EARLY.read_text().splitlines()[0])  # a second task: its own table and figure
-    with open(run.EARLY, "a") as f:
+    first = json.loads(run.EARLY.read_text().splitlines()[0])
+    with open(run.EARLY, "a") as f:  # LoRA-One at 0.45 on seed 0: its row against rsLoRA, and CG-LoRA's against it
+        f.write(json.dumps(dict(first, method="lora-one", train_loss=[0.45] * 300)) + "\n")
+    run.early_report()
+    readme = (tmp_path / "README.md").read_text()
+    assert "| lora-one | -0.050 (1) |" in readme and "| cg-lora − lora-one | 0.150 (1) |" in readme
+    with open(run.EARLY, "a") as f:  # a second task: its own table and figure
         f.write(json.dumps(dict(first, task="sts-b", train_loss=[2.0] * 300,
                                 evals=[dict(step=s, pearson=0.5, loss=2.0) for s in (*run.EVALS, 179, 300)])) + "\n")
     run.early_report()

@@ -817,19 +817,23 @@ def early_report():
                                      for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
                         + " | " + " | ".join(mean_se([dev(r, s_, "loss") for r in rr]) for s_ in (0, 50, 100, steps))
                         + f" | {mean_se([dev(r, per_epoch, main) for r in rr])} | {mean_se([dev(r, steps, main) for r in rr])} |")
-        base = {r["seed"]: r for r in by.get("rslora", [])}
+        seeds = lambda m: {r["seed"]: r for r in by.get(m, [])}  # noqa: E731
+        base = seeds("rslora")
         if base:  # paired by seed: the same calibration, data order and dropout draws up to the init's effect
-            def paired(m, f):
-                return mean_se([f(r) - f(base[r["seed"]]) for r in by[m] if r["seed"] in base and f(r) is not None
-                                and f(base[r["seed"]]) is not None])
-            text += ["\nThe same runs minus rsLoRA's on the same seed (mean ± standard error of the per-seed differences):\n",
+            def paired(m, f, ref):
+                return mean_se([f(r) - f(ref[r["seed"]]) for r in by[m] if r["seed"] in ref and f(r) is not None
+                                and f(ref[r["seed"]]) is not None])
+            text += ["\nThe same runs minus rsLoRA's on the same seed (mean ± standard error of the per-seed differences; "
+                     "last row: CG-LoRA minus LoRA-One):\n",
                      "| method | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | dev loss 0 | 50 | 100 | 300 | "
                      f"dev {main} {per_epoch} | {steps} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-            for m in (m for m in methods if m != "rslora"):
-                text.append(f"| {m} | " + " | ".join(paired(m, lambda r, a=a, b=b: window(r["train_loss"], a, b))
-                                                     for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
-                            + " | " + " | ".join(paired(m, lambda r, s_=s_: dev(r, s_, "loss")) for s_ in (0, 50, 100, steps))
-                            + f" | {paired(m, lambda r: dev(r, per_epoch, main))} | {paired(m, lambda r: dev(r, steps, main))} |")
+            pairs = [(m, m, base) for m in methods if m != "rslora"]
+            pairs += [("cg-lora − lora-one", "cg-lora", seeds("lora-one"))] if {"cg-lora", "lora-one"} <= set(methods) else []
+            for label, m, ref in pairs:
+                text.append(f"| {label} | " + " | ".join(paired(m, lambda r, a=a, b=b: window(r["train_loss"], a, b), ref)
+                                                         for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
+                            + " | " + " | ".join(paired(m, lambda r, s_=s_: dev(r, s_, "loss"), ref) for s_ in (0, 50, 100, steps))
+                            + f" | {paired(m, lambda r: dev(r, per_epoch, main), ref)} | {paired(m, lambda r: dev(r, steps, main), ref)} |")
         fresh = {(r["method"], r["seed"]): r for r in groups.get((task, opt, "fresh", steps), [])}
         if head == "probe" and fresh:  # item 3: what the warm-up did to each method, paired by seed
             def warmed(m, f):
