@@ -2945,6 +2945,18 @@ def test_early_trains_exactly_the_first_steps_of_train_py(tmp_path, glue, monkey
         assert row["in_init"] == dict(left=None, right=None, both=None) and row["in_lora_one"]["left"] > 0
 
 
+def test_results_commands_default_heads(monkeypatch):
+    """`early` trains the fresh head unless told --heads probe; `realloss` measures both heads by default."""
+    run, calls = _results_run(), []
+    monkeypatch.setattr(run, "early", lambda task, m, seed, pretrained, opt, lr, head, steps: calls.append(("early", head)))
+    monkeypatch.setattr(run, "realloss", lambda task, seed, head, pretrained: calls.append(("realloss", head)))
+    for argv in (["early"], ["early", "--heads", "probe"], ["realloss"]):
+        monkeypatch.setattr(sys, "argv", ["run.py", *argv, "--tasks", "cola", "--seeds", "0", "--methods", "rslora",
+                                          "--pretrained", "unused"])
+        run.main()
+    assert calls == [("early", "fresh"), ("early", "probe"), ("realloss", "fresh"), ("realloss", "probe")]
+
+
 def test_early_report_means_and_figure(tmp_path, monkeypatch):
     """The early-training block: window means of the train loss, mean ± standard error over seeds, the figure."""
     run = _results_sandbox(tmp_path, monkeypatch, "early", EARLY="early.jsonl")

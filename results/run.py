@@ -8,6 +8,7 @@
     python results/run.py realloss --tasks cola,sts-b --heads fresh,probe   # q under 3 curvatures vs the real loss
     python results/run.py realloss-report  # its README table (results/realloss.jsonl)
     python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
+    python results/run.py early --tasks sts-b --seeds 0,1,2,3,4 --methods rslora,lora-one,cg-lora   # and on STS-B
     python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora   # head trained first
     python results/run.py early-sgd --tasks cola --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
@@ -966,7 +967,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
                                        "realloss-report", "realloss-cost", "early", "early-sgd", "early-report"])
-    p.add_argument("--heads", default="fresh,probe", help="realloss: fresh head, or probe (head trained alone first)")
+    p.add_argument("--heads", default=None, help="fresh head, or probe (head trained alone first), comma list "
+                   "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
@@ -985,10 +987,11 @@ def main():
     if args.command == "early-report":
         return early_report()
     pretrained = args.pretrained or minilm()
+    heads = (args.heads or ("fresh,probe" if args.command == "realloss" else "fresh")).split(",")
     if args.command == "realloss":
         for seed in map(int, args.seeds.split(",")):
             for task in args.tasks.split(","):
-                for head in args.heads.split(","):
+                for head in heads:
                     realloss(task, seed, head, pretrained)
         return
     if args.command in ("early", "early-sgd"):
@@ -996,7 +999,7 @@ def main():
         for task in args.tasks.split(","):
             rates = sgd_rates(task, methods, pretrained) if args.command == "early-sgd" else {}
             for seed in map(int, args.seeds.split(",")):
-                for head in args.heads.split(","):
+                for head in heads:
                     for m in methods:
                         early(task, m, seed, pretrained, "sgd" if rates else args.optimizer, rates.get(m, args.lr),
                               head, args.steps)
