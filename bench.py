@@ -210,6 +210,8 @@ def measure(name, args):
     else:
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["rss_before_mib"] = rss0
+    if torch.distributed.is_initialized():  # as train.py ends: gloo may abort a rank that exits with it alive
+        torch.distributed.destroy_process_group()
     return result
 
 

@@ -983,6 +983,9 @@ held = {n: (st.owner, len(st.folds)) for n, st in stats.items()}
 report = cglora.init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
 torch.save(dict(held=held, report=report, BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
            f"{sys.argv[2]}/rank{rank}.pt")
+if distributed:  # as train.py ends: a rank that exits with its gloo group alive may abort at exit
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
