@@ -564,6 +564,7 @@ def realloss(task_name, seed, head, pretrained):
 EARLY = HERE / "early.jsonl"
 EARLY_METHODS = ["rslora", "lora-one", "cg-lora", "random", "full"]  # random: LoRA-One's size, a random direction
 EARLY_STEPS = 300
+WINDOWS = ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300))  # early-report's train-loss windows (steps)
 EVALS = (0, 50, 100, 200)  # dev evaluations, besides the end of epoch 1 and the last step
 MOVES = (10, 50, 200)  # the adapters' product measured against its init, besides the last step
 SGD_RATES = [0.01, 0.03, 0.1, 0.3]  # SGD (momentum 0.9): each method's rate by its train loss over steps 51-100
@@ -784,7 +785,7 @@ def early_report():
     results/early.jsonl (issue 21, items 3-5)."""
     keys = ("task", "method", "seed", "optimizer", "lr", "head", "steps")
     rows = list({tuple(r[k] for k in keys): r for r in reversed(read_rows(EARLY))}.values())[::-1]  # first of a key
-    tasks = " and ".join(dict.fromkeys(r["task"] for r in sorted(rows, key=lambda r: r["task"])))
+    tasks = " and ".join(sorted({r["task"] for r in rows}))
     text = [f"`python results/run.py early-report` over {len(rows)} rows of `results/early.jsonl`; each row's "
             f"command is in it. {tasks}, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
             "16×8 calibration examples) and each method's grid rate; the first steps of the grid's 2-epoch "
@@ -814,31 +815,29 @@ def early_report():
             rates = ", ".join(sorted({f"{r['lr']:g}" for r in rr}))
             text.append(f"| {m} | {rates} | "
                         f"{mean_se([r['real'] for r in rr], 4)} | "
-                        + " | ".join(mean_se([window(r["train_loss"], a, b) for r in rr])
-                                     for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
+                        + " | ".join(mean_se([window(r["train_loss"], a, b) for r in rr]) for a, b in WINDOWS)
                         + " | " + " | ".join(mean_se([dev(r, s_, "loss") for r in rr]) for s_ in (0, 50, 100, steps))
                         + f" | {mean_se([dev(r, per_epoch, main) for r in rr])} | {mean_se([dev(r, steps, main) for r in rr])} |")
-        seeds = lambda m: {r["seed"]: r for r in by.get(m, [])}  # noqa: E731
-        base = seeds("rslora")
+        def paired(m, f, ref):  # m's runs minus ref's ({seed: row}) on the same seed: mean ± standard error
+            return mean_se([f(r) - f(ref[r["seed"]]) for r in by[m] if r["seed"] in ref and f(r) is not None
+                            and f(ref[r["seed"]]) is not None])
+        seeds = lambda rows, m: {r["seed"]: r for r in rows if r["method"] == m}  # noqa: E731
+        base = seeds(rs, "rslora")
         if base:  # paired by seed: the same calibration, data order and dropout draws up to the init's effect
-            def paired(m, f, ref):
-                return mean_se([f(r) - f(ref[r["seed"]]) for r in by[m] if r["seed"] in ref and f(r) is not None
-                                and f(ref[r["seed"]]) is not None])
             text += ["\nThe same runs minus rsLoRA's on the same seed (mean ± standard error of the per-seed differences; "
                      "last row: CG-LoRA minus LoRA-One):\n",
                      "| method | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | dev loss 0 | 50 | 100 | 300 | "
                      f"dev {main} {per_epoch} | {steps} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             pairs = [(m, m, base) for m in methods if m != "rslora"]
-            pairs += [("cg-lora − lora-one", "cg-lora", seeds("lora-one"))] if {"cg-lora", "lora-one"} <= set(methods) else []
+            pairs += [("cg-lora − lora-one", "cg-lora", seeds(rs, "lora-one"))] if {"cg-lora", "lora-one"} <= set(methods) else []
             for label, m, ref in pairs:
                 text.append(f"| {label} | " + " | ".join(paired(m, lambda r, a=a, b=b: window(r["train_loss"], a, b), ref)
-                                                         for a, b in ((1, 20), (41, 60), (91, 110), (181, 200), (281, 300)))
+                                                         for a, b in WINDOWS)
                             + " | " + " | ".join(paired(m, lambda r, s_=s_: dev(r, s_, "loss"), ref) for s_ in (0, 50, 100, steps))
                             + f" | {paired(m, lambda r: dev(r, per_epoch, main), ref)} | {paired(m, lambda r: dev(r, steps, main), ref)} |")
-        fresh = {(r["method"], r["seed"]): r for r in groups.get((task, opt, "fresh", steps), [])}
+        fresh = groups.get((task, opt, "fresh", steps), [])
         if head == "probe" and fresh:  # item 3: what the warm-up did to each method, paired by seed
-            def warmed(m, f):
-                return mean_se([f(r) - f(fresh[m, r["seed"]]) for r in by[m] if (m, r["seed"]) in fresh])
+            warmed = lambda m, f: paired(m, f, seeds(fresh, m))  # noqa: E731
             text += ["\nHead first minus fresh head, same method and seed:\n",
                      f"| method | train loss 281-300 | dev loss 0 | 50 | 300 | dev {main} {per_epoch} | {steps} |",
                      "|---|---|---|---|---|---|---|"]
