@@ -2251,8 +2251,40 @@ def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_
         assert s["real_decrease"] == pytest.approx(s["real_loss_at_W0"] - min(s["real_losses"].values()))
         assert s["predicted_decrease"] == pytest.approx(s["insample"])
     assert summaries["cg-lora-shift"]["real_losses"] == pytest.approx(summaries["cg-lora"]["real_losses"], rel=1e-5)
+    assert summaries["cg-lora-shift"]["real_loss_at_init"] == pytest.approx(summaries["cg-lora"]["real_loss_at_init"],
+                                                                           rel=1e-5)  # the same update, before the shift
     _train(tmp_path, "--init", "lora", "--max_steps", "1", out="plain")  # no statistics, no direction to judge
     assert "real_decrease" not in json.loads((tmp_path / "plain" / "init.json").read_text())["summary"]
+
+
+def test_the_real_check_also_judges_the_init_as_written():
+    """real_loss_at_init is the held-out loss of the model as an unshifted init leaves it (W0 + s B A at
+    the init size); a shifted init is judged at the same update, while its model keeps W0's loss."""
+    held = _batches(seed=3, sizes=(4, 4))
+
+    @torch.no_grad()
+    def loss_of(model):  # the mean example loss of the model as it is, in eval mode
+        model.eval()
+        return torch.cat([nn.functional.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"],
+                                                      reduction="none") for b in held]).mean().item()
+
+    for method in ("lora-one", "cg-lora-shift"):
+        model = _model()
+        layers = add_lora(model, ["query", "value"], rank=2, alpha=4, rslora=True)
+        stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches(sizes=(3, 2, 3, 2)))
+        record = {}
+        cglora.init_adapters(layers, method, stats, damping=1.0, init_norm=0.5, log=lambda *a: None,
+                             judge=train.real_check(model, layers, held, record, lambda *a: None))
+        real = record["real"]
+        if method == "lora-one":
+            assert real["real_loss_at_init"] == pytest.approx(loss_of(model), rel=1e-6)
+        else:
+            assert loss_of(model) == pytest.approx(real["real_loss_at_W0"], rel=1e-5)
+            with torch.no_grad():  # undo the shift: W0 + s B A
+                for m in layers.values():
+                    m.base.weight += m.scaling * m.lora_B0 @ m.lora_A0
+            assert real["real_loss_at_init"] == pytest.approx(loss_of(model), rel=1e-5)
+        assert abs(real["real_loss_at_init"] - real["real_loss_at_W0"]) > 1e-4  # the update moved the loss
 
 
 def test_train_regression_end_to_end_with_sampled_fisher(tmp_path, glue):

@@ -244,20 +244,22 @@ REAL_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # the real check's multiples
 def real_check(model, layers, heldout, record, log):
     """A judge for init_adapters (docs/cg-lora.md §8.2): the real mean loss on `heldout` at W0 and with every
     layer moved by REAL_SCALES times its update's quadratic-model step (quadratic_step), jointly; the
-    decrease is the loss at W0 minus the best, beside what the calibration model predicts (summed in-sample q)."""
+    decrease is the loss at W0 minus the best, beside what the calibration model predicts (summed in-sample q);
+    and the loss at the init's update as written, W0 + s B A at its init size (a shifted init then moves W0)."""
     def judge(factors, rows):
         step = {r["layer"]: r.get("quadratic_step", 0.0) for r in rows}
         at_W0, losses = cglora.real_decrease(model, layers, {n: (step[n] * B, A) for n, (B, A) in factors.items()},
                                              heldout, REAL_SCALES)
+        at_init = cglora.real_decrease(model, layers, factors, heldout, (1.0,))[1][1.0]
         best = min(losses, key=losses.get)
         predicted = sum(r.get("insample") or 0.0 for r in rows)
         record["real"] = dict(real_loss_at_W0=at_W0, real_losses=losses, real_best_scale=best,
-                              real_decrease=at_W0 - losses[best], predicted_decrease=predicted,
-                              real_examples=sum(len(b["labels"]) for b in heldout))
+                              real_decrease=at_W0 - losses[best], real_loss_at_init=at_init,
+                              predicted_decrease=predicted, real_examples=sum(len(b["labels"]) for b in heldout))
         log(f"real loss check on {record['real']['real_examples']} held-out examples: {at_W0:.4f} at W0, "
             f"{losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease of {at_W0 - losses[best]:.4f}"
             + (f"; the calibration model predicts {predicted:.3g} ({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)"
-               if predicted else ""))
+               if predicted else "") + f"; at the init's own size {at_init:.4f}, a decrease of {at_W0 - at_init:.2g}")
     return judge
 
 
