@@ -796,7 +796,7 @@ def early_report():
     for (task, opt, head, steps), rs in sorted(groups.items()):
         methods = [m for m in EARLY_METHODS if any(r["method"] == m for r in rs)]
         by = {m: [r for r in rs if r["method"] == m and (opt == "adamw" or steps == EARLY_STEPS)] for m in methods}
-        if steps != EARLY_STEPS:  # the SGD rate probe: one line per (method, rate)
+        if opt == "sgd" and steps != EARLY_STEPS:  # the SGD rate probe: one line per (method, rate)
             text.append(f"\n{task}, {opt} rate probe ({steps} steps, seed 0): mean train loss over steps 51-100 — "
                         + "; ".join(f"{r['method']} {r['lr']:g}: {window(r['train_loss'], 51, 100):.4f}"
                                     for r in sorted(rs, key=lambda r: (EARLY_METHODS.index(r["method"]), r["lr"]))))
@@ -808,7 +808,7 @@ def early_report():
                  + (" (the head trained alone first: 300 steps of 32, lr 10⁻³, on the frozen features)" if head == "probe"
                     else "") + ":\n",
                  "| method | rate | real decrease at init | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | "
-                 f"dev loss 0 | 50 | 100 | 300 | dev {main} {per_epoch} (epoch 1) | {steps} |",
+                 f"dev loss 0 | 50 | 100 | {steps} | dev {main} {per_epoch} (epoch 1) | {steps} |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             rr = by[m]
@@ -826,7 +826,7 @@ def early_report():
         if base:  # paired by seed: the same calibration, data order and dropout draws up to the init's effect
             text += ["\nThe same runs minus rsLoRA's on the same seed (mean ± standard error of the per-seed differences; "
                      "last row: CG-LoRA minus LoRA-One):\n",
-                     "| method | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | dev loss 0 | 50 | 100 | 300 | "
+                     f"| method | train loss 1-20 | 41-60 | 91-110 | 181-200 | 281-300 | dev loss 0 | 50 | 100 | {steps} | "
                      f"dev {main} {per_epoch} | {steps} |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             pairs = [(m, m, base) for m in methods if m != "rslora"]
             pairs += [("cg-lora − lora-one", "cg-lora", seeds(rs, "lora-one"))] if {"cg-lora", "lora-one"} <= set(methods) else []
