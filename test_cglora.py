@@ -3036,6 +3036,14 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     assert "| dev pearson 179 (epoch 1) | 300 |" in readme and "results/early_curves_sts-b.svg" in readme
     assert "sts-b train loss" in (tmp_path / "results" / "early_curves_sts-b.svg").read_text()
     assert "cg-lora (2)" in (tmp_path / "results" / "early_curves_cola.svg").read_text()  # cola's unchanged
+    with open(run.EARLY, "a") as f:  # a whole budget under 300 steps (MRPC's 228): a table, not the SGD rate probe's line
+        f.write(json.dumps(dict(first, task="mrpc", steps=228, train_loss=[0.5] * 228,
+                                moves={str(k): v for k, v in zip((*run.MOVES, 228), first["moves"].values())},
+                                evals=[dict(step=s, f1=0.8, loss=0.5) for s in (0, 50, 100, 114, 200, 228)])) + "\n")
+    run.early_report()
+    readme = (tmp_path / "README.md").read_text()
+    assert "**mrpc, AdamW, fresh head**" in readme and "rate probe" not in readme
+    assert "| dev loss 0 | 50 | 100 | 228 | dev f1 114 (epoch 1) | 228 |" in readme
 
 
 # ============================================================================ adapters in other code: peft, transformers

@@ -9,8 +9,9 @@
     python results/run.py realloss-report  # its README table (results/realloss.jsonl)
     python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
     python results/run.py early --tasks sts-b --seeds 0,1,2,3,4 --methods rslora,lora-one,cg-lora   # and on STS-B
-    python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora   # head trained first
-    python results/run.py early-sgd --tasks cola --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
+    python results/run.py early --tasks cola,sts-b --heads probe --methods rslora,lora-one,cg-lora   # head trained first
+    python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
+    python results/run.py early-sgd --tasks cola,sts-b --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
@@ -788,8 +789,8 @@ def early_report():
     tasks = " and ".join(sorted({r["task"] for r in rows}))
     text = [f"`python results/run.py early-report` over {len(rows)} rows of `results/early.jsonl`; each row's "
             f"command is in it. {tasks}, all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, "
-            "16×8 calibration examples) and each method's grid rate; the first steps of the grid's 2-epoch "
-            "schedule. Mean ± standard error over seeds (number of seeds)."]
+            "16×8 calibration examples) and each method's grid rate; the grid's 2-epoch schedule, its first "
+            f"{EARLY_STEPS} steps or all of it where it is shorter. Mean ± standard error over seeds (number of seeds)."]
     groups = {}
     for r in rows:
         groups.setdefault((r["task"], r["optimizer"], r["head"], r["steps"]), []).append(r)
