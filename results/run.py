@@ -796,7 +796,7 @@ def early_report():
         groups.setdefault((r["task"], r["optimizer"], r["head"], r["steps"]), []).append(r)
     for (task, opt, head, steps), rs in sorted(groups.items()):
         methods = [m for m in EARLY_METHODS if any(r["method"] == m for r in rs)]
-        by = {m: [r for r in rs if r["method"] == m and (opt == "adamw" or steps == EARLY_STEPS)] for m in methods}
+        by = {m: [r for r in rs if r["method"] == m] for m in methods}
         if opt == "sgd" and steps != EARLY_STEPS:  # the SGD rate probe: one line per (method, rate)
             text.append(f"\n{task}, {opt} rate probe ({steps} steps, seed 0): mean train loss over steps 51-100 — "
                         + "; ".join(f"{r['method']} {r['lr']:g}: {window(r['train_loss'], 51, 100):.4f}"
@@ -840,7 +840,7 @@ def early_report():
         if head == "probe" and fresh:  # item 3: what the warm-up did to each method, paired by seed
             warmed = lambda m, f: paired(m, f, seeds(fresh, m))  # noqa: E731
             text += ["\nHead first minus fresh head, same method and seed:\n",
-                     f"| method | train loss 281-300 | dev loss 0 | 50 | 300 | dev {main} {per_epoch} | {steps} |",
+                     f"| method | train loss 281-300 | dev loss 0 | 50 | {steps} | dev {main} {per_epoch} | {steps} |",
                      "|---|---|---|---|---|---|---|"]
             for m in methods:
                 text.append(f"| {m} | {warmed(m, lambda r: window(r['train_loss'], 281, 300))} | "
