@@ -6,6 +6,7 @@ LoRA layer -> K-FAC statistics (§2) -> whitening (§3) -> top-r SVD -> balanced
 function that writes an initialisation into a model (§5).
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -285,28 +286,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     generator = generator or torch.Generator().manual_seed(0)
     distributed = _distributed()
     proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
     n, share, names, pending = [0] * folds, {}, list(layers), 0
-
-    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
-        if not torch.is_grad_enabled() or inputs[0].requires_grad:
-            return None
-        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
-        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
-        return (alias[key][1],) + tuple(inputs[1:])
-
-    def hook(name):
-        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
-
-    handles = [h for name, m in layers.items()
-               for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook(name)))]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
+    with _recording(model, layers) as (seen, alias):
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
@@ -329,13 +311,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             ys, n_b = [seen[name][1] for name in names], int(getattr(loss, "terms", len)(labels))
             seen.clear()
             alias.clear()
-            labels = labels.to(out.device)
-            delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
-                                        retain_graph=fisher == "sampled")
-            delta_T = [None] * len(names)
-            if fisher == "sampled":
-                sampled = loss.sample(out, labels, generator)
-                delta_T = torch.autograd.grad(loss(out, sampled), ys, allow_unused=True)
+            delta, delta_T = _output_gradients(loss, out, labels.to(out.device), ys, fisher, generator)
             for key, rows in x.items():
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
             for name, y, d, d_T in zip(names, ys, delta, delta_T):
@@ -352,13 +328,49 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 pending = 0
         for s in (s for fold in sums for s in fold):
             s.flush()
+    return _normalise(sums, n, share, names, distributed)
+
+
+@contextlib.contextmanager
+def _recording(model, layers):
+    """While open, the model is frozen and in eval mode, and each of `layers` records its (input,
+    output) in `seen`, the caller clearing it and `alias` per batch; all restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
+
+    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
+        if not torch.is_grad_enabled() or inputs[0].requires_grad:
+            return None
+        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
+        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
+        return (alias[key][1],) + tuple(inputs[1:])
+
+    def hook(name):
+        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
+
+    handles = [h for name, m in layers.items()
+               for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook(name)))]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield seen, alias
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    return _normalise(sums, n, share, names, distributed)
+
+
+def _output_gradients(loss, out, labels, ys, fisher, generator):
+    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
+    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
+    delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True, retain_graph=fisher == "sampled")
+    if fisher != "sampled":
+        return delta, [None] * len(ys)
+    return delta, torch.autograd.grad(loss(out, loss.sample(out, labels, generator)), ys, allow_unused=True)
 
 
 def _distributed():
@@ -739,24 +751,10 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
     if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
-    shift = method in SHIFTED
-    diagnostics, distributed = {}, data and _distributed()
-    proc = torch.distributed.get_rank() if distributed else 0
-    mine = list(layers)  # the layers this process factorizes: under torch.distributed, those it owns
+    shift, distributed = method in SHIFTED, data and _distributed()
+    mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
     if data:
-        if stats is None or (missing := [n for n in layers if n not in stats]):
-            raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs statistics for them")
-        mine = [n for n in layers if stats[n].owner == proc]
-        for name in mine:
-            if not all(torch.isfinite(X).all() for f in stats[name].folds for X in f[:3]):
-                raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                                 "calibration data and loss (run the model in fp32)")
-        if all(len(stats[name].folds) >= 2 for name in mine):
-            damping, diagnostics = diagnose(method, {n: stats[n] for n in mine},
-                                            {n: layers[n].rank for n in mine}, damping, grid)
-        elif cg and damping == "auto":
-            raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
-                             "with folds >= 2 (the default), or pass a number")
+        mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
         + (f", damping {damping:g}" if cg else ""))
     report, counted, chosen = [], set(), {}
@@ -822,6 +820,26 @@ def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, d
     curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s for dW = s B A
     row["quadratic_step"] = (-(B * (st.G @ A.T)).sum() / curvature).item() if curvature > 0 else 0.0
     return (B, A), row
+
+
+def _checked_and_diagnosed(method, layers, stats, damping, grid):
+    """A data-driven init's statistics, checked: the layers this process factorizes (under
+    torch.distributed, those it owns), and with folds the damping diagnose chose and its
+    diagnostics (§8); without folds, the damping given and none."""
+    proc = torch.distributed.get_rank() if _distributed() else 0
+    if stats is None or (missing := [n for n in layers if n not in stats]):
+        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs statistics for them")
+    mine = [n for n in layers if stats[n].owner == proc]
+    for name in mine:
+        if not all(torch.isfinite(X).all() for f in stats[name].folds for X in f[:3]):
+            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
+                             "calibration data and loss (run the model in fp32)")
+    if all(len(stats[name].folds) >= 2 for name in mine):
+        return mine, *diagnose(method, {n: stats[n] for n in mine}, {n: layers[n].rank for n in mine}, damping, grid)
+    if method.startswith("cg-lora") and damping == "auto":
+        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
+                         "with folds >= 2 (the default), or pass a number")
+    return mine, damping, {}
 
 
 # ----------------------------------------------------------------------------- §8.2 the real loss
