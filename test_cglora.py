@@ -3044,6 +3044,9 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     readme = (tmp_path / "README.md").read_text()
     assert "**mrpc, AdamW, fresh head**" in readme and "rate probe" not in readme
     assert "| dev loss 0 | 50 | 100 | 228 | dev f1 114 (epoch 1) | 228 |" in readme
+    # a diverged run (nan) is counted, not averaged into the others
+    assert run.mean_se([1.0, 3.0, float("nan")]) == "2.000 ± 1.000 (2; 1 diverged)"
+    assert run.mean_se([0.5, float("inf")], 2) == "0.50 (1; 1 diverged)" and run.mean_se([math.nan]) == "— (1 diverged)"
 
 
 # ============================================================================ adapters in other code: peft, transformers

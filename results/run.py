@@ -704,13 +704,15 @@ def sgd_rates(task, methods, pretrained, seeds=(0,), steps=100):
             for m in methods}
 
 
-def mean_se(xs, digits=3):  # mean ± standard error (n)
+def mean_se(xs, digits=3):  # mean ± standard error (n) of the finite values; a diverged run's nan is counted apart
     xs = [x for x in xs if x is not None]
+    bad = sum(not math.isfinite(x) for x in xs)
+    xs, diverged = [x for x in xs if math.isfinite(x)], f"; {bad} diverged" if bad else ""
     if not xs:
-        return "—"
+        return f"— ({bad} diverged)" if bad else "—"
     if len(xs) == 1:
-        return f"{xs[0]:.{digits}f} (1)"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.{digits}f} ({len(xs)})"
+        return f"{xs[0]:.{digits}f} (1{diverged})"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.{digits}f} ({len(xs)}{diverged})"
 
 
 def window(losses, a, b):  # mean train loss over steps a..b (1-based, inclusive)
