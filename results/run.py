@@ -8,10 +8,11 @@
     python results/run.py realloss --tasks cola,sts-b --heads fresh,probe   # q under 3 curvatures vs the real loss
     python results/run.py realloss-report  # its README table (results/realloss.jsonl)
     python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
-    python results/run.py early --tasks sts-b --seeds 0,1,2,3,4 --methods rslora,lora-one,cg-lora   # and on STS-B
+    python results/run.py early --tasks sts-b --seeds 0,1,2,3,4   # and on STS-B
     python results/run.py early --tasks cola,sts-b --heads probe --methods rslora,lora-one,cg-lora   # head trained first
+    python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora --seeds 3,4   # CoLA's 5 seeds
     python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
-    python results/run.py early-sgd --tasks cola,sts-b --seeds 0 --methods rslora,lora-one,cg-lora   # SGD, its own rate
+    python results/run.py early-sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
