@@ -11,6 +11,7 @@
     python results/run.py early --tasks sts-b --seeds 0,1,2,3,4   # and on STS-B
     python results/run.py early --tasks cola,sts-b --heads probe --methods rslora,lora-one,cg-lora   # head trained first
     python results/run.py early --tasks cola --heads probe --methods rslora,lora-one,cg-lora --seeds 3,4   # CoLA's 5 seeds
+    python results/run.py early --tasks sts-b --heads probe --methods rslora,lora-one,cg-lora --seeds 3   # STS-B's 4th
     python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
     python results/run.py early-sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
