@@ -288,15 +288,14 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
     n, share, names, pending = [0] * folds, {}, list(layers), 0
-    with _recording(model, layers) as (seen, alias):
+    with _recording(model, layers) as (seen, reset):
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
             if progress:
                 progress(i)
             labels = _labels(batch, i)
-            seen.clear()
-            alias.clear()
+            reset()
             out = model(**{k: v for k, v in batch.items() if k != "labels"})
             out = getattr(out, "logits", out)
             missing = [name for name in names if name not in seen]
@@ -309,8 +308,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             keep = None if keep is None else keep.bool()
             x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
             ys, n_b = [seen[name][1] for name in names], int(getattr(loss, "terms", len)(labels))
-            seen.clear()
-            alias.clear()
+            reset()  # the batch's activations are in x and ys now
             delta, delta_T = _output_gradients(loss, out, labels.to(out.device), ys, fisher, generator)
             for key, rows in x.items():
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
@@ -334,7 +332,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
 @contextlib.contextmanager
 def _recording(model, layers):
     """While open, the model is frozen and in eval mode, and each of `layers` records its (input,
-    output) in `seen`, the caller clearing it and `alias` per batch; all restored on exit."""
+    output) of the current forward pass in `seen`; reset() forgets them and the input aliases (call it
+    per batch). All restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
@@ -355,7 +354,7 @@ def _recording(model, layers):
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        yield seen, alias
+        yield seen, lambda: (seen.clear(), alias.clear())
     finally:
         for h in handles:
             h.remove()
