@@ -5,7 +5,7 @@
     python bench.py --shape tiny --repeats 1         # seconds: the smoke test
     python bench.py --pretrained DIR                 # a Hugging Face checkpoint directory
     python bench.py --shape llama-2048 --tokenizer DIR   # a Llama-style decoder, all 7 linear targets
-    python bench.py --tokenizer DIR --nproc 2        # also the cg-lora init as 2 torchrun processes (gloo)
+    python bench.py --tokenizer DIR --nproc 2        # also the cg-lora init as 2 torchrun processes
     OMP_NUM_THREADS=1 python bench.py --tokenizer DIR --cpu_time   # CPU seconds: on a CPU other jobs share
     OMP_NUM_THREADS=1 python bench.py --routes 768,2048,5632 --cpu_time   # the damping choice's two routes, per width
 
@@ -114,11 +114,16 @@ def floor_pass(model, batches, loss=cglora._loss):
 
 def measure(name, args):
     device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.type == "cuda":  # torchrun: one GPU each
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(0)
     build, build_hf, calib, train, loss = setup(args, device)
     clock = time.process_time if args.cpu_time else time.perf_counter
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's calibration batches (train.py's)
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
         calib = calib[torch.distributed.get_rank()::torch.distributed.get_world_size()]
     llama = args.shape.startswith("llama")
     targets = LLAMA_TARGETS if llama else ALL if args.targets == "all" else args.targets

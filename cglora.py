@@ -7,6 +7,7 @@ function that writes an initialisation into a model (§5).
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -124,12 +125,25 @@ def lora_state_dict(model):
             B, A = m.lora_B.detach(), m.lora_A.detach()
             if m.lora_A0.any():  # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
                 B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
-            out[f"base_model.model.{name}.lora_A.weight"] = A.clone()
-            out[f"base_model.model.{name}.lora_B.weight"] = B.clone()
+            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
+            out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
     return out
 
 
 # ----------------------------------------------------------------------------- §2 statistics
+
+
+def _fp32(f):
+    """f with autocast off where the caller has it on (CPU, CUDA): statistics and factorizations
+    stay fp32 (§2) inside a bf16 training step."""
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for kind in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(kind):
+                    stack.enter_context(torch.autocast(kind, enabled=False))
+            return f(*args, **kwargs)
+    return wrapped
 
 
 def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [batch, dim] stays
@@ -193,6 +207,7 @@ class _Sums:
         self.count[key] = self.count.get(key, 0) + a.shape[0]
 
     @torch.no_grad()
+    @_fp32
     def flush(self):
         for key, pairs in self.rows.items():
             a = torch.cat([p[0] for p in pairs]).to(self.device)
@@ -486,6 +501,7 @@ def _balanced_factors(M, L_T, L_S, rank, step, scaling, tol=None):
     return B, A, sigma
 
 
+@_fp32
 def cg_lora_factors(G, S, T, rank, damping=1e-2, step=1.0, scaling=1.0):
     """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step.
 
@@ -515,11 +531,11 @@ def balance(B, A, P=None, Q=None):
 # ----------------------------------------------------------------------------- §6 baselines
 
 
-def lora_factors(d_out, d_in, rank, generator=None):
-    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0."""
+def lora_factors(d_out, d_in, rank, generator=None, device=None):
+    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0; drawn on the CPU, then on `device`."""
     generator = generator or torch.Generator().manual_seed(0)
     A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) / math.sqrt(d_in)
-    return torch.zeros(d_out, rank), A
+    return torch.zeros(d_out, rank, device=device), A.to(device)
 
 
 def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
@@ -576,8 +592,11 @@ def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
     spectra where the subspace itself converges slowly. O(d^2 r) an iteration. Also returns the
     block (d_in x 2r) to warm-start a nearby matrix; the first start is a seeded random block."""
     p = min(2 * rank, *M.shape)
-    V = start if start is not None else torch.linalg.qr(torch.randn(
-        M.shape[1], p, generator=generator or torch.Generator().manual_seed(0), dtype=M.dtype)).Q
+    if start is None:  # drawn by a CPU generator, then moved: one seed, one block on any device
+        start = torch.randn(M.shape[1], p, generator=generator or torch.Generator().manual_seed(0),
+                            dtype=M.dtype).to(M.device)
+        start = torch.linalg.qr(start).Q
+    V = start
     energy = None
     for _ in range(max_iters):
         Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
@@ -722,6 +741,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
         layer.base.weight.copy_((layer.base.weight.float() - offset).to(layer.base.weight.dtype))
 
 
+@_fp32
 def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
@@ -761,7 +781,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         t0 = time.perf_counter()
         row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
-        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator)
+        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator, layer.base.weight.device)
         if data:
             st = stats.pop(name)
             for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer

@@ -6,6 +6,7 @@ $TOKENIZERS_DIR/all-minilm-l6-v2 (those tests skip when unset); Hugging Face par
 transformers. No test reaches the network.
 """
 import ast
+import contextlib
 import copy
 import dataclasses
 import http.server
@@ -25,9 +26,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cglora
 import data
+import models
 import train
 from cglora import (LoRALinear, add_lora, balance, cg_lora_factors, collect_statistics,
                     init_adapters, lora_state_dict, top_svd)
@@ -1182,6 +1186,151 @@ def test_causal_lm_on_transformers_llama_G_is_its_loss_gradient_and_cg_lora_init
                                _token_batches(seed=3, sizes=(2, 3), vocab=50, length=9), loss=cglora.causal_lm_loss)
     report = init_adapters(adapters, "cg-lora", stats, log=lambda *a: None)
     assert len(report) == 8 and all(r["captured"] > 0 and r["fallback"] is None for r in report)
+
+
+# ============================================================================ cglora.py: devices
+# No GPU runs these tests. _Accelerator stands in for one: real CPU data that reports another
+# device and refuses, as CUDA does, any op that meets tensors of two devices (CPU scalars apart) and
+# a random draw on it from a CPU generator.
+
+
+class _OnAccelerator(torch.Tensor):
+    """A CPU tensor that says it lives on the accelerator (device "meta": torch has no CUDA here)."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(),
+            dtype=elem.dtype, layout=elem.layout, device=_ACCELERATOR, requires_grad=elem.requires_grad)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        seen = set()
+
+        def unwrap(x):
+            if isinstance(x, _OnAccelerator):
+                seen.add("accelerator")
+                return x.elem
+            if isinstance(x, torch.Tensor) and x.dim() > 0:  # CUDA accepts CPU scalars, nothing else
+                seen.add(str(x.device))
+            return x
+
+        args, kwargs = pytree.tree_map(unwrap, (args, kwargs or {}))
+        if len(seen) > 1:
+            raise RuntimeError(f"{func}: expected all tensors to be on the same device, got {seen}")
+        if func is torch.ops.aten._to_copy.default:
+            if torch.device(kwargs.pop("device", _ACCELERATOR)).type == "cpu":
+                return func(*args, **kwargs)  # .cpu(): a plain tensor again
+        out = func(*args, **kwargs)
+        return pytree.tree_map(lambda x: cls(x) if isinstance(x, torch.Tensor) else x, out)
+
+
+_ACCELERATOR = torch.device("meta")
+
+
+class _Accelerator(TorchDispatchMode):
+    """While active, tensors made or moved to _ACCELERATOR are _OnAccelerator (real data)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is None or torch.device(device) != _ACCELERATOR or any(
+                isinstance(x, _OnAccelerator) for x in args):
+            return func(*args, **kwargs)
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device != _ACCELERATOR:
+            raise RuntimeError(f"{func}: a {generator.device} generator draws on its own device only")
+        return _OnAccelerator(func(*args, **dict(kwargs, device="cpu")))
+
+
+def _on_accelerator(x):
+    return isinstance(x, _OnAccelerator)
+
+
+def test_the_accelerator_stand_in_refuses_what_cuda_refuses():
+    with _Accelerator():
+        x = torch.ones(2, 3).to(_ACCELERATOR)
+        assert _on_accelerator(x) and x.device == _ACCELERATOR and (x * 2).sum().item() == 12
+        assert _on_accelerator(x + torch.tensor(1.0))  # a CPU scalar is fine
+        with pytest.raises(RuntimeError, match="same device"):
+            x @ torch.ones(3, 2)
+        with pytest.raises(RuntimeError, match="generator"):
+            torch.randn(3, generator=torch.Generator().manual_seed(0), device=_ACCELERATOR)
+        assert not _on_accelerator(x.cpu()) and x.cpu().sum().item() == 6
+
+
+def test_top_r_and_the_factor_routines_keep_an_accelerator_matrix_there():
+    """Issue 31's crash: top_r drew its start block on the CPU and met M on the GPU. (torch's
+    FakeTensorMode reproduces it too, but on a CPU-only torch it cannot run an SVD, nor move a
+    tensor, on a fake CUDA device: hence the stand-in.)"""
+    g = torch.Generator().manual_seed(0)
+    G, S, T = torch.randn(12, 10, generator=g), _spd(10, 1, torch.float32), _spd(12, 2, torch.float32)
+    with _Accelerator():
+        G_, S_, T_ = (X.to(_ACCELERATOR) for X in (G, S, T))
+        B, A, sigma = cglora.cg_lora_factors(G_, S_, T_, 3)
+        made = [*cglora.top_r(G_, 4), *cglora.lora_ga_factors(G_, 2), *cglora.lora_one_factors(G_, 2),
+                *cglora.whiten(G_, S_, T_), B, A, sigma, *cglora.balance(B, A),
+                *cglora.lora_factors(12, 10, 4, device=G_.device)]
+    assert all(_on_accelerator(X) for X in made)
+    B_cpu, A_cpu, _ = cglora.cg_lora_factors(G, S, T, 3)  # the same step as on the CPU
+    torch.testing.assert_close(B.elem @ A.elem, B_cpu @ A_cpu)
+
+
+def _init_and_step(method, on_accelerator, **kw):
+    """Statistics, init and one AdamW step, on the CPU or the stand-in accelerator. Returns the
+    tensors made (statistics, parameters, buffers) and the step's loss."""
+    stats_kw = {k: kw.pop(k) for k in ("fisher", "folds") if k in kw}
+    move = (lambda x: x.to(_ACCELERATOR)) if on_accelerator else (lambda x: x)
+    with _Accelerator() if on_accelerator else contextlib.nullcontext():
+        model = move(_model())
+        layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, trainable=["head"])
+        batches = [{k: move(v) for k, v in b.items()} for b in _batches(sizes=(3, 2, 4, 2))]
+        stats = None if method in ("lora", "rslora") else collect_statistics(
+            model, {n: m.base for n, m in layers.items()}, batches, **stats_kw)
+        made = [X for st in (stats or {}).values() for f in st.folds for X in f[:3]]
+        init_adapters(layers, method, stats, log=lambda *a: None, **kw)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+        loss = cglora._loss(model(**inputs), batches[0]["labels"])
+        loss.backward()
+        opt.step()
+        return made + list(model.parameters()) + list(model.buffers()), loss.item()
+
+
+@pytest.mark.parametrize("method,kw", [(m, {}) for m in cglora.METHODS]
+                         + [("cg-lora", dict(damping="auto", folds=2)),
+                            ("cg-lora", dict(fisher="sampled", damping=0.1)),
+                            ("lora-one", dict(folds=2))])
+def test_every_init_and_a_training_step_stay_on_the_accelerator(method, kw):
+    """Statistics, every method's init (the damping search and diagnostics too) and a step on an
+    accelerator: no op meets two devices, every tensor made lives with the model, and the random
+    draws are the CPU's (the same seed gives the same loss)."""
+    made, loss = _init_and_step(method, True, **kw)
+    assert all(_on_accelerator(X) for X in made)
+    assert loss == _init_and_step(method, False, **kw)[1]
+
+
+@pytest.mark.parametrize("flush_rows", [1, 10 ** 6])
+def test_statistics_are_fp32_under_autocast(monkeypatch, flush_rows):
+    """A caller's bf16 autocast reaches the statistics pass: the sums stay fp32 whether they are
+    flushed many times (flush_rows=1) or once, and the init still runs."""
+    monkeypatch.setattr(cglora, "FLUSH_ROWS", flush_rows)
+    model = _model()
+    layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4)
+    bases = {n: m.base for n, m in layers.items()}
+    with torch.autocast("cpu", torch.bfloat16):
+        stats = collect_statistics(model, bases, _batches(), folds=1)
+        init_adapters(layers, "cg-lora", stats, damping=0.1, log=lambda *a: None)
+    exact = collect_statistics(model, bases, _batches(), folds=1)
+    for name, st in stats.items():
+        for X, Y in zip(st.folds[0][:3], exact[name].folds[0][:3]):
+            assert X.dtype == torch.float32
+            torch.testing.assert_close(X, Y, rtol=0.1, atol=0.05 * Y.abs().max().item())
 
 
 # ============================================================================ models.py
@@ -2744,6 +2893,53 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, messa
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_on_gpus_puts_each_process_on_its_own_gpu_with_nccl(tmp_path, monkeypatch):
+    """Under torchrun on a CUDA machine (simulated: no GPU here) rank 1 takes cuda:1 as its current
+    device and nccl with device_id, --device auto included; without CUDA, the CPU and gloo."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    for flag in ("cuda", "auto"):
+        calls.clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        run = train.start(train.Config(device=flag, out=str(tmp_path / flag)))[0]
+        gpu = torch.device("cuda", 1)
+        assert run.device == gpu and run.rank == 1
+        assert calls == [("set_device", gpu), ("init", ("nccl",), dict(device_id=gpu))]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.start(train.Config(out=str(tmp_path / "cpu")))[0].device == torch.device("cpu")
+    assert calls == [("init", ("gloo",), dict(device_id=None))]
+
+
+def test_resume_says_which_random_states_it_restored(monkeypatch):
+    cpu = torch.get_rng_state()
+    expected = torch.rand(3)
+    cuda = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: cuda.append(d))
+    assert train.restore_rng([cpu], torch.device("cpu")) == "resume: restored the CPU random state"
+    assert torch.equal(torch.rand(3), expected)  # restored indeed
+    assert "CUDA state is unused" in train.restore_rng([cpu, cpu], torch.device("cpu")) and not cuda
+    assert "draws start afresh" in train.restore_rng([cpu], torch.device("cuda", 0)) and not cuda
+    assert "CPU and CUDA" in train.restore_rng([cpu, cpu], torch.device("cuda", 0))
+    assert cuda == [torch.device("cuda", 0)]
+
+
+def test_exports_of_a_model_on_an_accelerator_hold_cpu_tensors(tmp_path):
+    """adapter_init.bin, adapter_model.bin and merged.pt load with a plain torch.load anywhere."""
+    cfg = train.Config(init="cg-lora", rank=2, alpha=4)
+    with _Accelerator():
+        model = models.Encoder(models.tiny_config(30, 2)).to(_ACCELERATOR)
+        cglora.add_lora(model, ["query", "value"], 2, 4, rslora=True, trainable=train.trainable_modules(cfg))
+        exports = [cglora.lora_state_dict(model), train.merged_state_dict(cfg, model)]
+        train.adapter_files(cfg, model, tmp_path)
+    exports.append(torch.load(tmp_path / "adapter_model.bin"))
+    for state in exports:
+        assert state and all(type(v) is torch.Tensor and v.device.type == "cpu" for v in state.values())
 
 
 # ============================================================================ bench.py

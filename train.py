@@ -325,7 +325,7 @@ def adapter_files(cfg, model, out, name="adapter_model.bin"):
     for key, value in model.state_dict().items():
         if key.split(".")[0] in trainable_modules(cfg):  # peft's modules_to_save: HF's classifier and BERT's
             module, _, param = key.rpartition(".")  # pooler whole, our head.* one by one (a ModuleDict)
-            state[f"base_model.model.{rename(module)}.{param}"] = value.clone()
+            state[f"base_model.model.{rename(module)}.{param}"] = value.to("cpu", copy=True)
             head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
                      else module)
     torch.save(state, out / name)
@@ -345,7 +345,8 @@ def merged_state_dict(cfg, model):
     for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
             state[f"{name}.base.weight"] = m.base.weight.detach() + m.delta_weight().detach()
-    return {rename(k.replace(".base.", ".")): v.clone() for k, v in state.items() if ".lora_" not in k}
+    return {rename(k.replace(".base.", ".")): v.to("cpu", copy=True) for k, v in state.items()
+            if ".lora_" not in k}
 
 
 def rng_states(device, world):
@@ -487,14 +488,22 @@ class Run:
             print(*args)
 
 
+def placement(device_flag):
+    """(torch.distributed backend, device) of this process: on CUDA (--device cuda, or auto on a
+    machine that has one) the GPU torchrun's LOCAL_RANK names and nccl, else the CPU and gloo."""
+    if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
+        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return "gloo", torch.device("cpu")
+
+
 def start(cfg):
     """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts torchrun's group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    backend, device = placement(cfg.device)
+    if device.type == "cuda":  # the current device, where nccl's collectives run: this process's GPU
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    index = int(os.environ.get("LOCAL_RANK", 0)) if cuda and world > 1 else None  # torchrun: this process's GPU
-    device = torch.device("cuda" if cuda else "cpu", index)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     out = Path(cfg.out)
     run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
     clear = None if cfg.resume else new_run(cfg, out)
@@ -566,10 +575,24 @@ def optimisation(run, model, n_train, ck):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(states[0])
-        if run.device.type == "cuda" and len(states) > 1:
-            torch.cuda.set_rng_state(states[1], run.device)
+        run.log(restore_rng(states, run.device))
     return opt, sched, per_epoch, total
+
+
+def restore_rng(states, device):
+    """Set this process's random states from its rng_states() entry; returns the line that says
+    which were restored (a run resumed on another kind of device cannot restore dropout's draws)."""
+    torch.set_rng_state(states[0])
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+        return "resume: restored the CPU and CUDA random states"
+    if device.type == "cuda":
+        return ("resume: restored the CPU random state; the checkpoint was written on the CPU, so the "
+                "GPU's (dropout's) draws start afresh")
+    if len(states) > 1:
+        return ("resume: restored the CPU random state; the checkpoint's CUDA state is unused here, so "
+                "dropout's draws differ from the run's on the GPU")
+    return "resume: restored the CPU random state"
 
 
 def schedule(opt, total, warmup):
