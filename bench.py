@@ -9,12 +9,14 @@
     OMP_NUM_THREADS=1 python bench.py --tokenizer DIR --cpu_time   # CPU seconds: on a CPU other jobs share
     OMP_NUM_THREADS=1 python bench.py --routes 768,2048,5632 --cpu_time   # the damping choice's two routes, per width
 
-cg-lora is the default init (damping auto: 7 damping values on 2 folds, plus the diagnostics);
-cg-lora-13 the same with a 13-value grid (x sqrt(10) steps: the per-lambda cost); cg-lora-fixed is
-the same at a fixed damping, whose diagnostics still cost 2 folds. The llama-* shapes are
-TinyLlama-1.1B's widths (2048: hidden 2048, MLP 5632, 32 heads, 4 key-value heads) and half of them
-(1024), with random weights, 2 blocks, causal-LM loss on the same sentences (transformers'
-LlamaForCausalLM, so they need transformers).
+cg-lora is the default init (one statistics pass, damping 1, one Cholesky per factor);
+cg-lora-auto the damping search and the §8 diagnostics (2 folds, 7 damping values; --auto off
+skips it); cg-lora-grouped the default in groups under --budget_mib of statistics (init_in_groups,
+one pass per group). Every row of a shape runs on one model class: transformers' RoBERTa (the
+roberta-base shapes: --targets all is all six linears of each block) or LlamaForCausalLM (the
+llama-* shapes, TinyLlama-1.1B's widths: 2048 = hidden 2048, MLP 5632, 32 heads, 4 key-value
+heads, and half of them, 1024; 2 blocks; causal-LM loss), with random weights; --shape tiny is
+our encoder (the smoke test, no peers).
 
 Each measurement runs in a fresh process, so its CPU peak memory is that process's peak RSS;
 times are the median of --repeats runs after one warm-up, each on a freshly built model. The
@@ -24,6 +26,7 @@ when transformers and peft are installed.
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -45,7 +48,6 @@ LLAMA = {w: dict(vocab_size=50265, hidden_size=w, intermediate_size=w * 11 // 4,
                  num_attention_heads=w // 64, num_key_value_heads=4, max_position_embeddings=256)
          for w in (1024, 2048)}  # TinyLlama-1.1B: 2048 / 5632 / 32 heads / 4 kv heads
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-GRID_13 = tuple(10 ** (k / 2) for k in range(-6, 7))  # DAMPING_GRID's range at twice the density
 HF_TARGET = dict(query=r"attention\.self\.query", key=r"attention\.self\.key", value=r"attention\.self\.value",
                  attn_out=r"attention\.output\.dense", ffn_in=r"intermediate\.dense", ffn_out=r"output\.dense")
 
@@ -70,9 +72,11 @@ def setup(args, device):
         tok, hf_dir, loss = data.load_tokenizer(args.tokenizer), None, cglora.causal_lm_loss
         build = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
             **dict(LLAMA[int(args.shape[6:])], **blocks)))
-    else:
+    else:  # transformers' RoBERTa for every row: ours and the peers on one model class
+        import transformers
         tok, hf_dir = data.load_tokenizer(args.tokenizer), None
-        build = lambda: models.Encoder(models.config_from_hf(dict(ROBERTA_BASE, **blocks), 2))  # noqa: E731
+        build = lambda: transformers.RobertaForSequenceClassification(  # noqa: E731
+            transformers.RobertaConfig(**dict(ROBERTA_BASE, **blocks)))
 
     def build_hf():
         import transformers
@@ -80,8 +84,7 @@ def setup(args, device):
             return transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
         if args.shape == "tiny":
             raise SystemExit("peers need --shape roberta-base, llama-* or --pretrained")
-        return build() if llama else transformers.RobertaForSequenceClassification(
-            transformers.RobertaConfig(**dict(ROBERTA_BASE, **blocks)))
+        return build()
 
     def batches(n, size, offset=0):
         rows = [data.Example(t, None, i % 2) for i, t in enumerate(texts[offset:offset + n * size])]
@@ -125,11 +128,11 @@ def measure(name, args):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              device_id=device if device.type == "cuda" else None)
         calib = calib[torch.distributed.get_rank()::torch.distributed.get_world_size()]
-    llama = args.shape.startswith("llama")
+    llama, ours_class = args.shape.startswith("llama"), args.shape == "tiny" and not args.pretrained
     targets = LLAMA_TARGETS if llama else ALL if args.targets == "all" else args.targets
     hf_targets = (targets.split(",") if llama else
                   r".*encoder\.layer\.\d+\.(" + "|".join(HF_TARGET[t] for t in targets.split(",")) + ")")
-    head = [] if llama else ["head"]
+    head = [] if llama else ["head"] if ours_class else ["classifier"]
     parts = {}
 
     def fresh(hf=False):  # a new model for every repeat: inits mutate it
@@ -137,15 +140,28 @@ def measure(name, args):
         model.requires_grad_(False)
         return model
 
-    def ours_init(method, damping="auto", grid=cglora.DAMPING_GRID):
+    def our_targets(model):  # the full names of the target layers (hf_targets' on a transformers model)
+        if ours_class or llama:
+            return targets.split(",")
+        return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(hf_targets, n)]
+
+    def ours_init(damping=cglora.DAMPING, folds=1, budget_mib=None):
         model = fresh()
-        layers = cglora.add_lora(model, targets.split(","), 8, 16, rslora=cglora.RSLORA[method], trainable=head)
+        layers = cglora.add_lora(model, our_targets(model), 8, 16, rslora=True, trainable=head)
 
         def run():
+            if budget_mib is not None:  # the grouped path: statistics and factors per group
+                report, groups = cglora.init_in_groups(model, layers, calib, "cg-lora", budget_mib,
+                                                       dict(loss=loss), log=lambda *a: None)
+                size = {r["layer"]: r["statistics_mib"] for r in report}
+                parts.setdefault("passes", []).append(len(groups))
+                parts.setdefault("statistics_mib", []).append(max(sum(size[n] for n in g) for g in groups))
+                return
             t0 = clock()
-            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib, loss=loss)
+            stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib, loss=loss,
+                                              folds=folds)
             t1 = clock()
-            report = cglora.init_adapters(layers, method, stats, damping=damping, log=lambda *a: None, grid=grid)
+            report = cglora.init_adapters(layers, "cg-lora", stats, damping=damping, log=lambda *a: None)
             parts.setdefault("statistics", []).append(t1 - t0)
             parts.setdefault("factorization", []).append(clock() - t1)
             parts.setdefault("statistics_mib", []).append(sum(r["statistics_mib"] for r in report))
@@ -172,7 +188,7 @@ def measure(name, args):
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=hf_targets,
                                                                modules_to_save=None if llama else ["classifier"]))
         else:
-            cglora.add_lora(model, targets.split(","), 8, 16, trainable=head)
+            cglora.add_lora(model, our_targets(model), 8, 16, trainable=head)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -186,9 +202,8 @@ def measure(name, args):
         return run
 
     make = {"floor": lambda: (lambda m: lambda: floor_pass(m, calib, loss))(fresh()),
-            "cg-lora": lambda: ours_init("cg-lora"), "lora-ga": lambda: ours_init("lora-ga"),
-            "cg-lora-13": lambda: ours_init("cg-lora", grid=GRID_13),
-            "cg-lora-fixed": lambda: ours_init("cg-lora", damping=1.0),
+            "cg-lora": ours_init, "cg-lora-auto": lambda: ours_init("auto", folds=2),
+            "cg-lora-grouped": lambda: ours_init(budget_mib=args.budget_mib),
             "peft-lora-ga": peft_loraga,
             "frozen-step": lambda: (lambda m: lambda: floor_pass(m, train, loss))(fresh()),
             "our-step": train_step, "peft-step": lambda: train_step(hf=True)}[name]
@@ -273,6 +288,9 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, default=None, help="roberta-base / llama-*: this many blocks "
                    "(default: the shape's 12 / 2)")
     p.add_argument("--routes", default=None, help="only time the damping choice's two routes at these widths")
+    p.add_argument("--auto", choices=["on", "off"], default="on", help="also time damping auto + the diagnostics")
+    p.add_argument("--budget_mib", type=float, default=None, help="also time the grouped init (init_in_groups) "
+                   "under this statistics budget")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.routes:
@@ -285,9 +303,10 @@ def main(argv=None):
             print(json.dumps(result))
         return
     llama = args.shape.startswith("llama") and not args.pretrained
-    lean = llama or args.targets == "all"  # wide targets: the init and its peer only, for their time and memory
-    names = ["floor", "cg-lora"] if lean else ["floor", "cg-lora", "cg-lora-13", "cg-lora-fixed", "lora-ga",
-                                                "frozen-step", "our-step"]
+    lean = llama or args.targets == "all"  # wide targets: the inits only, for their time and memory
+    names = ["floor", "cg-lora"] + (["cg-lora-auto"] if args.auto == "on" else [])
+    names += ["cg-lora-grouped"] if args.budget_mib is not None else []
+    names += [] if lean else ["frozen-step", "our-step"]
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -308,38 +327,33 @@ def main(argv=None):
             sys.exit(f"bench {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     mem = "peak_mib" if args.device.startswith("cuda") else "peak_rss_mib"
-    r = results
-    ratios = {"cg-lora init / floor": r["cg-lora"]["seconds"] / r["floor"]["seconds"],
-              "cg-lora factorization / floor": r["cg-lora"]["factorization"] / r["floor"]["seconds"]}
-    if mem == "peak_rss_mib":  # what the init holds beyond the process before it, the model and the K folds
-        ratios["cg-lora working set, MiB"] = (r["cg-lora"][mem] - r["cg-lora"]["rss_before_mib"]
-                                              - r["cg-lora"]["model_mib"] - r["cg-lora"]["statistics_mib"])
+    r, ratios = results, {}
+    for name in ("cg-lora", "cg-lora-auto", "cg-lora-grouped", "peft-lora-ga"):
+        if name in r:
+            ratios[f"{name} / floor (time)"] = r[name]["seconds"] / r["floor"]["seconds"]
+    for name in ("cg-lora", "cg-lora-auto", "cg-lora-grouped"):
+        if name in r and peers:
+            ratios[f"{name} / peft-lora-ga (time)"] = r[name]["seconds"] / r["peft-lora-ga"]["seconds"]
+            ratios[f"{name} / peft-lora-ga (memory)"] = r[name][mem] / r["peft-lora-ga"][mem]
     if not lean:
-        ratios.update({
-            "13-value grid / 7-value grid (factorization)": r["cg-lora-13"]["factorization"] / r["cg-lora"]["factorization"],
-            "cg-lora init at a fixed damping / floor": r["cg-lora-fixed"]["seconds"] / r["floor"]["seconds"],
-            "our step / frozen forward+backward": r["our-step"]["seconds"] / r["frozen-step"]["seconds"]})
+        ratios["our step / frozen forward+backward"] = r["our-step"]["seconds"] / r["frozen-step"]["seconds"]
+        if peers:
+            ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     if args.nproc > 1:
         ratios[f"cg-lora factorization, {args.nproc} processes / 1"] = (r[f"cg-lora-x{args.nproc}"]["factorization"]
                                                                       / r["cg-lora"]["factorization"])
-    if peers:
-        ratios.update({"peft lora-ga init / floor": r["peft-lora-ga"]["seconds"] / r["floor"]["seconds"],
-                       "cg-lora init / peft lora-ga (time)": r["cg-lora"]["seconds"] / r["peft-lora-ga"]["seconds"],
-                       "cg-lora init / peft lora-ga (memory)": r["cg-lora"][mem] / r["peft-lora-ga"][mem]})
-        if not lean:
-            ratios["our step / hf+peft step"] = r["our-step"]["seconds"] / r["peft-step"]["seconds"]
     what = args.pretrained or args.shape
     print(f"{what}, targets {LLAMA_TARGETS if llama else args.targets}, {args.device}, calibration {args.calib_batches} x "
           f"{args.calib_batch_size}, training batch 32, median of {args.repeats}"
           + (", CPU seconds" if args.cpu_time else ""))
     print(f"{'measurement':<16}{'seconds':>10}{'stats s':>10}{'factor s':>10}{mem:>16}{'statistics MiB':>16}"
-          f"{'model MiB':>11}")
+          f"{'model MiB':>11}{'passes':>8}")
     for name, v in results.items():
         print(f"{name:<16}{v['seconds']:>10.4f}{v.get('statistics', float('nan')):>10.3f}"
               f"{v.get('factorization', float('nan')):>10.3f}{v[mem]:>16.0f}{v.get('statistics_mib', float('nan')):>16.0f}"
-              f"{v['model_mib']:>11.0f}")
+              f"{v['model_mib']:>11.0f}{v.get('passes', 1):>8.0f}")
     for k, v in ratios.items():
-        print(f"{k:<40}{v:>8.2f}")
+        print(f"{k:<44}{v:>8.2f}")
     if args.json:
         record = {k: (Path(v).name if k in ("tokenizer", "pretrained") and v else v) for k, v in vars(args).items()}
         Path(args.json).write_text(json.dumps(dict(args=record, results=results, ratios=ratios), indent=1))  # no machine paths

@@ -19,6 +19,7 @@ from torch import nn
 
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
 LORA_GA_GAMMA = 16  # LoRA-GA's "stable" scale: B, A times d_out^(1/4) / sqrt(gamma)
+DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
 
 # ----------------------------------------------------------------------------- LoRA layer
 
@@ -197,7 +198,9 @@ causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one ter
 
 class _Sums:
     """Running sums of a^T b over token rows, held on `device`. Rows wait until FLUSH_ROWS of them
-    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound."""
+    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound.
+    A symmetric sum a^T a (b=None) is updated in its lower block triangle only (GRAM_BLOCKS row
+    blocks: 5/8 of the work for 4) and mirrored by symmetric()."""
 
     def __init__(self, device=None):
         self.total, self.rows, self.count, self.device = {}, {}, {}, device
@@ -211,15 +214,30 @@ class _Sums:
     def flush(self):
         for key, pairs in self.rows.items():
             a = torch.cat([p[0] for p in pairs]).to(self.device)
-            b = a if pairs[0][1] is None else torch.cat([p[1] for p in pairs]).to(self.device)
-            if key in self.total:
-                self.total[key].addmm_(a.T, b)
-            else:
-                self.total[key] = a.T @ b
+            if key not in self.total:
+                d_b = a.shape[1] if pairs[0][1] is None else pairs[0][1].shape[1]
+                self.total[key] = a.new_zeros(a.shape[1], d_b)
+            if pairs[0][1] is not None:
+                self.total[key].addmm_(a.T, torch.cat([p[1] for p in pairs]).to(self.device))
+                continue
+            for i, j in _blocks(a.shape[1]):  # row block i..j of the lower triangle: a_i^T a_:j
+                self.total[key][i:j, :j].addmm_(a[:, i:j].T, a[:, :j])
         self.rows.clear()
 
+    def symmetric(self):  # each (Gram) sum's upper blocks from its lower ones
+        for total in self.total.values():
+            for i, j in _blocks(total.shape[0]):
+                total[i:j, j:] = total[j:, i:j].T
 
-FLUSH_ROWS = 128  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
+
+def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below 512: not worth it)
+    k = GRAM_BLOCKS if d >= 512 else 1
+    edges = [i * d // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
+GRAM_BLOCKS = 4
 
 
 class Fold(NamedTuple):
@@ -270,7 +288,7 @@ def _labels(batch, i):  # calibration batch i's labels, once it is checked to be
     return batch["labels"]
 
 
-def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2,
+def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=1,
                        device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
@@ -281,8 +299,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws T's labels with
     loss.sample(output, labels, generator). progress(i), if given, is called before batch i.
 
-    Returns {name: Statistics(folds)} in fp32, §2's S, G, T per fold (batch i in fold i mod folds,
-    for the damping choice of §8.1), the only copies held; layers fed one input tensor share its S.
+    Returns {name: Statistics(folds)} in fp32, §2's S, G, T, the only copies held; layers fed one
+    input tensor share its S. folds=K >= 2 keeps them per fold instead (batch i in fold i mod K),
+    for damping="auto" and the diagnostics of §8 (K copies).
     `device` holds the sums (default: the layers' own; "cpu" keeps wide factors off an accelerator).
     Under torch.distributed rank r's i-th batch is batch r + i * world (train.py deals them so), and
     a layer's sums are reduced to its owner only (the i-th distinct input's layers to rank i mod
@@ -341,6 +360,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 pending = 0
         for s in (s for fold in sums for s in fold):
             s.flush()
+    for S, _, T in sums:
+        S.symmetric()
+        T.symmetric()
     return _normalise(sums, n, share, names, distributed)
 
 
@@ -455,16 +477,22 @@ def _damped(X, damping):  # X + damping * (tr X / d) I (tr X / d = 1 when X = 0)
     return out
 
 
-def whiten(G, S, T, damping=1e-2):
+def damped_cholesky(X, damping=DAMPING):
+    """L, lower triangular, with L L^T = X_l = X + damping (tr X / d) I (§3)."""
+    L, info = torch.linalg.cholesky_ex(_damped(X, damping))
+    if info.item() != 0:
+        raise ValueError(f"damped statistics are not positive definite (damping={damping}): "
+                         "use damping > 0")
+    return L
+
+
+def whiten(G, S, T, damping=DAMPING, L_S=None):
     """Cholesky factors of the damped metrics, S_l = L_S L_S^T and T_l = L_T L_T^T, and
     M = L_T^-1 G L_S^-T: the same singular values as T_l^-1/2 G S_l^-1/2 (orthogonal factors
-    apart). Two Cholesky factorizations and two triangular solves; no inverse, no eigh."""
-    try:
-        L_S = torch.linalg.cholesky(_damped(S, damping))
-        L_T = torch.linalg.cholesky(_damped(T, damping))
-    except RuntimeError:
-        raise ValueError(f"damped statistics are not positive definite (damping={damping}): "
-                         "use damping > 0") from None
+    apart). Two Cholesky factorizations and two triangular solves; no inverse, no eigh. L_S, if
+    given, is S's factor already computed (layers fed one input share it: one Cholesky per S)."""
+    L_S = damped_cholesky(S, damping) if L_S is None else L_S
+    L_T = damped_cholesky(T, damping)
     M = torch.linalg.solve_triangular(L_T, G, upper=False)  # L_T^-1 G
     M = torch.linalg.solve_triangular(L_S, M.T, upper=False).T  # (L_S^-1 (L_T^-1 G)^T)^T
     return M, L_T, L_S
@@ -502,7 +530,7 @@ def _balanced_factors(M, L_T, L_S, rank, step, scaling, tol=None):
 
 
 @_fp32
-def cg_lora_factors(G, S, T, rank, damping=1e-2, step=1.0, scaling=1.0):
+def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0):
     """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step.
 
     G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: a fixed lambda (§3;
@@ -742,7 +770,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 
 
 @_fp32
-def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
+def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
     pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used;
@@ -762,6 +790,17 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
     data's quadratic model. judge(factors, report), if given, sees every layer's {name: (B, A)}
     before any is written into the model (each layer still at its W0; e.g. real_decrease).
     """
+    chosen, report = _init_factors(layers, method, stats, damping, step, init_norm, generator, log,
+                                   factor_balance, grid)
+    if judge:
+        judge(chosen, report)
+    _write_all(layers, chosen, report, method in SHIFTED)
+    return report
+
+
+def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
+                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
+    """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
     if factor_balance not in ("euclidean", "curvature"):
@@ -776,7 +815,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
         + (f", damping {damping:g}" if cg else ""))
-    report, counted, chosen = [], set(), {}
+    report, counted, chosen, shared = [], set(), {}, {}  # shared: {id(S): L_S} of the last input
     for name, layer in layers.items():
         t0 = time.perf_counter()
         row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
@@ -790,7 +829,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
             if name in mine:
                 try:
                     factors, more = _data_factors(method, st.pooled(), layer, damping, step, init_norm,
-                                                  factor_balance, bool(diagnostics))
+                                                  factor_balance, bool(diagnostics), shared)
                 except ValueError as e:
                     raise ValueError(f"layer {name}: {e}") from None
                 B, A = factors or (B, A)
@@ -807,22 +846,64 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report if r["layer"] in mine})
         rows = {k: v for part in parts for k, v in part.items()}
         report = [rows[r["layer"]] for r in report]
-    if judge:
-        judge(chosen, report)
+    return chosen, report
+
+
+def _write_all(layers, chosen, report, shift):
     for row, (name, layer) in zip(report, layers.items()):
         write_adapter(layer, *chosen[name], shift)
         row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
-    return report
 
 
-def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, diagnostics):
+def statistics_mib(layers, folds=1):
+    """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
+    LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
+    shapes = [m.base.weight.shape for m in layers.values()]
+    return sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes) * 4 * folds / 2 ** 20
+
+
+def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
+                   log=print, **kw):
+    """collect_statistics + init_adapters for `layers` ({name: LoRALinear}) in consecutive groups
+    whose statistics (statistics_mib) fit in `budget_mib` (None: one group), one calibration pass
+    over `batches` (a list) per group: a model whose statistics do not fit at once can still be
+    initialised. The factors are one pass's: they are all written after the last pass. Options
+    of collect_statistics go in stats_kw, init_adapters' in kw (no judge). Returns (the report of
+    every layer, the groups: one list of layer names per pass)."""
+    stats_kw, groups = dict(stats_kw or {}), [[]]
+    size = {n: statistics_mib({n: m}, stats_kw.get("folds", 1)) for n, m in layers.items()}
+    for name in layers:
+        if budget_mib is not None and size[name] > budget_mib:
+            raise ValueError(f"layer {name}'s statistics take up to {size[name]:.3g} MiB, over the "
+                             f"budget of {budget_mib:g} MiB: raise budget_mib")
+        if budget_mib is not None and sum(size[n] for n in groups[-1]) + size[name] > budget_mib:
+            groups.append([])
+        groups[-1].append(name)
+    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))  # one
+    # random stream over all groups, as over one pass
+    chosen, report, data = {}, [], method not in ("lora", "rslora")
+    for group in groups:  # nothing is written before every group's statistics are in
+        stats = collect_statistics(model, {n: layers[n].base for n in group}, batches, **stats_kw) if data else None
+        factors, rows = _init_factors({n: layers[n] for n in group}, method, stats, **kw)
+        chosen.update(factors)
+        report += rows
+        del stats
+    _write_all(layers, chosen, report, method in SHIFTED)
+    return report, groups
+
+
+def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, diagnostics, shared):
     """One layer's data-driven factors (B, A) from its pooled statistics `st`, sized and balanced as
-    init_adapters says, and its report entries; (None, fallback) for a zero gradient."""
+    init_adapters says, and its report entries; (None, fallback) for a zero gradient. shared holds
+    {id(S): L_S} of the previous layer, whose input the next ones (query, key, value) may share."""
     if st.G.abs().max() == 0:
         return None, dict(fallback="zero gradient: plain LoRA init")
     cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
     if cg:
-        M, L_T, L_S = whiten(st.G, st.S, st.T, damping)
+        if id(st.S) not in shared:  # a new input: the last one's factor is freed
+            shared.clear()
+            shared[id(st.S)] = damped_cholesky(st.S, damping)
+        M, L_T, L_S = whiten(st.G, st.S, st.T, damping, shared[id(st.S)])
         B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, tol=FINAL_TOL)
         row["captured"] = (sigma.square().sum() / M.square().sum()).item()
     else:
@@ -850,14 +931,14 @@ def _checked_and_diagnosed(method, layers, stats, damping, grid):
         raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs statistics for them")
     mine = [n for n in layers if stats[n].owner == proc]
     for name in mine:
-        if not all(torch.isfinite(X).all() for f in stats[name].folds for X in f[:3]):
+        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
             raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
                              "calibration data and loss (run the model in fp32)")
     if all(len(stats[name].folds) >= 2 for name in mine):
         return mine, *diagnose(method, {n: stats[n] for n in mine}, {n: layers[n].rank for n in mine}, damping, grid)
     if method.startswith("cg-lora") and damping == "auto":
         raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
-                         "with folds >= 2 (the default), or pass a number")
+                         "with folds=2, or pass a number")
     return mine, damping, {}
 
 

@@ -422,7 +422,7 @@ def test_top_r_captures_the_exact_energy_and_is_deterministic():
 
 
 def test_init_adapters_reports_the_calibration_diagnostics():
-    _, _, _, report = _adapted("cg-lora")
+    _, _, _, report = _adapted("cg-lora", folds=2, damping="auto")
     grid = set(cglora.DAMPING_GRID)
     for row in report:
         assert row["damping"] in grid and set(row["heldout_by_damping"]) == grid
@@ -430,19 +430,20 @@ def test_init_adapters_reports_the_calibration_diagnostics():
         assert 0 <= row["overlap_left"] <= 1 + 1e-6 and 0 <= row["overlap_right"] <= 1 + 1e-6
         assert row["insample"] > 0 and row["insample_lora_one"] > 0 and row["heldout_lora_one"] > 0
     model = _model()
-    stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches())
+    stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches(),
+                               folds=2)
     held = {id(X): X for st in stats.values() for f in st.folds for X in f[:3]}  # query and value share S
     assert sum(r["statistics_mib"] for r in report) == pytest.approx(
         sum(X.numel() * 4 for X in held.values()) / 2 ** 20, rel=1e-9)
-    fixed = _adapted("cg-lora", damping=0.5)[3]
+    fixed = _adapted("cg-lora", damping=0.5, folds=2)[3]
     assert all(r["damping"] == 0.5 and r["heldout_by_damping"] is None for r in fixed)
-    one = _adapted("lora-one")[3]
+    one = _adapted("lora-one", folds=2)[3]
     assert all(r["heldout"] == r["heldout_lora_one"] and r["damping"] is None for r in one)
     model = _model()
     layers = add_lora(model, ["mix"], rank=2, alpha=4)
     stats = collect_statistics(model, {"mix": layers["mix"].base}, _batches(), folds=1)
     with pytest.raises(ValueError, match="damping='auto' chooses lambda on held-out folds"):
-        init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+        init_adapters(layers, "cg-lora", stats, damping="auto", log=lambda *a: None)
 
 
 # ============================================================================ cglora.py: model side
@@ -705,11 +706,12 @@ def test_add_lora_errors_name_the_problem():
 # ============================================================================ cglora.py: init
 
 
-def _adapted(method, seed=0, **kw):
+def _adapted(method, seed=0, folds=1, **kw):
     model = _model(seed)
     reference = copy.deepcopy(model)
     layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=cglora.RSLORA[method])
-    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(),
+                               folds=folds)
     report = init_adapters(layers, method, stats, log=lambda *a: None, **kw)
     return model, reference, layers, report
 
@@ -830,7 +832,7 @@ def test_lora_one_size_equals_cg_default_norm_and_follows_init_norm(init_norm):
 def test_init_errors_and_zero_gradient_fallback():
     model = _model()
     layers = add_lora(model, ["dead", "mix"], rank=2, alpha=4)
-    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(), folds=2)
     report = init_adapters(layers, "cg-lora", dict(stats), log=lambda *a: None)
     rows = {r["layer"]: r for r in report}
     assert rows["dead"]["fallback"] and rows["mix"]["fallback"] is None
@@ -2391,7 +2393,8 @@ def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_
     prediction (the summed in-sample q)."""
     summaries = {}
     for method in ("cg-lora", "cg-lora-shift", "lora-ga", "lora-one"):
-        _train(tmp_path, "--init", method, "--max_steps", "1", "--real_check", "2", out=method)
+        _train(tmp_path, "--init", method, "--max_steps", "1", "--real_check", "2", "--diagnostics",
+               out=method)
         summaries[method] = json.loads((tmp_path / method / "init.json").read_text())["summary"]
         assert "real loss check on 16 held-out examples" in capsys.readouterr().out
     for method, s in summaries.items():
@@ -2619,7 +2622,7 @@ def test_max_steps_evaluates_the_last_step(tmp_path, glue, capsys):
 
 def test_long_passes_show_progress(tmp_path, glue, capsys, monkeypatch):
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)  # every batch: as if each took a while
-    _train(tmp_path, "--calib_batches", "3", "--max_steps", "1")
+    _train(tmp_path, "--calib_batches", "3", "--max_steps", "1", "--damping", "auto")
     out = capsys.readouterr().out
     assert "statistics: 1/3 batches, eta" in out and "statistics: 2/3 batches" in out
     assert "choosing the damping among 7 values on 2 folds of the calibration batches" in out
@@ -2630,7 +2633,7 @@ def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
     """Step rows (train loss, learning rate) every --log_every steps and the evaluations in metrics.jsonl,
     the init summary in init.json, the versions and the data dir in config.json, curves.svg; --targets all."""
     run = tmp_path / "run"
-    _train(tmp_path, "--targets", "all", "--log_every", "5", "--warmup", "0.25")
+    _train(tmp_path, "--targets", "all", "--log_every", "5", "--warmup", "0.25", "--diagnostics")
     assert "CoLA/train.tsv has 96 rows where GLUE's has 8551" in capsys.readouterr().err  # a warning line
     steps, evals = _metrics(run, "step"), _metrics(run, "eval")
     assert [r["step"] for r in steps] == [5, 10, 15, 20, 24] and [r["step"] for r in evals] == [0, 12, 24]
@@ -3161,7 +3164,8 @@ def test_early_trains_exactly_the_first_steps_of_train_py(tmp_path, glue, monkey
     run.early("cola", method, 0, str(ckpt), lr=1e-2, steps=5)
     row = json.loads(run.EARLY.read_text())
     train.main(["--task", "cola", "--init", method, "--pretrained", str(ckpt), "--lr", "1e-2", "--max_steps", "5",
-                "--log_every", "1", "--out", str(tmp_path / "run"), "--seed", "0",
+                "--log_every", "1", "--out", str(tmp_path / "run"), "--seed", "0", "--damping", "auto",
+                "--real_check", "4",
                 *[a for k, v in budget.items() for a in (f"--{k}", str(v))]])
     steps = _metrics(tmp_path / "run", kind="step")
     assert row["train_loss"] == pytest.approx([r["train_loss"] for r in steps], abs=1e-5) and len(steps) == 5

@@ -45,8 +45,9 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
-    real_check: int = 4  # batches after the calibration ones on which the init is judged by the real loss (0: off)
-    damping: str = "auto"  # relative damping of S and T (docs/cg-lora.md section 3): a number > 0, or auto: chosen on held-out folds (section 8.1)
+    real_check: int = 0  # batches after the calibration ones on which the init is judged by the real loss (0: off)
+    damping: str = str(cglora.DAMPING)  # relative damping of S and T (docs §3): a number > 0, or auto: chosen on 2 folds (§8.1)
+    diagnostics: bool = False  # keep the statistics in 2 folds and report the §8 diagnostics (on with --damping auto)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
     init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
@@ -95,7 +96,8 @@ def check_flags(cfg, world):
     """Every flag before any work or file, as one table of (refused, why) naming the flag and what it takes; sets
     --damping's number, --targets all's names, the default --out. (Against the model: check_against_model.)"""
     task, cuda = data.get_task(cfg.task), torch.cuda.is_available()
-    need = max(2, world)  # calibration batches: the init check's two halves, and a batch per process
+    folds = statistics_folds(cfg)
+    need = max(folds, world)  # calibration batches: a fold's, and a batch per process
     try:
         damping = float(cfg.damping)
     except ValueError:
@@ -109,8 +111,8 @@ def check_flags(cfg, world):
         (cfg.damping != "auto" and not 0 < damping < math.inf,
          f"--damping takes a number > 0 or auto, got {cfg.damping!r}"),
         (cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need,
-         f"--calib_batches {cfg.calib_batches}: {cfg.init} splits the calibration batches into 2 halves to check its "
-         f"init (and to choose --damping auto), over {world} process(es): pass --calib_batches {need} or more"),
+         f"--calib_batches {cfg.calib_batches}: {cfg.init} needs a batch per fold ({folds}) and per process "
+         f"({world}): pass --calib_batches {need} or more"),
         (cfg.device == "cuda" and not cuda, "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
         (cfg.bf16 and (cfg.device == "cpu" or not cuda), "--bf16 autocasts on CUDA only: drop it on the CPU"),
         (cfg.resume and cfg.overwrite, "--resume continues the run in --out, --overwrite clears it: pass one of them"),
@@ -159,6 +161,10 @@ def build_model(cfg, tokenizer, num_labels):
     if cfg.pretrained:
         return models.from_pretrained(cfg.pretrained, num_labels)
     return models.Encoder(models.tiny_config(tokenizer.vocab_size, num_labels, tokenizer.pad_id))
+
+
+def statistics_folds(cfg):  # 2 for the damping search and the diagnostics (§8.1), else 1
+    return 2 if cfg.diagnostics or cfg.damping == "auto" else 1
 
 
 def trainable_modules(cfg):
@@ -221,13 +227,15 @@ def initialise(cfg, model, batches, device, log):
             return record
         stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
             model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib), cfg.fisher,
-            torch.Generator().manual_seed(cfg.seed), progress=progress("statistics", len(calib), log))
+            torch.Generator().manual_seed(cfg.seed), progress=progress("statistics", len(calib), log),
+            folds=statistics_folds(cfg))
         if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
             log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the calibration "
                 "batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
         judge = real_check(model, layers, [to_device(b, device) for b in heldout], record, log) if stats and heldout else None
-        record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, cfg.damping, cfg.step, cfg.init_norm,
+        damping = cfg.damping if cfg.damping == "auto" else float(cfg.damping)
+        record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, damping, cfg.step, cfg.init_norm,
                                                       torch.Generator().manual_seed(cfg.seed), log, cfg.balance,
                                                       judge=judge)
         record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)

@@ -623,7 +623,8 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
         return
     t0 = time.time()
     cfg = train.Config(task=task_name, pretrained=pretrained, init="lora-one" if method == "random" else method,
-                       seed=seed, lr=rate, out="unused", device="cpu", **BUDGET)
+                       seed=seed, lr=rate, out="unused", device="cpu", damping="auto", real_check=4,
+                       **BUDGET)  # the protocol these rows ran under (train.py's defaults until issue 32)
     run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
     task, train_set, dev_set = train.read_data(run_)
     model, tokenizer, train_enc, dev, calib = train.model_and_batches(run_, task, train_set, dev_set, None)
@@ -975,6 +976,7 @@ def main():
                    "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
     p.add_argument("--default_size", action="store_true", help="grid: every method at its default init size")
+    p.add_argument("--damping", default=None, help="grid: CG-LoRA's damping (default: the grid's, auto)")
     p.add_argument("--tasks", default="cola,rte,mrpc,sts-b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
@@ -1036,7 +1038,8 @@ def main():
         for task in args.tasks.split(","):
             for seed in map(int, args.seeds.split(",")):
                 for m in methods:
-                    run(task, m, seed, rates[m], pretrained, init_norm=sizes.get(m))
+                    damping = float(args.damping) if args.damping and m.startswith("cg-lora") else DAMPING
+                    run(task, m, seed, rates[m], pretrained, damping=damping, init_norm=sizes.get(m))
 
 
 if __name__ == "__main__":
