@@ -132,17 +132,26 @@ def lora_state_dict(model):
 # ----------------------------------------------------------------------------- §2 statistics
 
 
-def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [batch, dim] stays
-    return (t[keep] if keep is not None and t.dim() == 3 else t.reshape(-1, t.shape[-1])).float()
+def _tokens(t, keep):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; a mask that does
+    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # not fit: every row
+    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()
+
+
+_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an encoder-decoder one "
+              "loss=cglora.seq2seq_lm_loss, else a loss(output, labels) returning the batch mean")
 
 
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
+        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # one-hot: never MSE on logits
+            raise ValueError(f"the default loss takes float labels as one regression target per example "
+                             f"([batch], against an output [batch, 1]: MSE), got {list(labels.shape)} and "
+                             f"{list(out.shape)}: for classes pass integer labels (one-hot: labels.argmax(-1)), "
+                             f"else a loss(output, labels) returning the batch mean")
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
         raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
-                         f"{list(out.shape)} and {list(labels.shape)}: for a causal language model pass "
-                         "loss=cglora.causal_lm_loss, else a loss(output, labels) returning the batch mean")
+                         f"{list(out.shape)} and {list(labels.shape)}: {_LM_LOSSES}")
     return F.cross_entropy(out.float(), labels)
 
 
@@ -160,25 +169,36 @@ _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries i
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 
+def seq2seq_lm_loss(logits, labels):
+    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model too
+    (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t predict
+    labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean over the
+    batch's target tokens. One loss term is one target token."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
     (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
     the result is the mean over the batch's target tokens. One loss term is one target token."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return seq2seq_lm_loss(logits[:, :-1], labels[:, 1:])
 
 
-def _sample_tokens(logits, labels, generator):
+def _sample_tokens(logits, labels, generator, shift=1):
     """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
-    label at t + 1 from logits[:, t]; ignored positions stay ignored, position 0 is never a target."""
-    target = labels[:, 1:] != IGNORE  # b x (L - 1)
-    probs = logits[:, :-1][target].detach().float().cpu().softmax(-1)  # targets x V
+    label at t + shift from logits[:, t]; ignored positions stay ignored."""
+    target = labels[:, shift:] != IGNORE  # b x (L - shift)
+    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)  # targets x V
     sampled = labels.clone()
-    sampled[:, 1:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
+    sampled[:, shift:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
     return sampled
 
 
 causal_lm_loss.sample = _sample_tokens
 causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
+seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator, shift=0)
+seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
+seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
 
 
 class _Sums:
@@ -255,14 +275,52 @@ def _labels(batch, i):  # calibration batch i's labels, once it is checked to be
     return batch["labels"]
 
 
+def _logits(out):
+    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's "logits";
+    a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a loss first)."""
+    if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
+        return out["logits"] if isinstance(out, Mapping) else out.logits
+    if isinstance(out, (tuple, list)):
+        out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
+    if not torch.is_tensor(out):
+        keys = f" with keys {list(out)}" if isinstance(out, Mapping) else ""
+        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, returned as a "
+                        f"tensor, a tuple's first tensor or a dict's 'logits'")
+    return out
+
+
+def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder()
+    return None if encoder is model else encoder
+
+
+def _model_inputs(batch, loss, encoder=None):
+    """What model(**inputs) gets: the batch without its labels, unless the loss says the model needs
+    them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
+    if getattr(loss, "model_labels", False):
+        return dict(batch)
+    if encoder is not None and batch["labels"].dim() == 2 and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch):
+        raise ValueError("token labels [batch, length] on an encoder-decoder model with no decoder_input_ids: "
+                         "pass loss=cglora.seq2seq_lm_loss, which gives the labels to the model to build them")
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _rows(tensors, keys, masks):  # one layer's calls -> their token rows, stacked, each call's own mask
+    return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
+
+
 def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=2,
                        device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
-    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
-    the rest goes to model(**inputs). `loss(output, labels)` returns the batch's mean loss over
+    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
+    ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to model(**inputs)
+    (the labels too if loss.model_labels). `loss(output, labels)` returns the batch's mean loss over
     loss.terms(labels) terms (default: cross entropy or, for float labels, MSE, one term per row of
-    the labels; causal_lm_loss for a language model, one per target token, §9); delta, the gradient
+    the labels; causal_lm_loss or seq2seq_lm_loss for a language model, one per target token, §9);
+    a layer called several times per forward sums over its calls (§2); delta, the gradient
     of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws T's labels with
     loss.sample(output, labels, generator). progress(i), if given, is called before batch i.
 
@@ -288,7 +346,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
     n, share, names, pending = [0] * folds, {}, list(layers), 0
-    with _recording(model, layers) as (seen, reset):
+    encoder = _encoder(model)
+    with _recording(model, layers, encoder) as (seen, reset):
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
@@ -296,27 +355,29 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 progress(i)
             labels = _labels(batch, i)
             reset()
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
-            out = getattr(out, "logits", out)
+            out = _logits(model(**_model_inputs(batch, loss, encoder)))
             missing = [name for name in names if name not in seen]
             if missing:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
-            if not share:  # first batch: layers whose input is the same tensor share S
+            if not share:  # first batch: layers whose inputs are the same tensors (every call) share S
                 first = {}
-                share.update({name: first.setdefault(id(seen[name][0]), name) for name in names})
-            keep = batch.get("attention_mask")
-            keep = None if keep is None else keep.bool()
-            x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
-            ys, n_b = [seen[name][1] for name in names], int(getattr(loss, "terms", len)(labels))
+                share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names})
+            masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask") if batch.get(k) is not None}
+            keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
+            x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks) for key in dict.fromkeys(share.values())}
+            ys, n_b = {name: [c[1] for c in seen[name]] for name in names}, int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
-            delta, delta_T = _output_gradients(loss, out, labels.to(out.device), ys, fisher, generator)
+            delta, delta_T = (iter(g) for g in _output_gradients(
+                loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher, generator))
             for key, rows in x.items():
-                S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
-            for name, y, d, d_T in zip(names, ys, delta, delta_T):
+                S.add(key, rows)  # sum_t x x^T  (d_in x d_in), over every call of a shared layer
+            for name in names:  # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
                 # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach the loss
-                d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
+                d, d_T = ([torch.zeros_like(y) if g is None else g * n_b for y, g in zip(ys[name], grads)]
+                          for grads in (delta, delta_T))
+                d = _rows(d, keys[name], masks)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
-                T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
+                T.add(name, d if fisher != "sampled" else _rows(d_T, keys[name], masks))  # sum delta delta^T
             n[fold] += n_b
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
@@ -330,13 +391,16 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
 
 
 @contextlib.contextmanager
-def _recording(model, layers):
-    """While open, the model is frozen and in eval mode, and each of `layers` records its (input,
-    output) of the current forward pass in `seen`; reset() forgets them and the input aliases (call it
-    per batch). All restored on exit."""
+def _recording(model, layers, encoder=None):
+    """While open, the model is frozen and in eval mode, and each of `layers` records every call of
+    the current forward pass in seen[name], one (input, output, mask) per call (a layer shared across
+    depths is called once per use). mask names the batch's token mask for that call: "attention_mask",
+    or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask" for a call whose input
+    is not the encoder's output (cross-attention's keys and values are). reset() forgets the calls,
+    the input aliases and the encoder's output (call it per batch). All restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
+    seen, alias, encoded = {}, {}, []  # name -> calls; id(input) -> (input, alias); the encoder's output
 
     def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
         if not torch.is_grad_enabled() or inputs[0].requires_grad:
@@ -346,15 +410,21 @@ def _recording(model, layers):
         return (alias[key][1],) + tuple(inputs[1:])
 
     def hook(name):
-        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
+        def record(module, inputs, output):
+            source = next((x for x, a in alias.values() if a is inputs[0]), inputs[0])  # before its alias
+            decoder = bool(encoded) and source is not encoded[0]
+            seen.setdefault(name, []).append((inputs[0], output, "decoder_" * decoder + "attention_mask"))
+        return record
 
     handles = [h for name, m in layers.items()
                for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook(name)))]
+    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
+        handles.append(encoder.register_forward_hook(lambda module, inputs, output: encoded.append(output[0])))
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        yield seen, lambda: (seen.clear(), alias.clear())
+        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
     finally:
         for h in handles:
             h.remove()
@@ -855,8 +925,8 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
     was_training = model.training
 
     def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(getattr(out := model(**{k: v for k, v in b.items() if k != "labels"}), "logits", out),
-                         b["labels"]).item() * b["labels"].shape[0] for b in batches)
+        total = sum(loss(_logits(model(**_model_inputs(b, loss))), b["labels"]).item() * b["labels"].shape[0]
+                    for b in batches)
         return total / sum(b["labels"].shape[0] for b in batches)
 
     try:

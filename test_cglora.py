@@ -544,6 +544,45 @@ def test_statistics_G_is_autograd_gradient_of_mean_loss():
     torch.testing.assert_close(stats["mix"].G, grad, atol=1e-6, rtol=1e-5)
 
 
+class _Twice(nn.Module):
+    """One nn.Linear applied twice per forward (a shared layer, as ALBERT's), its output as `kind` says."""
+    def __init__(self, kind=None):
+        super().__init__()
+        self.kind, self.inner, self.head = kind, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        logits = self.head(self.inner(torch.tanh(self.inner(x))))
+        return {"tuple": (logits, x), "dict": {"logits": logits, "x": x}}.get(self.kind, logits)
+
+
+def test_a_layer_called_twice_sums_both_calls_as_k_fac_does():
+    """§2, shared layers: G = the sum over calls (exact), S the mean over both calls' token rows."""
+    torch.manual_seed(0)
+    model = _Twice()
+    batches = [dict(x=torch.randn(6, 4), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
+    st = collect_statistics(model, {"inner": model.inner}, batches, folds=1)["inner"]
+    x = torch.cat([b["x"] for b in batches])
+    loss = nn.functional.cross_entropy(model(x), torch.cat([b["labels"] for b in batches]))
+    torch.testing.assert_close(st.G, torch.autograd.grad(loss, model.inner.weight)[0], atol=1e-6, rtol=1e-5)
+    rows = torch.cat([x, torch.tanh(model.inner(x))]).detach()  # the inputs of its two calls
+    torch.testing.assert_close(st.S, rows.T @ rows / 24, atol=1e-6, rtol=1e-5)
+    assert st.folds[0].tokens == 24
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_tuple_and_dict_outputs_give_the_logits_statistics(kind):
+    torch.manual_seed(0)
+    batches = [dict(x=torch.randn(6, 4), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
+    model = _Twice(kind)
+    G = collect_statistics(model, {"inner": model.inner}, batches, folds=1)["inner"].G
+    model.kind = "tensor"
+    torch.testing.assert_close(G, collect_statistics(model, {"inner": model.inner}, batches, folds=1)["inner"].G)
+    model.kind = "none"
+    model.forward = lambda x: {"x": x}
+    with pytest.raises(TypeError, match=r"the model returned dict with keys \['x'\]: the loss needs logits"):
+        collect_statistics(model, {"inner": model.inner}, batches)
+
+
 def test_statistics_leave_no_hooks_grads_or_changed_flags():
     model, batches = _model(), _batches()
     model.head.weight.requires_grad_(False)

@@ -1,0 +1,124 @@
+"""cglora on tiny random Hugging Face models (transformers, and peft where named; skipped when absent):
+each family's collected G against autograd's gradient of the model's own loss."""
+import pytest
+import torch
+from torch import nn
+
+import cglora
+
+transformers = pytest.importorskip("transformers")
+
+
+def _padded(seed, shape, vocab, lengths, pad=0):  # ids [b, L] and the mask of the first lengths[i] tokens
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, shape, generator=g)
+    mask = (torch.arange(shape[1]) < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def _assert_G_is_autograd(model, targets, batch, loss=None, reference=lambda out: out.loss):
+    """collect_statistics' G of every nn.Linear whose last name is in targets against autograd's gradient
+    of reference(model(**batch)), the model's own loss on the same batch (labels included)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    assert layers
+    stats = cglora.collect_statistics(model, layers, [batch], loss=loss, folds=1)
+    grads = torch.autograd.grad(reference(model.eval()(**batch)), [m.weight for m in layers.values()])
+    for (name, _), grad in zip(layers.items(), grads):
+        assert grad.norm() > 0, name
+        assert (stats[name].G - grad).norm() <= 1e-5 * grad.norm(), name
+    return layers, stats
+
+
+def _albert():
+    config = transformers.AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.AlbertForSequenceClassification(config)
+
+
+def test_albert_shared_layers_sum_their_calls_and_equal_autograd():
+    """ALBERT runs one layer at every depth: G sums the gradients of its 3 calls, S their padded token rows."""
+    ids, mask = _padded(0, (3, 7), 50, (7, 4, 5))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    layers, stats = _assert_G_is_autograd(_albert(), ["query", "value", "dense", "ffn"], batch)
+    assert len(layers) == 4
+
+
+def _t5():
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]  # encoder, decoder self- and cross-attention, feed-forward
+
+
+@pytest.mark.parametrize("decoder_length", [5, 7])
+def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
+    """Encoder masked by attention_mask; the decoder's own tokens by decoder_attention_mask (given when the
+    lengths are equal, where the encoder's mask fits them too); cross-attention's keys and values by the
+    encoder's; the labels go to the model, which builds the decoder inputs (seq2seq_lm_loss)."""
+    ids, mask = _padded(1, (3, 7), 50, (7, 3, 5))
+    labels, decoder_mask = _padded(2, (3, decoder_length), 50, (decoder_length, 2, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100))
+    if decoder_length == 7:
+        batch["decoder_attention_mask"] = decoder_mask
+    model = _t5()
+    layers, stats = _assert_G_is_autograd(model, T5_TARGETS, batch, loss=cglora.seq2seq_lm_loss)
+    assert len(layers) == 2 * 6 + 2 * 10
+    cross_k = stats["decoder.block.0.layer.1.EncDecAttention.k"]  # S over the encoder's 15 real tokens
+    x = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.detach()[mask.bool()]
+    torch.testing.assert_close(cross_k.S, x.T @ x / 15, atol=1e-6, rtol=1e-5)
+    self_q = stats["decoder.block.0.layer.0.SelfAttention.q"]
+    assert self_q.folds[0].tokens == (decoder_mask.sum() if decoder_length == 7 else 3 * decoder_length)
+
+
+def test_t5_token_labels_without_the_seq2seq_loss_say_which_loss_to_pass():
+    ids, mask = _padded(1, (2, 6), 50, (6, 3))
+    with pytest.raises(ValueError, match="pass loss=cglora.seq2seq_lm_loss"):
+        cglora.collect_statistics(_t5(), {"q": _t5().encoder.block[0].layer[0].SelfAttention.q},
+                                  [dict(input_ids=ids, attention_mask=mask, labels=ids)])
+
+
+def test_bart_labels_build_the_decoder_inputs_and_G_equals_autograd():
+    config = transformers.BartConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=1,
+                                     bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    ids, mask = _padded(3, (3, 8), 50, (8, 5, 6), pad=1)
+    labels, decoder_mask = _padded(4, (3, 6), 50, (6, 3, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100))
+    _assert_G_is_autograd(model, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], batch,
+                          loss=cglora.seq2seq_lm_loss)
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_bert_padded_and_tuple_outputs_equal_autograd(return_dict):
+    ids, mask = _padded(5, (3, 7), 50, (7, 2, 5))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, 0, 1]), return_dict=return_dict)
+    _assert_G_is_autograd(_bert(), ["query", "value", "dense"], batch,
+                          reference=lambda out: out.loss if return_dict else out[0])
+
+
+def _llama(dtype=torch.float32):
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def test_llama_padded_causal_lm_equals_autograd():
+    ids, mask = _padded(6, (3, 9), 50, (9, 6, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    _assert_G_is_autograd(_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                          batch, loss=cglora.causal_lm_loss)
