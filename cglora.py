@@ -7,7 +7,10 @@ function that writes an initialisation into a model (§5).
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import contextlib
+import inspect
+import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -909,6 +912,65 @@ def _checked_and_diagnosed(method, layers, stats, damping, grid):
         raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
                          "with folds >= 2 (the default), or pass a number")
     return mine, damping, {}
+
+
+# ----------------------------------------------------------------------------- peft
+
+
+def _peft_layers(model, adapter_name):  # peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
+    return {n: m for n, m in model.named_modules()
+            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ()) and hasattr(m, "scaling")}
+
+
+def _lm_loss(model):  # a Hugging Face LM's loss (§9), recognised by its class and config; else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base).__name__
+    if kind.endswith("ForCausalLM"):
+        return causal_lm_loss
+    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
+
+
+def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
+    """Initialise a peft LoRA adapter by `method` in one call, from calibration `batches` (as
+    collect_statistics takes them), as peft's own data-driven inits do (EVA's
+    initialize_lora_eva_weights(model, dataloader)). Duck-typed on peft's LoraLayer (base_layer,
+    lora_A[adapter_name], lora_B[adapter_name], scaling[adapter_name]): peft is not imported.
+
+    Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
+    the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
+    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters with
+    that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds, damping,
+    init_norm, ...); a transformers *ForCausalLM or encoder-decoder *ForConditionalGeneration gets
+    causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns init_adapters' report.
+    Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does not carry: refused."""
+    if method in SHIFTED:
+        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not carry: use cg-lora "
+                         f"(W0 kept) or lora-one, or add_lora + init_adapters + save_peft (the shift exported "
+                         f"against the original W0 as rank 2r)")
+    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method", "stats"}
+             for f in (collect_statistics, init_adapters)]
+    if unknown := sorted(set(kw) - known[0] - known[1]):
+        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and init_adapters' options")
+    lora = _peft_layers(peft_model, adapter_name)
+    if not lora:
+        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass get_peft_model's model "
+                         f"and the adapter's name")
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items() if not isinstance(m.base_layer, nn.Linear)]:
+        raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
+    scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
+    for n, m in lora.items():
+        scratch[n] = LoRALinear(m.base_layer, m.r[adapter_name], m.lora_alpha[adapter_name])
+        scratch[n].scaling = m.scaling[adapter_name]
+    options = {k: v for k, v in kw.items() if k in known[0]}
+    options.setdefault("loss", _lm_loss(peft_model))
+    with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
+        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches, **options)
+    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
+    with torch.no_grad():
+        for n, m in lora.items():
+            m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
+            m.lora_B[adapter_name].weight.copy_(scratch[n].lora_B)
+    return report
 
 
 # ----------------------------------------------------------------------------- §8.2 the real loss

@@ -3255,10 +3255,11 @@ def test_readme_recipe_with_peft_gives_the_same_update():
     scope = {}
     exec(_readme_block("from transformers import BertConfig"), scope)
     exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
-    assert len(scope["lora"]) == 4
+    lora = {n: m for n, m in scope["peft_model"].named_modules() if hasattr(m, "get_delta_weight")}
+    assert len(lora) == len(scope["report"]) == 4
     trained = {name: sum(p.numel() for p in scope[name].parameters() if p.requires_grad) for name in ("model", "peft_model")}
     assert trained == {"model": 2146, "peft_model": 2146}  # the same set: adapters, classifier, pooler
-    for name, m in scope["lora"].items():  # same weights, same batches: peft's s B A is cglora's
+    for name, m in lora.items():  # same weights, same batches: peft's s B A is cglora's
         ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
         assert ours.abs().max() > 0
         torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)

@@ -122,3 +122,84 @@ def test_llama_padded_causal_lm_equals_autograd():
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     _assert_G_is_autograd(_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                           batch, loss=cglora.causal_lm_loss)
+
+
+# ---------------------------------------------------------------------------- peft
+
+FAMILIES = {  # model, targets, peft task, calibration batches (labels included), the loss add_lora's route takes
+    "bert": (_bert, ["query", "value"], "SEQ_CLS", None),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], "CAUSAL_LM", cglora.causal_lm_loss),
+}
+
+
+def _calibration(family):
+    batches = []
+    for seed in range(4):
+        ids, mask = _padded(seed, (4, 9), 50, (9, 5, 7, 9))
+        labels = ids.masked_fill(mask == 0, -100) if family == "llama" else torch.arange(4) % 3
+        batches.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    return batches
+
+
+def _quiet(*args):
+    pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_initialize_peft_is_add_lora_and_init_adapters_saves_reloads_and_trains(tmp_path, family, dtype):
+    peft = pytest.importorskip("peft")
+    make, targets, task, loss = FAMILIES[family]
+    batches = _calibration(family)
+    model = make().to(dtype)  # our route: the same random model, the same rank and alpha
+    layers = cglora.add_lora(model, targets, rank=4, alpha=8, rslora=True)
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches, loss=loss)
+    cglora.init_adapters(layers, "cg-lora", stats, log=_quiet)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets, task_type=task)
+    peft_model = peft.get_peft_model(make().to(dtype), config)
+    report = cglora.initialize_peft(peft_model, batches, log=_quiet)  # the LM's loss recognised by itself
+    assert len(report) == len(layers) and all(r["captured"] > 0 for r in report)
+    lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert sorted(lora) == sorted(layers)
+    tol = dict(atol=1e-6, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-4, rtol=2e-2)
+    for name, m in lora.items():  # peft's s B A is ours
+        ours = layers[name].delta_weight().float()
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(m.get_delta_weight("default").float(), ours, **tol)
+
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    logits = peft_model.eval()(**inputs).logits
+    peft_model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(make().to(dtype), tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs).logits, logits, atol=1e-6, rtol=1e-5)
+
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []  # in eval mode: no dropout noise in the comparison
+    for _ in range(5):
+        out = peft_model(**batches[0])
+        losses.append(out.loss.item())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+
+
+def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_without_its_adapter():
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    batches = _calibration("bert")
+    for method in ("cg-lora-shift", "lora-ga"):
+        with pytest.raises(ValueError, match=f"initialize_peft: {method} shifts W0.* use cg-lora"):
+            cglora.initialize_peft(peft_model, batches, method)
+    with pytest.raises(TypeError, match=r"initialize_peft got \['rank'\]"):
+        cglora.initialize_peft(peft_model, batches, rank=4)
+    with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
+        cglora.initialize_peft(peft_model, batches, adapter_name="other")
+    peft_model = peft.get_peft_model(_t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
+                                                             task_type="SEQ_2_SEQ_LM"))
+    ids, mask = _padded(1, (2, 6), 50, (6, 3))
+    report = cglora.initialize_peft(peft_model, [dict(input_ids=ids, attention_mask=mask, labels=ids)] * 2,
+                                    damping=1.0, log=_quiet)  # the seq2seq loss, recognised
+    assert len(report) == 2 * 2 + 2 * 4 and all(r["fallback"] is None for r in report)
