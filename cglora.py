@@ -973,6 +973,38 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     return report
 
 
+def save_peft(model, directory, modules_to_save=(), **config):
+    """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
+    PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
+    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules trained
+    whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
+    use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
+    lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
+    base_model_name_or_path). Returns the config written."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = lora_state_dict(model)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling, m.dropout.p) for m in layers.values()}) != 1:
+        raise ValueError(f"save_peft writes one rank and scaling for all adapters, and {len(layers)} LoRALinear "
+                         f"layers have ranks {sorted(ranks)}: add_lora with one rank and alpha")
+    (r,), one = ranks, next(iter(layers.values()))
+    for target in modules_to_save:
+        found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+        if not found:
+            raise ValueError(f"module {target!r} of modules_to_save is not in the model")
+        for n, m in found.items():
+            state.update({f"base_model.model.{n}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
+    shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
+    config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
+                  use_rslora=not shifted and one.scaling != one.alpha / r, target_modules=sorted(layers),
+                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p, bias="none", **config)
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, "adapter_model.bin"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return config
+
+
 # ----------------------------------------------------------------------------- §8.2 the real loss
 
 

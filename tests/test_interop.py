@@ -203,3 +203,21 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
     report = cglora.initialize_peft(peft_model, [dict(input_ids=ids, attention_mask=mask, labels=ids)] * 2,
                                     damping=1.0, log=_quiet)  # the seq2seq loss, recognised
     assert len(report) == 2 * 2 + 2 * 4 and all(r["fallback"] is None for r in report)
+
+
+@pytest.mark.parametrize("method, rslora", [("cg-lora", True), ("cg-lora", False), ("cg-lora-shift", True)])
+def test_save_peft_reloads_in_peft_to_our_logits_without_restating_the_scale(tmp_path, method, rslora):
+    peft = pytest.importorskip("peft")
+    model, batches = _bert(), _calibration("bert")
+    layers = cglora.add_lora(model, ["query", "value"], rank=4, alpha=8, rslora=rslora,
+                             trainable=["classifier", "pooler"])
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
+    cglora.init_adapters(layers, method, stats, log=_quiet)
+    with torch.no_grad():  # as if trained: adapters and the modules trained whole move
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    config = cglora.save_peft(model, tmp_path, modules_to_save=["classifier", "pooler"])
+    assert (config["r"], config["use_rslora"]) == ((8, False) if method == "cg-lora-shift" else (4, rslora))
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    loaded = peft.PeftModel.from_pretrained(_bert(), tmp_path).eval()  # the original checkpoint
+    torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
