@@ -97,23 +97,24 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     targets = _matching(model, targets, nn.Linear)  # first: a bad target leaves the model as it was
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = {}
+    layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
-            layer = LoRALinear(linear, rank, alpha, dropout, rslora)
+            layers[name] = LoRALinear(linear, rank, alpha, dropout, rslora)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        layers[name] = layer
     for name in trainable:
         modules = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
         if not modules:
             raise ValueError(f"trainable module {name!r} not found in the model")
-        for m in modules:
-            m.requires_grad_(True)
+        train += modules
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    for m in train:
+        m.requires_grad_(True)
     return layers
 
 
@@ -798,7 +799,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
-    pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used;
+    pass `stats` ({name: Statistics}, as collect_statistics returns; left as they are;
     under torch.distributed each owner factorizes its layers and broadcasts the factors).
 
     damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` by the held-out
@@ -824,6 +825,8 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift, distributed = method in SHIFTED, data and _distributed()
+    if method == "lora-ga" and (narrow := [n for n, m in layers.items() if 2 * m.rank > min(m.base.weight.shape)]):
+        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a smaller rank")
     mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
     if data:
         mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
@@ -836,7 +839,7 @@ def init_adapters(layers, method, stats=None, damping="auto", step=1.0, init_nor
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
         B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator)
         if data:
-            st = stats.pop(name)
+            st = stats[name]  # the caller's stats stay whole: another method can use them
             for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
                 counted.add(id(X))
                 row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20

@@ -737,6 +737,42 @@ def test_add_lora_errors_name_the_problem():
         add_lora(_model(), ["query"], rank=2, alpha=4, trainable=["classifier"])
 
 
+def test_add_lora_checks_every_rank_and_trainable_name_before_changing_the_model():
+    for kw in (dict(targets=["query", "value", "dead"], rank=5), dict(targets=["query"], rank=2, trainable=["nope"])):
+        model = _model()  # dead is 6 -> 4 wide: rank 5 fits query and value (6 -> 5), not dead, the last
+        before = {n: (type(m), [p.requires_grad for p in m.parameters()]) for n, m in model.named_modules()}
+        with pytest.raises(ValueError, match="layer dead: rank 5|trainable module 'nope'"):
+            add_lora(model, alpha=4, **kw)
+        assert {n: (type(m), [p.requires_grad for p in m.parameters()]) for n, m in model.named_modules()} == before
+
+
+def test_lora_ga_too_wide_is_refused_before_the_diagnostics_run():
+    model = _model()
+    layers = add_lora(model, ["query", "mix"], rank=3, alpha=4)  # 2 * 3 > 5: both layers are too narrow
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(sizes=(3, 2, 2)))
+    with pytest.raises(ValueError, match=r"layers \['query', 'mix'\]: lora-ga needs 2 \* rank <= min"):
+        init_adapters(layers, "lora-ga", stats, log=lambda *a: None)
+
+
+def test_init_adapters_leaves_the_callers_statistics_for_another_method():
+    model = _model()
+    layers = add_lora(model, ["query", "value"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
+    init_adapters(layers, "lora-one", stats, log=lambda *a: None)
+    assert sorted(stats) == ["query", "value"]
+    report = init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+    assert all(r["captured"] > 0 for r in report)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_one_hot_float_labels_on_a_classifier_are_refused_not_read_as_regression(fisher):
+    batches = [dict(b, labels=nn.functional.one_hot(b["labels"], 3).float()) for b in _batches()]
+    model = _model()
+    with pytest.raises(ValueError, match=r"float labels as one regression target per example .* got \[3, 3\] "
+                                         r"and \[3, 3\]: for classes pass integer labels \(one-hot: labels.argmax"):
+        collect_statistics(model, {"query": model.query}, batches, fisher=fisher)
+
+
 # ============================================================================ cglora.py: init
 
 
