@@ -305,7 +305,8 @@ def _model_inputs(batch, loss, encoder=None):
     them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
     if getattr(loss, "model_labels", False):
         return dict(batch)
-    if encoder is not None and batch["labels"].dim() == 2 and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch):
+    decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
+    if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
         raise ValueError("token labels [batch, length] on an encoder-decoder model with no decoder_input_ids: "
                          "pass loss=cglora.seq2seq_lm_loss, which gives the labels to the model to build them")
     return {k: v for k, v in batch.items() if k != "labels"}
@@ -366,9 +367,11 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             if not share:  # first batch: layers whose inputs are the same tensors (every call) share S
                 first = {}
                 share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names})
-            masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask") if batch.get(k) is not None}
+            masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
+                     if batch.get(k) is not None}
             keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
-            x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks) for key in dict.fromkeys(share.values())}
+            x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks)
+                 for key in dict.fromkeys(share.values())}
             ys, n_b = {name: [c[1] for c in seen[name]] for name in names}, int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
             delta, delta_T = (iter(g) for g in _output_gradients(
@@ -415,8 +418,8 @@ def _recording(model, layers, encoder=None):
 
     def hook(name):
         def record(module, inputs, output):
-            source = next((x for x, a in alias.values() if a is inputs[0]), inputs[0])  # before its alias
-            decoder = bool(encoded) and source is not encoded[0]
+            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
+                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
             seen.setdefault(name, []).append((inputs[0], output, "decoder_" * decoder + "attention_mask"))
         return record
 
@@ -958,7 +961,8 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     if not lora:
         raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass get_peft_model's model "
                          f"and the adapter's name")
-    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items() if not isinstance(m.base_layer, nn.Linear)]:
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
+                 if not isinstance(m.base_layer, nn.Linear)]:
         raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
     scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
     for n, m in lora.items():

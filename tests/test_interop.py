@@ -197,6 +197,9 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
         cglora.initialize_peft(peft_model, batches, rank=4)
     with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
         cglora.initialize_peft(peft_model, batches, adapter_name="other")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match=r"c_attn \(Conv1D\)'\]: only nn.Linear base layers"):
+        cglora.initialize_peft(peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"])), batches)
     peft_model = peft.get_peft_model(_t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
                                                              task_type="SEQ_2_SEQ_LM"))
     ids, mask = _padded(1, (2, 6), 50, (6, 3))
