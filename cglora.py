@@ -380,11 +380,11 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in), over every call of a shared layer
             for name in names:  # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
                 # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach the loss
-                d, d_T = ([torch.zeros_like(y) if g is None else g * n_b for y, g in zip(ys[name], grads)]
-                          for grads in (delta, delta_T))
-                d = _rows(d, keys[name], masks)
+                rows = (_rows([torch.zeros_like(y) if g is None else g * n_b for y, g in zip(ys[name], grads)],
+                              keys[name], masks) for grads in (delta, delta_T))  # G's, then (sampled) T's
+                d = next(rows)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
-                T.add(name, d if fisher != "sampled" else _rows(d_T, keys[name], masks))  # sum delta delta^T
+                T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
             n[fold] += n_b
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x

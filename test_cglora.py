@@ -1205,6 +1205,17 @@ def test_causal_lm_statistics_equal_per_sequence_brute_force_with_padding_and_ig
         collect_statistics(model, {"proj": model.proj}, batches)
 
 
+def test_seq2seq_lm_loss_is_the_unshifted_token_mean_and_samples_only_its_targets():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
+    labels[1, 2:] = cglora.IGNORE
+    want = nn.functional.cross_entropy(logits[labels != cglora.IGNORE], labels[labels != cglora.IGNORE])
+    torch.testing.assert_close(cglora.seq2seq_lm_loss(logits, labels), want)
+    assert cglora.seq2seq_lm_loss.terms(labels) == 6 and cglora.seq2seq_lm_loss.model_labels
+    sampled = cglora.seq2seq_lm_loss.sample(logits, labels, g)
+    assert (sampled[1, 2:] == cglora.IGNORE).all() and sampled[labels != cglora.IGNORE].min() >= 0
+
+
 def test_causal_lm_sampled_fisher_is_the_expectation_over_the_model_tokens():
     torch.manual_seed(0)
     model, batch = _Causal(), _token_batches(seed=1, sizes=(3,))[0]

@@ -72,6 +72,11 @@ def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
     torch.testing.assert_close(cross_k.S, x.T @ x / 15, atol=1e-6, rtol=1e-5)
     self_q = stats["decoder.block.0.layer.0.SelfAttention.q"]
     assert self_q.folds[0].tokens == (decoder_mask.sum() if decoder_length == 7 else 3 * decoder_length)
+    sampled = cglora.collect_statistics(model, layers, [batch], loss=cglora.seq2seq_lm_loss, folds=1,
+                                        fisher="sampled")  # T from the model's tokens, G from the labels
+    for name in layers:
+        torch.testing.assert_close(sampled[name].G, stats[name].G)
+        assert not torch.allclose(sampled[name].T, stats[name].T)
 
 
 def test_t5_token_labels_without_the_seq2seq_loss_say_which_loss_to_pass():
