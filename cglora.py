@@ -8,7 +8,10 @@ Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is n
 """
 import contextlib
 import functools
+import inspect
+import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -96,23 +99,24 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     targets = _matching(model, targets, nn.Linear)  # first: a bad target leaves the model as it was
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = {}
+    layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
-            layer = LoRALinear(linear, rank, alpha, dropout, rslora)
+            layers[name] = LoRALinear(linear, rank, alpha, dropout, rslora)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        layers[name] = layer
     for name in trainable:
         modules = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
         if not modules:
             raise ValueError(f"trainable module {name!r} not found in the model")
-        for m in modules:
-            m.requires_grad_(True)
+        train += modules
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    for m in train:
+        m.requires_grad_(True)
     return layers
 
 
@@ -147,17 +151,26 @@ def _fp32(f):
     return wrapped
 
 
-def _tokens(t, keep):  # [batch, length, dim] -> [real tokens, dim] in fp32; [batch, dim] stays
-    return (t[keep] if keep is not None and t.dim() == 3 else t.reshape(-1, t.shape[-1])).float()
+def _tokens(t, keep):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; a mask that does
+    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # not fit: every row
+    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()
+
+
+_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an encoder-decoder one "
+              "loss=cglora.seq2seq_lm_loss, else a loss(output, labels) returning the batch mean")
 
 
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
+        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # one-hot: never MSE on logits
+            raise ValueError(f"the default loss takes float labels as one regression target per example "
+                             f"([batch], against an output [batch, 1]: MSE), got {list(labels.shape)} and "
+                             f"{list(out.shape)}: for classes pass integer labels (one-hot: labels.argmax(-1)), "
+                             f"else a loss(output, labels) returning the batch mean")
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
         raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
-                         f"{list(out.shape)} and {list(labels.shape)}: for a causal language model pass "
-                         "loss=cglora.causal_lm_loss, else a loss(output, labels) returning the batch mean")
+                         f"{list(out.shape)} and {list(labels.shape)}: {_LM_LOSSES}")
     return F.cross_entropy(out.float(), labels)
 
 
@@ -175,25 +188,36 @@ _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries i
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 
+def seq2seq_lm_loss(logits, labels):
+    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model too
+    (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t predict
+    labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean over the
+    batch's target tokens. One loss term is one target token."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
     (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
     the result is the mean over the batch's target tokens. One loss term is one target token."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return seq2seq_lm_loss(logits[:, :-1], labels[:, 1:])
 
 
-def _sample_tokens(logits, labels, generator):
+def _sample_tokens(logits, labels, generator, shift=1):
     """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
-    label at t + 1 from logits[:, t]; ignored positions stay ignored, position 0 is never a target."""
-    target = labels[:, 1:] != IGNORE  # b x (L - 1)
-    probs = logits[:, :-1][target].detach().float().cpu().softmax(-1)  # targets x V
+    label at t + shift from logits[:, t]; ignored positions stay ignored."""
+    target = labels[:, shift:] != IGNORE  # b x (L - shift)
+    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)  # targets x V
     sampled = labels.clone()
-    sampled[:, 1:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
+    sampled[:, shift:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
     return sampled
 
 
 causal_lm_loss.sample = _sample_tokens
 causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
+seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator, shift=0)
+seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
+seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
 
 
 class _Sums:
@@ -288,14 +312,53 @@ def _labels(batch, i):  # calibration batch i's labels, once it is checked to be
     return batch["labels"]
 
 
+def _logits(out):
+    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's "logits";
+    a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a loss first)."""
+    if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
+        return out["logits"] if isinstance(out, Mapping) else out.logits
+    if isinstance(out, (tuple, list)):
+        out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
+    if not torch.is_tensor(out):
+        keys = f" with keys {list(out)}" if isinstance(out, Mapping) else ""
+        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, returned as a "
+                        f"tensor, a tuple's first tensor or a dict's 'logits'")
+    return out
+
+
+def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder()
+    return None if encoder is model else encoder
+
+
+def _model_inputs(batch, loss, encoder=None):
+    """What model(**inputs) gets: the batch without its labels, unless the loss says the model needs
+    them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
+    if getattr(loss, "model_labels", False):
+        return dict(batch)
+    decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
+    if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
+        raise ValueError("token labels [batch, length] on an encoder-decoder model with no decoder_input_ids: "
+                         "pass loss=cglora.seq2seq_lm_loss, which gives the labels to the model to build them")
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _rows(tensors, keys, masks):  # one layer's calls -> their token rows, stacked, each call's own mask
+    return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
+
+
 def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=1,
                        device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
-    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding,
-    the rest goes to model(**inputs). `loss(output, labels)` returns the batch's mean loss over
+    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
+    ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to model(**inputs)
+    (the labels too if loss.model_labels). `loss(output, labels)` returns the batch's mean loss over
     loss.terms(labels) terms (default: cross entropy or, for float labels, MSE, one term per row of
-    the labels; causal_lm_loss for a language model, one per target token, §9); delta, the gradient
+    the labels; causal_lm_loss or seq2seq_lm_loss for a language model, one per target token, §9);
+    a layer called several times per forward sums over its calls (§2); delta, the gradient
     of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws T's labels with
     loss.sample(output, labels, generator). progress(i), if given, is called before batch i.
 
@@ -322,7 +385,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
     n, share, names, pending = [0] * folds, {}, list(layers), 0
-    with _recording(model, layers) as (seen, reset):
+    encoder = _encoder(model)
+    with _recording(model, layers, encoder) as (seen, reset):
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
@@ -330,27 +394,31 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 progress(i)
             labels = _labels(batch, i)
             reset()
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
-            out = getattr(out, "logits", out)
+            out = _logits(model(**_model_inputs(batch, loss, encoder)))
             missing = [name for name in names if name not in seen]
             if missing:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
-            if not share:  # first batch: layers whose input is the same tensor share S
+            if not share:  # first batch: layers whose inputs are the same tensors (every call) share S
                 first = {}
-                share.update({name: first.setdefault(id(seen[name][0]), name) for name in names})
-            keep = batch.get("attention_mask")
-            keep = None if keep is None else keep.bool()
-            x = {key: _tokens(seen[key][0].detach(), keep) for key in dict.fromkeys(share.values())}
-            ys, n_b = [seen[name][1] for name in names], int(getattr(loss, "terms", len)(labels))
+                share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names})
+            masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
+                     if batch.get(k) is not None}
+            keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
+            x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks)
+                 for key in dict.fromkeys(share.values())}
+            ys, n_b = {name: [c[1] for c in seen[name]] for name in names}, int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
-            delta, delta_T = _output_gradients(loss, out, labels.to(out.device), ys, fisher, generator)
+            delta, delta_T = (iter(g) for g in _output_gradients(
+                loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher, generator))
             for key, rows in x.items():
-                S.add(key, rows)  # sum_t x x^T  (d_in x d_in)
-            for name, y, d, d_T in zip(names, ys, delta, delta_T):
+                S.add(key, rows)  # sum_t x x^T  (d_in x d_in), over every call of a shared layer
+            for name in names:  # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
                 # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach the loss
-                d = _tokens(torch.zeros_like(y) if d is None else d * n_b, keep)
+                rows = (_rows([torch.zeros_like(y) if g is None else g * n_b for y, g in zip(ys[name], grads)],
+                              keys[name], masks) for grads in (delta, delta_T))  # G's, then (sampled) T's
+                d = next(rows)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
-                T.add(name, d if d_T is None else _tokens(d_T * n_b, keep))  # sum delta delta^T
+                T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
             n[fold] += n_b
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
@@ -367,13 +435,16 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
 
 
 @contextlib.contextmanager
-def _recording(model, layers):
-    """While open, the model is frozen and in eval mode, and each of `layers` records its (input,
-    output) of the current forward pass in `seen`; reset() forgets them and the input aliases (call it
-    per batch). All restored on exit."""
+def _recording(model, layers, encoder=None):
+    """While open, the model is frozen and in eval mode, and each of `layers` records every call of
+    the current forward pass in seen[name], one (input, output, mask) per call (a layer shared across
+    depths is called once per use). mask names the batch's token mask for that call: "attention_mask",
+    or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask" for a call whose input
+    is not the encoder's output (cross-attention's keys and values are). reset() forgets the calls,
+    the input aliases and the encoder's output (call it per batch). All restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    seen, alias = {}, {}  # name -> (input, output) of the current batch; id(input) -> alias
+    seen, alias, encoded = {}, {}, []  # name -> calls; id(input) -> (input, alias); the encoder's output
 
     def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
         if not torch.is_grad_enabled() or inputs[0].requires_grad:
@@ -383,15 +454,21 @@ def _recording(model, layers):
         return (alias[key][1],) + tuple(inputs[1:])
 
     def hook(name):
-        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
+        def record(module, inputs, output):
+            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
+                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
+            seen.setdefault(name, []).append((inputs[0], output, "decoder_" * decoder + "attention_mask"))
+        return record
 
     handles = [h for name, m in layers.items()
                for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook(name)))]
+    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
+        handles.append(encoder.register_forward_hook(lambda module, inputs, output: encoded.append(output[0])))
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        yield seen, lambda: (seen.clear(), alias.clear())
+        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
     finally:
         for h in handles:
             h.remove()
@@ -773,7 +850,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
-    pass `stats` ({name: Statistics}, as collect_statistics returns; entries are freed as used;
+    pass `stats` ({name: Statistics}, as collect_statistics returns; left as they are;
     under torch.distributed each owner factorizes its layers and broadcasts the factors).
 
     damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` by the held-out
@@ -810,6 +887,8 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift, distributed = method in SHIFTED, data and _distributed()
+    if method == "lora-ga" and (narrow := [n for n, m in layers.items() if 2 * m.rank > min(m.base.weight.shape)]):
+        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a smaller rank")
     mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
     if data:
         mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
@@ -822,7 +901,7 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
         B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator, layer.base.weight.device)
         if data:
-            st = stats.pop(name)
+            st = stats[name]  # the caller's stats stay whole: another method can use them
             for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
                 counted.add(id(X))
                 row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
@@ -942,6 +1021,98 @@ def _checked_and_diagnosed(method, layers, stats, damping, grid):
     return mine, damping, {}
 
 
+# ----------------------------------------------------------------------------- peft
+
+
+def _peft_layers(model, adapter_name):  # peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
+    return {n: m for n, m in model.named_modules()
+            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ()) and hasattr(m, "scaling")}
+
+
+def _lm_loss(model):  # a Hugging Face LM's loss (§9), recognised by its class and config; else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base).__name__
+    if kind.endswith("ForCausalLM"):
+        return causal_lm_loss
+    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
+
+
+def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
+    """Initialise a peft LoRA adapter by `method` in one call, from calibration `batches` (as
+    collect_statistics takes them), as peft's own data-driven inits do (EVA's
+    initialize_lora_eva_weights(model, dataloader)). Duck-typed on peft's LoraLayer (base_layer,
+    lora_A[adapter_name], lora_B[adapter_name], scaling[adapter_name]): peft is not imported.
+
+    Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
+    the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
+    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters with
+    that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds, damping,
+    init_norm, ...); a transformers *ForCausalLM or encoder-decoder *ForConditionalGeneration gets
+    causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns init_adapters' report.
+    Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does not carry: refused."""
+    if method in SHIFTED:
+        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not carry: use cg-lora "
+                         f"(W0 kept) or lora-one, or add_lora + init_adapters + save_peft (the shift exported "
+                         f"against the original W0 as rank 2r)")
+    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method", "stats"}
+             for f in (collect_statistics, init_adapters)]
+    if unknown := sorted(set(kw) - known[0] - known[1]):
+        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and init_adapters' options")
+    lora = _peft_layers(peft_model, adapter_name)
+    if not lora:
+        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass get_peft_model's model "
+                         f"and the adapter's name")
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
+                 if not isinstance(m.base_layer, nn.Linear)]:
+        raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
+    scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
+    for n, m in lora.items():
+        scratch[n] = LoRALinear(m.base_layer, m.r[adapter_name], m.lora_alpha[adapter_name])
+        scratch[n].scaling = m.scaling[adapter_name]
+    options = {k: v for k, v in kw.items() if k in known[0]}
+    options.setdefault("loss", _lm_loss(peft_model))
+    with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
+        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches, **options)
+    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
+    with torch.no_grad():
+        for n, m in lora.items():
+            m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
+            m.lora_B[adapter_name].weight.copy_(scratch[n].lora_B)
+    return report
+
+
+def save_peft(model, directory, modules_to_save=(), **config):
+    """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
+    PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
+    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules trained
+    whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
+    use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
+    lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
+    base_model_name_or_path). Returns the config written."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = lora_state_dict(model)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling, m.dropout.p) for m in layers.values()}) != 1:
+        raise ValueError(f"save_peft writes one rank and scaling for all adapters, and {len(layers)} LoRALinear "
+                         f"layers have ranks {sorted(ranks)}: add_lora with one rank and alpha")
+    (r,), one = ranks, next(iter(layers.values()))
+    for target in modules_to_save:
+        found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+        if not found:
+            raise ValueError(f"module {target!r} of modules_to_save is not in the model")
+        for n, m in found.items():
+            state.update({f"base_model.model.{n}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
+    shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
+    config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
+                  use_rslora=not shifted and one.scaling != one.alpha / r, target_modules=sorted(layers),
+                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p, bias="none", **config)
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, "adapter_model.bin"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return config
+
+
 # ----------------------------------------------------------------------------- §8.2 the real loss
 
 
@@ -956,8 +1127,8 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
     was_training = model.training
 
     def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(getattr(out := model(**{k: v for k, v in b.items() if k != "labels"}), "logits", out),
-                         b["labels"]).item() * b["labels"].shape[0] for b in batches)
+        total = sum(loss(_logits(model(**_model_inputs(b, loss))), b["labels"]).item() * b["labels"].shape[0]
+                    for b in batches)
         return total / sum(b["labels"].shape[0] for b in batches)
 
     try:

@@ -1,0 +1,231 @@
+"""cglora on tiny random Hugging Face models (transformers, and peft where named; skipped when absent):
+each family's collected G against autograd's gradient of the model's own loss."""
+import pytest
+import torch
+from torch import nn
+
+import cglora
+
+transformers = pytest.importorskip("transformers")
+
+
+def _padded(seed, shape, vocab, lengths, pad=0):  # ids [b, L] and the mask of the first lengths[i] tokens
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, shape, generator=g)
+    mask = (torch.arange(shape[1]) < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def _assert_G_is_autograd(model, targets, batch, loss=None, reference=lambda out: out.loss):
+    """collect_statistics' G of every nn.Linear whose last name is in targets against autograd's gradient
+    of reference(model(**batch)), the model's own loss on the same batch (labels included)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    assert layers
+    stats = cglora.collect_statistics(model, layers, [batch], loss=loss, folds=1)
+    grads = torch.autograd.grad(reference(model.eval()(**batch)), [m.weight for m in layers.values()])
+    for (name, _), grad in zip(layers.items(), grads):
+        assert grad.norm() > 0, name
+        assert (stats[name].G - grad).norm() <= 1e-5 * grad.norm(), name
+    return layers, stats
+
+
+def _albert():
+    config = transformers.AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.AlbertForSequenceClassification(config)
+
+
+def test_albert_shared_layers_sum_their_calls_and_equal_autograd():
+    """ALBERT runs one layer at every depth: G sums the gradients of its 3 calls, S their padded token rows."""
+    ids, mask = _padded(0, (3, 7), 50, (7, 4, 5))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    layers, stats = _assert_G_is_autograd(_albert(), ["query", "value", "dense", "ffn"], batch)
+    assert len(layers) == 4
+
+
+def _t5():
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]  # encoder, decoder self- and cross-attention, feed-forward
+
+
+@pytest.mark.parametrize("decoder_length", [5, 7])
+def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
+    """Encoder masked by attention_mask; the decoder's own tokens by decoder_attention_mask (given when the
+    lengths are equal, where the encoder's mask fits them too); cross-attention's keys and values by the
+    encoder's; the labels go to the model, which builds the decoder inputs (seq2seq_lm_loss)."""
+    ids, mask = _padded(1, (3, 7), 50, (7, 3, 5))
+    labels, decoder_mask = _padded(2, (3, decoder_length), 50, (decoder_length, 2, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100))
+    if decoder_length == 7:
+        batch["decoder_attention_mask"] = decoder_mask
+    model = _t5()
+    layers, stats = _assert_G_is_autograd(model, T5_TARGETS, batch, loss=cglora.seq2seq_lm_loss)
+    assert len(layers) == 2 * 6 + 2 * 10
+    cross_k = stats["decoder.block.0.layer.1.EncDecAttention.k"]  # S over the encoder's 15 real tokens
+    x = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.detach()[mask.bool()]
+    torch.testing.assert_close(cross_k.S, x.T @ x / 15, atol=1e-6, rtol=1e-5)
+    self_q = stats["decoder.block.0.layer.0.SelfAttention.q"]
+    assert self_q.folds[0].tokens == (decoder_mask.sum() if decoder_length == 7 else 3 * decoder_length)
+    sampled = cglora.collect_statistics(model, layers, [batch], loss=cglora.seq2seq_lm_loss, folds=1,
+                                        fisher="sampled")  # T from the model's tokens, G from the labels
+    for name in layers:
+        torch.testing.assert_close(sampled[name].G, stats[name].G)
+        assert not torch.allclose(sampled[name].T, stats[name].T)
+
+
+def test_t5_token_labels_without_the_seq2seq_loss_say_which_loss_to_pass():
+    ids, mask = _padded(1, (2, 6), 50, (6, 3))
+    with pytest.raises(ValueError, match="pass loss=cglora.seq2seq_lm_loss"):
+        cglora.collect_statistics(_t5(), {"q": _t5().encoder.block[0].layer[0].SelfAttention.q},
+                                  [dict(input_ids=ids, attention_mask=mask, labels=ids)])
+
+
+def test_bart_labels_build_the_decoder_inputs_and_G_equals_autograd():
+    config = transformers.BartConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=1,
+                                     bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    ids, mask = _padded(3, (3, 8), 50, (8, 5, 6), pad=1)
+    labels, decoder_mask = _padded(4, (3, 6), 50, (6, 3, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100))
+    _assert_G_is_autograd(model, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], batch,
+                          loss=cglora.seq2seq_lm_loss)
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_bert_padded_and_tuple_outputs_equal_autograd(return_dict):
+    ids, mask = _padded(5, (3, 7), 50, (7, 2, 5))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, 0, 1]), return_dict=return_dict)
+    _assert_G_is_autograd(_bert(), ["query", "value", "dense"], batch,
+                          reference=lambda out: out.loss if return_dict else out[0])
+
+
+def _llama(dtype=torch.float32):
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def test_llama_padded_causal_lm_equals_autograd():
+    ids, mask = _padded(6, (3, 9), 50, (9, 6, 4))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    _assert_G_is_autograd(_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                          batch, loss=cglora.causal_lm_loss)
+
+
+# ---------------------------------------------------------------------------- peft
+
+FAMILIES = {  # model, targets, peft task, calibration batches (labels included), the loss add_lora's route takes
+    "bert": (_bert, ["query", "value"], "SEQ_CLS", None),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], "CAUSAL_LM", cglora.causal_lm_loss),
+}
+
+
+def _calibration(family):
+    batches = []
+    for seed in range(4):
+        ids, mask = _padded(seed, (4, 9), 50, (9, 5, 7, 9))
+        labels = ids.masked_fill(mask == 0, -100) if family == "llama" else torch.arange(4) % 3
+        batches.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    return batches
+
+
+def _quiet(*args):
+    pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_initialize_peft_is_add_lora_and_init_adapters_saves_reloads_and_trains(tmp_path, family, dtype):
+    peft = pytest.importorskip("peft")
+    make, targets, task, loss = FAMILIES[family]
+    batches = _calibration(family)
+    model = make().to(dtype)  # our route: the same random model, the same rank and alpha
+    layers = cglora.add_lora(model, targets, rank=4, alpha=8, rslora=True)
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches, loss=loss)
+    cglora.init_adapters(layers, "cg-lora", stats, log=_quiet)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets, task_type=task)
+    peft_model = peft.get_peft_model(make().to(dtype), config)
+    report = cglora.initialize_peft(peft_model, batches, log=_quiet)  # the LM's loss recognised by itself
+    assert len(report) == len(layers) and all(r["captured"] > 0 for r in report)
+    lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert sorted(lora) == sorted(layers)
+    tol = dict(atol=1e-6, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-4, rtol=2e-2)
+    for name, m in lora.items():  # peft's s B A is ours
+        ours = layers[name].delta_weight().float()
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(m.get_delta_weight("default").float(), ours, **tol)
+
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    logits = peft_model.eval()(**inputs).logits
+    peft_model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(make().to(dtype), tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs).logits, logits, atol=1e-6, rtol=1e-5)
+
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []  # in eval mode: no dropout noise in the comparison
+    for _ in range(5):
+        out = peft_model(**batches[0])
+        losses.append(out.loss.item())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+
+
+def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_without_its_adapter():
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    batches = _calibration("bert")
+    for method in ("cg-lora-shift", "lora-ga"):
+        with pytest.raises(ValueError, match=f"initialize_peft: {method} shifts W0.* use cg-lora"):
+            cglora.initialize_peft(peft_model, batches, method)
+    with pytest.raises(TypeError, match=r"initialize_peft got \['rank'\]"):
+        cglora.initialize_peft(peft_model, batches, rank=4)
+    with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
+        cglora.initialize_peft(peft_model, batches, adapter_name="other")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match=r"c_attn \(Conv1D\)'\]: only nn.Linear base layers"):
+        cglora.initialize_peft(peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"])), batches)
+    peft_model = peft.get_peft_model(_t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
+                                                             task_type="SEQ_2_SEQ_LM"))
+    ids, mask = _padded(1, (2, 6), 50, (6, 3))
+    report = cglora.initialize_peft(peft_model, [dict(input_ids=ids, attention_mask=mask, labels=ids)] * 2,
+                                    damping=1.0, log=_quiet)  # the seq2seq loss, recognised
+    assert len(report) == 2 * 2 + 2 * 4 and all(r["fallback"] is None for r in report)
+
+
+@pytest.mark.parametrize("method, rslora", [("cg-lora", True), ("cg-lora", False), ("cg-lora-shift", True)])
+def test_save_peft_reloads_in_peft_to_our_logits_without_restating_the_scale(tmp_path, method, rslora):
+    peft = pytest.importorskip("peft")
+    model, batches = _bert(), _calibration("bert")
+    layers = cglora.add_lora(model, ["query", "value"], rank=4, alpha=8, rslora=rslora,
+                             trainable=["classifier", "pooler"])
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
+    cglora.init_adapters(layers, method, stats, log=_quiet)
+    with torch.no_grad():  # as if trained: adapters and the modules trained whole move
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    config = cglora.save_peft(model, tmp_path, modules_to_save=["classifier", "pooler"])
+    assert (config["r"], config["use_rslora"]) == ((8, False) if method == "cg-lora-shift" else (4, rslora))
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    loaded = peft.PeftModel.from_pretrained(_bert(), tmp_path).eval()  # the original checkpoint
+    torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
