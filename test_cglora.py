@@ -3071,10 +3071,10 @@ def _results_run():  # results/run.py as a module (it is a script, not a package
 
 
 def _results_sandbox(tmp_path, monkeypatch, block, **files):
-    """results/run.py writing into tmp_path: a README with a STALE `block`, and each files[NAME] (run.NAME) there."""
+    """results/run.py in tmp_path: results/README.md with a STALE `block`, and each files[NAME] (run.NAME) there."""
     run = _results_run()
     (tmp_path / "results").mkdir()
-    (tmp_path / "README.md").write_text(f"head\n<!-- {block} -->\nSTALE\n<!-- /{block} -->\ntail\n")
+    (tmp_path / "results" / "README.md").write_text(f"head\n<!-- {block} -->\nSTALE\n<!-- /{block} -->\ntail\n")
     monkeypatch.setattr(run, "HERE", tmp_path / "results")
     for name, file in files.items():
         monkeypatch.setattr(run, name, tmp_path / "results" / file)
@@ -3093,7 +3093,7 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
                 f.write(json.dumps(dict(task="cola", method=method, seed=seed, lr=lr, damping=run.DAMPING,
                                         history=history, captured=[0.5], wall_seconds=60.0)) + "\n")
     run.report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.startswith("head\n<!-- results -->\n") and readme.endswith("<!-- /results -->\ntail\n")
     assert "STALE" not in readme
     # cg-lora's best seed-0 rate is 1e-3 (0.30 > 0.05; 5e-4 is a sensitivity rate, not a candidate),
@@ -3119,7 +3119,7 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
         "cg-lora": run.INIT_NORMS[1], "cg-lora-shift": run.INIT_NORMS[1], "lora-one": run.INIT_NORMS[1]}
     # until the grid has run at the best size, the table keeps the default size's grid and says so
     run.report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert "| cg-lora | 0.001 | default | 0.200 ± 0.100 (3) |" in readme
     n = f"{run.INIT_NORMS[1]:g}"
     assert f"best init size of cg-lora {n}, lora-one {n}, cg-lora-shift {n} has not been run on every" in readme
@@ -3130,7 +3130,7 @@ def test_results_report_matches_the_runs(tmp_path, monkeypatch):
                                     init_norm=run.INIT_NORMS[1], history=history, captured=[0.5],
                                     wall_seconds=60.0)) + "\n")
     run.report()
-    readme = (tmp_path / "README.md").read_text()  # seed 0 at 0.3 scored 0.5 above
+    readme = (tmp_path / "results" / "README.md").read_text()  # seed 0 at 0.3 scored 0.5 above
     assert f"| cg-lora | 0.001 | {run.INIT_NORMS[1]:g} | 0.500 ± 0.100 (3) |" in readme
     assert "best init size of lora-one" in readme and "best init size of cg-lora " not in readme
     se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # (0.5, 0.4, 0.6) at 0.3; (0.3, 0.2, 0.1) at the default
@@ -3192,7 +3192,7 @@ def test_realloss_report_renders_the_rows(tmp_path, monkeypatch):
                   direction("random", None, 0.25 * x, real / 8)]
             f.write(json.dumps(dict(task="cola", seed=seed, head="fresh", directions=ds)) + "\n")
     run.realloss_report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.startswith("head\n<!-- realloss -->\n") and readme.endswith("<!-- /realloss -->\ntail\n")
     assert "STALE" not in readme and "python results/run.py realloss-report" in readme
     # cg-lora at the auto damping: q expand 6 and 6.6 (3 and 3.3 per layer), reduce twice, Fisher half, joint a
@@ -3290,7 +3290,7 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
                                     moves=moves, in_init=dict(left=0.5, right=0.25, both=0.1),
                                     in_lora_one=dict(left=0.2, right=0.1, both=0.0))) + "\n")
     run.early_report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.startswith("head\n<!-- early -->\n") and readme.endswith("<!-- /early -->\ntail\n")
     assert "STALE" not in readme
     # train loss 0.6 and 0.8 at every step: 0.700 ± 0.100 (stdev 0.141 / sqrt 2); real decrease 0.0150 ± 0.0050
@@ -3311,15 +3311,15 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
     with open(run.EARLY, "a") as f:  # LoRA-One at 0.45 on seed 0: its row against rsLoRA, and CG-LoRA's against it
         f.write(json.dumps(dict(first, method="lora-one", train_loss=[0.45] * 300)) + "\n")
     run.early_report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert "| lora-one | -0.050 (1) |" in readme and "| cg-lora − lora-one | 0.150 (1) |" in readme
     with open(run.EARLY, "a") as f:  # a second task: its own table and figure
         f.write(json.dumps(dict(first, task="sts-b", train_loss=[2.0] * 300,
                                 evals=[dict(step=s, pearson=0.5, loss=2.0) for s in (*run.EVALS, 179, 300)])) + "\n")
     run.early_report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert "cola and sts-b, all-MiniLM-L6-v2" in readme and "**sts-b, AdamW, fresh head**" in readme
-    assert "| dev pearson 179 (epoch 1) | 300 |" in readme and "results/early_curves_sts-b.svg" in readme
+    assert "| dev pearson 179 (epoch 1) | 300 |" in readme and "](early_curves_sts-b.svg)" in readme
     assert "sts-b train loss" in (tmp_path / "results" / "early_curves_sts-b.svg").read_text()
     assert "cg-lora (2)" in (tmp_path / "results" / "early_curves_cola.svg").read_text()  # cola's unchanged
     with open(run.EARLY, "a") as f:  # a whole budget under 300 steps (MRPC's 228): a table, not the SGD rate probe's line
@@ -3327,7 +3327,7 @@ def test_early_report_means_and_figure(tmp_path, monkeypatch):
                                 moves={str(k): v for k, v in zip((*run.MOVES, 228), first["moves"].values())},
                                 evals=[dict(step=s, f1=0.8, loss=0.5) for s in (0, 50, 100, 114, 200, 228)])) + "\n")
     run.early_report()
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
     assert "**mrpc, AdamW, fresh head**" in readme and "rate probe" not in readme
     assert "| dev loss 0 | 50 | 100 | 228 | dev f1 114 (epoch 1) | 228 |" in readme
     # a diverged run (nan) is counted, not averaged into the others

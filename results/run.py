@@ -4,9 +4,9 @@
     python results/run.py grid             # seeds 0-2 at each method's best CoLA rate, all --tasks
     python results/run.py sizes --tasks cola,sts-b   # cg-lora and lora-one init sizes (seed 0)
     python results/run.py diagnose         # §8 diagnostics on examples the calibration never saw
-    python results/run.py report           # the README's results table + results/cola_curves.svg
+    python results/run.py report           # results/README.md's grid block + cola_curves.svg
     python results/run.py realloss --tasks cola,sts-b --heads fresh,probe   # q under 3 curvatures vs the real loss
-    python results/run.py realloss-report  # its README table (results/realloss.jsonl)
+    python results/run.py realloss-report  # its block in results/README.md (results/realloss.jsonl)
     python results/run.py early --tasks cola --seeds 0,1,2,3,4   # the first 300 steps, every step's loss
     python results/run.py early --tasks sts-b --seeds 0,1,2,3,4   # and on STS-B
     python results/run.py early --tasks cola,sts-b --heads probe --methods rslora,lora-one,cg-lora   # head trained first
@@ -14,7 +14,7 @@
     python results/run.py early --tasks sts-b --heads probe --methods rslora,lora-one,cg-lora --seeds 3   # STS-B's 4th
     python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
     python results/run.py early-sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora   # SGD, its own rate
-    python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
+    python results/run.py early-report     # their block there + early_curves_<task>.svg, early_diff_<task>.svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
@@ -242,7 +242,7 @@ def report():
             + "\n\nInit size `‖s·B·A‖₂` (seed 0; a method's best mean over the two tasks is the size its grid runs at):\n\n"
             + "\n".join(size_table)
             + "\n\nCoLA learning-rate sweep:\n\n" + "\n".join(sweep)
-            + "\n\n![CoLA dev MCC per epoch](results/cola_curves.svg)\n")
+            + "\n\n![CoLA dev MCC per epoch](cola_curves.svg)\n")
     write_block("results", text)
     (HERE / "cola_curves.svg").write_text(curves(pick, [m for m in METHODS if pick.get(("cola", m))]))
     print(text)
@@ -757,7 +757,7 @@ def early_figures(task, by, probed):
     """results/early_curves_<task>.svg: the train loss in windows of SMOOTH steps, mean ± standard error over
     seeds, per method (fresh head; dashed: head trained first); results/early_diff_<task>.svg: each method's minus
     rsLoRA's on the same seed (the same batches, so their noise cancels), mean ± standard error over the seeds
-    both have. Returns the README lines that show them."""
+    both have. Returns the results/README.md lines that show them."""
     def windows(r):
         return [statistics.mean(r["train_loss"][i:i + SMOOTH]) for i in range(0, len(r["train_loss"]) - SMOOTH + 1, SMOOTH)]
 
@@ -778,16 +778,16 @@ def early_figures(task, by, probed):
         pairs = [[a - b for a, b in zip(windows(r), base[r["seed"]])] for r in rr if r["seed"] in base]
         if pairs and m != "rslora":
             diff[f"{m} ({len(pairs)})"] = (COLOURS[m.split(",")[0]], "5,3" if "head first" in m else "", curve(pairs))
-    lines = f"\n![{task}, early training: train loss](results/early_curves_{task}.svg)"
+    lines = f"\n![{task}, early training: train loss](early_curves_{task}.svg)"
     if diff:
         (HERE / f"early_diff_{task}.svg").write_text(band_svg(
             diff, f"{task} train loss minus rsLoRA's (same seed, same batches), ± one standard error"))
-        lines += f"\n\n![{task}, early training: train loss minus rsLoRA's on the same seed](results/early_diff_{task}.svg)"
+        lines += f"\n\n![{task}, early training: train loss minus rsLoRA's on the same seed](early_diff_{task}.svg)"
     return lines
 
 
 def early_report():
-    """The README's "When does the initial direction matter?" block and results/early_curves.svg, from
+    """results/README.md's early-training block and results/early_curves.svg, from
     results/early.jsonl (issue 21, items 3-5)."""
     keys = ("task", "method", "seed", "optimizer", "lr", "head", "steps")
     rows = list({tuple(r[k] for k in keys): r for r in reversed(read_rows(EARLY))}.values())[::-1]  # first of a key
@@ -874,8 +874,8 @@ def early_report():
     print(block)
 
 
-def write_block(name, text):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
-    readme = HERE.parent / "README.md"
+def write_block(name, text):  # results/README.md between <!-- name --> and <!-- /name --> becomes `text`
+    readme = HERE / "README.md"
     head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
     readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + rest.split(f"<!-- /{name} -->\n", 1)[1])
 
@@ -919,7 +919,7 @@ def tracking(runs, model):
 
 
 def realloss_report():
-    """The README's realloss block from results/realloss.jsonl (issue 21)."""
+    """results/README.md's realloss block from results/realloss.jsonl (issue 21)."""
     rows = read_rows(REALLOSS)
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     groups = sorted({(r["task"], r["head"]) for r in rows}, key=lambda g: (order.index(g[0]), g[1]))
