@@ -254,14 +254,14 @@ class _Sums:
                 total[i:j, j:] = total[j:, i:j].T
 
 
-def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below 512: not worth it)
-    k = GRAM_BLOCKS if d >= 512 else 1
+def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below GRAM_MIN_WIDTH)
+    k = GRAM_BLOCKS if d >= GRAM_MIN_WIDTH else 1
     edges = [i * d // k for i in range(k + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
 FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
-GRAM_BLOCKS = 4
+GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 512  # narrower sums: one block (the split does not pay)
 
 
 class Fold(NamedTuple):

@@ -1059,9 +1059,10 @@ if distributed:
 rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 model, batches = tc._model(), tc._batches(sizes=(3, 2, 4, 1, 2, 3, 2, 2))
 layers = cglora.add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
-stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches[rank::world])
+stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches[rank::world],
+                                  folds=2)
 held = {n: (st.owner, len(st.folds)) for n, st in stats.items()}
-report = cglora.init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+report = cglora.init_adapters(layers, "cg-lora", stats, damping="auto", log=lambda *a: None)
 torch.save(dict(held=held, report=report, BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
            f"{sys.argv[2]}/rank{rank}.pt")
 if distributed:  # as train.py ends: a rank that exits with its gloo group alive may abort at exit
@@ -1274,6 +1275,69 @@ def test_causal_lm_on_transformers_llama_G_is_its_loss_gradient_and_cg_lora_init
                                _token_batches(seed=3, sizes=(2, 3), vocab=50, length=9), loss=cglora.causal_lm_loss)
     report = init_adapters(adapters, "cg-lora", stats, log=lambda *a: None)
     assert len(report) == 8 and all(r["captured"] > 0 and r["fallback"] is None for r in report)
+
+
+def test_the_default_init_is_one_pass_at_a_fixed_damping_with_no_diagnostics():
+    """Issue 32: one statistics copy (folds=1), lambda = cglora.DAMPING, no §8 diagnostics."""
+    report = _adapted("cg-lora")[3]
+    assert cglora.DAMPING == 1.0
+    assert all(r["damping"] == 1.0 and "heldout" not in r and "insample" not in r for r in report)
+    model = _model()  # W0, as the init saw it
+    stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches())
+    assert all(len(st.folds) == 1 for st in stats.values())
+    S, G, T = _sgt(stats["mix"])  # the init is the Newton step at that damping, as cg_lora_factors has it
+    B, A, _ = cg_lora_factors(G.double(), S.double(), T.double(), 2, damping=1.0)
+    torch.testing.assert_close(_adapted("cg-lora", init_norm=0)[2]["mix"].delta_weight().double(),
+                               B @ A * 1.0, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_symmetric_sums_in_lower_blocks_equal_the_whole_products(monkeypatch, blocks):
+    """S and T are summed in their lower block triangle and mirrored: the same as a^T a whole."""
+    model = _model()
+    bases = {n: getattr(model, n) for n in ("query", "value", "mix")}
+    monkeypatch.setattr(cglora, "FLUSH_ROWS", 4)  # several flushes
+    whole = collect_statistics(model, bases, _batches(sizes=(3, 2, 4)))
+    monkeypatch.setattr(cglora, "GRAM_MIN_WIDTH", 1)
+    monkeypatch.setattr(cglora, "GRAM_BLOCKS", blocks)
+    split = collect_statistics(model, bases, _batches(sizes=(3, 2, 4)))
+    for name in bases:
+        for X, Y in zip(split[name].folds[0][:3], whole[name].folds[0][:3]):
+            torch.testing.assert_close(X, Y, rtol=1e-6, atol=1e-7)
+        S, T = split[name].folds[0].S, split[name].folds[0].T
+        assert torch.equal(S, S.T) and torch.equal(T, T.T)
+
+
+def test_layers_that_share_an_input_share_one_cholesky_of_S(monkeypatch):
+    calls = []
+    real = cglora.damped_cholesky
+    monkeypatch.setattr(cglora, "damped_cholesky", lambda X, damping: calls.append(X.shape) or real(X, damping))
+    _adapted("cg-lora")  # query and value share their input: S (6 x 6) is factorized once
+    assert sorted(calls) == sorted([(6, 6), (5, 5), (5, 5), (5, 5), (6, 6)])  # S_qv, S_mix, 3 T's
+
+
+@pytest.mark.parametrize("method", ["cg-lora", "cg-lora-shift", "lora-ga", "lora-one", "lora"])
+def test_init_in_groups_under_a_budget_gives_the_factors_of_one_pass(method):
+    """Issue 32: layers in groups, one calibration pass per group, under a statistics budget;
+    every factor and weight equal to collect_statistics + init_adapters over all layers at once."""
+    def adapters(budget):
+        model = _model()
+        layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=cglora.RSLORA[method])
+        if budget is None:
+            stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches())
+            init_adapters(layers, method, stats, log=lambda *a: None)
+            groups = [list(layers)]
+        else:
+            groups = cglora.init_in_groups(model, layers, _batches(), method, budget, log=lambda *a: None)[1]
+        return groups, model.state_dict()
+    one_mib = cglora.statistics_mib({"mix": add_lora(_model(), ["mix"], 2, 4)["mix"]})
+    one, state = adapters(None)
+    groups, grouped = adapters(1.5 * one_mib)  # one layer a group: three passes
+    assert groups == [["query"], ["value"], ["mix"]] and one == [["query", "value", "mix"]]
+    for key, value in state.items():
+        assert torch.equal(grouped[key], value), key
+    with pytest.raises(ValueError, match="over the budget .* raise budget_mib"):
+        cglora.init_in_groups(_model(), add_lora(_model(), ["mix"], 2, 4), _batches(), method, one_mib / 2)
 
 
 # ============================================================================ cglora.py: devices

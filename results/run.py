@@ -918,6 +918,25 @@ def tracking(runs, model):
             f"({len(logs)}) | {lams} | {sum(c is b for c, b in zip(chosen, best))} of {len(runs)} | {lost:.4f}")
 
 
+def default_damping():
+    """The rule behind cglora.DAMPING (docs §8.1): the damping search's most frequent choice over the
+    grid's CG-LoRA runs, checked against the real decreases of results/realloss.jsonl per damping."""
+    from collections import Counter
+    grid = {(r["task"], r["seed"]): r["chosen_damping"] for r in done()
+            if matches(r, method="cg-lora", damping="auto", init_norm=None) and r.get("chosen_damping")}
+    print(f"grid: auto chose {dict(Counter(grid.values()).most_common())} over {len(grid)} runs")
+    rows = read_rows(REALLOSS)
+    print(f"realloss: auto chose {dict(Counter(r['damping_auto'] for r in rows).most_common())} "
+          f"over {len(rows)} rows")
+    best = Counter()
+    for r in rows:
+        real = {d["damping"]: d["real"]["decrease"] for d in r["directions"] if d["method"] == "cg-lora"}
+        best[max(real, key=real.get)] += 1
+        print(f"  {r['task']} seed {r['seed']} {r['head']}: real decrease at 1 {real[1.0]:.4f}, "
+              f"best {max(real.values()):.4f} at {max(real, key=real.get):g}")
+    print(f"realloss: the damping with the largest real decrease {dict(best.most_common())}")
+
+
 def realloss_report():
     """results/README.md's realloss block from results/realloss.jsonl (issue 21)."""
     rows = read_rows(REALLOSS)
@@ -971,7 +990,8 @@ def realloss_report():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
-                                       "realloss-report", "realloss-cost", "early", "early-sgd", "early-report"])
+                                       "realloss-report", "realloss-cost", "early", "early-sgd", "early-report",
+                                       "default-damping"])
     p.add_argument("--heads", default=None, help="fresh head, or probe (head trained alone first), comma list "
                    "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
@@ -988,6 +1008,8 @@ def main():
     methods = args.methods.split(",")
     if args.command == "report":
         return report()
+    if args.command == "default-damping":
+        return default_damping()
     if args.command == "realloss-report":
         return realloss_report()
     if args.command == "early-report":

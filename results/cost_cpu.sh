@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's Cost table (issue 32): each shape's rows side by side in one bench.py run, on one model
+# class, in CPU seconds of one thread, on an otherwise idle machine. TOKENIZERS_DIR holds roberta-base/
+# (vocab.json, merges.txt); GLUE_DIR, if set, gives real CoLA calibration sentences.
+#     bash results/cost_cpu.sh          # writes results/cost-cpu-<shape>.json and prints each table
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bench() { OMP_NUM_THREADS=1 python bench.py --tokenizer "$TOKENIZERS_DIR/roberta-base" --repeats 1 \
+    --warmups 0 --cpu_time "$@"; }
+bench --json results/cost-cpu-roberta-base-qv.json
+bench --targets all --blocks 2 --json results/cost-cpu-roberta-base-all-2blocks.json
+bench --targets all --auto off --json results/cost-cpu-roberta-base-all.json  # auto: 2-block row
+bench --shape llama-1024 --json results/cost-cpu-llama-1024.json
+# the grouped path under half of the one-pass statistics (1255 MiB for the two blocks' 14 layers)
+bench --shape llama-2048 --auto off --budget_mib 627 --json results/cost-cpu-llama-2048.json
