@@ -748,19 +748,23 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
         layer.base.weight.copy_((layer.base.weight.float() - offset).to(layer.base.weight.dtype))
 
 
-def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, diagnostics, shared):
-    """One layer's data-driven factors (B, A) from its pooled statistics `st`, sized and balanced as
+def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance, diagnostics,
+                  shared):
+    """One layer's data-driven factors (B, A) from its Statistics pooled, sized and balanced as
     init_adapters says, and its report entries; (None, fallback) for a zero gradient. shared holds
-    {id(S): L_S} of the previous layer, whose input the next ones (query, key, value) may share."""
+    {input: L_S} of the previous layer, whose input the next ones (query, key, value) may share;
+    an input is known by its folds' S tensors, which the caller's statistics hold (a pooled S is
+    a new tensor)."""
+    st, key = stats.pooled(), tuple(id(f.S) for f in stats.folds)
     if st.G.abs().max() == 0:
         return None, dict(fallback="zero gradient: plain LoRA init")
     cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
     if cg:
-        if id(st.S) not in shared:  # a new input: the last one's factor is freed
+        if key not in shared:  # a new input: the last one's factor is freed
             shared.clear()
-            shared[id(st.S)] = damped_cholesky(st.S, damping)
+            shared[key] = damped_cholesky(st.S, damping)
         B, A, sigma, total = cg_lora_factors(st.G, st.S, st.T, r, damping, step, s, tol=FINAL_TOL,
-                                             L_S=shared[id(st.S)], energy=True)
+                                             L_S=shared[key], energy=True)
         row["captured"] = (sigma.square().sum() / total).item()
     else:
         B, A = direction(method, st, r, damping)
@@ -820,7 +824,7 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
         mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
     log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
         + (f", damping {damping:g}" if cg else ""))
-    report, counted, chosen, shared = [], set(), {}, {}  # shared: {id(S): L_S} of the last input
+    report, counted, chosen, shared = [], set(), {}, {}  # shared: {input: L_S} of the last input
     for name, layer in layers.items():
         t0 = time.perf_counter()
         row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None,
@@ -836,8 +840,7 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
                 row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
             if name in mine:
                 try:
-                    factors, more = _data_factors(method, st.pooled(), layer, damping, step,
-                                                  init_norm,
+                    factors, more = _data_factors(method, st, layer, damping, step, init_norm,
                                                   factor_balance, bool(diagnostics), shared)
                 except ValueError as e:
                     raise ValueError(f"layer {name}: {e}") from None
