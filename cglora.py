@@ -1,9 +1,13 @@
-"""Curvature-Guided LoRA (CG-LoRA), in one file.
+"""Curvature-Guided LoRA (CG-LoRA), in one file, in three parts read top to bottom (derived in
+docs/cg-lora.md, cited as §N); a helper comes before its first use.
 
-Reading order = algorithm order (derived in docs/cg-lora.md, cited as §N):
-LoRA layer -> K-FAC statistics (§2) -> whitening (§3) -> top-r SVD -> balanced factors (§4)
--> baselines (§6) -> held-out diagnostics and the damping chosen from data (§8) -> the one
-function that writes an initialisation into a model (§5).
+Part I, the algorithm, in its order: LoRA layer -> K-FAC statistics (§2) -> whitening (§3) ->
+top r -> balanced factors (§4, cg_lora_factors: the one route to CG-LoRA's direction) ->
+baselines (§6) -> the one function that writes an init into a model (§5: init_adapters,
+write_adapter, init_in_groups; peft's initialize_peft and save_peft).
+Part II, optional: the damping search (damping="auto", §8.1), the diagnostics of §8 and the
+real loss along an update (§8.2).
+Part III: torchrun plumbing (statistics reduced to one owner per layer, factors broadcast).
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import contextlib
@@ -23,6 +27,16 @@ from torch import nn
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
 LORA_GA_GAMMA = 16  # LoRA-GA's "stable" scale: B, A times d_out^(1/4) / sqrt(gamma)
 DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
+DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # damping="auto" searches 1e-3 .. 1e3 (§8.1)
+# top_r's stop for the init itself: its captured energy within 1e-6 of the exact (§3)
+FINAL_TOL = 1e-8
+
+
+# =================================================================================================
+# Part I: the algorithm. LoRA layer -> statistics (§2) -> whitening (§3) -> top r -> balanced
+# factors (§4) -> baselines (§6) -> the one function that writes an init (§5), and peft.
+# =================================================================================================
+
 
 # ----------------------------------------------------------------------------- LoRA layer
 
@@ -75,17 +89,20 @@ def _matching(model, names, kind):
     found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
     hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
-    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t or n.endswith("." + t)]
+    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t
+             or n.endswith("." + t)]
     if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
         n, m = other[0]
         kind_m = type(m).__name__
         if isinstance(m, LoRALinear):
-            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a layer once: "
-                             f"target other layers, or start again from the model without adapters")
-        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D computes "
-               "x @ weight + bias)" if kind_m == "Conv1D" else f"target the nn.{kind.__name__} layers inside it")
-        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only nn.{kind.__name__} layers "
-                         f"can be targets: {fix}")
+            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
+                             "layer once: target other layers, or start again from the model "
+                             "without adapters")
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
+               "computes x @ weight + bias)" if kind_m == "Conv1D"
+               else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only "
+                         f"nn.{kind.__name__} layers can be targets: {fix}")
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
@@ -128,7 +145,8 @@ def lora_state_dict(model):
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             B, A = m.lora_B.detach(), m.lora_A.detach()
-            if m.lora_A0.any():  # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
+            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
+            if m.lora_A0.any():
                 B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
             out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
             out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
@@ -156,17 +174,20 @@ def _tokens(t, keep):  # [batch, length, dim] -> [tokens keep marks, dim] in fp3
     return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()
 
 
-_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an encoder-decoder one "
-              "loss=cglora.seq2seq_lm_loss, else a loss(output, labels) returning the batch mean")
+_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an "
+              "encoder-decoder one loss=cglora.seq2seq_lm_loss, else a loss(output, labels) "
+              "returning the batch mean")
 
 
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.is_floating_point():
-        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # one-hot: never MSE on logits
-            raise ValueError(f"the default loss takes float labels as one regression target per example "
-                             f"([batch], against an output [batch, 1]: MSE), got {list(labels.shape)} and "
-                             f"{list(out.shape)}: for classes pass integer labels (one-hot: labels.argmax(-1)), "
-                             f"else a loss(output, labels) returning the batch mean")
+        # one-hot: never MSE on logits
+        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:
+            raise ValueError("the default loss takes float labels as one regression target per "
+                             "example ([batch], against an output [batch, 1]: MSE), got "
+                             f"{list(labels.shape)} and {list(out.shape)}: for classes pass "
+                             "integer labels (one-hot: labels.argmax(-1)), else a loss(output, "
+                             "labels) returning the batch mean")
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
         raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
@@ -184,15 +205,14 @@ def _sample_labels(out, labels, generator):
 
 
 _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
-
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 
 def seq2seq_lm_loss(logits, labels):
-    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model too
-    (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t predict
-    labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean over the
-    batch's target tokens. One loss term is one target token."""
+    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model
+    too (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t
+    predict labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean
+    over the batch's target tokens. One loss term is one target token."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
 
@@ -207,17 +227,30 @@ def _sample_tokens(logits, labels, generator, shift=1):
     """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
     label at t + shift from logits[:, t]; ignored positions stay ignored."""
     target = labels[:, shift:] != IGNORE  # b x (L - shift)
-    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)  # targets x V
+    # targets x V
+    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
     sampled = labels.clone()
-    sampled[:, shift:][target] = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(labels.device)
+    draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sampled[:, shift:][target] = draws.to(labels.device)
     return sampled
 
 
 causal_lm_loss.sample = _sample_tokens
 causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
-seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator, shift=0)
+seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator,
+                                                                          shift=0)
 seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
 seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
+
+
+FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
+GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 512  # narrower sums: one block (the split does not pay)
+
+
+def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below GRAM_MIN_WIDTH)
+    k = GRAM_BLOCKS if d >= GRAM_MIN_WIDTH else 1
+    edges = [i * d // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class _Sums:
@@ -252,16 +285,6 @@ class _Sums:
         for total in self.total.values():
             for i, j in _blocks(total.shape[0]):
                 total[i:j, j:] = total[j:, i:j].T
-
-
-def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below GRAM_MIN_WIDTH)
-    k = GRAM_BLOCKS if d >= GRAM_MIN_WIDTH else 1
-    edges = [i * d // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
-GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 512  # narrower sums: one block (the split does not pay)
 
 
 class Fold(NamedTuple):
@@ -302,27 +325,29 @@ def pool(folds):
     return Fold(S, G, T, n, tokens)
 
 
-def _labels(batch, i):  # calibration batch i's labels, once it is checked to be a dict that has them
+# calibration batch i's labels, once it is checked to be a dict that has them
+def _labels(batch, i):
     if not isinstance(batch, Mapping):
-        raise TypeError(f"batches must be an iterable of dicts (a list of batches, not one batch: [batch]); "
-                        f"item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
+        raise TypeError("batches must be an iterable of dicts (a list of batches, not one batch: "
+                        f"[batch]); item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
     if "labels" not in batch:
-        raise ValueError(f"batch {i} has no 'labels' (it has {sorted(batch)}): each batch needs the targets "
-                         f"of its loss under 'labels'")
+        raise ValueError(f"batch {i} has no 'labels' (it has {sorted(batch)}): each batch needs "
+                         "the targets of its loss under 'labels'")
     return batch["labels"]
 
 
 def _logits(out):
-    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's "logits";
-    a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a loss first)."""
+    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's
+    "logits"; a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a
+    loss first)."""
     if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
         return out["logits"] if isinstance(out, Mapping) else out.logits
     if isinstance(out, (tuple, list)):
         out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
     if not torch.is_tensor(out):
         keys = f" with keys {list(out)}" if isinstance(out, Mapping) else ""
-        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, returned as a "
-                        f"tensor, a tuple's first tensor or a dict's 'logits'")
+        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, "
+                        "returned as a tensor, a tuple's first tensor or a dict's 'logits'")
     return out
 
 
@@ -340,17 +365,113 @@ def _model_inputs(batch, loss, encoder=None):
         return dict(batch)
     decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
     if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
-        raise ValueError("token labels [batch, length] on an encoder-decoder model with no decoder_input_ids: "
-                         "pass loss=cglora.seq2seq_lm_loss, which gives the labels to the model to build them")
+        raise ValueError("token labels [batch, length] on an encoder-decoder model with no "
+                         "decoder_input_ids: pass loss=cglora.seq2seq_lm_loss, which gives the "
+                         "labels to the model to build them")
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _rows(tensors, keys, masks):  # one layer's calls -> their token rows, stacked, each call's own mask
+# one layer's calls -> their token rows, stacked, each call's own mask
+def _rows(tensors, keys, masks):
     return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
 
 
-def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None, folds=1,
-                       device=None, progress=None):
+@contextlib.contextmanager
+def _recording(model, layers, encoder=None):
+    """While open, the model is frozen and in eval mode, and each of `layers` records every call
+    of the current forward pass in seen[name], one (input, output, mask) per call (a layer shared
+    across depths is called once per use). mask names the batch's token mask for that call:
+    "attention_mask", or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask"
+    for a call whose input is not the encoder's output (cross-attention's keys and values are).
+    reset() forgets the calls, the input aliases and the encoder's output (call it per batch).
+    All restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    # name -> calls; id(input) -> (input, alias); the encoder's output
+    seen, alias, encoded = {}, {}, []
+
+    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
+        if not torch.is_grad_enabled() or inputs[0].requires_grad:
+            return None
+        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
+        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
+        return (alias[key][1],) + tuple(inputs[1:])
+
+    def hook(name):
+        def record(module, inputs, output):
+            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
+                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
+            seen.setdefault(name, []).append((inputs[0], output,
+                                              "decoder_" * decoder + "attention_mask"))
+        return record
+
+    handles = [h for name, m in layers.items()
+               for h in (m.register_forward_pre_hook(pre_hook),
+                         m.register_forward_hook(hook(name)))]
+    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
+        handles.append(encoder.register_forward_hook(
+            lambda module, inputs, output: encoded.append(output[0])))
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _output_gradients(loss, out, labels, ys, fisher, generator):
+    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
+    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
+    delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
+                                retain_graph=fisher == "sampled")
+    if fisher != "sampled":
+        return delta, [None] * len(ys)
+    return delta, torch.autograd.grad(loss(out, loss.sample(out, labels, generator)), ys,
+                                      allow_unused=True)
+
+
+def _normalise(sums, n, share, names, distributed):
+    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
+    if not share:
+        raise ValueError("collect_statistics got no calibration batches")
+    keys = sorted(dict.fromkeys(share.values()))
+    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
+        shapes = next(fold[j].total for fold in sums if fold[j].total)
+        for fold in sums:
+            for key, t in shapes.items():
+                fold[j].total.setdefault(key, torch.zeros_like(t))
+    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
+                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
+    proc, world = _rank_and_world(distributed)
+    owner = _owners(share, names, world)  # S's key is its first layer's name
+    if distributed:
+        counts = _reduce_to_owners(sums, counts, owner, proc)
+    if (counts[:, 0] == 0).any():
+        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
+                         "pass more batches or fewer folds")
+    folds = []
+    mine = [name for name in names if owner[name] == proc]
+    for (S, G, T), c in zip(sums, counts.tolist()):
+        tokens = dict(zip(keys, c[1:]))
+        for key, total in S.total.items():  # in place: the statistics are the largest thing here
+            total.div_(max(tokens[key], 1))
+        for total in (*G.total.values(), *T.total.values()):
+            total.div_(c[0])
+        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0],
+                                 tokens[share[name]])
+                      for name in mine})
+    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (),
+                             owner[name])
+            for name in names}
+
+
+def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None,
+                       folds=1, device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
@@ -382,8 +503,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         raise ValueError(f"folds must be >= 1, got {folds}")
     generator = generator or torch.Generator().manual_seed(0)
     distributed = _distributed()
-    proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # per fold: S, G, T
+    proc, world = _rank_and_world(distributed)
+    # per fold: S, G, T
+    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]
     n, share, names, pending = [0] * folds, {}, list(layers), 0
     encoder = _encoder(model)
     with _recording(model, layers, encoder) as (seen, reset):
@@ -398,24 +520,31 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             missing = [name for name in names if name not in seen]
             if missing:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
-            if not share:  # first batch: layers whose inputs are the same tensors (every call) share S
+            # first batch: layers whose inputs are the same tensors (every call) share S
+            if not share:
                 first = {}
-                share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names})
+                share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name)
+                              for name in names})
             masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
                      if batch.get(k) is not None}
             keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
             x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks)
                  for key in dict.fromkeys(share.values())}
-            ys, n_b = {name: [c[1] for c in seen[name]] for name in names}, int(getattr(loss, "terms", len)(labels))
+            ys = {name: [c[1] for c in seen[name]] for name in names}
+            n_b = int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
             delta, delta_T = (iter(g) for g in _output_gradients(
-                loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher, generator))
+                loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher,
+                generator))
             for key, rows in x.items():
                 S.add(key, rows)  # sum_t x x^T  (d_in x d_in), over every call of a shared layer
-            for name in names:  # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
-                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach the loss
-                rows = (_rows([torch.zeros_like(y) if g is None else g * n_b for y, g in zip(ys[name], grads)],
-                              keys[name], masks) for grads in (delta, delta_T))  # G's, then (sampled) T's
+            # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
+            for name in names:
+                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach
+                # the loss. rows: G's, then (sampled) T's
+                rows = (_rows([torch.zeros_like(y) if g is None else g * n_b
+                               for y, g in zip(ys[name], grads)], keys[name], masks)
+                        for grads in (delta, delta_T))
                 d = next(rows)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
                 T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
@@ -432,116 +561,6 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
         S.symmetric()
         T.symmetric()
     return _normalise(sums, n, share, names, distributed)
-
-
-@contextlib.contextmanager
-def _recording(model, layers, encoder=None):
-    """While open, the model is frozen and in eval mode, and each of `layers` records every call of
-    the current forward pass in seen[name], one (input, output, mask) per call (a layer shared across
-    depths is called once per use). mask names the batch's token mask for that call: "attention_mask",
-    or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask" for a call whose input
-    is not the encoder's output (cross-attention's keys and values are). reset() forgets the calls,
-    the input aliases and the encoder's output (call it per batch). All restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    seen, alias, encoded = {}, {}, []  # name -> calls; id(input) -> (input, alias); the encoder's output
-
-    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
-        if not torch.is_grad_enabled() or inputs[0].requires_grad:
-            return None
-        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
-        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
-        return (alias[key][1],) + tuple(inputs[1:])
-
-    def hook(name):
-        def record(module, inputs, output):
-            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
-                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
-            seen.setdefault(name, []).append((inputs[0], output, "decoder_" * decoder + "attention_mask"))
-        return record
-
-    handles = [h for name, m in layers.items()
-               for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook(name)))]
-    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
-        handles.append(encoder.register_forward_hook(lambda module, inputs, output: encoded.append(output[0])))
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def _output_gradients(loss, out, labels, ys, fisher, generator):
-    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
-    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
-    delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True, retain_graph=fisher == "sampled")
-    if fisher != "sampled":
-        return delta, [None] * len(ys)
-    return delta, torch.autograd.grad(loss(out, loss.sample(out, labels, generator)), ys, allow_unused=True)
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _owners(share, names, world):  # layer -> rank: the i-th distinct input's layers go to rank i mod world
-    inputs = list(dict.fromkeys(share[name] for name in names))
-    return {name: inputs.index(share[name]) % world for name in names}
-
-
-def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
-    nccl = torch.distributed.get_backend() == "nccl"
-    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
-
-
-def _normalise(sums, n, share, names, distributed):
-    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
-    if not share:
-        raise ValueError("collect_statistics got no calibration batches")
-    keys = sorted(dict.fromkeys(share.values()))
-    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
-        shapes = next(fold[j].total for fold in sums if fold[j].total)
-        for fold in sums:
-            for key, t in shapes.items():
-                fold[j].total.setdefault(key, torch.zeros_like(t))
-    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
-                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
-    proc, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    owner = _owners(share, names, world)  # S's key is its first layer's name
-    if distributed:
-        counts = _comm(counts)
-        torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
-        for fold in sums:
-            for j in range(3):
-                for key in sorted(fold[j].total):
-                    t = _comm(fold[j].total[key])
-                    torch.distributed.reduce(t, owner[key])
-                    if owner[key] == proc:
-                        fold[j].total[key].copy_(t)
-                    else:
-                        del fold[j].total[key]  # freed: the owner holds it
-    if (counts[:, 0] == 0).any():
-        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
-                         "pass more batches or fewer folds")
-    folds = []
-    mine = [name for name in names if owner[name] == proc]
-    for (S, G, T), c in zip(sums, counts.tolist()):
-        tokens = dict(zip(keys, c[1:]))
-        for key, total in S.total.items():  # in place: the statistics are the largest thing here
-            total.div_(max(tokens[key], 1))
-        for total in (*G.total.values(), *T.total.values()):
-            total.div_(c[0])
-        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0], tokens[share[name]])
-                      for name in mine})
-    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (), owner[name])
-            for name in names}
 
 
 # ----------------------------------------------------------------------------- §3 whitening
@@ -575,119 +594,20 @@ def whiten(G, S, T, damping=DAMPING, L_S=None):
     return M, L_T, L_S
 
 
-# ----------------------------------------------------------------------------- top-r SVD
+# ----------------------------------------------------------------------------- top r
 
 
 def top_svd(M, k):
     """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k), M ~ U diag(sigma) V^T.
 
-    A full SVD to working precision (§3: on real layers the spectrum is flat, sigma_8 / sigma_9 ~
-    1.001-1.03, and a randomized range finder with a fixed iteration count returned directions
-    60-120% away from these). Deterministic: each pair's sign is fixed so that the largest entry
-    of u_i is positive."""
+    A full SVD to working precision: real layers' spectra are flat, where a randomized range
+    finder with a fixed iteration count misses (docs/cg-lora.md §3). Deterministic: each pair's
+    sign is fixed so that the largest entry of u_i is positive."""
     U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
     U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
-    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column of U has unit norm
+    # never 0: a column of U has unit norm
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
     return U * sign, sigma, V * sign
-
-
-# ----------------------------------------------------------------------------- §4 factors
-
-
-def _balanced_factors(M, L_T, L_S, rank, step, scaling, tol=None):
-    """B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1. The top r of M
-    exact (tol=None: top_svd) or by top_r stopped at relative energy change `tol` (§3)."""
-    if not 0 < rank <= min(M.shape):
-        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(M.shape)}")
-    U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
-    root, c = sigma.sqrt(), math.sqrt(step / scaling)
-    B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)
-    A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T
-    return B, A, sigma
-
-
-@_fp32
-def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0):
-    """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step.
-
-    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: a fixed lambda (§3;
-    init_adapters chooses it from data, §8.1). Returns (B d_out x r, A r x d_in, sigma): sigma
-    holds the top r singular values of the whitened gradient (sigma_i^2 / 2 is direction i's
-    predicted loss decrease). A zero gradient gives zero factors.
-    """
-    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
-    M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping)
-    return _balanced_factors(M, L_T, L_S, rank, step, scaling)
-
-
-def balance(B, A, P=None, Q=None):
-    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with
-    B^T P B = A Q A^T = diag(h). P: d_out x d_out, Q: d_in x d_in, identity when None."""
-    W_b = B.T @ B if P is None else B.T @ P @ B  # r x r "observability" gramian
-    W_a = A @ A.T if Q is None else A @ Q @ A.T  # r x r "controllability" gramian
-    try:
-        L_b, L_a = torch.linalg.cholesky(W_b), torch.linalg.cholesky(W_a)
-    except RuntimeError:
-        raise ValueError("balance needs B and A of full rank r (got a rank-deficient pair)") from None
-    U, h, Vh = torch.linalg.svd(L_b.T @ L_a)  # h: the "Hankel" singular values
-    return B @ L_a @ Vh.T / h.sqrt(), (U.T @ L_b.T @ A) / h.sqrt()[:, None]
-
-
-# ----------------------------------------------------------------------------- §6 baselines
-
-
-def lora_factors(d_out, d_in, rank, generator=None, device=None):
-    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0; drawn on the CPU, then on `device`."""
-    generator = generator or torch.Generator().manual_seed(0)
-    A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) / math.sqrt(d_in)
-    return torch.zeros(d_out, rank, device=device), A.to(device)
-
-
-def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
-    """LoRA-GA (original repo): A = V[:, :r]^T, B = U[:, r:2r], both * d_out^(1/4) / sqrt(gamma)."""
-    if 2 * rank > min(G.shape):
-        raise ValueError(f"lora-ga needs 2 * rank <= min(d_out, d_in) = {min(G.shape)}")
-    U, _, V = top_svd(G.float(), 2 * rank)
-    c = G.shape[0] ** 0.25 / math.sqrt(gamma)
-    return c * U[:, rank:2 * rank], c * V[:, :rank].T
-
-
-def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
-    """LoRA-One: SVD of -G, B = U_r S_r^1/2, A = S_r^1/2 V_r^T, both / sqrt(sigma_1 gamma)."""
-    U, sigma, V = top_svd(-G.float(), rank)
-    root = sigma.sqrt() / math.sqrt(sigma[0] * gamma)
-    return U * root, (V * root).T
-
-
-# ----------------------------------------------------------------------------- §8 calibration noise
-
-DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # damping="auto" searches 1e-3 .. 1e3 (§8.1)
-FINAL_TOL = 1e-8  # top_r's stop for the init itself: its captured energy within 1e-6 of the exact (§3)
-
-
-def predicted_decrease(B, A, G, S, T):
-    """q(dW) = <G, dW>^2 / (2 <dW, T dW S>) for dW = B A: the loss decrease the quadratic model of
-    the statistics (G, S, T) predicts for the best multiple of dW (a line search on its scale, §8).
-    Only r x r products: <G, B A> = tr(B^T G A^T), <dW, T dW S> = tr(B^T T B A S A^T)."""
-    B, A = B.to(G.dtype), A.to(G.dtype)
-    num = (B * (G @ A.T)).sum()
-    den = ((B.T @ T @ B) * (A @ S @ A.T)).sum()
-    return (num.square() / (2 * den)).item() if den > 0 else 0.0
-
-
-def overlap(X, Y):
-    """||Q_X^T Q_Y||_F^2 / r of the column spaces of X and Y (d x r): 1 for the same subspace,
-    r / d for independent random ones (§8)."""
-    return (torch.linalg.qr(X).Q.T @ torch.linalg.qr(Y).Q).square().sum().item() / X.shape[1]
-
-
-def direction(method, stats, rank, damping):
-    """The rank-r update (B, A) a data-driven method starts from, before its size is set (exact)."""
-    if method == "lora-ga":
-        return lora_ga_factors(stats.G, rank)
-    if method == "lora-one":
-        return lora_one_factors(stats.G, rank)
-    return cg_lora_factors(stats.G, stats.S, stats.T, rank, damping)[:2]
 
 
 def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
@@ -715,106 +635,87 @@ def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
     return Q @ u[:, :rank], sigma[:rank], V[:, :rank], V
 
 
-class _Eig(NamedTuple):  # X = Q diag(w) Q^T, and the scale of its relative damping, mu = tr X / d
-    Q: torch.Tensor
-    w: torch.Tensor
-    mu: float
+# ----------------------------------------------------------------------------- §4 balanced factors
 
 
-def _eig(X):
-    w, Q = torch.linalg.eigh(X)
-    mu = w.mean().item()
-    return _Eig(Q, w.clamp(min=0), mu if mu > 0 else 1.0)  # mu = 1 when X = 0, as _damped
+@_fp32
+def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=None, L_S=None,
+                    energy=False):
+    """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step,
+    B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1 for the top r of
+    the whitened gradient M = U S V^T (whiten). The function init_adapters runs for CG-LoRA.
+
+    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: a fixed lambda (§3;
+    init_adapters chooses it from data, §8.1). tol: None takes M's top r exactly (top_svd); a
+    number, by top_r stopped at that relative energy change (init_adapters: FINAL_TOL, §3). L_S:
+    S's damped Cholesky factor, if already computed (layers fed one input share it). Returns (B
+    d_out x r, A r x d_in, sigma): sigma holds the top r singular values of M (sigma_i^2 / 2 is
+    direction i's predicted loss decrease); energy=True appends ||M||_F^2, the total of which
+    sigma^2 is the captured part. A zero gradient gives zero factors.
+    """
+    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
+    M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping, L_S)
+    if not 0 < rank <= min(M.shape):
+        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(M.shape)}")
+    U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
+    root, c = sigma.sqrt(), math.sqrt(step / scaling)
+    B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)  # d_out x r
+    A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T  # r x d_in
+    return (B, A, sigma, M.square().sum()) if energy else (B, A, sigma)
 
 
-def cg_directions(G, eig_S, eig_T, rank, grid):
-    """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
-    and T (§8.1): S_l = Q_S diag(w_S + l mu_S) Q_S^T, so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T
-    with the rotated gradient C = Q_T^T G Q_S and diagonal D's: every lambda is a rescaling of C,
-    whose top r (top_r, warm-started from the neighbouring lambda) costs O(d^2 r).
-    Returns {lambda: (B, A)} with B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
-    C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
-    out, start = {}, None
-    for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
-        dT, dS = eig_T.w + lam * eig_T.mu, eig_S.w + lam * eig_S.mu
-        if not (dT.min() > 0 and dS.min() > 0):
-            raise ValueError(f"damped statistics are not positive definite (damping={lam}): use damping > 0")
-        dT, dS = dT.rsqrt(), dS.rsqrt()
-        U, sigma, V, start = top_r(dT[:, None] * C * dS, rank, start)
-        root = sigma.sqrt()
-        out[lam] = (-eig_T.Q @ (dT[:, None] * U * root), (eig_S.Q @ (dS[:, None] * V * root)).T)
-    return out
+def balance(B, A, P=None, Q=None):
+    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with
+    B^T P B = A Q A^T = diag(h). P: d_out x d_out, Q: d_in x d_in, identity when None."""
+    W_b = B.T @ B if P is None else B.T @ P @ B  # r x r "observability" gramian
+    W_a = A @ A.T if Q is None else A @ Q @ A.T  # r x r "controllability" gramian
+    try:
+        L_b, L_a = torch.linalg.cholesky(W_b), torch.linalg.cholesky(W_a)
+    except RuntimeError:
+        raise ValueError(
+            "balance needs B and A of full rank r (got a rank-deficient pair)") from None
+    U, h, Vh = torch.linalg.svd(L_b.T @ L_a)  # h: the "Hankel" singular values
+    return B @ L_a @ Vh.T / h.sqrt(), (U.T @ L_b.T @ A) / h.sqrt()[:, None]
 
 
-def _baseline_direction(method, G, rank):  # LoRA-One's or LoRA-GA's direction by top_r (diagnostics)
+# ----------------------------------------------------------------------------- §6 baselines
+
+
+def lora_factors(d_out, d_in, rank, generator=None, device=None):
+    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0; drawn on the CPU, then moved to
+    `device`."""
+    generator = generator or torch.Generator().manual_seed(0)
+    A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) / math.sqrt(d_in)
+    return torch.zeros(d_out, rank, device=device), A.to(device)
+
+
+def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
+    """LoRA-GA (original repo): A = V[:, :r]^T, B = U[:, r:2r], both * d_out^(1/4) / sqrt(gamma)."""
+    if 2 * rank > min(G.shape):
+        raise ValueError(f"lora-ga needs 2 * rank <= min(d_out, d_in) = {min(G.shape)}")
+    U, _, V = top_svd(G.float(), 2 * rank)
+    c = G.shape[0] ** 0.25 / math.sqrt(gamma)
+    return c * U[:, rank:2 * rank], c * V[:, :rank].T
+
+
+def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
+    """LoRA-One: SVD of -G, B = U_r S_r^1/2, A = S_r^1/2 V_r^T, both / sqrt(sigma_1 gamma)."""
+    U, sigma, V = top_svd(-G.float(), rank)
+    root = sigma.sqrt() / math.sqrt(sigma[0] * gamma)
+    return U * root, (V * root).T
+
+
+def direction(method, stats, rank, damping):
+    """The rank-r update (B, A) a data-driven method starts from, before its size is set (exact)."""
     if method == "lora-ga":
-        U, _, V, _ = top_r(G, 2 * rank)
-        return U[:, rank:], V[:, :rank].T
-    U, sigma, V, _ = top_r(-G, rank)
-    return U * sigma, V.T
+        return lora_ga_factors(stats.G, rank)
+    if method == "lora-one":
+        return lora_one_factors(stats.G, rank)
+    return cg_lora_factors(stats.G, stats.S, stats.T, rank, damping)[:2]
 
 
-def _fold_directions(method, folds, rank, lambdas, eig_S):
-    """For each fold k, the directions fitted on the other folds' pooled statistics: this method's
-    at every lambda and LoRA-One's. eig_S[k] caches the eigendecomposition of fold k's training S
-    for the next layer fed the same input (query, key, value share S)."""
-    fitted = []
-    for k in range(len(folds)):
-        train = pool(folds[:k] + folds[k + 1:])
-        one = _baseline_direction("lora-one", train.G, rank)
-        if method.startswith("cg-lora"):
-            if k not in eig_S:
-                eig_S[k] = _eig(train.S)
-            dirs = cg_directions(train.G, eig_S[k], _eig(train.T), rank, lambdas)
-        else:
-            dirs = {lambdas[0]: one if method == "lora-one" else _baseline_direction(method, train.G, rank)}
-        fitted.append((dirs, one))
-    return fitted
+# ----------------------------------------------------------------------------- §5 the init
 
-
-def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
-    """§8 diagnostics of a data-driven init from statistics kept in K >= 2 folds, and for CG-LoRA
-    with damping="auto" the lambda of `grid` whose directions predict the largest held-out decrease,
-    summed over folds and layers (§8.1). Returns (damping, {layer: diagnostics}):
-    heldout / heldout_lora_one: K-fold held-out q of this method's and LoRA-One's directions;
-    overlap_left / overlap_right: overlap of the column spaces of B and of A^T fitted on the two
-    halves of the folds (even, odd); heldout_by_damping: the held-out q at each lambda tried."""
-    auto = method.startswith("cg-lora") and damping == "auto"
-    lambdas = tuple(grid) if auto else (damping,)
-    scores, eig_S, last_input = {}, {}, None
-    for name, st in stats.items():
-        if all(f.G.abs().max() == 0 for f in st.folds):
-            continue  # a zero-gradient layer has no direction (init_adapters' fallback)
-        inputs = [id(f.S) for f in st.folds]
-        if inputs != last_input:  # a new input: layers that share S come one after another
-            eig_S.clear()
-            last_input = inputs
-        fitted = _fold_directions(method, st.folds, ranks[name], lambdas, eig_S)
-        q = {lam: sum(predicted_decrease(*dirs[lam], f.G, f.S, f.T) for (dirs, _), f in zip(fitted, st.folds))
-             for lam in lambdas}
-        q_one = sum(predicted_decrease(*one, f.G, f.S, f.T) for (_, one), f in zip(fitted, st.folds))
-        scores[name] = q, q_one, fitted
-    if auto:  # summed over this process's layers, and under torch.distributed over every rank's
-        total = torch.tensor([sum(q[lam] for q, _, _ in scores.values()) for lam in lambdas], dtype=torch.float64)
-        if _distributed():
-            total = _comm(total)
-            torch.distributed.all_reduce(total)
-        damping = lambdas[int(total.argmax())]
-    rows = {}
-    for name, (q, q_one, fitted) in scores.items():
-        folds, r = stats[name].folds, ranks[name]
-        if len(folds) == 2:  # the directions fitted without fold 1 and without fold 0 are the halves'
-            halves = [dirs[damping] for dirs, _ in fitted]
-        else:
-            halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
-        rows[name] = dict(
-            damping=damping if method.startswith("cg-lora") else None, heldout=q[damping], heldout_lora_one=q_one,
-            overlap_left=overlap(halves[0][0], halves[1][0]), overlap_right=overlap(halves[0][1].T, halves[1][1].T),
-            heldout_by_damping=q if auto else None)
-    return damping, rows
-
-
-# ----------------------------------------------------------------------------- §5 apply
 
 METHODS = ("cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one")
 RSLORA = {"cg-lora": True, "cg-lora-shift": True, "lora": False, "rslora": True,
@@ -826,7 +727,8 @@ def _norm2(B, A):  # spectral norm of B A from two thin QRs: ||B A|| = ||R_B R_A
     return torch.linalg.matrix_norm(torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T, ord=2)
 
 
-def _sized(B, A, scaling, norm):  # one scalar on both factors, so ||s B A||_2 = norm; keeps the balance
+# one scalar on both factors, so ||s B A||_2 = norm; keeps the balance
+def _sized(B, A, scaling, norm):
     c = math.sqrt(norm / (scaling * _norm2(B, A)).item())
     return B * c, A * c
 
@@ -846,9 +748,125 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
         layer.base.weight.copy_((layer.base.weight.float() - offset).to(layer.base.weight.dtype))
 
 
+def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance, diagnostics,
+                  shared):
+    """One layer's data-driven factors (B, A) from its Statistics pooled, sized and balanced as
+    init_adapters says, and its report entries; (None, fallback) for a zero gradient. shared holds
+    {input: L_S} of the previous layer, whose input the next ones (query, key, value) may share;
+    an input is known by its folds' S tensors, which the caller's statistics hold (a pooled S is
+    a new tensor)."""
+    st, key = stats.pooled(), tuple(id(f.S) for f in stats.folds)
+    if st.G.abs().max() == 0:
+        return None, dict(fallback="zero gradient: plain LoRA init")
+    cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
+    if cg:
+        if key not in shared:  # a new input: the last one's factor is freed
+            shared.clear()
+            shared[key] = damped_cholesky(st.S, damping)
+        B, A, sigma, total = cg_lora_factors(st.G, st.S, st.T, r, damping, step, s, tol=FINAL_TOL,
+                                             L_S=shared[key], energy=True)
+        row["captured"] = (sigma.square().sum() / total).item()
+    else:
+        B, A = direction(method, st, r, damping)
+    if diagnostics:
+        row.update(_insample(method, B, A, st, r))
+    norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
+    if norm and (cg or method == "lora-one"):
+        B, A = _sized(B, A, s, norm)
+    if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
+        B, A = balance(B, A)
+    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s for dW = s B A
+    row["quadratic_step"] = (-(B * (st.G @ A.T)).sum() / curvature).item() if curvature > 0 else 0.0
+    return (B, A), row
+
+
+def _checked_and_diagnosed(method, layers, stats, damping, grid):
+    """A data-driven init's statistics, checked: the layers this process factorizes (under
+    torch.distributed, those it owns), and with folds the damping diagnose chose and its
+    diagnostics (§8); without folds, the damping given and none."""
+    proc = torch.distributed.get_rank() if _distributed() else 0
+    if stats is None or (missing := [n for n in layers if n not in stats]):
+        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
+                         "statistics for them")
+    mine = [n for n in layers if stats[n].owner == proc]
+    for name in mine:
+        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
+            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
+                             "calibration data and loss (run the model in fp32)")
+    if all(len(stats[name].folds) >= 2 for name in mine):
+        ranks = {n: layers[n].rank for n in mine}
+        return mine, *diagnose(method, {n: stats[n] for n in mine}, ranks, damping, grid)
+    if method.startswith("cg-lora") and damping == "auto":
+        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
+                         "with folds=2, or pass a number")
+    return mine, damping, {}
+
+
+def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
+                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
+    """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
+    if factor_balance not in ("euclidean", "curvature"):
+        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
+                         f"{factor_balance!r}")
+    cg, data = method.startswith("cg-lora"), method not in ("lora", "rslora")
+    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
+        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+    generator = generator or torch.Generator().manual_seed(0)
+    shift, distributed = method in SHIFTED, data and _distributed()
+    if method == "lora-ga" and (narrow := [n for n, m in layers.items()
+                                           if 2 * m.rank > min(m.base.weight.shape)]):
+        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
+                         "smaller rank")
+    mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
+    if data:
+        mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
+    log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
+        + (f", damping {damping:g}" if cg else ""))
+    report, counted, chosen, shared = [], set(), {}, {}  # shared: {input: L_S} of the last input
+    for name, layer in layers.items():
+        t0 = time.perf_counter()
+        row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None,
+                   statistics_mib=0.0,
+                   **{"damping": damping if cg else None, **diagnostics.get(name, {})})
+        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator,
+                            layer.base.weight.device)
+        if data:
+            st = stats[name]  # the caller's stats stay whole: another method can use them
+            # a shared S: in its first layer
+            for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):
+                counted.add(id(X))
+                row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
+            if name in mine:
+                try:
+                    factors, more = _data_factors(method, st, layer, damping, step, init_norm,
+                                                  factor_balance, bool(diagnostics), shared)
+                except ValueError as e:
+                    raise ValueError(f"layer {name}: {e}") from None
+                B, A = factors or (B, A)
+                row.update(more)
+            if distributed:  # the owner's factors, on every rank
+                B, A = _broadcast((B, A), st.owner)
+        chosen[name] = B, A
+        row["seconds"] = time.perf_counter() - t0
+        report.append(row)
+    if distributed:  # each owner's report rows, on every rank
+        report = _gathered(report, mine)
+    return chosen, report
+
+
+def _write_all(layers, chosen, report, shift):
+    for row, (name, layer) in zip(report, layers.items()):
+        write_adapter(layer, *chosen[name], shift)
+        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(),
+                                                     layer.lora_A.float())).item()
+
+
 @_fp32
 def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID, judge=None):
+                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID,
+                  judge=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
     pass `stats` ({name: Statistics}, as collect_statistics returns; left as they are;
     under torch.distributed each owner factorizes its layers and broadcasts the factors).
@@ -875,70 +893,12 @@ def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
     return report
 
 
-def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
-    """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
-    if method not in METHODS:
-        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
-    if factor_balance not in ("euclidean", "curvature"):
-        raise ValueError(f"factor_balance must be 'euclidean' or 'curvature', got {factor_balance!r}")
-    cg, data = method.startswith("cg-lora"), method not in ("lora", "rslora")
-    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
-    generator = generator or torch.Generator().manual_seed(0)
-    shift, distributed = method in SHIFTED, data and _distributed()
-    if method == "lora-ga" and (narrow := [n for n, m in layers.items() if 2 * m.rank > min(m.base.weight.shape)]):
-        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a smaller rank")
-    mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
-    if data:
-        mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
-    log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
-        + (f", damping {damping:g}" if cg else ""))
-    report, counted, chosen, shared = [], set(), {}, {}  # shared: {id(S): L_S} of the last input
-    for name, layer in layers.items():
-        t0 = time.perf_counter()
-        row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None, statistics_mib=0.0,
-                   **{"damping": damping if cg else None, **diagnostics.get(name, {})})
-        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator, layer.base.weight.device)
-        if data:
-            st = stats[name]  # the caller's stats stay whole: another method can use them
-            for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):  # a shared S: in its first layer
-                counted.add(id(X))
-                row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
-            if name in mine:
-                try:
-                    factors, more = _data_factors(method, st.pooled(), layer, damping, step, init_norm,
-                                                  factor_balance, bool(diagnostics), shared)
-                except ValueError as e:
-                    raise ValueError(f"layer {name}: {e}") from None
-                B, A = factors or (B, A)
-                row.update(more)
-            if distributed:  # the owner's factors, on every rank
-                B, A = (_comm(X.float().contiguous()) for X in (B, A))
-                for X in (B, A):
-                    torch.distributed.broadcast(X, st.owner)
-        chosen[name] = B, A
-        row["seconds"] = time.perf_counter() - t0
-        report.append(row)
-    if distributed:  # each owner's report rows, on every rank
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report if r["layer"] in mine})
-        rows = {k: v for part in parts for k, v in part.items()}
-        report = [rows[r["layer"]] for r in report]
-    return chosen, report
-
-
-def _write_all(layers, chosen, report, shift):
-    for row, (name, layer) in zip(report, layers.items()):
-        write_adapter(layer, *chosen[name], shift)
-        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(), layer.lora_A.float())).item()
-
-
 def statistics_mib(layers, folds=1):
     """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
     LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
     shapes = [m.base.weight.shape for m in layers.values()]
-    return sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes) * 4 * folds / 2 ** 20
+    return sum(d_in ** 2 + d_out * d_in
+               + d_out ** 2 for d_out, d_in in shapes) * 4 * folds / 2 ** 20
 
 
 def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
@@ -962,7 +922,8 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
     # random stream over all groups, as over one pass
     chosen, report, data = {}, [], method not in ("lora", "rslora")
     for group in groups:  # nothing is written before every group's statistics are in
-        stats = collect_statistics(model, {n: layers[n].base for n in group}, batches, **stats_kw) if data else None
+        stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
+                                   **stats_kw) if data else None
         factors, rows = _init_factors({n: layers[n] for n in group}, method, stats, **kw)
         chosen.update(factors)
         report += rows
@@ -971,65 +932,17 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
     return report, groups
 
 
-def _data_factors(method, st, layer, damping, step, init_norm, factor_balance, diagnostics, shared):
-    """One layer's data-driven factors (B, A) from its pooled statistics `st`, sized and balanced as
-    init_adapters says, and its report entries; (None, fallback) for a zero gradient. shared holds
-    {id(S): L_S} of the previous layer, whose input the next ones (query, key, value) may share."""
-    if st.G.abs().max() == 0:
-        return None, dict(fallback="zero gradient: plain LoRA init")
-    cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
-    if cg:
-        if id(st.S) not in shared:  # a new input: the last one's factor is freed
-            shared.clear()
-            shared[id(st.S)] = damped_cholesky(st.S, damping)
-        M, L_T, L_S = whiten(st.G, st.S, st.T, damping, shared[id(st.S)])
-        B, A, sigma = _balanced_factors(M, L_T, L_S, r, step, s, tol=FINAL_TOL)
-        row["captured"] = (sigma.square().sum() / M.square().sum()).item()
-    else:
-        B, A = direction(method, st, r, damping)
-    if diagnostics:  # in-sample q: directions judged on the statistics they came from
-        row["insample"] = predicted_decrease(B, A, st.G, st.S, st.T)
-        one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, r)
-        row["insample_lora_one"] = predicted_decrease(*one, st.G, st.S, st.T)
-    norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
-    if norm and (cg or method == "lora-one"):
-        B, A = _sized(B, A, s, norm)
-    if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
-        B, A = balance(B, A)
-    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s for dW = s B A
-    row["quadratic_step"] = (-(B * (st.G @ A.T)).sum() / curvature).item() if curvature > 0 else 0.0
-    return (B, A), row
-
-
-def _checked_and_diagnosed(method, layers, stats, damping, grid):
-    """A data-driven init's statistics, checked: the layers this process factorizes (under
-    torch.distributed, those it owns), and with folds the damping diagnose chose and its
-    diagnostics (§8); without folds, the damping given and none."""
-    proc = torch.distributed.get_rank() if _distributed() else 0
-    if stats is None or (missing := [n for n in layers if n not in stats]):
-        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs statistics for them")
-    mine = [n for n in layers if stats[n].owner == proc]
-    for name in mine:
-        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
-            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                             "calibration data and loss (run the model in fp32)")
-    if all(len(stats[name].folds) >= 2 for name in mine):
-        return mine, *diagnose(method, {n: stats[n] for n in mine}, {n: layers[n].rank for n in mine}, damping, grid)
-    if method.startswith("cg-lora") and damping == "auto":
-        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
-                         "with folds=2, or pass a number")
-    return mine, damping, {}
-
-
 # ----------------------------------------------------------------------------- peft
 
 
-def _peft_layers(model, adapter_name):  # peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
+# peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
+def _peft_layers(model, adapter_name):
     return {n: m for n, m in model.named_modules()
-            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ()) and hasattr(m, "scaling")}
+            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ())
+            and hasattr(m, "scaling")}
 
 
-def _lm_loss(model):  # a Hugging Face LM's loss (§9), recognised by its class and config; else None
+def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = type(base).__name__
     if kind.endswith("ForCausalLM"):
@@ -1045,23 +958,26 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
 
     Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
     the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
-    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters with
-    that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds, damping,
-    init_norm, ...); a transformers *ForCausalLM or encoder-decoder *ForConditionalGeneration gets
-    causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns init_adapters' report.
-    Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does not carry: refused."""
+    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
+    with that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds,
+    damping, init_norm, ...); a transformers *ForCausalLM or encoder-decoder
+    *ForConditionalGeneration gets causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns
+    init_adapters' report. Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does
+    not carry: refused."""
     if method in SHIFTED:
-        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not carry: use cg-lora "
-                         f"(W0 kept) or lora-one, or add_lora + init_adapters + save_peft (the shift exported "
-                         f"against the original W0 as rank 2r)")
-    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method", "stats"}
+        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
+                         "carry: use cg-lora (W0 kept) or lora-one, or add_lora + init_adapters + "
+                         "save_peft (the shift exported against the original W0 as rank 2r)")
+    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method",
+                                                     "stats"}
              for f in (collect_statistics, init_adapters)]
     if unknown := sorted(set(kw) - known[0] - known[1]):
-        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and init_adapters' options")
+        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and "
+                        "init_adapters' options")
     lora = _peft_layers(peft_model, adapter_name)
     if not lora:
-        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass get_peft_model's model "
-                         f"and the adapter's name")
+        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass "
+                         "get_peft_model's model and the adapter's name")
     if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
                  if not isinstance(m.base_layer, nn.Linear)]:
         raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
@@ -1072,7 +988,8 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     options = {k: v for k, v in kw.items() if k in known[0]}
     options.setdefault("loss", _lm_loss(peft_model))
     with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
-        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches, **options)
+        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
+                                   **options)
     report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
     with torch.no_grad():
         for n, m in lora.items():
@@ -1084,33 +1001,176 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
 def save_peft(model, directory, modules_to_save=(), **config):
     """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
     PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
-    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules trained
-    whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
+    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules
+    trained whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
     use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
     lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
     base_model_name_or_path). Returns the config written."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     state = lora_state_dict(model)
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling, m.dropout.p) for m in layers.values()}) != 1:
-        raise ValueError(f"save_peft writes one rank and scaling for all adapters, and {len(layers)} LoRALinear "
-                         f"layers have ranks {sorted(ranks)}: add_lora with one rank and alpha")
+    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling,
+                                m.dropout.p) for m in layers.values()}) != 1:
+        raise ValueError("save_peft writes one rank and scaling for all adapters, and "
+                         f"{len(layers)} LoRALinear layers have ranks {sorted(ranks)}: add_lora "
+                         "with one rank and alpha")
     (r,), one = ranks, next(iter(layers.values()))
     for target in modules_to_save:
         found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
         if not found:
             raise ValueError(f"module {target!r} of modules_to_save is not in the model")
         for n, m in found.items():
-            state.update({f"base_model.model.{n}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
+            state.update({f"base_model.model.{n}.{k}": v.detach().clone()
+                          for k, v in m.state_dict().items()})
     shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
     config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
-                  use_rslora=not shifted and one.scaling != one.alpha / r, target_modules=sorted(layers),
-                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p, bias="none", **config)
+                  use_rslora=not shifted and one.scaling != one.alpha / r,
+                  target_modules=sorted(layers),
+                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p,
+                  bias="none", **config)
     os.makedirs(directory, exist_ok=True)
     torch.save(state, os.path.join(directory, "adapter_model.bin"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
     return config
+
+
+# =================================================================================================
+# Part II (optional): the damping search (§8.1), the diagnostics of §8 and the real loss (§8.2).
+# =================================================================================================
+
+# ----------------------------------------------------------------------------- §8 diagnostics
+
+
+def predicted_decrease(B, A, G, S, T):
+    """q(dW) = <G, dW>^2 / (2 <dW, T dW S>) for dW = B A: the loss decrease the quadratic model of
+    the statistics (G, S, T) predicts for the best multiple of dW (a line search on its scale, §8).
+    Only r x r products: <G, B A> = tr(B^T G A^T), <dW, T dW S> = tr(B^T T B A S A^T)."""
+    B, A = B.to(G.dtype), A.to(G.dtype)
+    num = (B * (G @ A.T)).sum()
+    den = ((B.T @ T @ B) * (A @ S @ A.T)).sum()
+    return (num.square() / (2 * den)).item() if den > 0 else 0.0
+
+
+def overlap(X, Y):
+    """||Q_X^T Q_Y||_F^2 / r of the column spaces of X and Y (d x r): 1 for the same subspace,
+    r / d for independent random ones (§8)."""
+    return (torch.linalg.qr(X).Q.T @ torch.linalg.qr(Y).Q).square().sum().item() / X.shape[1]
+
+
+class _Eig(NamedTuple):  # X = Q diag(w) Q^T, and the scale of its relative damping, mu = tr X / d
+    Q: torch.Tensor
+    w: torch.Tensor
+    mu: float
+
+
+def _eig(X):
+    w, Q = torch.linalg.eigh(X)
+    mu = w.mean().item()
+    return _Eig(Q, w.clamp(min=0), mu if mu > 0 else 1.0)  # mu = 1 when X = 0, as _damped
+
+
+def cg_directions(G, eig_S, eig_T, rank, grid):
+    """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
+    and T (§8.1): S_l = Q_S diag(w_S + l mu_S) Q_S^T, so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T
+    with the rotated gradient C = Q_T^T G Q_S and diagonal D's: every lambda is a rescaling of C,
+    whose top r (top_r, warm-started from the neighbouring lambda) costs O(d^2 r).
+    Returns {lambda: (B, A)} with B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
+    C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
+    out, start = {}, None
+    for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
+        dT, dS = eig_T.w + lam * eig_T.mu, eig_S.w + lam * eig_S.mu
+        if not (dT.min() > 0 and dS.min() > 0):
+            raise ValueError(f"damped statistics are not positive definite (damping={lam}): use "
+                             "damping > 0")
+        dT, dS = dT.rsqrt(), dS.rsqrt()
+        U, sigma, V, start = top_r(dT[:, None] * C * dS, rank, start)
+        root = sigma.sqrt()
+        out[lam] = (-eig_T.Q @ (dT[:, None] * U * root), (eig_S.Q @ (dS[:, None] * V * root)).T)
+    return out
+
+
+# LoRA-One's or LoRA-GA's direction by top_r (diagnostics)
+def _baseline_direction(method, G, rank):
+    if method == "lora-ga":
+        U, _, V, _ = top_r(G, 2 * rank)
+        return U[:, rank:], V[:, :rank].T
+    U, sigma, V, _ = top_r(-G, rank)
+    return U * sigma, V.T
+
+
+def _insample(method, B, A, st, rank):
+    """The in-sample q of this method's direction (B, A) and of LoRA-One's: judged on the
+    statistics `st` they came from (init_adapters' report, with folds)."""
+    one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, rank)
+    return dict(insample=predicted_decrease(B, A, st.G, st.S, st.T),
+                insample_lora_one=predicted_decrease(*one, st.G, st.S, st.T))
+
+
+def _fold_directions(method, folds, rank, lambdas, eig_S):
+    """For each fold k, the directions fitted on the other folds' pooled statistics: this method's
+    at every lambda and LoRA-One's. eig_S[k] caches the eigendecomposition of fold k's training S
+    for the next layer fed the same input (query, key, value share S)."""
+    fitted = []
+    for k in range(len(folds)):
+        train = pool(folds[:k] + folds[k + 1:])
+        one = _baseline_direction("lora-one", train.G, rank)
+        if method.startswith("cg-lora"):
+            if k not in eig_S:
+                eig_S[k] = _eig(train.S)
+            dirs = cg_directions(train.G, eig_S[k], _eig(train.T), rank, lambdas)
+        else:
+            dirs = {lambdas[0]: one if method == "lora-one"
+                    else _baseline_direction(method, train.G, rank)}
+        fitted.append((dirs, one))
+    return fitted
+
+
+def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
+    """§8 diagnostics of a data-driven init from statistics kept in K >= 2 folds, and for CG-LoRA
+    with damping="auto" the lambda of `grid` whose directions predict the largest held-out decrease,
+    summed over folds and layers (§8.1). Returns (damping, {layer: diagnostics}):
+    heldout / heldout_lora_one: K-fold held-out q of this method's and LoRA-One's directions;
+    overlap_left / overlap_right: overlap of the column spaces of B and of A^T fitted on the two
+    halves of the folds (even, odd); heldout_by_damping: the held-out q at each lambda tried."""
+    auto = method.startswith("cg-lora") and damping == "auto"
+    lambdas = tuple(grid) if auto else (damping,)
+    scores, eig_S, last_input = {}, {}, None
+    for name, st in stats.items():
+        if all(f.G.abs().max() == 0 for f in st.folds):
+            continue  # a zero-gradient layer has no direction (init_adapters' fallback)
+        inputs = [id(f.S) for f in st.folds]
+        if inputs != last_input:  # a new input: layers that share S come one after another
+            eig_S.clear()
+            last_input = inputs
+        fitted = _fold_directions(method, st.folds, ranks[name], lambdas, eig_S)
+        q = {lam: sum(predicted_decrease(*dirs[lam], f.G, f.S, f.T)
+                      for (dirs, _), f in zip(fitted, st.folds))
+             for lam in lambdas}
+        q_one = sum(predicted_decrease(*one, f.G, f.S, f.T)
+                    for (_, one), f in zip(fitted, st.folds))
+        scores[name] = q, q_one, fitted
+    if auto:  # summed over this process's layers, and under torch.distributed over every rank's
+        total = torch.tensor([sum(q[lam] for q, _, _ in scores.values()) for lam in lambdas],
+                             dtype=torch.float64)
+        if _distributed():
+            total = _all_reduced(total)
+        damping = lambdas[int(total.argmax())]
+    rows = {}
+    for name, (q, q_one, fitted) in scores.items():
+        folds, r = stats[name].folds, ranks[name]
+        # the directions fitted without fold 1 and without fold 0 are the halves'
+        if len(folds) == 2:
+            halves = [dirs[damping] for dirs, _ in fitted]
+        else:
+            halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
+        rows[name] = dict(
+            damping=damping if method.startswith("cg-lora") else None, heldout=q[damping],
+                          heldout_lora_one=q_one,
+            overlap_left=overlap(halves[0][0], halves[1][0]),
+                          overlap_right=overlap(halves[0][1].T, halves[1][1].T),
+            heldout_by_damping=q if auto else None)
+    return damping, rows
 
 
 # ----------------------------------------------------------------------------- §8.2 the real loss
@@ -1121,13 +1181,15 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
     """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
     over `batches` at W0 (every lora_B = 0) and, for each c in `scales`, with every layer's adapter
     set to (c B, A), i.e. the update s c B A. layers: {name: LoRALinear}; directions: {name: (B
-    d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are restored."""
+    d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are
+    restored."""
     loss, batches = loss or _loss, list(batches)
     saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
     was_training = model.training
 
     def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(_logits(model(**_model_inputs(b, loss))), b["labels"]).item() * b["labels"].shape[0]
+        total = sum(loss(_logits(model(**_model_inputs(b, loss))),
+                         b["labels"]).item() * b["labels"].shape[0]
                     for b in batches)
         return total / sum(b["labels"].shape[0] for b in batches)
 
@@ -1147,3 +1209,66 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
             layers[name].lora_B.copy_(B)
             layers[name].lora_A.copy_(A)
         model.train(was_training)
+
+
+# =================================================================================================
+# Part III: torchrun plumbing. One process is the default; under torch.distributed each layer's
+# statistics are reduced to one owner, which factorizes it and broadcasts the factors.
+# =================================================================================================
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# layer -> rank: the i-th distinct input's layers go to rank i mod world
+def _owners(share, names, world):
+    inputs = list(dict.fromkeys(share[name] for name in names))
+    return {name: inputs.index(share[name]) % world for name in names}
+
+
+def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
+    nccl = torch.distributed.get_backend() == "nccl"
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
+
+
+def _rank_and_world(distributed):  # this process's rank and the number of processes
+    return (torch.distributed.get_rank(),
+            torch.distributed.get_world_size()) if distributed else (0, 1)
+
+
+def _all_reduced(t):  # the sum of t over every rank, on _comm(t)'s device
+    t = _comm(t)
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def _reduce_to_owners(sums, counts, owner, proc):
+    """collect_statistics' per-fold sums, each reduced to its layer's owner (freed elsewhere, in
+    place), and the counts summed over every rank (returned, on the CPU)."""
+    counts = _all_reduced(counts).cpu()
+    for fold in sums:
+        for j in range(3):
+            for key in sorted(fold[j].total):
+                t = _comm(fold[j].total[key])
+                torch.distributed.reduce(t, owner[key])
+                if owner[key] == proc:
+                    fold[j].total[key].copy_(t)
+                else:
+                    del fold[j].total[key]  # freed: the owner holds it
+    return counts
+
+
+def _broadcast(factors, owner):  # the owner's factors (fp32, contiguous), on every rank
+    factors = tuple(_comm(X.float().contiguous()) for X in factors)
+    for X in factors:
+        torch.distributed.broadcast(X, owner)
+    return factors
+
+
+def _gathered(report, mine):  # init report rows: each layer's owner's row, on every rank
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report
+                                                if r["layer"] in mine})
+    rows = {k: v for part in parts for k, v in part.items()}
+    return [rows[r["layer"]] for r in report]

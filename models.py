@@ -77,7 +77,8 @@ class Encoder(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module, std=0.02):
-        # as HF BERT/RoBERTa: normal(0, 0.02) weights, zero biases and padding row, LayerNorm = identity
+        # as HF BERT/RoBERTa: normal(0, 0.02) weights, zero biases and padding row,
+        # LayerNorm = identity
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
         if isinstance(module, nn.Linear):
@@ -95,7 +96,8 @@ class Encoder(nn.Module):
         if L > longest:
             raise ValueError(f"sequence length {L} exceeds this model's {longest} positions: "
                              f"truncate inputs to at most {longest} tokens")
-        if c.roberta_positions:  # fairseq/HF: real tokens get pad_id+1, pad_id+2, ...; padding gets pad_id
+        # fairseq/HF: real tokens get pad_id+1, pad_id+2, ...; padding gets pad_id
+        if c.roberta_positions:
             real = (input_ids != c.pad_id).long()
             positions = torch.cumsum(real, dim=1) * real + c.pad_id
         else:
@@ -107,7 +109,8 @@ class Encoder(nn.Module):
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
              + self.token_type_embeddings(token_type_ids))
         x = self.dropout(self.embed_norm(x))  # [batch, length, hidden]
-        mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, length]: padding keys ignored
+        # [batch, 1, 1, length]: padding keys ignored
+        mask = attention_mask.bool()[:, None, None, :]
         for block in self.layers:
             x = block(x, mask)
         return x
@@ -115,7 +118,8 @@ class Encoder(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """Logits [batch, num_labels] (num_labels == 1: a regression score) from the first token."""
         x = self.encode(input_ids, attention_mask, token_type_ids)[:, 0]  # [batch, hidden]
-        if self.config.model_type != "bert":  # RobertaClassificationHead drops its input; BERT's pooler does not
+        # RobertaClassificationHead drops its input; BERT's pooler does not
+        if self.config.model_type != "bert":
             x = self.dropout(x)
         x = self.dropout(torch.tanh(self.head.dense(x)))
         return self.head.out_proj(x)
@@ -146,7 +150,8 @@ def read_safetensors(path) -> dict:
     try:
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e}): re-download the checkpoint")
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e}): re-download the "
+                         "checkpoint")
     tensors, start = {}, 8 + n
     for name, info in header.items():
         if name == "__metadata__":
@@ -159,8 +164,8 @@ def read_safetensors(path) -> dict:
         if end - begin != count * dtype.itemsize or start + end > len(data):
             raise ValueError(f"{path}: tensor {name!r} bytes [{begin}, {end}) do not hold shape "
                              f"{shape} of {info['dtype']} inside the file: the file is damaged")
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count else \
-            torch.empty(0, dtype=dtype)
+        flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count
+                else torch.empty(0, dtype=dtype))
         tensors[name] = flat.reshape(shape)
     return tensors
 
@@ -172,15 +177,19 @@ def config_from_hf(hf: dict, num_labels: int) -> EncoderConfig:
     """EncoderConfig from a Hugging Face config.json dict."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json has model_type {kind!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"config.json asks for hidden_act {hf.get('hidden_act')!r}, position_embedding_type "
-                         f"{hf.get('position_embedding_type')!r}; supported: 'gelu' with 'absolute' positions")
+        raise ValueError(f"config.json has model_type {kind!r}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if (hf.get("hidden_act", "gelu") != "gelu"
+            or hf.get("position_embedding_type", "absolute") != "absolute"):
+        raise ValueError(f"config.json asks for hidden_act {hf.get('hidden_act')!r}, "
+                         f"position_embedding_type {hf.get('position_embedding_type')!r}; "
+                         "supported: 'gelu' with 'absolute' positions")
     try:
         return EncoderConfig(
             vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], layers=hf["num_hidden_layers"],
             heads=hf["num_attention_heads"], intermediate=hf["intermediate_size"],
-            max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+            max_positions=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
             pad_id=hf.get("pad_token_id", 1 if kind == "roberta" else 0),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12), roberta_positions=kind == "roberta",
             dropout=hf.get("hidden_dropout_prob", 0.1), num_labels=num_labels, model_type=kind)
@@ -192,15 +201,18 @@ def hf_names(config: EncoderConfig) -> dict:
     """Our parameter name -> Hugging Face name, without the `bert.` / `roberta.` prefix."""
     names = {f"{m}.weight": f"embeddings.{m}.weight"
              for m in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-    names |= {"embed_norm.weight": "embeddings.LayerNorm.weight", "embed_norm.bias": "embeddings.LayerNorm.bias"}
-    block = dict(query="attention.self.query", key="attention.self.key", value="attention.self.value",
+    names |= {"embed_norm.weight": "embeddings.LayerNorm.weight",
+              "embed_norm.bias": "embeddings.LayerNorm.bias"}
+    block = dict(query="attention.self.query", key="attention.self.key",
+                 value="attention.self.value",
                  attn_out="attention.output.dense", attn_norm="attention.output.LayerNorm",
                  ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm")
     for i in range(config.layers):
         for ours, theirs in block.items():
             for p in ("weight", "bias"):
                 names[f"layers.{i}.{ours}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
-    # BertForSequenceClassification = pooler + classifier; RobertaForSequenceClassification = classifier.{dense,out_proj}
+    # BertForSequenceClassification = pooler + classifier; RobertaForSequenceClassification =
+    # classifier.{dense,out_proj}
     head = (dict(dense="pooler.dense", out_proj="classifier") if config.model_type == "bert"
             else dict(dense="classifier.dense", out_proj="classifier.out_proj"))
     for ours, theirs in head.items():
@@ -212,17 +224,21 @@ def hf_names(config: EncoderConfig) -> dict:
 def _strip(key):
     """`roberta.x` / `bert.x` -> `x`; LayerNorm gamma/beta (old BERT checkpoints) -> weight/bias."""
     key = key.removeprefix("roberta.").removeprefix("bert.")
-    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                      "LayerNorm.bias")
 
 
 def from_pretrained(path, num_labels: int) -> Encoder:
-    """Load a Hugging Face BERT or RoBERTa checkpoint directory (config.json + model.safetensors
-    or pytorch_model.bin). The head is loaded where the checkpoint has one, else freshly initialised."""
+    """Load a Hugging Face BERT or RoBERTa checkpoint directory (config.json + model.safetensors or
+    pytorch_model.bin). The head is loaded where the checkpoint has one, else freshly
+    initialised."""
     expected = "config.json and model.safetensors (or pytorch_model.bin)"
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist: it should hold {expected}")
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist: it should hold "
+                                f"{expected}")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json: a checkpoint directory holds {expected}")
+        raise FileNotFoundError(f"{path} has no config.json: a checkpoint directory holds "
+                                f"{expected}")
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     config = config_from_hf(hf, num_labels)
@@ -232,19 +248,22 @@ def from_pretrained(path, num_labels: int) -> Encoder:
     elif os.path.isfile(pt):
         raw = torch.load(pt, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin "
-                                f"(sharded checkpoints are not supported): it should hold {expected}")
+        raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin (sharded "
+                                f"checkpoints are not supported): it should hold {expected}")
     state = {_strip(k): v for k, v in raw.items()}
 
     model = Encoder(config)
     names = hf_names(config)
+    # RoBERTa's pooler: unused by *ForSequenceClassification
     ignored = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.", "cls.") + \
-        (("pooler.",) if config.model_type == "roberta" else ())  # unused by *ForSequenceClassification
-    missing = [theirs for ours, theirs in names.items() if theirs not in state and not ours.startswith("head.")]
+        (("pooler.",) if config.model_type == "roberta" else ())
+    missing = [theirs for ours, theirs in names.items() if theirs not in state
+               and not ours.startswith("head.")]
     known = set(names.values())
     unexpected = [k for k in state if k not in known and not k.startswith(ignored)]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match a {config.model_type} encoder with {config.layers} layers:\n"
+        raise ValueError(f"{path} does not match a {config.model_type} encoder with "
+                         f"{config.layers} layers:\n"
                          f"  missing keys: {missing}\n  unexpected keys: {unexpected}")
     ours_state = model.state_dict()
     std = hf.get("initializer_range", 0.02)
@@ -257,8 +276,9 @@ def from_pretrained(path, num_labels: int) -> Encoder:
                     nn.init.zeros_(ours_state[ours])
                 continue
             if state[theirs].shape != ours_state[ours].shape:
-                raise ValueError(f"{path}: {theirs} has shape {tuple(state[theirs].shape)}, expected "
-                                 f"{tuple(ours_state[ours].shape)} from config.json and num_labels={num_labels}")
+                raise ValueError(f"{path}: {theirs} has shape {tuple(state[theirs].shape)}, "
+                                 f"expected {tuple(ours_state[ours].shape)} from config.json and "
+                                 f"num_labels={num_labels}")
             ours_state[ours].copy_(state[theirs])
     return model
 
@@ -275,18 +295,23 @@ def load_adapter(model: Encoder, path) -> dict:
     rank 2r on the original W0."""
     with open(os.path.join(path, "adapter_config.json")) as f:
         config = json.load(f)
-    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "use_dora", "target_parameters")
+    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "use_dora",
+                                          "target_parameters")
                    if config.get(k)}
     if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none" or unsupported:
-        raise ValueError(f"{path}: only a plain LoRA adapter (peft_type LORA, bias none, one rank and alpha) "
-                         f"loads here; got peft_type {config.get('peft_type')!r}, bias {config.get('bias')!r}, "
-                         f"{unsupported or 'no patterns'}")
-    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
-    raw = read_safetensors(st) if os.path.isfile(st) else torch.load(pt, map_location="cpu", weights_only=True)
+        raise ValueError(f"{path}: only a plain LoRA adapter (peft_type LORA, bias none, one rank "
+                         f"and alpha) loads here; got peft_type {config.get('peft_type')!r}, bias "
+                         f"{config.get('bias')!r}, {unsupported or 'no patterns'}")
+    st = os.path.join(path, "adapter_model.safetensors")
+    pt = os.path.join(path, "adapter_model.bin")
+    raw = (read_safetensors(st) if os.path.isfile(st)
+           else torch.load(pt, map_location="cpu", weights_only=True))
     to_ours = ({theirs: ours for ours, theirs in hf_names(model.config).items()}
-               if model.config.model_type in SUPPORTED_MODEL_TYPES else {})  # the tiny encoder: our names
+               # the tiny encoder: our names
+               if model.config.model_type in SUPPORTED_MODEL_TYPES else {})
     state = {}
-    for key, value in raw.items():  # base_model.model.<module>.lora_A.weight, base_model.model.<head param>
+    # base_model.model.<module>.lora_A.weight, base_model.model.<head param>
+    for key, value in raw.items():
         key = _strip(key.removeprefix("base_model.model."))
         module, lora, factor = key.partition(".lora_")  # factor: "A.weight" or "B.weight"
         if lora:
@@ -295,7 +320,8 @@ def load_adapter(model: Encoder, path) -> dict:
         else:
             state[to_ours.get(key, key)] = value
     targets = sorted({key.rpartition(".lora_")[0] for key in state if ".lora_" in key})
-    layers = cglora.add_lora(model, targets, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+    layers = cglora.add_lora(model, targets, config["r"], config["lora_alpha"],
+                             config.get("lora_dropout", 0.0),
                              rslora=config.get("use_rslora", False), trainable=["head"])
     try:
         result = model.load_state_dict(state, strict=False)
@@ -303,6 +329,7 @@ def load_adapter(model: Encoder, path) -> dict:
         raise ValueError(f"{path}: {e}") from None
     missing = [k for k in result.missing_keys if k.endswith(("lora_A", "lora_B"))]
     if result.unexpected_keys or missing:
-        raise ValueError(f"{path} does not fit this {model.config.model_type} encoder:\n  keys that match "
+        raise ValueError(f"{path} does not fit this {model.config.model_type} encoder:\n  "
+                         "keys that match "
                          f"nothing: {result.unexpected_keys}\n  factors missing: {missing}")
     return layers

@@ -30,12 +30,14 @@ import models
 @dataclasses.dataclass
 class Config:
     task: str = "cola"  # GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli
-    data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the one used)
+    data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the
+                          # one used)
     pretrained: str = None  # HF BERT/RoBERTa checkpoint dir (model + tokenizer); None: tiny encoder
     init: str = "cg-lora"  # cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full
     rank: int = 8
     alpha: float = 16.0  # scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)
-    targets: str = "query,value"  # linear layers that get adapters (last name component), or all: the six of a block
+    targets: str = "query,value"  # linear layers that get adapters (last name component), or all:
+                                  # the six of a block
     dropout: float = 0.0  # LoRA dropout, in [0, 1)
     lr: float = 1e-3  # peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)
     epochs: int = 3
@@ -45,18 +47,25 @@ class Config:
     weight_decay: float = 0.0
     calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
     calib_batch_size: int = 8
-    real_check: int = 0  # batches after the calibration ones on which the init is judged by the real loss (0: off)
-    damping: str = str(cglora.DAMPING)  # relative damping of S and T (docs §3): a number > 0, or auto: chosen on 2 folds (§8.1)
-    diagnostics: bool = False  # keep the statistics in 2 folds and report the §8 diagnostics (on with --damping auto)
+    real_check: int = 0  # batches after the calibration ones on which the init is judged by the
+                         # real loss (0: off)
+    damping: str = str(cglora.DAMPING)  # relative damping of S and T (docs §3): a number > 0, or
+                                        # auto: chosen on 2 folds (§8.1)
+    diagnostics: bool = False  # keep the statistics in 2 folds and report the §8 diagnostics (on
+                               # with --damping auto)
     step: float = 1.0  # Newton step length; only matters with --init_norm 0
-    init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's, alpha/(sqrt(r) 128)
+    init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's,
+                             # alpha/(sqrt(r) 128)
     fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
-    balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature metric
-    freeze_embeddings: bool = False  # tiny encoder: keep its random word embeddings frozen too (they train by default)
+    balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature
+                                # metric
+    freeze_embeddings: bool = False  # tiny encoder: keep its random word embeddings frozen too
+                                     # (they train by default)
     seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
-    out: str = None  # run directory; default runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]
+    out: str = None  # run directory; default
+                     # runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]
     max_steps: int = 0  # stop after this many steps (0: all epochs); the schedule spans --epochs
     resume: bool = False  # continue the run in --out from its last checkpoint
     overwrite: bool = False  # clear the earlier run in --out first (only files train.py writes)
@@ -64,28 +73,37 @@ class Config:
     log_every: int = 100  # steps between progress lines and metrics.jsonl's step rows
 
 
-ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")  # --targets all: every linear of a block
-PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every")  # what a --resume may change
-RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer", "adapter_init.bin",
-             "adapter_model.bin", "adapter_config.json", "checkpoint.pt", "checkpoint.tmp", "merged.pt")
-PROGRESS_SECONDS = 5  # a long pass (statistics, evaluation) prints a progress line at most this often
+# --targets all: every linear of a block
+ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+# what a --resume may change
+PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every")
+RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer",
+             "adapter_init.bin", "adapter_model.bin", "adapter_config.json", "checkpoint.pt",
+             "checkpoint.tmp", "merged.pt")
+# a long pass (statistics, evaluation) prints a progress line at most this often
+PROGRESS_SECONDS = 5
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    why = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # field comments, continued on comment lines below the field
+    fields = re.findall(r"^    (\w+): .*?# (.*)$\n((?: +# .*\n)*)", inspect.getsource(Config),
+                        re.M)
+    why = {name: " ".join([first] + re.findall(r"# (.*)", more)) for name, first, more in fields}
     for f in dataclasses.fields(Config):
         kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
         how = dict(action="store_true") if f.type is bool else dict(type=kind, default=f.default)
-        p.add_argument(f"--{f.name}", **how, help=f"{why.get(f.name, '')} (default: {how.get('default', 'off')})")
+        p.add_argument(f"--{f.name}", **how,
+                       help=f"{why.get(f.name, '')} (default: {how.get('default', 'off')})")
     return check_flags(Config(**vars(p.parse_args(argv))), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-CHOICES = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"), balance=("euclidean", "curvature"),
-               device=("auto", "cpu", "cuda"))
+CHOICES = dict(init=cglora.METHODS + ("full",), fisher=("empirical", "sampled"),
+               balance=("euclidean", "curvature"), device=("auto", "cpu", "cuda"))
 RANGES = dict(  # flag: (holds, what it must be)
-    **dict.fromkeys(("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size", "log_every",
-                     "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
+    **dict.fromkeys(("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size",
+                     "log_every", "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
     dropout=(lambda x: 0 <= x < 1, "in [0, 1)"), warmup=(lambda x: 0 <= x <= 1, "in [0, 1]"),
     weight_decay=(lambda x: x >= 0, ">= 0"), max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
     real_check=(lambda x: x >= 0, ">= 0 (0: no real loss check)"),
@@ -93,8 +111,9 @@ RANGES = dict(  # flag: (holds, what it must be)
 
 
 def check_flags(cfg, world):
-    """Every flag before any work or file, as one table of (refused, why) naming the flag and what it takes; sets
-    --damping's number, --targets all's names, the default --out. (Against the model: check_against_model.)"""
+    """Every flag before any work or file, as one table of (refused, why) naming the flag and what
+    it takes; sets --damping's number, --targets all's names, the default --out. (Against the model:
+    check_against_model.)"""
     task, cuda = data.get_task(cfg.task), torch.cuda.is_available()
     folds = statistics_folds(cfg)
     need = max(folds, world)  # calibration batches: a fold's, and a batch per process
@@ -106,23 +125,29 @@ def check_flags(cfg, world):
     value = lambda name: getattr(cfg, name)  # noqa: E731
     refusals = [(value(n) not in allowed, f"--{n} {value(n)!r}: choose from {', '.join(allowed)}")
                 for n, allowed in CHOICES.items()]
-    refusals += [(not holds(value(n)), f"--{n} must be {want}, got {value(n)}") for n, (holds, want) in RANGES.items()]
+    refusals += [(not holds(value(n)), f"--{n} must be {want}, got {value(n)}")
+                 for n, (holds, want) in RANGES.items()]
     refusals += [
         (cfg.damping != "auto" and not 0 < damping < math.inf,
          f"--damping takes a number > 0 or auto, got {cfg.damping!r}"),
         (cfg.init not in ("lora", "rslora", "full") and cfg.calib_batches < need,
-         f"--calib_batches {cfg.calib_batches}: {cfg.init} needs a batch per fold ({folds}) and per process "
-         f"({world}): pass --calib_batches {need} or more"),
-        (cfg.device == "cuda" and not cuda, "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
-        (cfg.bf16 and (cfg.device == "cpu" or not cuda), "--bf16 autocasts on CUDA only: drop it on the CPU"),
-        (cfg.resume and cfg.overwrite, "--resume continues the run in --out, --overwrite clears it: pass one of them"),
-        (not all(cfg.targets.split(",")), f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
+         f"--calib_batches {cfg.calib_batches}: {cfg.init} needs a batch per fold ({folds}) and "
+         f"per process ({world}): pass --calib_batches {need} or more"),
+        (cfg.device == "cuda" and not cuda,
+         "--device cuda: this torch sees no CUDA device: use --device cpu, or auto"),
+        (cfg.bf16 and (cfg.device == "cpu" or not cuda),
+         "--bf16 autocasts on CUDA only: drop it on the CPU"),
+        (cfg.resume and cfg.overwrite,
+         "--resume continues the run in --out, --overwrite clears it: pass one of them"),
+        (not all(cfg.targets.split(",")),
+         f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
     for refused, why in refusals:
         if refused:
             raise ValueError(why)
     cfg.damping = cfg.damping if cfg.damping == "auto" else damping
     if not cfg.out:
-        names, model = cfg.targets.split(","), Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
+        names = cfg.targets.split(",")
+        model = Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
         targets = "all" if sorted(names) == sorted(ALL_TARGETS) else "+".join(names)
         cfg.out = (f"runs/{task.name}-{model}-{cfg.init}-r{cfg.rank}-{targets}-s{cfg.seed}"
                    + f"-w{world}" * (world > 1))
@@ -130,23 +155,28 @@ def check_flags(cfg, world):
 
 
 def check_against_model(cfg, model, tokenizer, task, n_train, world):
-    """The flags that need the model, tokenizer and data: the targets and --rank against the model's linear
-    layers, --max_len against the special tokens, --batch_size against the training set."""
+    """The flags that need the model, tokenizer and data: the targets and --rank against the model's
+    linear layers, --max_len against the special tokens, --batch_size against the training set."""
     if cfg.init != "full":
         try:
             layers = cglora._matching(model, cfg.targets.split(","), torch.nn.Linear)
         except ValueError as e:
-            raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all ({','.join(ALL_TARGETS)})") from None
+            raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all "
+                             f"({','.join(ALL_TARGETS)})") from None
         factor = 2 if cfg.init == "lora-ga" else 1  # LoRA-GA takes 2r singular vectors
-        name, shape = min(((n, tuple(m.weight.shape)) for n, m in layers.items()), key=lambda item: min(item[1]))
+        name, shape = min(((n, tuple(m.weight.shape)) for n, m in layers.items()),
+                          key=lambda item: min(item[1]))
         if factor * cfg.rank > min(shape):
-            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' * (factor - 1)}rank <= the smallest side of "
-                             f"each target, and {name} is {shape}: pass --rank {min(shape) // factor} or less")
+            raise ValueError(f"--rank {cfg.rank}: {cfg.init} needs {'2 x ' * (factor - 1)}rank <= "
+                             f"the smallest side of each target, and {name} is {shape}: pass "
+                             f"--rank {min(shape) // factor} or less")
     pair = task.columns[1] is not None
-    shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)  # the special tokens and one token of each text
+    # the special tokens and one token of each text
+    shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)
     if cfg.max_len < shortest:
-        raise ValueError(f"--max_len {cfg.max_len} leaves no room for text: {task.name} examples take "
-                         f"{shortest - 1 - pair} special tokens: pass --max_len {shortest} or more")
+        raise ValueError(f"--max_len {cfg.max_len} leaves no room for text: {task.name} examples "
+                         f"take {shortest - 1 - pair} special tokens: pass --max_len {shortest} or "
+                         "more")
     if n_train // cfg.batch_size // world == 0:
         raise ValueError(f"{n_train} training examples make no full batch of {cfg.batch_size} "
                          f"per process ({world} processes): lower --batch_size")
@@ -156,7 +186,8 @@ def check_against_model(cfg, model, tokenizer, task, n_train, world):
 
 
 def build_model(cfg, tokenizer, num_labels):
-    """The pretrained checkpoint (tokenizer unused) or the tiny encoder, seeded: same seed, same model."""
+    """The pretrained checkpoint (tokenizer unused) or the tiny encoder, seeded: same seed, same
+    model."""
     torch.manual_seed(cfg.seed)  # the tiny encoder's random weights and any fresh head
     if cfg.pretrained:
         return models.from_pretrained(cfg.pretrained, num_labels)
@@ -182,7 +213,8 @@ def autocast(cfg, device):
 
 
 def progress(what, total, log):
-    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS (a short pass: never)."""
+    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS (a
+    short pass: never)."""
     t0 = shown = time.monotonic()
 
     def report(done):
@@ -208,7 +240,8 @@ def evaluate(model, dev, task, cfg, device, log=None):
         labels.append(batch["labels"])
     model.train()
     preds, labels = torch.cat(preds).cpu(), torch.cat(labels).cpu()
-    return dict(data.compute_metrics(task, preds.tolist(), labels.tolist()), loss=loss / len(labels))
+    return dict(data.compute_metrics(task, preds.tolist(), labels.tolist()),
+                loss=loss / len(labels))
 
 
 def initialise(cfg, model, batches, device, log):
@@ -226,18 +259,19 @@ def initialise(cfg, model, batches, device, log):
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
         stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
-            model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib), cfg.fisher,
-            torch.Generator().manual_seed(cfg.seed), progress=progress("statistics", len(calib), log),
-            folds=statistics_folds(cfg))
+            model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib),
+            cfg.fisher, torch.Generator().manual_seed(cfg.seed),
+            progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
         if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
-            log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the calibration "
-                "batches ...")
+            log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
+                "calibration batches ...")
         record["statistics_seconds"] = time.perf_counter() - t0
-        judge = real_check(model, layers, [to_device(b, device) for b in heldout], record, log) if stats and heldout else None
+        judge = (real_check(model, layers, [to_device(b, device) for b in heldout], record, log)
+                 if stats and heldout else None)
         damping = cfg.damping if cfg.damping == "auto" else float(cfg.damping)
-        record["layers"] = rows = cglora.init_adapters(layers, cfg.init, stats, damping, cfg.step, cfg.init_norm,
-                                                      torch.Generator().manual_seed(cfg.seed), log, cfg.balance,
-                                                      judge=judge)
+        record["layers"] = rows = cglora.init_adapters(
+            layers, cfg.init, stats, damping, cfg.step, cfg.init_norm,
+            torch.Generator().manual_seed(cfg.seed), log, cfg.balance, judge=judge)
         record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
         record["summary"] = dict(summarise(rows, cfg.rank, log), **record.pop("real", {}))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -246,36 +280,44 @@ def initialise(cfg, model, batches, device, log):
                 trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-REAL_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # the real check's multiples of each layer's quadratic-model step
+# the real check's multiples of each layer's quadratic-model step
+REAL_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def real_check(model, layers, heldout, record, log):
-    """A judge for init_adapters (docs/cg-lora.md §8.2): the real mean loss on `heldout` at W0 and with every
-    layer moved by REAL_SCALES times its update's quadratic-model step (quadratic_step), jointly; the
-    decrease is the loss at W0 minus the best, beside what the calibration model predicts (summed in-sample q);
-    and the loss at the init's update as written, W0 + s B A at its init size (a shifted init then moves W0)."""
+    """A judge for init_adapters (docs/cg-lora.md §8.2): the real mean loss on `heldout` at W0 and
+    with every layer moved by REAL_SCALES times its update's quadratic-model step (quadratic_step),
+    jointly; the decrease is the loss at W0 minus the best, beside what the calibration model
+    predicts (summed in-sample q); and the loss at the init's update as written, W0 + s B A at its
+    init size (a shifted init then moves W0)."""
     def judge(factors, rows):
         step = {r["layer"]: r.get("quadratic_step", 0.0) for r in rows}
-        at_W0, losses = cglora.real_decrease(model, layers, {n: (step[n] * B, A) for n, (B, A) in factors.items()},
-                                             heldout, REAL_SCALES)
+        directions = {n: (step[n] * B, A) for n, (B, A) in factors.items()}
+        at_W0, losses = cglora.real_decrease(model, layers, directions, heldout, REAL_SCALES)
         at_init = cglora.real_decrease(model, layers, factors, heldout, (1.0,))[1][1.0]
         best = min(losses, key=losses.get)
         predicted = sum(r.get("insample") or 0.0 for r in rows)
         record["real"] = dict(real_loss_at_W0=at_W0, real_losses=losses, real_best_scale=best,
                               real_decrease=at_W0 - losses[best], real_loss_at_init=at_init,
-                              predicted_decrease=predicted, real_examples=sum(len(b["labels"]) for b in heldout))
-        log(f"real loss check on {record['real']['real_examples']} held-out examples: {at_W0:.4f} at W0, "
-            f"{losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease of {at_W0 - losses[best]:.4f}"
-            + (f"; the calibration model predicts {predicted:.3g} ({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)"
-               if predicted else "") + f"; at the init's own size {at_init:.4f}, a decrease of {at_W0 - at_init:.2g}")
+                              predicted_decrease=predicted,
+                              real_examples=sum(len(b["labels"]) for b in heldout))
+        log(f"real loss check on {record['real']['real_examples']} held-out examples: {at_W0:.4f} "
+            f"at W0, {losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease "
+            f"of {at_W0 - losses[best]:.4f}"
+            + (f"; the calibration model predicts {predicted:.3g} "
+               f"({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)"
+               if predicted else "")
+            + f"; at the init's own size {at_init:.4f}, a decrease of {at_W0 - at_init:.2g}")
     return judge
 
 
 def summarise(rows, rank, log):
-    """The init's summary, logged and returned for init.json: captured energy (§3) and the §8 calibration
-    diagnostics summed over the layers (the ratios are of the sums), with the damping chosen."""
+    """The init's summary, logged and returned for init.json: captured energy (§3) and the §8
+    calibration diagnostics summed over the layers (the ratios are of the sums), with the damping
+    chosen."""
     captured = [r["captured"] for r in rows if r["captured"] is not None]
-    summary = dict(captured_mean=sum(captured) / len(captured), captured_min=min(captured)) if captured else {}
+    summary = (dict(captured_mean=sum(captured) / len(captured), captured_min=min(captured))
+               if captured else {})
     if captured:
         log(f"captured energy at rank {rank}: mean {summary['captured_mean']:.3f}, "
             f"min {summary['captured_min']:.3f} over {len(captured)} layers")
@@ -283,15 +325,19 @@ def summarise(rows, rank, log):
     if rows:
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731
         by_damping = rows[0]["heldout_by_damping"]  # None, or damping -> q
-        summary.update({key: total(key) for key in ("heldout", "heldout_lora_one", "insample", "insample_lora_one")})
-        summary.update(overlap_left=total("overlap_left") / len(rows), overlap_right=total("overlap_right") / len(rows),
-                       heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
-                       insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
-                       damping=rows[0]["damping"], heldout_by_damping=None if not by_damping else {
-                           lam: sum(r["heldout_by_damping"][lam] for r in rows) for lam in by_damping})
+        keys = ("heldout", "heldout_lora_one", "insample", "insample_lora_one")
+        summary.update({key: total(key) for key in keys})
+        summary.update(
+            overlap_left=total("overlap_left") / len(rows),
+            overlap_right=total("overlap_right") / len(rows),
+            heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
+            insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
+            damping=rows[0]["damping"], heldout_by_damping=None if not by_damping else {
+                lam: sum(r["heldout_by_damping"][lam] for r in rows) for lam in by_damping})
         if by_damping:
-            log("damping auto: held-out predicted decrease " + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in
-                summary["heldout_by_damping"].items()) + f" -> damping {summary['damping']:g}")
+            log("damping auto: held-out predicted decrease "
+                + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in summary["heldout_by_damping"].items())
+                + f" -> damping {summary['damping']:g}")
         log(f"calibration check: split-half overlap left {summary['overlap_left']:.2f} / right "
             f"{summary['overlap_right']:.2f}; predicted decrease vs LoRA-One's direction: held-out "
             f"{summary['heldout_ratio']:.2f}x, in-sample {summary['insample_ratio']:.2f}x")
@@ -308,47 +354,59 @@ def check_ranks_agree(model):
 
 
 def hf_name(cfg, model):
-    """Our parameter name -> the checkpoint's in its *ForSequenceClassification (`layers.0.query.weight` ->
-    `bert.encoder.layer.0.attention.self.query.weight`, `head.out_proj.weight` -> `classifier.weight`), or ours."""
+    """Our parameter name -> the checkpoint's in its *ForSequenceClassification
+    (`layers.0.query.weight` -> `bert.encoder.layer.0.attention.self.query.weight`,
+    `head.out_proj.weight` -> `classifier.weight`), or ours."""
     if not cfg.pretrained:
         return lambda name: name
     names, kind = models.hf_names(model.config), model.config.model_type
-    return lambda name: names[name] if names[name].startswith("classifier") else f"{kind}.{names[name]}"
+    return lambda name: (names[name] if names[name].startswith("classifier")
+                         else f"{kind}.{names[name]}")
 
 
 def peft_module_name(cfg, model):
-    """Our module name -> the name the adapter is saved under: the checkpoint's own (hf_name) or ours."""
+    """Our module name -> the name the adapter is saved under: the checkpoint's own (hf_name) or
+    ours."""
     rename = hf_name(cfg, model)
     return lambda module: rename(module + ".weight").removesuffix(".weight")
 
 
 def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """The adapter as peft saves it, under peft_module_name's names: the weights (a shifted init against the original
-    W0, as rank 2r: §5), the modules trained whole, and adapter_config.json with exactly our scaling."""
+    """The adapter as peft saves it, under peft_module_name's names: the weights (a shifted init
+    against the original W0, as rank 2r: §5), the modules trained whole, and adapter_config.json
+    with exactly our scaling."""
     rename, state, targets, head = peft_module_name(cfg, model), {}, set(), set()
-    for key, value in cglora.lora_state_dict(model).items():  # base_model.model.<module>.lora_A.weight
+    # base_model.model.<module>.lora_A.weight
+    for key, value in cglora.lora_state_dict(model).items():
         module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
         state[f"base_model.model.{rename(module)}.lora_{param}"] = value
         targets.add(rename(module))
     for key, value in model.state_dict().items():
-        if key.split(".")[0] in trainable_modules(cfg):  # peft's modules_to_save: HF's classifier and BERT's
-            module, _, param = key.rpartition(".")  # pooler whole, our head.* one by one (a ModuleDict)
+        # peft's modules_to_save: HF's classifier and BERT's
+        if key.split(".")[0] in trainable_modules(cfg):
+            # pooler whole, our head.* one by one (a ModuleDict)
+            module, _, param = key.rpartition(".")
             state[f"base_model.model.{rename(module)}.{param}"] = value.to("cpu", copy=True)
-            head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0] if cfg.pretrained
-                     else module)
+            head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0]
+                     if cfg.pretrained else module)
     torch.save(state, out / name)
     r, = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    shifted = r != cfg.rank  # rank 2r at the same scaling s = alpha' / 2r; else peft computes s as LoRALinear does
+    # rank 2r at the same scaling s = alpha' / 2r; else peft computes s as LoRALinear does
+    shifted = r != cfg.rank
     scaling = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling
     (out / "adapter_config.json").write_text(json.dumps(dict(
-        peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None, base_model_name_or_path=cfg.pretrained,
-        r=r, lora_alpha=scaling * r if shifted else cfg.alpha, use_rslora=not shifted and cglora.RSLORA[cfg.init],
-        lora_dropout=cfg.dropout, bias="none", target_modules=sorted(targets), modules_to_save=sorted(head)), indent=1))
+        peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None,
+        base_model_name_or_path=cfg.pretrained,
+        r=r, lora_alpha=scaling * r if shifted else cfg.alpha,
+        use_rslora=not shifted and cglora.RSLORA[cfg.init],
+        lora_dropout=cfg.dropout, bias="none", target_modules=sorted(targets),
+        modules_to_save=sorted(head)), indent=1))
 
 
 def merged_state_dict(cfg, model):
-    """A plain state dict with every adapter merged, under the names of the model before add_lora (on a Hugging
-    Face checkpoint its own, hf_name's, so its *ForSequenceClassification loads it)."""
+    """A plain state dict with every adapter merged, under the names of the model before add_lora
+    (on a Hugging Face checkpoint its own, hf_name's, so its *ForSequenceClassification loads
+    it)."""
     state, rename = model.state_dict(), hf_name(cfg, model)
     for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
@@ -358,8 +416,10 @@ def merged_state_dict(cfg, model):
 
 
 def rng_states(device, world):
-    """Every process's random state, which dropout draws from: its CPU generator, and its GPU's on CUDA."""
-    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    """Every process's random state, which dropout draws from: its CPU generator, and its GPU's on
+    CUDA."""
+    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)]
+                                      if device.type == "cuda" else [])
     if world == 1:
         return [mine]
     gathered = [[torch.empty_like(s, device=device) for _ in range(world)] for s in mine]
@@ -375,19 +435,22 @@ def save_atomic(obj, path):
 
 
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the dev metric at
-    each evaluation, the axes labelled with their ranges."""
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11" style="background: white">']
-    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]  # title, rows, column
+    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the
+    dev metric at each evaluation, the axes labelled with their ranges."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
+           'font-family="sans-serif" font-size="11" style="background: white">']
+    # title, rows, column
+    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]
     for i, (title, kind, key) in enumerate(series):
         points = [(r["step"], r[key]) for r in rows if r["kind"] == kind] or [(0, 0)]
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
         left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
         X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
         Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
-        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to {y1:.3g})</text>',
-                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} {right},{bottom}"/>',
+        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to '
+                f'{y1:.3g})</text>',
+                f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} '
+                f'{right},{bottom}"/>',
                 '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
                 + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>']
     return "\n".join(out + ["</svg>"]) + "\n"
@@ -407,7 +470,8 @@ def read_metrics(out):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def write_metrics(out, rows, replace=False):  # append rows to metrics.jsonl, or replace it with them atomically
+# append rows to metrics.jsonl, or replace it with them atomically
+def write_metrics(out, rows, replace=False):
     with open(out / ("metrics.tmp" if replace else "metrics.jsonl"), "w" if replace else "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     if replace:
@@ -415,14 +479,16 @@ def write_metrics(out, rows, replace=False):  # append rows to metrics.jsonl, or
 
 
 def new_run(cfg, out):
-    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and only the
-    files train.py writes: a directory holding anything else is refused. Returns what to clear."""
+    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and
+    only the files train.py writes: a directory holding anything else is refused. Returns what to
+    clear."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: pick a directory")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if found and not cfg.overwrite:
-        raise ValueError(f"{out} holds another run ({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue "
-                         f"it with --resume, pick a new --out, or pass --overwrite to clear it first")
+        raise ValueError(f"{out} holds another run "
+                         f"({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue it with "
+                         "--resume, pick a new --out, or pass --overwrite to clear it first")
     if set(found) - set(RUN_FILES):
         raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
                          f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
@@ -430,14 +496,16 @@ def new_run(cfg, out):
 
 
 def resumed(cfg, out, world):
-    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is known to be the
-    run's latest state: of that config, as many processes, every evaluation metrics.jsonl has."""
+    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is
+    known to be the run's latest state: of that config, as many processes, every evaluation
+    metrics.jsonl has."""
     path = out / "checkpoint.pt"
     if not (out / "config.json").is_file() or not path.is_file():
-        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, or there is "
-                         f"no run): start it again with --overwrite")
+        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, "
+                         "or there is no run): start it again with --overwrite")
     saved = load_config(out)
-    fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}  # noqa: E731
+    def fixed(c):
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}
     given = [k for k, v in fixed(cfg).items() if v not in (getattr(Config(), k), getattr(saved, k))]
     if given:
         raise ValueError(f"--resume continues {out} as it was configured: " + ", ".join(
@@ -448,32 +516,36 @@ def resumed(cfg, out, world):
     differ = [k for k, v in fixed(saved).items() if theirs.get(k) != v]
     if differ:
         raise ValueError(f"--resume: {path} is another run's: it has " + ", ".join(
-            f"{k} {theirs.get(k)}" for k in differ) + f" where {out / 'config.json'} has " + ", ".join(
-            f"{k} {getattr(saved, k)}" for k in differ) + "; start the run again with --overwrite")
+            f"{k} {theirs.get(k)}" for k in differ) + f" where {out / 'config.json'} has "
+            + ", ".join(f"{k} {getattr(saved, k)}" for k in differ)
+            + "; start the run again with --overwrite")
     if len(ck["rng"]) != world:
-        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume with as many")
+        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume "
+                         "with as many")
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     if evals != ck["history"][:len(evals)]:
-        raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: {out / 'metrics.jsonl'} "
-                         f"has evaluations it lacks (the last at step {evals[-1]['step']}); start the run again "
-                         f"with --overwrite")
+        raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: "
+                         f"{out / 'metrics.jsonl'} has evaluations it lacks (the last at step "
+                         f"{evals[-1]['step']}); start the run again with --overwrite")
     calls = {k: getattr(cfg, k) for k in PER_CALL}
     return dataclasses.replace(saved, **dict(calls, data_dir=cfg.data_dir or saved.data_dir)), ck
 
 
 def new_directory(cfg, out, clear, tokenizer):
-    """The main process starts the run directory: --overwrite's files cleared, then config.json (with the
-    data dir used, the torch and code versions) and the tiny encoder's tokenizer."""
+    """The main process starts the run directory: --overwrite's files cleared, then config.json
+    (with the data dir used, the torch and code versions) and the tiny encoder's tokenizer."""
     for path in clear:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     try:  # the git commit of this checkout, "-dirty" with uncommitted changes
-        version = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-                                 cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
+        version = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
-                                                     code_version=version.strip() or "unknown"), indent=1))
+    config = dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
+                  code_version=version.strip() or "unknown")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
 
@@ -483,7 +555,8 @@ def new_directory(cfg, out, clear, tokenizer):
 
 @dataclasses.dataclass
 class Run:
-    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and device."""
+    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and
+    device."""
     cfg: Config
     out: Path
     world: int
@@ -505,10 +578,12 @@ def placement(device_flag):
 
 
 def start(cfg):
-    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts torchrun's group."""
+    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts
+    torchrun's group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     backend, device = placement(cfg.device)
-    if device.type == "cuda":  # the current device, where nccl's collectives run: this process's GPU
+    # the current device, where nccl's collectives run: this process's GPU
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -520,8 +595,8 @@ def start(cfg):
 
 
 def read_data(run):
-    """The task and its train and dev examples; files missing from the data dir are downloaded first (rank 0;
-    the other ranks wait). cfg.data_dir becomes the dir used."""
+    """The task and its train and dev examples; files missing from the data dir are downloaded first
+    (rank 0; the other ranks wait). cfg.data_dir becomes the dir used."""
     cfg, task = run.cfg, data.get_task(run.cfg.task)
     cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
     if run.main and data.missing_files(task, cfg.data_dir):
@@ -529,15 +604,18 @@ def read_data(run):
         data.download_task(task, cfg.data_dir, log=run.log)
     if run.world > 1:
         dist.barrier()
-    return task, data.read_split(task, "train", cfg.data_dir), data.read_split(task, "dev", cfg.data_dir)
+    return (task, data.read_split(task, "train", cfg.data_dir),
+            data.read_split(task, "dev", cfg.data_dir))
 
 
 def model_and_batches(run, task, train_set, dev_set, clear):
-    """The model and tokenizer, checked against the flags; a new run's directory; the token ids: (model, tokenizer,
-    training examples, dev batches, this process's calibration batches)."""
+    """The model and tokenizer, checked against the flags; a new run's directory; the token ids:
+    (model, tokenizer, training examples, dev batches, this process's calibration batches)."""
     cfg = run.cfg
-    if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer is read
-        model, tokenizer = build_model(cfg, None, task.num_labels), data.load_tokenizer(cfg.pretrained)
+    # the model first: a checkpoint without weights says so before its tokenizer is read
+    if cfg.pretrained:
+        model = build_model(cfg, None, task.num_labels)
+        tokenizer = data.load_tokenizer(cfg.pretrained)
     else:
         tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
                      else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
@@ -546,18 +624,21 @@ def model_and_batches(run, task, train_set, dev_set, clear):
     if run.main and not cfg.resume:
         new_directory(cfg, run.out, clear, None if cfg.pretrained else tokenizer)
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
-    dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len), 2 * cfg.batch_size,
-                            tokenizer.pad_id))
-    shuffled = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True, seed=cfg.seed))
-    calib = (shuffled[:cfg.calib_batches][run.rank::run.world],  # this rank's calibration batches, and
-             shuffled[cfg.calib_batches:cfg.calib_batches + cfg.real_check])  # examples no calibration saw
+    dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len),
+                            2 * cfg.batch_size, tokenizer.pad_id))
+    shuffled = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
+                                 seed=cfg.seed))
+    # this rank's calibration batches, and examples no calibration saw
+    calib = (shuffled[:cfg.calib_batches][run.rank::run.world],
+             shuffled[cfg.calib_batches:cfg.calib_batches + cfg.real_check])
     run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
             f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
     return model, tokenizer, train_enc, dev, calib
 
 
 def model_and_init(run, model, calib):
-    """The model on its device with its initialised adapters; init.json and adapter_init.bin written."""
+    """The model on its device with its initialised adapters; init.json and adapter_init.bin
+    written."""
     model.to(run.device)
     record = initialise(run.cfg, model, calib, run.device, run.log)
     if run.world > 1:
@@ -566,14 +647,17 @@ def model_and_init(run, model, calib):
         (run.out / "init.json").write_text(json.dumps(record, indent=1))
         if run.cfg.init != "full":
             adapter_files(run.cfg, model, run.out, "adapter_init.bin")  # what training starts from
-        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak {record['peak_memory_mib']:.0f} MiB, "
-                f"{record['trainable_parameters']} trainable parameters")
+        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak "
+                f"{record['peak_memory_mib']:.0f} MiB, {record['trainable_parameters']} trainable "
+                "parameters")
 
 
 def optimisation(run, model, n_train, ck):
-    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and on --resume
-    the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total steps)."""
-    cfg, states = run.cfg, ck and ck["rng"][run.rank]  # this process's rng_states(): CPU, and CUDA on a GPU
+    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and
+    on --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total
+    steps)."""
+    # this process's rng_states(): CPU, and CUDA on a GPU
+    cfg, states = run.cfg, ck and ck["rng"][run.rank]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
@@ -595,43 +679,52 @@ def restore_rng(states, device):
         torch.cuda.set_rng_state(states[1], device)
         return "resume: restored the CPU and CUDA random states"
     if device.type == "cuda":
-        return ("resume: restored the CPU random state; the checkpoint was written on the CPU, so the "
-                "GPU's (dropout's) draws start afresh")
+        return ("resume: restored the CPU random state; the checkpoint was written on the CPU, so "
+                "the GPU's (dropout's) draws start afresh")
     if len(states) > 1:
-        return ("resume: restored the CPU random state; the checkpoint's CUDA state is unused here, so "
-                "dropout's draws differ from the run's on the GPU")
+        return ("resume: restored the CPU random state; the checkpoint's CUDA state is unused "
+                "here, so dropout's draws differ from the run's on the GPU")
     return "resume: restored the CPU random state"
 
 
 def schedule(opt, total, warmup):
-    """The learning rate: a linear warm-up over a `warmup` fraction of the `total` steps, then linear decay to 0."""
+    """The learning rate: a linear warm-up over a `warmup` fraction of the `total` steps, then
+    linear decay to 0."""
     warm = max(1, int(warmup * total))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
 
 def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
-    """The loop: step rows every --log_every steps; at each epoch's end and the last step an evaluation, a checkpoint,
-    then the evaluation's row (so metrics.jsonl never has one the checkpoint lacks). Returns (evaluations, steps, s)."""
+    """The loop: step rows every --log_every steps; at each epoch's end and the last step an
+    evaluation, a checkpoint, then the evaluation's row (so metrics.jsonl never has one the
+    checkpoint lacks). Returns (evaluations, steps, s)."""
     cfg, out, device = run.cfg, run.out, run.device
     end = min(total, cfg.max_steps or total)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])  # losses: this epoch's
-    if run.main and ck:  # metrics.jsonl as at the checkpoint: rows after it go, an evaluation it missed is added
+    # losses: this epoch's
+    step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])
+    # metrics.jsonl as at the checkpoint: rows after it go, an evaluation it missed is added
+    if run.main and ck:
         rows = [r for r in read_metrics(out) if r["step"] <= step]
         write_metrics(out, rows + history[sum(r["kind"] == "eval" for r in rows):], replace=True)
         run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     t0, first = time.perf_counter(), step
 
     def evaluation(epoch, train_loss, checkpoint=True):
-        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part; evaluating draws none
+        # every rank takes part; evaluating draws none
+        rng = rng_states(device, run.world) if checkpoint else None
         if run.main:
             metrics = evaluate(model, dev, task, cfg, device, run.log)
             history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
-                                elapsed=time.perf_counter() - t0, **{f"dev_{k}": v for k, v in metrics.items()}))
-            run.log(f"eval epoch {epoch} step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                                elapsed=time.perf_counter() - t0,
+                                **{f"dev_{k}": v for k, v in metrics.items()}))
+            run.log(f"eval epoch {epoch} step {step}: dev "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if checkpoint:
-                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
-                                 scheduler=sched.state_dict(), step=step, history=history,
+                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng,
+                                 losses=losses, scheduler=sched.state_dict(), step=step,
+                                 history=history,
                                  config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
             write_metrics(out, history[-1:])
 
@@ -640,7 +733,8 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     model.train()
     while step < end:
         order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[run.rank::run.world][:per_epoch]
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))
+        order = order[run.rank::run.world][:per_epoch]
         for batch in order[step % per_epoch:][:end - step]:
             batch = to_device(batch, device)
             with autocast(cfg, device):
@@ -656,38 +750,43 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
             if step % cfg.log_every == 0 or step == end:
                 recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
                 rate = (step - first) / (time.perf_counter() - t0)
-                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s | "
-                        f"eta {(end - step) / rate:.0f} s")
+                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s "
+                        f"| eta {(end - step) / rate:.0f} s")
                 if run.main:
                     write_metrics(out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
         train_loss, epoch_end = sum(losses) / len(losses), step % per_epoch == 0
-        losses = [] if epoch_end else losses  # a new epoch: the checkpoint holds its (no) losses so far
+        # a new epoch: the checkpoint holds its (no) losses so far
+        losses = [] if epoch_end else losses
         evaluation(step // per_epoch if epoch_end else round(step / per_epoch, 4), train_loss)
     return history, step, time.perf_counter() - t0
 
 
 def finish(run, model, task, history, step, seconds):
-    """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the done line."""
+    """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the
+    done line."""
     cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
     if cfg.init != "full":
         adapter_files(cfg, model, out)
     if cfg.merge:
         torch.save(merged_state_dict(cfg, model), out / "merged.pt")
     (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
-    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history, key=lambda h: h[key])
-    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step {last['step']} (best "
-            f"{best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), {step} steps, train {seconds:.0f} s "
-            f"-> {out}")
+    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history,
+                                  key=lambda h: h[key])
+    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step "
+            f"{last['step']} (best {best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), "
+            f"{step} steps, train {seconds:.0f} s -> {out}")
 
 
 def train(cfg):
     """One run, step by step; every flag is checked before the first file is written."""
     run, ck, clear = start(cfg)
     task, train_set, dev_set = read_data(run)
-    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set, clear)
+    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set,
+                                                                clear)
     model_and_init(run, model, calib)
     opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
-    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, tokenizer.pad_id, ck)
+    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task,
+                                 tokenizer.pad_id, ck)
     if run.main:
         finish(run, model, task, history, step, seconds)
     if run.world > 1:
@@ -703,14 +802,16 @@ def interrupted(cfg):
         return (f"interrupted: the last checkpoint is {path} (step {step}); continue with: "
                 f"python train.py --resume --out {cfg.out}")
     return "interrupted before the run's first checkpoint: nothing to resume" + (
-        f"; start it again with --overwrite --out {cfg.out}" if cfg and Path(cfg.out).exists() else "")
+        f"; start it again with --overwrite --out {cfg.out}" if cfg and Path(cfg.out).exists()
+        else "")
 
 
 def main(argv=None):
     cfg = None
     with warnings.catch_warnings():  # a warning (data.RowCountWarning) is one line too
         warnings.simplefilter("always", data.RowCountWarning)
-        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}",
+                                                              file=sys.stderr)
         try:
             cfg = parse_args(argv)
             train(cfg)

@@ -1,12 +1,23 @@
 """cglora on tiny random Hugging Face models (transformers, and peft where named; skipped when absent):
 each family's collected G against autograd's gradient of the model's own loss."""
+import json
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import cglora
+import data
+import train
+from cglora import add_lora
+from models import from_pretrained, load_adapter
+from conftest import _batch, _hf_models, _train
 
 transformers = pytest.importorskip("transformers")
+# The GLUE fixtures hold a few rows, not GLUE's counts: read_split's RowCountWarning is expected
+# (pytest.warns still sees it where a test checks it).
+pytestmark = pytest.mark.filterwarnings("ignore::data.RowCountWarning")
 
 
 def _padded(seed, shape, vocab, lengths, pad=0):  # ids [b, L] and the mask of the first lengths[i] tokens
@@ -229,3 +240,98 @@ def test_save_peft_reloads_in_peft_to_our_logits_without_restating_the_scale(tmp
     inputs = {k: v for k, v in batches[0].items() if k != "labels"}
     loaded = peft.PeftModel.from_pretrained(_bert(), tmp_path).eval()  # the original checkpoint
     torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match=r"layer transformer\.h\.0\.attn\.c_attn is Conv1D, not nn\.Linear.*"
+                                         r"nn\.Linear with weight = conv\.weight\.T"):
+        add_lora(transformers.GPT2LMHeadModel(config), ["c_attn"], rank=2, alpha=4)
+
+
+def _hf_checkpoint(tmp_path, glue, model_type):
+    """A random Hugging Face *ForSequenceClassification checkpoint on disk (2 labels), with a WordPiece
+    vocabulary of the CoLA fixture's words (ids below the model's 40; train.py takes any tokenizer)."""
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    texts = [t for ex in data.read_split(data.get_task("cola"), "train", glue) for t in ex[:2] if t]
+    data.build_tokenizer(texts).save(tmp_path / "checkpoint")
+    return c, tmp_path / "checkpoint"
+
+
+@pytest.mark.parametrize("model_type, method", [("bert", "cg-lora"), ("bert", "cg-lora-shift"), ("roberta", "cg-lora"),
+                                                ("roberta", "cg-lora-shift"), ("tiny", "cg-lora-shift")])
+def test_run_loads_in_peft_with_our_logits(tmp_path, glue, model_type, method):
+    """A run on a Hugging Face checkpoint under that checkpoint's names, the tiny encoder under ours: the
+    adapter in peft, and merged.pt in the checkpoint's own *ForSequenceClassification, give our logits."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    flags = ["--init", method, "--targets", "query,key,value,attn_out,ffn_in,ffn_out", "--max_steps", "4", "--merge"]
+    run = tmp_path / "run"
+    if model_type == "tiny":
+        _train(tmp_path, *flags)
+        cfg = train.load_config(run)
+        build = lambda: train.build_model(cfg, data.load_tokenizer(run / "tokenizer"), 2)  # noqa: E731
+        base = build()
+    else:
+        _, checkpoint = _hf_checkpoint(tmp_path, glue, model_type)
+        _train(tmp_path, "--pretrained", str(checkpoint), *flags)
+        build = lambda: from_pretrained(checkpoint, num_labels=2)  # noqa: E731
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert peft.LoraConfig(**config).r == (16 if method.endswith("shift") else 8)  # a key peft lacks: TypeError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(base, run).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert set(torch.load(run / "adapter_model.bin")) == set(peft.get_peft_model_state_dict(theirs))  # none ignored
+    ours, plain = build(), build()
+    merged = torch.load(run / "merged.pt")
+    if model_type != "tiny":  # under the checkpoint's own names: its *ForSequenceClassification loads it strictly
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        hf.load_state_dict(merged, strict=True)
+        rename = train.hf_name(train.load_config(run), ours)
+        merged = {key: merged[rename(key)] for key in ours.state_dict()}
+    ours.load_state_dict(merged)
+    plain.head.load_state_dict(ours.head.state_dict())  # the trained head without the adapters
+    ids, mask, types = _batch(ours.config)
+    with torch.no_grad():
+        got, without = ours.eval()(ids, mask, types), plain.eval()(ids, mask, types)
+        want = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        if model_type != "tiny":
+            assert (hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits - got).abs().max() <= 1e-5
+    want = getattr(want, "logits", want)  # our encoder returns the logits themselves
+    assert (got - want).abs().max() <= 1e-4 and (got - without).abs().max() > 1e-2
+    back = build()
+    assert len(load_adapter(back, run)) == 12  # and back into our encoder
+    with torch.no_grad():
+        assert (back.eval()(ids, mask, types) - got).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_load_adapter_saved_by_peft_gives_peft_logits(tmp_path, model_type):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    c, _, task = _hf_models(model_type, num_labels=2)
+    task.save_pretrained(tmp_path / "checkpoint")
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["query", "output.dense"],
+                             task_type="SEQ_CLS", modules_to_save=["pooler"] if model_type == "bert" else None)
+    theirs = peft.get_peft_model(task, config)  # output.dense: attention.output.dense and the FFN's output.dense
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters and head, so that a skipped key shows
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors: read by our reader
+    ours = from_pretrained(tmp_path / "checkpoint", num_labels=2)
+    assert sorted(load_adapter(ours, tmp_path / "adapter")) == [
+        f"layers.{i}.{n}" for i in (0, 1) for n in ("attn_out", "ffn_out", "query")]
+    ids, mask, types = _batch(c)
+    with torch.no_grad():
+        got = ours.eval()(ids, mask, types)
+        want = theirs.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        without = from_pretrained(tmp_path / "checkpoint", num_labels=2).eval()(ids, mask, types)
+    assert (got - want).abs().max() <= 1e-5 and (got - without).abs().max() > 1e-2
+    saved = tmp_path / "adapter" / "adapter_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), use_dora=True)))
+    with pytest.raises(ValueError, match="only a plain LoRA adapter .*'use_dora': True"):
+        load_adapter(from_pretrained(tmp_path / "checkpoint", num_labels=2), tmp_path / "adapter")

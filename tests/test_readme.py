@@ -1,0 +1,61 @@
+"""The README's code and the CI line, executed: the library example, the recipes with cglora's
+layers and with peft, and the install and test commands CI runs."""
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    code = readme.split("```python\n")[1].split("```")[0]
+    assert "cglora.add_lora" in code and "init_adapters" in code
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    assert scope["report"][0]["captured"] > 0 and (tmp_path / "adapter_model.bin").exists()
+    assert scope["model"].body.lora_B.abs().max() > 0
+
+
+def _readme_block(marker):
+    """The README's ```python block that contains `marker`."""
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    block, = [b.split("```")[0] for b in readme.split("```python\n")[1:] if marker in b.split("```")[0]]
+    return block
+
+
+def test_readme_recipe_with_cglora_layers_runs():
+    pytest.importorskip("transformers")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    model, layers = scope["model"], scope["layers"]
+    assert sorted(layers) == [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")]
+    assert all(layer.lora_B.abs().max() > 0 for layer in layers.values())
+    head = {f"{m}.{p}" for m in ("classifier", "bert.pooler.dense") for p in ("weight", "bias")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{f}" for n in layers for f in "AB"} | head
+
+
+def test_readme_recipe_with_peft_gives_the_same_update():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    scope = {}
+    exec(_readme_block("from transformers import BertConfig"), scope)
+    exec(_readme_block("get_peft_model("), scope)  # the README's second block continues the first
+    lora = {n: m for n, m in scope["peft_model"].named_modules() if hasattr(m, "get_delta_weight")}
+    assert len(lora) == len(scope["report"]) == 4
+    trained = {name: sum(p.numel() for p in scope[name].parameters() if p.requires_grad) for name in ("model", "peft_model")}
+    assert trained == {"model": 2146, "peft_model": 2146}  # the same set: adapters, classifier, pooler
+    for name, m in lora.items():  # same weights, same batches: peft's s B A is cglora's
+        ours = scope["layers"][name.removeprefix("base_model.model.")].delta_weight()
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(m.get_delta_weight("default"), ours, atol=1e-6, rtol=1e-4)
+
+
+def test_ci_installs_what_the_readme_says_and_runs_its_test_command():
+    here = Path(__file__).resolve().parents[1]  # the repository root
+    block = (here / "README.md").read_text().split("```bash\n")[1].split("```")[0]
+    install, test = block.splitlines()[1].split(" && ")  # the second line: the test install and command
+    ci = [line.split("#")[0].strip() for line in (here / ".ci" / "run").read_text().splitlines()]
+    assert install.replace("pip install", "pip install -q") in ci and test in ci
+    assert ci.index(install.replace("pip install", "pip install -q")) < ci.index(test)
