@@ -935,6 +935,18 @@ def default_damping():
         print(f"  {r['task']} seed {r['seed']} {r['head']}: real decrease at 1 {real[1.0]:.4f}, "
               f"best {max(real.values()):.4f} at {max(real, key=real.get):g}")
     print(f"realloss: the damping with the largest real decrease {dict(best.most_common())}")
+    rows, rates = done(), best_rates(done())
+    for task in ("cola", "sts-b"):  # the grid's CG-LoRA rows re-run at the default, against the search's
+        at = {d: {r["seed"]: score(r) for r in rows if matches(r, task=task, method="cg-lora", damping=d,
+                                                              lr=rates["cg-lora"], init_norm=0.3)}
+              for d in ("auto", 1.0)}
+        seeds = sorted(set(at["auto"]) & set(at[1.0]))
+        if len(seeds) < 2:
+            continue
+        diff = [at[1.0][k] - at["auto"][k] for k in seeds]
+        print(f"{task}: CG-LoRA at 1 - at auto, seeds {seeds}: "
+              + ", ".join(f"{at[1.0][k]:.4f} - {at['auto'][k]:.4f}" for k in seeds)
+              + f"; mean {statistics.mean(diff):+.4f} +- {statistics.stdev(diff) / len(diff) ** 0.5:.4f}")
 
 
 def realloss_report():
