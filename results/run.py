@@ -605,6 +605,47 @@ def in_subspaces(update, bases):
     return out
 
 
+def early_setup(task_name, init, seed, lr, pretrained, damping=DAMPING):
+    """train.py's run up to its init, on the CPU, without a run directory: (cfg, run, task, model (its
+    fresh head seeded as train.py), tokenizer, training examples, dev batches, (calibration batches,
+    the real check's))."""
+    import torch
+    import train
+    cfg = train.Config(task=task_name, pretrained=pretrained, init=init, seed=seed, lr=lr, damping=damping,
+                       out="unused", device="cpu", **BUDGET)
+    run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
+    task, train_set, dev_set = train.read_data(run_)
+    return (cfg, run_, task, *train.model_and_batches(run_, task, train_set, dev_set, None))
+
+
+def early_steps(model, cfg, train_enc, pad_id, optimizer, steps):
+    """train.py's first `steps` steps of the model's trainable parameters: its data order and its
+    schedule over BUDGET's epochs; AdamW, or SGD with momentum 0.9. Yields (step, train loss) after
+    each step, the model in train mode."""
+    import torch
+    import cglora
+    import data
+    import train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+    per_epoch = len(train_enc) // cfg.batch_size
+    sched = train.schedule(opt, per_epoch * cfg.epochs, cfg.warmup)
+    step = 0
+    while step < steps:
+        order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[:per_epoch]
+        for batch in order[step % per_epoch:][:steps - step]:
+            model.train()  # again after any evaluation the caller made
+            loss = cglora._loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            yield step, loss.item()
+
+
 def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head="fresh", steps=EARLY_STEPS):
     """Items 3-5 of issue 21: the first `steps` steps of train.py's run (same seeding, calibration, init,
     data order and schedule over BUDGET's epochs; AdamW, or SGD with momentum 0.9) with the train loss
@@ -615,18 +656,14 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
     sys.path.insert(0, str(HERE.parent))
     import torch
     import cglora
-    import data
     import train
     rate = lr or best_rates(done())["lora-one" if method == "random" else method]
     key = dict(task=task_name, method=method, seed=seed, optimizer=optimizer, lr=rate, head=head, steps=steps)
     if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(EARLY)):
         return
     t0 = time.time()
-    cfg = train.Config(task=task_name, pretrained=pretrained, init="lora-one" if method == "random" else method,
-                       seed=seed, lr=rate, out="unused", device="cpu", **BUDGET)
-    run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
-    task, train_set, dev_set = train.read_data(run_)
-    model, tokenizer, train_enc, dev, calib = train.model_and_batches(run_, task, train_set, dev_set, None)
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(
+        task_name, "lora-one" if method == "random" else method, seed, rate, pretrained)
     probed = None
     if head == "probe":
         last, whole = probe(model, train_enc[:WARM * PROBE["batch_size"]], tokenizer.pad_id, seed,
@@ -653,31 +690,15 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
         orth = lambda X: torch.linalg.qr(X.float()).Q if X.abs().max() > 0 else None  # noqa: E731
         bases = {n: (orth(m.lora_B.detach()), orth(m.lora_A.detach().T)) for n, m in layers.items()}
     P0 = now()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=rate, weight_decay=cfg.weight_decay) if optimizer == "adamw"
-           else torch.optim.SGD(params, lr=rate, momentum=0.9))
-    per_epoch = len(train_enc) // cfg.batch_size
-    sched = train.schedule(opt, per_epoch * cfg.epochs, cfg.warmup)
-    at = sorted(set(EVALS) | {per_epoch, steps})
-    losses, evals, moves, step = [], [], {}, 0
+    at = sorted(set(EVALS) | {len(train_enc) // cfg.batch_size, steps})  # ... and the end of epoch 1
+    losses, evals, moves = [], [], {}
     evals.append(dict(step=0, **train.evaluate(model, dev, task, cfg, run_.device)))
-    model.train()
-    while step < steps:
-        order = list(data.batches(train_enc, cfg.batch_size, tokenizer.pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[:per_epoch]
-        for batch in order[step % per_epoch:][:steps - step]:
-            loss = cglora._loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if step in MOVES or step == steps:
-                moves[step] = movement(now(), P0)
-            if step in at:
-                evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
-                model.train()
+    for step, loss in early_steps(model, cfg, train_enc, tokenizer.pad_id, optimizer, steps):
+        losses.append(loss)
+        if step in MOVES or step == steps:
+            moves[step] = movement(now(), P0)
+        if step in at:
+            evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
     D = {n: P - P0[n] for n, P in now().items()}
     row = dict(key, budget=BUDGET, probe=probed, init={k: init.get(k) for k in ("damping", "seconds")},
                real=None if method == "random" else init.get("summary", {}).get("real_decrease"),  # random: LoRA-One's was judged
@@ -873,6 +894,69 @@ def early_report():
     print(block)
 
 
+# ----------------------------------------------------------------------------- function space (issue 35)
+
+FUNCSPACE = HERE / "funcspace.jsonl"  # kind "train": one run's dev outputs; kind "init": the directions at W0
+FS_METHODS = ["full", "cg-lora", "lora-one", "rslora", "lora-ga"]  # full first: the others are judged against it
+FS_DAMPING = 1.0  # CG-LoRA's damping here: the project's new fixed default
+FS_STEPS = 100  # what the 2-core CPU affords for 2 tasks x 5 methods x 3 seeds (300 on CoLA alone: EARLY_STEPS)
+FS_AT = (0, 1, 10, 50, 100, 300)  # the dev outputs are kept at these steps (up to the last) and the last
+FS_K = (1, 10, 100)  # full fine-tuning's steps that the init directions are compared with, and its last
+FS_DEV = 512  # the first FS_DEV dev examples
+SNAPSHOTS = HERE / "tmp" / "funcspace"  # full fine-tuning's update of the target layers at FS_AT (not committed)
+
+
+def dev_outputs(model, batches):
+    """The model's outputs on `batches` (n x C: logits, or C = 1 regression scores), in eval mode."""
+    import torch
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).float() for b in batches])
+    finally:
+        model.train(was_training)
+
+
+def funcspace(task_name, method, seed, pretrained, steps=FS_STEPS):
+    """Item 2 of issue 35: train.py's first `steps` steps of `method` (early_steps; CG-LoRA at damping
+    FS_DAMPING) and its outputs on the first FS_DEV dev examples at FS_AT. Full fine-tuning also saves
+    its target layers' weight update at those steps for funcspace_init (SNAPSHOTS)."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+    import train
+    rate = best_rates(done())[method]
+    damping = FS_DAMPING if method.startswith("cg-lora") else None
+    key = dict(kind="train", task=task_name, method=method, seed=seed, lr=rate, damping=damping, steps=steps)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(FUNCSPACE)):
+        return
+    t0 = time.time()
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(
+        task_name, method, seed, rate, pretrained, DAMPING if damping is None else damping)
+    init = train.initialise(cfg, model, calib, run_.device, lambda *a: None)
+    subset = dev[:FS_DEV // (2 * cfg.batch_size)]  # train.py's dev batches hold 2 x batch_size examples
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in names} if method == "full" else {}
+    at, outputs, snapshots = {k for k in FS_AT if k <= steps} | {steps}, {0: dev_outputs(model, subset)}, {}
+    for step, _ in early_steps(model, cfg, train_enc, tokenizer.pad_id, "adamw", steps):
+        if step in at:
+            outputs[step] = dev_outputs(model, subset)
+            snapshots[step] = {n: model.get_submodule(n).weight.detach() - w for n, w in w0.items()}
+    if method == "full":
+        SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+        torch.save(snapshots, SNAPSHOTS / f"{task_name}-s{seed}-{steps}.pt")
+    row = dict(key, budget=BUDGET, dev_examples=len(outputs[0]), init_damping=init.get("damping"),
+               outputs={str(k): [[round(x, 5) for x in o] for o in v.tolist()] for k, v in outputs.items()},
+               seconds=time.time() - t0,
+               command=f"python results/run.py funcspace --tasks {task_name} --methods {method} --seeds {seed} "
+                       f"--steps {steps}")
+    fd = os.open(FUNCSPACE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one write
+    os.write(fd, (json.dumps(row) + "\n").encode())
+    os.close(fd)
+    print(f"{task_name} {method} seed {seed}: {steps} steps, dev outputs at {sorted(at | {0})} "
+          f"({row['seconds']:.0f} s)", flush=True)
+
+
 def write_block(name, text):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
@@ -970,7 +1054,8 @@ def realloss_report():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
-                                       "realloss-report", "realloss-cost", "early", "early-sgd", "early-report"])
+                                       "realloss-report", "realloss-cost", "early", "early-sgd", "early-report",
+                                       "funcspace"])
     p.add_argument("--heads", default=None, help="fresh head, or probe (head trained alone first), comma list "
                    "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
@@ -981,7 +1066,8 @@ def main():
     p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="early: the optimizer")
     p.add_argument("--lr", type=float, default=None, help="early: the rate (default: the method's grid rate)")
-    p.add_argument("--steps", type=int, default=EARLY_STEPS, help="early: training steps")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (early: {EARLY_STEPS}, funcspace: "
+                   f"{FS_STEPS})")
     args = p.parse_args()
     methods = args.methods.split(",")
     if args.command == "report":
@@ -1006,7 +1092,13 @@ def main():
                 for head in heads:
                     for m in methods:
                         early(task, m, seed, pretrained, "sgd" if rates else args.optimizer, rates.get(m, args.lr),
-                              head, args.steps)
+                              head, args.steps or EARLY_STEPS)
+        return
+    if args.command == "funcspace":  # seed by seed, so that an interrupted grid has whole seeds
+        for seed in map(int, args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for m in [m for m in FS_METHODS if m in methods]:
+                    funcspace(task, m, seed, pretrained, args.steps or FS_STEPS)
         return
     if args.command == "realloss-cost":
         return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
