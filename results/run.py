@@ -707,9 +707,7 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
                in_lora_one=in_subspaces(D, one), seconds=time.time() - t0,
                command=f"python results/run.py early --tasks {task_name} --methods {method} --seeds {seed} "
                        f"--optimizer {optimizer} --heads {head}" + (f" --lr {rate:g}" if lr else ""))
-    fd = os.open(EARLY, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one write: two workers may append at once
-    os.write(fd, (json.dumps(row) + "\n").encode())
-    os.close(fd)
+    append_row(EARLY, row)
     main_ = next(k for k in evals[-1] if k not in ("step", "loss"))
     print(f"{task_name} {method} seed {seed} {optimizer} lr {rate:g} {head}: train loss (last 20) "
           f"{statistics.mean(losses[-20:]):.4f}, dev {main_} {evals[-1][main_]:.4f} at step {steps}, "
@@ -903,6 +901,7 @@ FS_STEPS = 100  # what the 2-core CPU affords for 2 tasks x 5 methods x 3 seeds 
 FS_AT = (0, 1, 10, 50, 100, 300)  # the dev outputs are kept at these steps (up to the last) and the last
 FS_K = (1, 10, 100)  # full fine-tuning's steps that the init directions are compared with, and its last
 FS_DEV = 512  # the first FS_DEV dev examples
+FS_INIT_DEV = 256  # ... and the first 256 of them for item 1's JVPs (K + 1 forward passes' cost each)
 SNAPSHOTS = HERE / "tmp" / "funcspace"  # full fine-tuning's update of the target layers at FS_AT (not committed)
 
 
@@ -950,17 +949,147 @@ def funcspace(task_name, method, seed, pretrained, steps=FS_STEPS):
                seconds=time.time() - t0,
                command=f"python results/run.py funcspace --tasks {task_name} --methods {method} --seeds {seed} "
                        f"--steps {steps}")
-    fd = os.open(FUNCSPACE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one write
-    os.write(fd, (json.dumps(row) + "\n").encode())
-    os.close(fd)
+    append_row(FUNCSPACE, row)
     print(f"{task_name} {method} seed {seed}: {steps} steps, dev outputs at {sorted(at | {0})} "
           f"({row['seconds']:.0f} s)", flush=True)
+
+
+def centred(out):  # n x C outputs less their mean over the C classes: the part a softmax sees (C = 1: as is)
+    return out - out.mean(-1, keepdim=True) if out.shape[-1] > 1 else out
+
+
+def output_change(model, deltas, batches):
+    """J D for K updates at once: the first-order change of the model's outputs on `batches` when the
+    weight of each module named in D ({name: d_out x d_in}; the same names in every D) moves by D.
+    A forward-mode JVP, vmapped over the K updates, in eval mode. Returns K x n x C."""
+    import torch
+    from torch.func import functional_call, jvp, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    keys = [f"{n}.weight" for n in deltas[0]]
+    tangents = [torch.stack([D[k.rsplit(".", 1)[0]].to(params[k].dtype) for D in deltas]) for k in keys]  # K x W
+    was_training, out = model.training, []
+    try:
+        model.eval()
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            f = lambda *ws: functional_call(model, {**params, **dict(zip(keys, ws))}, kwargs=inputs)  # noqa: E731
+            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no forward-mode derivative
+                out.append(vmap(lambda *t: jvp(f, tuple(params[k] for k in keys), t)[1])(*tangents))
+    finally:
+        model.train(was_training)
+    return torch.cat(out, 1)
+
+
+def cosine(a, b):
+    return (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
+
+
+def explained(target, change):
+    """The share of |target|^2 that the best multiple c of `change` explains: 1 - |target - c change|^2 /
+    |target|^2 at c = <target, change> / |change|^2 (= the squared cosine)."""
+    c = target.flatten() @ change.flatten() / change.square().sum()
+    return (1 - (target - c * change).square().sum() / target.square().sum()).item()
+
+
+def newton_step(G, S, T, damping):
+    """The full-rank K-FAC Newton step -T_l^-1 G S_l^-1 (d_out x d_in; S_l, T_l damped as whiten does)
+    through whiten's Cholesky factors: -L_T^-T M L_S^-1 with M = L_T^-1 G L_S^-T. CG-LoRA's B A is its
+    best rank-r approximation in the metric of T_l and S_l."""
+    import torch
+    import cglora
+    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
+    M, L_T, L_S = cglora.whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping)
+    X = torch.linalg.solve_triangular(L_T.T, M, upper=True)  # L_T^-T M
+    return -torch.linalg.solve_triangular(L_S.T, X.T, upper=True).T  # ... L_S^-1
+
+
+def init_directions(stats, rank, alpha, dampings, seed):
+    """Item 1's directions, {name: the update of W0 (d_out x d_in)} per label: CG-LoRA at each damping
+    at its init's size (LoRA-One's ||s B A||_2 per layer); the full-rank K-FAC Newton step at its own
+    size; LoRA-One's init; LoRA-GA's s B A; a seeded random rank-r direction at LoRA-One's size; -G
+    (full rank: plain gradient descent's direction)."""
+    import torch
+    import cglora
+    norm = alpha / (math.sqrt(rank) * cglora.LORA_ONE_GAMMA)  # init_adapters' default size
+    sized = lambda P: P * (norm / torch.linalg.matrix_norm(P, ord=2))  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lam in dampings:
+        cg = {n: sized((lambda B, A: B @ A)(*cglora.direction("cg-lora", st, rank, lam))) for n, st in stats.items()}
+        out += [(dict(method="cg-lora", damping=lam), cg),
+                (dict(method="K-FAC Newton, full rank", damping=lam),
+                 {n: newton_step(st.G, st.S, st.T, lam) for n, st in stats.items()})]
+    one = {n: sized((lambda B, A: B @ A)(*cglora.direction("lora-one", st, rank, None))) for n, st in stats.items()}
+    ga = {n: (alpha / rank) * (lambda B, A: B @ A)(*cglora.direction("lora-ga", st, rank, None))
+          for n, st in stats.items()}
+    rand = {n: sized(torch.randn(st.G.shape[0], rank, generator=g) @ torch.randn(rank, st.G.shape[1], generator=g))
+            for n, st in stats.items()}
+    return out + [(dict(method="lora-one", damping=None), one), (dict(method="lora-ga", damping=None), ga),
+                  (dict(method="random", damping=None), rand),
+                  (dict(method="-G, full rank", damping=None), {n: -st.G for n, st in stats.items()})]
+
+
+def funcspace_init(task_name, seed, pretrained, steps=FS_STEPS):
+    """Item 1 of issue 35: at W0 (the fresh head of `seed`), each init direction's output change on the
+    first FS_INIT_DEV dev examples (output_change, centred), against full fine-tuning's after k of its `steps`
+    steps (same seed, data order and head): its whole change, and J applied to its query/value update."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+    import cglora
+    key = dict(kind="init", task=task_name, seed=seed, steps=steps)
+    rows = read_rows(FUNCSPACE)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+        return
+    full = next((r for r in rows if r["kind"] == "train" and r["method"] == "full" and r["task"] == task_name
+                 and r["seed"] == seed and r["steps"] == steps), None)
+    if full is None:
+        sys.exit(f"no full fine-tuning run of {task_name} seed {seed}: run funcspace --methods full first")
+    t0 = time.time()
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(task_name, "full", seed, full["lr"],
+                                                                          pretrained)
+    subset = dev[:FS_INIT_DEV // (2 * cfg.batch_size)]
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
+    stats = cglora.collect_statistics(model, {n: model.get_submodule(n) for n in names}, calib[0], cfg.fisher,
+                                      torch.Generator().manual_seed(seed))  # as train.initialise: 2 folds
+    auto = cglora.diagnose("cg-lora", stats, {n: cfg.rank for n in names})[0]
+    directions = init_directions(stats, cfg.rank, cfg.alpha, [FS_DAMPING, auto], seed)
+    at_W0 = dev_outputs(model, subset)
+    whole = lambda k: torch.tensor(full["outputs"][str(k)][:len(at_W0)])  # noqa: E731  (its first examples)
+    assert torch.allclose(at_W0, whole(0), atol=1e-4), "not full fine-tuning's W0"
+    ks = [k for k in FS_K if k < steps] + [steps]
+    snapshots = torch.load(SNAPSHOTS / f"{task_name}-s{seed}-{steps}.pt")
+    changes = centred(output_change(model, [D for _, D in directions] + [snapshots[k] for k in ks], subset))
+    targets = {f"whole {k}": centred(whole(k) - at_W0) for k in ks}
+    targets.update({f"target layers {k}": c for k, c in zip(ks, changes[len(directions):])})
+    shifted = lambda y: y - y.mean(0)  # noqa: E731  (less the shift every example shares, which a bias makes)
+    measures = lambda c, y: dict(cosine=cosine(c, y), explained=explained(y, c),  # noqa: E731
+                                 cosine_unshifted=cosine(shifted(c), shifted(y)),
+                                 explained_unshifted=explained(shifted(y), shifted(c)))
+    out = [dict(label, size=math.sqrt(sum(P.square().sum().item() for P in D.values())),
+                against={t: measures(c, y) for t, y in targets.items()}) for (label, D), c in zip(directions, changes)]
+    full_parts = {str(k): measures(targets[f"target layers {k}"], targets[f"whole {k}"])
+                  for k in ks}  # how much of full fine-tuning's change its query/value updates make
+    row = dict(key, damping=FS_DAMPING, damping_auto=auto, dev_examples=len(at_W0), ks=ks, directions=out,
+               full_parts=full_parts, seconds=time.time() - t0,
+               command=f"python results/run.py funcspace --tasks {task_name} --seeds {seed} --steps {steps}")
+    append_row(FUNCSPACE, row)
+    print(f"{task_name} seed {seed} init (auto damping {auto:g}): cosine with full fine-tuning's target-layer "
+          f"change at step {steps}: " + ", ".join(f"{d['method']}" + (f" {d['damping']:g}" if d["damping"] else "")
+                                                  + f" {d['against'][f'target layers {steps}']['cosine']:.3f}" for d in out)
+          + f" ({row['seconds']:.0f} s)", flush=True)
 
 
 def write_block(name, text):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
     readme = HERE.parent / "README.md"
     head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
     readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + rest.split(f"<!-- /{name} -->\n", 1)[1])
+
+
+def append_row(path, row):  # one write: two workers may append at once
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, (json.dumps(row) + "\n").encode())
+    os.close(fd)
 
 
 def read_rows(path):
@@ -1099,6 +1228,8 @@ def main():
             for task in args.tasks.split(","):
                 for m in [m for m in FS_METHODS if m in methods]:
                     funcspace(task, m, seed, pretrained, args.steps or FS_STEPS)
+                    if m == "full":  # item 1 needs only full fine-tuning's run
+                        funcspace_init(task, seed, pretrained, args.steps or FS_STEPS)
         return
     if args.command == "realloss-cost":
         return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
