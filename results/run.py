@@ -1080,8 +1080,133 @@ def funcspace_init(task_name, seed, pretrained, steps=FS_STEPS):
           + f" ({row['seconds']:.0f} s)", flush=True)
 
 
-def write_block(name, text):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
-    readme = HERE.parent / "README.md"
+def divergence(full, other):
+    """How far `other`'s outputs (n x C) are from full fine-tuning's on the same examples: the mean
+    KL(full || other) of the softmax and the share of equal argmax (C > 1), or the RMSE (C = 1)."""
+    import torch
+    full, other = torch.as_tensor(full, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    if full.shape[-1] == 1:
+        return dict(rmse=(full - other).square().mean().sqrt().item())
+    log_p, log_q = full.log_softmax(-1), other.log_softmax(-1)
+    return dict(kl=(log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+                agreement=(full.argmax(-1) == other.argmax(-1)).double().mean().item())
+
+
+FS_LABELS = {"cg-lora": "CG-LoRA (λ 1)", "cg-lora auto": "CG-LoRA (λ auto)",
+             "K-FAC Newton, full rank": "K-FAC Newton, full rank (λ 1)",
+             "K-FAC Newton, full rank auto": "K-FAC Newton, full rank (λ auto)", "lora-one": "LoRA-One",
+             "lora-ga": "LoRA-GA (s B A)", "random": "random rank 8", "-G, full rank": "−G, full rank"}
+FS_COLOURS = dict(zip(FS_METHODS, ["#d62728", "#2ca02c", "#ff7f0e", "#1f77b4", "#9467bd"]))
+
+
+def fs_labels(row):  # an init row's directions by FS_LABELS key: a method's second one is at auto's damping
+    seen, out = set(), {}
+    for d in row["directions"]:
+        out[d["method"] + (" auto" if d["method"] in seen else "")] = d
+        seen.add(d["method"])
+    return out
+
+
+def funcspace_report():
+    """results/README.md's function-space block and results/funcspace_<task>.svg from results/funcspace.jsonl."""
+    rows = read_rows(FUNCSPACE)
+    order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
+    tasks = sorted({r["task"] for r in rows}, key=order.index)
+    train = {(r["task"], r["method"], r["seed"]): r for r in rows if r["kind"] == "train"}
+    inits = {(r["task"], r["seed"]): r for r in rows if r["kind"] == "init"}
+    steps = sorted({r["steps"] for r in rows})
+    text = [f"`python results/run.py funcspace --tasks {','.join(tasks)} --seeds 0,1,2` (each row's own command "
+            f"is in it), then `python results/run.py funcspace-report`, over {len(train)} training runs and "
+            f"{len(inits)} init measurements in `results/funcspace.jsonl`. all-MiniLM-L6-v2, the grid's budget "
+            "(rank 8, α 16, query + value, batch 32, 16×8 calibration examples, each method's grid rate), the "
+            f"first {', '.join(map(str, steps))} steps of the grid's 2-epoch schedule; CG-LoRA at damping "
+            f"{FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
+    for task in tasks:
+        rs = sorted((r for k, r in inits.items() if k[0] == task), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        ks = rs[0]["ks"]
+        by = {}
+        for r in rs:
+            for label, d in fs_labels(r).items():
+                by.setdefault(label, []).append(d)
+        cell = lambda ds, t, m: mean_se([d["against"][t][m] for d in ds])  # noqa: E731
+        end, lams = ks[-1], ", ".join(f"{r['damping_auto']:g}" for r in rs)
+        text += [f"\n**{task}, at init**: the change of the centred outputs on the first {rs[0]['dev_examples']} "
+                 f"dev examples along each direction (J d), against full fine-tuning's after k steps: J ΔW_k (its "
+                 "query/value update through the same Jacobian) and its whole change (head and every layer); "
+                 f"λ auto chose {lams} (per seed). Cosine; share: the "
+                 "part of full fine-tuning's change that the best multiple of J d explains (= cosine²); "
+                 "*less shift*: both with the change every example shares removed first.\n",
+                 "| direction | cosine, J ΔW_" + f" | J ΔW_".join(map(str, ks)) + f" | whole {end} | share of J ΔW_{end} | "
+                 f"cosine less shift, J ΔW_{end} | whole {end} |", "|---|" + "---|" * (len(ks) + 4)]
+        for label, name in FS_LABELS.items():
+            if label in by:
+                ds = by[label]
+                text.append(f"| {name} | " + " | ".join(cell(ds, f"target layers {k}", "cosine") for k in ks)
+                            + f" | {cell(ds, f'whole {end}', 'cosine')} | {cell(ds, f'target layers {end}', 'explained')}"
+                            f" | {cell(ds, f'target layers {end}', 'cosine_unshifted')} | "
+                            f"{cell(ds, f'whole {end}', 'cosine_unshifted')} |")
+        text.append("| *full fine-tuning's J ΔW_k against its whole change* | "
+                    + " | ".join(mean_se([r["full_parts"][str(k)]["cosine"] for r in rs]) for k in ks)
+                    + f" | | | {mean_se([r['full_parts'][str(end)]['cosine_unshifted'] for r in rs])} | |")
+        pair = lambda a, b, m: mean_se([x["against"][f"target layers {end}"][m] - y["against"][f"target layers {end}"][m]  # noqa: E731
+                                        for x, y in zip(by[a], by[b])])
+        text.append(f"\nPaired by seed, cosine with J ΔW_{end} (as is / less shift): CG-LoRA (λ 1) − LoRA-One "
+                    f"{pair('cg-lora', 'lora-one', 'cosine')} / {pair('cg-lora', 'lora-one', 'cosine_unshifted')}; "
+                    f"full-rank Newton − CG-LoRA, both λ 1 (what rank 8 loses) "
+                    f"{pair('K-FAC Newton, full rank', 'cg-lora', 'cosine')} / "
+                    f"{pair('K-FAC Newton, full rank', 'cg-lora', 'cosine_unshifted')}; full-rank Newton (λ 1) − (−G) "
+                    f"{pair('K-FAC Newton, full rank', '-G, full rank', 'cosine')} / "
+                    f"{pair('K-FAC Newton, full rank', '-G, full rank', 'cosine_unshifted')}.")
+    for task in tasks:
+        seeds = sorted({k[2] for k in train if k[0] == task and k[1] == "full"})
+        methods = [m for m in FS_METHODS[1:] if any((task, m, s) in train for s in seeds)]
+        at = sorted({int(k) for s in seeds for k in train[task, "full", s]["outputs"]})
+        dist = {(m, s): {k: divergence(train[task, "full", s]["outputs"][str(k)], train[task, m, s]["outputs"][str(k)])
+                         for k in at} for m in methods for s in seeds if (task, m, s) in train}
+        metrics = list(next(iter(dist.values()))[0])
+        text += [f"\n**{task}, along training**: each method's outputs on the first "
+                 f"{train[task, 'full', seeds[0]]['dev_examples']} dev examples against full fine-tuning's at the same "
+                 "step (same seed): " + ("mean KL(full ‖ method) of the softmax, and the share of examples with "
+                                         "the same argmax" if "kl" in metrics else "RMSE of the predicted scores")
+                 + ".\n", "| method | " + " | ".join(f"{m} {k}" for m in metrics for k in at) + " |",
+                 "|---|" + "---|" * (len(metrics) * len(at))]
+        for m in methods:
+            text.append(f"| {m} | " + " | ".join(mean_se([dist[m, s][k][x] for s in seeds if (m, s) in dist], 4 if x == "kl" else 3)
+                                                 for x in metrics for k in at) + " |")
+        for a, b in (("cg-lora", "lora-one"), ("cg-lora", "rslora"), ("lora-one", "rslora")):
+            both = [s for s in seeds if (a, s) in dist and (b, s) in dist]
+            if both:
+                text.append(f"| {a} − {b} (paired) | " + " | ".join(
+                    mean_se([dist[a, s][k][x] - dist[b, s][k][x] for s in both], 4 if x == "kl" else 3)
+                    for x in metrics for k in at) + " |")
+        main = metrics[0]
+        series = {f"{m} ({sum((m, s) in dist for s in seeds)})": (FS_COLOURS[m], "", [
+            (k, statistics.mean(v := [dist[m, s][k][main] for s in seeds if (m, s) in dist]),
+             statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for k in at]) for m in methods}
+        (HERE / f"funcspace_{task}.svg").write_text(band_svg(
+            series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
+        text.append(f"\n![{task}: distance to full fine-tuning's predictions against step](funcspace_{task}.svg)")
+        # does the init's cosine predict the distance at the end?
+        pairs = [(fs_labels(r)[m]["against"][f"target layers {r['ks'][-1]}"]["cosine"], dist[m, r["seed"]][at[-1]][main])
+                 for (t, _), r in inits.items() if t == task for m in ("cg-lora", "lora-one", "lora-ga")
+                 if (m, r["seed"]) in dist]
+        if len(pairs) > 2:
+            text.append(f"\nInit cosine with J ΔW_{at[-1]} against the {main} at step {at[-1]}, over (method, seed) "
+                        f"for CG-LoRA (λ 1), LoRA-One and LoRA-GA: Spearman "
+                        f"{spearman(*map(list, zip(*pairs))):.2f} ({len(pairs)} runs).")
+    block = "\n".join(text) + "\n"
+    readme = HERE / "README.md"
+    if not readme.exists() or "<!-- funcspace -->" not in readme.read_text():
+        with open(readme, "a") as f:
+            f.write("\n<!-- funcspace -->\n<!-- /funcspace -->\n")
+    write_block("funcspace", block, readme)
+    print(block)
+
+
+def write_block(name, text, readme=None):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
+    readme = readme or HERE.parent / "README.md"
     head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
     readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + rest.split(f"<!-- /{name} -->\n", 1)[1])
 
@@ -1184,7 +1309,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
                                        "realloss-report", "realloss-cost", "early", "early-sgd", "early-report",
-                                       "funcspace"])
+                                       "funcspace", "funcspace-report"])
     p.add_argument("--heads", default=None, help="fresh head, or probe (head trained alone first), comma list "
                    "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
@@ -1205,6 +1330,8 @@ def main():
         return realloss_report()
     if args.command == "early-report":
         return early_report()
+    if args.command == "funcspace-report":
+        return funcspace_report()
     pretrained = args.pretrained or minilm()
     heads = (args.heads or ("fresh,probe" if args.command == "realloss" else "fresh")).split(",")
     if args.command == "realloss":

@@ -146,3 +146,37 @@ def test_init_directions_are_what_init_adapters_writes():
     for method in ("cg-lora", "random", "lora-one"):
         assert all(torch.linalg.matrix_norm(P, ord=2).item() == pytest.approx(norm, rel=1e-4) for P in got[method].values())
     assert all(torch.linalg.matrix_rank(P).item() == rank for P in got["random"].values())
+
+
+def test_divergence_against_its_definition():
+    """KL(full || other) = mean_i sum_c p_ic log(p_ic / q_ic) of the softmax, argmax agreement, and RMSE for one output."""
+    run = _run()
+    full, other = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]], [[0.0, 1.0], [0.0, 2.0], [3.0, 1.0]]
+    kl = 0.0
+    for a, b in zip(full, other):
+        p = [math.exp(x) / sum(math.exp(y) for y in a) for x in a]
+        q = [math.exp(x) / sum(math.exp(y) for y in b) for x in b]
+        kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 3
+    got = run.divergence(full, other)
+    assert got["kl"] == pytest.approx(kl) and got["agreement"] == pytest.approx(1 / 3)
+    assert run.divergence(full, full) == dict(kl=0.0, agreement=1.0)
+    assert run.divergence([[1.0], [2.0]], [[2.0], [4.0]])["rmse"] == pytest.approx(math.sqrt(2.5))
+
+
+def test_funcspace_report_pairs_each_method_with_full_fine_tuning_of_its_seed(tmp_path, monkeypatch):
+    """The report's distance is to full fine-tuning's outputs of the same seed and step; the block and figure
+    are written into results/README.md (created with the block if absent)."""
+    run = _run()
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(run, "FUNCSPACE", tmp_path / "funcspace.jsonl")
+    for seed in (0, 1):
+        for method, shift in (("full", 0.0), ("rslora", 0.1 * (seed + 1))):  # rslora: RMSE 0.1, 0.2
+            run.append_row(run.FUNCSPACE, dict(kind="train", task="sts-b", method=method, seed=seed, steps=10,
+                                               dev_examples=2, outputs={str(k): [[k + seed + shift], [seed - shift]]
+                                                                        for k in (0, 10)}))
+    run.funcspace_report()
+    readme = (tmp_path / "README.md").read_text()
+    assert "<!-- funcspace -->" in readme and "| rslora | 0.150 ± 0.050 (2) | 0.150 ± 0.050 (2) |" in readme
+    assert (tmp_path / "funcspace_sts-b.svg").read_text().startswith("<svg")
+    run.funcspace_report()  # a second report replaces the block
+    assert (tmp_path / "README.md").read_text() == readme
