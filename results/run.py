@@ -1162,6 +1162,8 @@ def funcspace_report():
     for task in tasks:
         seeds = sorted({k[2] for k in train if k[0] == task and k[1] == "full"})
         methods = [m for m in FS_METHODS[1:] if any((task, m, s) in train for s in seeds)]
+        if not methods:
+            continue
         at = sorted({int(k) for s in seeds for k in train[task, "full", s]["outputs"]})
         dist = {(m, s): {k: divergence(train[task, "full", s]["outputs"][str(k)], train[task, m, s]["outputs"][str(k)])
                          for k in at} for m in methods for s in seeds if (task, m, s) in train}
@@ -1189,13 +1191,14 @@ def funcspace_report():
             series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
         text.append(f"\n![{task}: distance to full fine-tuning's predictions against step](funcspace_{task}.svg)")
         # does the init's cosine predict the distance at the end?
-        pairs = [(fs_labels(r)[m]["against"][f"target layers {r['ks'][-1]}"]["cosine"], dist[m, r["seed"]][at[-1]][main])
-                 for (t, _), r in inits.items() if t == task for m in ("cg-lora", "lora-one", "lora-ga")
-                 if (m, r["seed"]) in dist]
-        if len(pairs) > 2:
-            text.append(f"\nInit cosine with J ΔW_{at[-1]} against the {main} at step {at[-1]}, over (method, seed) "
-                        f"for CG-LoRA (λ 1), LoRA-One and LoRA-GA: Spearman "
-                        f"{spearman(*map(list, zip(*pairs))):.2f} ({len(pairs)} runs).")
+        def ranked(measure):  # Spearman of the init's cosine with J dW_end and the distance at the end
+            pairs = [(fs_labels(r)[m]["against"][f"target layers {r['ks'][-1]}"][measure], dist[m, r["seed"]][at[-1]][main])
+                     for (t, _), r in inits.items() if t == task for m in ("cg-lora", "lora-one", "lora-ga")
+                     if (m, r["seed"]) in dist]
+            return f"{spearman(*map(list, zip(*pairs))):.2f} ({len(pairs)} runs)" if len(pairs) > 2 else "—"
+        text.append(f"\nDoes the init's cosine with J ΔW_{at[-1]} rank the {main} at step {at[-1]}? Spearman over "
+                    f"(method, seed), CG-LoRA (λ 1), LoRA-One and LoRA-GA (negative: a larger cosine, a smaller "
+                    f"distance): as is {ranked('cosine')}, less shift {ranked('cosine_unshifted')}.")
     block = "\n".join(text) + "\n"
     readme = HERE / "README.md"
     if not readme.exists() or "<!-- funcspace -->" not in readme.read_text():
