@@ -1096,7 +1096,7 @@ FS_LABELS = {"cg-lora": "CG-LoRA (λ 1)", "cg-lora auto": "CG-LoRA (λ auto)",
              "K-FAC Newton, full rank": "K-FAC Newton, full rank (λ 1)",
              "K-FAC Newton, full rank auto": "K-FAC Newton, full rank (λ auto)", "lora-one": "LoRA-One",
              "lora-ga": "LoRA-GA (s B A)", "random": "random rank 8", "-G, full rank": "−G, full rank"}
-FS_COLOURS = dict(zip(FS_METHODS, ["#d62728", "#2ca02c", "#ff7f0e", "#1f77b4", "#9467bd"]))
+FS_COLOURS = dict(zip(FS_METHODS + ["untrained"], ["#d62728", "#2ca02c", "#ff7f0e", "#1f77b4", "#9467bd", "#7f7f7f"]))
 
 
 def fs_labels(row):  # an init row's directions by FS_LABELS key: a method's second one is at auto's damping
@@ -1167,6 +1167,9 @@ def funcspace_report():
         at = sorted({int(k) for s in seeds for k in train[task, "full", s]["outputs"]})
         dist = {(m, s): {k: divergence(train[task, "full", s]["outputs"][str(k)], train[task, m, s]["outputs"][str(k)])
                          for k in at} for m in methods for s in seeds if (task, m, s) in train}
+        methods.append("untrained")  # the model at W0 with the fresh head: how far full fine-tuning itself moved
+        dist.update({("untrained", s): {k: divergence(train[task, "full", s]["outputs"][str(k)],
+                                                      train[task, "full", s]["outputs"]["0"]) for k in at} for s in seeds})
         metrics = list(next(iter(dist.values()))[0])
         text += [f"\n**{task}, along training**: each method's outputs on the first "
                  f"{train[task, 'full', seeds[0]]['dev_examples']} dev examples against full fine-tuning's at the same "
