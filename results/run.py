@@ -1108,19 +1108,33 @@ def fs_labels(row):  # an init row's directions by FS_LABELS key: a method's sec
 
 
 def funcspace_report():
-    """results/README.md's function-space block and results/funcspace_<task>.svg from results/funcspace.jsonl."""
+    """results/README.md's function-space block and results/funcspace_<task>[_<steps>].svg from
+    results/funcspace.jsonl: one set of tables per run length."""
     rows = read_rows(FUNCSPACE)
+    lengths = sorted({r["steps"] for r in rows})
+    text = [f"`python results/run.py funcspace --tasks cola,sts-b --seeds 0,1,2` (each row's own command is in it), "
+            f"then `python results/run.py funcspace-report`, over {len(rows)} rows of `results/funcspace.jsonl`. "
+            "all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, 16×8 calibration examples, "
+            f"each method's grid rate), the first {' or '.join(map(str, lengths))} steps of the grid's 2-epoch "
+            f"schedule; CG-LoRA at damping {FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
+    for n in lengths:
+        text += fs_tables([r for r in rows if r["steps"] == n], n, n == FS_STEPS)
+    block = "\n".join(text) + "\n"
+    readme = HERE / "README.md"
+    if not readme.exists() or "<!-- funcspace -->" not in readme.read_text():
+        with open(readme, "a") as f:
+            f.write("\n<!-- funcspace -->\n<!-- /funcspace -->\n")
+    write_block("funcspace", block, readme)
+    print(block)
+
+
+def fs_tables(rows, n, default):
+    """funcspace_report's tables for the runs of n steps, and their figures."""
     order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
     tasks = sorted({r["task"] for r in rows}, key=order.index)
     train = {(r["task"], r["method"], r["seed"]): r for r in rows if r["kind"] == "train"}
     inits = {(r["task"], r["seed"]): r for r in rows if r["kind"] == "init"}
-    steps = sorted({r["steps"] for r in rows})
-    text = [f"`python results/run.py funcspace --tasks {','.join(tasks)} --seeds 0,1,2` (each row's own command "
-            f"is in it), then `python results/run.py funcspace-report`, over {len(train)} training runs and "
-            f"{len(inits)} init measurements in `results/funcspace.jsonl`. all-MiniLM-L6-v2, the grid's budget "
-            "(rank 8, α 16, query + value, batch 32, 16×8 calibration examples, each method's grid rate), the "
-            f"first {', '.join(map(str, steps))} steps of the grid's 2-epoch schedule; CG-LoRA at damping "
-            f"{FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
+    text = [f"\n### Runs of {n} steps"]
     for task in tasks:
         rs = sorted((r for k, r in inits.items() if k[0] == task), key=lambda r: r["seed"])
         if not rs:
@@ -1190,9 +1204,10 @@ def funcspace_report():
         series = {f"{m} ({sum((m, s) in dist for s in seeds)})": (FS_COLOURS[m], "", [
             (k, statistics.mean(v := [dist[m, s][k][main] for s in seeds if (m, s) in dist]),
              statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for k in at]) for m in methods}
-        (HERE / f"funcspace_{task}.svg").write_text(band_svg(
+        figure = f"funcspace_{task}.svg" if default else f"funcspace_{task}_{n}.svg"
+        (HERE / figure).write_text(band_svg(
             series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
-        text.append(f"\n![{task}: distance to full fine-tuning's predictions against step](funcspace_{task}.svg)")
+        text.append(f"\n![{task}: distance to full fine-tuning's predictions against step]({figure})")
         # does the init's cosine predict the distance at the end?
         def ranked(measure):  # Spearman of the init's cosine with J dW_end and the distance at the end
             pairs = [(fs_labels(r)[m]["against"][f"target layers {r['ks'][-1]}"][measure], dist[m, r["seed"]][at[-1]][main])
@@ -1202,14 +1217,7 @@ def funcspace_report():
         text.append(f"\nDoes the init's cosine with J ΔW_{at[-1]} rank the {main} at step {at[-1]}? Spearman over "
                     f"(method, seed), CG-LoRA (λ 1), LoRA-One and LoRA-GA (negative: a larger cosine, a smaller "
                     f"distance): as is {ranked('cosine')}, less shift {ranked('cosine_unshifted')}.")
-    block = "\n".join(text) + "\n"
-    readme = HERE / "README.md"
-    if not readme.exists() or "<!-- funcspace -->" not in readme.read_text():
-        with open(readme, "a") as f:
-            f.write("\n<!-- funcspace -->\n<!-- /funcspace -->\n")
-    write_block("funcspace", block, readme)
-    print(block)
-
+    return text
 
 def write_block(name, text, readme=None):  # README.md's text between <!-- name --> and <!-- /name --> becomes `text`
     readme = readme or HERE.parent / "README.md"

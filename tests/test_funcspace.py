@@ -177,6 +177,6 @@ def test_funcspace_report_pairs_each_method_with_full_fine_tuning_of_its_seed(tm
     run.funcspace_report()
     readme = (tmp_path / "README.md").read_text()
     assert "<!-- funcspace -->" in readme and "| rslora | 0.150 ± 0.050 (2) | 0.150 ± 0.050 (2) |" in readme
-    assert (tmp_path / "funcspace_sts-b.svg").read_text().startswith("<svg")
+    assert (tmp_path / "funcspace_sts-b_10.svg").read_text().startswith("<svg")  # not the default length
     run.funcspace_report()  # a second report replaces the block
     assert (tmp_path / "README.md").read_text() == readme
