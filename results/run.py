@@ -1203,7 +1203,8 @@ def fs_tables(rows, n, default):
         main = metrics[0]
         series = {f"{m} ({sum((m, s) in dist for s in seeds)})": (FS_COLOURS[m], "", [
             (k, statistics.mean(v := [dist[m, s][k][main] for s in seeds if (m, s) in dist]),
-             statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for k in at]) for m in methods}
+             statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for k in at])
+            for m in methods if m != "untrained"}  # (its scale would flatten the others: in the table)
         figure = f"funcspace_{task}.svg" if default else f"funcspace_{task}_{n}.svg"
         (HERE / figure).write_text(band_svg(
             series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
