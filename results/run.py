@@ -15,6 +15,9 @@
     python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
     python results/run.py early-sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their README block + results/early_curves_<task>.svg, early_diff_<task>.svg
+    python results/run.py funcspace --tasks cola,sts-b --seeds 0,1,2   # each method's dev outputs against full FT's
+    python results/run.py funcspace --tasks cola --seeds 0,1,2 --steps 300   # CoLA's 300 steps
+    python results/run.py funcspace-report   # results/README.md's block + results/funcspace_<task>[_<steps>].svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
