@@ -1192,7 +1192,7 @@ def fs_tables(rows, n, default):
                  f"{train[task, 'full', seeds[0]]['dev_examples']} dev examples against full fine-tuning's at the same "
                  "step (same seed): " + ("mean KL(full ‖ method) of the softmax, and the share of examples with "
                                          "the same argmax" if "kl" in metrics else "RMSE of the predicted scores")
-                 + ".\n", "| method | " + " | ".join(f"{m} {k}" for m in metrics for k in at) + " |",
+                 + ".\n", "| method | " + " | ".join(f"{m.upper() if m != 'agreement' else m}, step {k}" for m in metrics for k in at) + " |",
                  "|---|" + "---|" * (len(metrics) * len(at))]
         for m in methods:
             text.append(f"| {m} | " + " | ".join(mean_se([dist[m, s][k][x] for s in seeds if (m, s) in dist], 4 if x == "kl" else 3)
