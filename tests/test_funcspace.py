@@ -96,7 +96,8 @@ def test_explained_is_the_best_multiple_found_by_brute_force():
         best = 1 - (y - a * c).square().sum().item() / y.square().sum().item()
         grid = max(1 - (y - t * c).square().sum().item() / y.square().sum().item()
                    for t in torch.linspace(-5, 5, 20001).tolist())
-        assert run.explained(y, c) == pytest.approx(best, abs=1e-12) and run.explained(y, c) == pytest.approx(grid, abs=1e-6)
+        assert run.explained(y, c) == pytest.approx(best, abs=1e-12)
+        assert run.explained(y, c) == pytest.approx(grid, abs=1e-6)
         assert run.explained(y, c) == pytest.approx(run.cosine(y, c) ** 2, abs=1e-12)
         assert run.explained(y, -c) == pytest.approx(run.explained(y, c)) and run.cosine(y, -c) == -run.cosine(y, c)
     assert run.cosine(y, 3 * y) == pytest.approx(1.0) and run.explained(y, 3 * y) == pytest.approx(1.0)
@@ -104,7 +105,8 @@ def test_explained_is_the_best_multiple_found_by_brute_force():
 
 def _statistics(seed=3, d_out=6, d_in=5):  # G, and S, T positive semidefinite of rank 2 (damping matters)
     g = torch.Generator().manual_seed(seed)
-    X, Y = torch.randn(d_in, 2, generator=g, dtype=torch.float64), torch.randn(d_out, 2, generator=g, dtype=torch.float64)
+    X = torch.randn(d_in, 2, generator=g, dtype=torch.float64)
+    Y = torch.randn(d_out, 2, generator=g, dtype=torch.float64)
     return torch.randn(d_out, d_in, generator=g, dtype=torch.float64), X @ X.T, Y @ Y.T
 
 
@@ -144,12 +146,14 @@ def test_init_directions_are_what_init_adapters_writes():
             assert torch.allclose(got[method][n], written, rtol=1e-3, atol=1e-5 * written.abs().max()), (method, n)
     norm = alpha / (math.sqrt(rank) * cglora.LORA_ONE_GAMMA)
     for method in ("cg-lora", "random", "lora-one"):
-        assert all(torch.linalg.matrix_norm(P, ord=2).item() == pytest.approx(norm, rel=1e-4) for P in got[method].values())
+        for P in got[method].values():
+            assert torch.linalg.matrix_norm(P, ord=2).item() == pytest.approx(norm, rel=1e-4)
     assert all(torch.linalg.matrix_rank(P).item() == rank for P in got["random"].values())
 
 
 def test_divergence_against_its_definition():
-    """KL(full || other) = mean_i sum_c p_ic log(p_ic / q_ic) of the softmax, argmax agreement, and RMSE for one output."""
+    """KL(full || other) = mean_i sum_c p_ic log(p_ic / q_ic) of the softmax, argmax agreement; RMSE for
+    one output."""
     run = _run()
     full, other = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]], [[0.0, 1.0], [0.0, 2.0], [3.0, 1.0]]
     kl = 0.0
