@@ -15,6 +15,9 @@
     python results/run.py early --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora --seeds 0 --steps 228   # all of MRPC's budget
     python results/run.py early-sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora   # SGD, its own rate
     python results/run.py early-report     # their block there + early_curves_<task>.svg, early_diff_<task>.svg
+    python results/run.py funcspace --tasks cola,sts-b --seeds 0,1,2   # each method's dev outputs against full FT's
+    python results/run.py funcspace --tasks cola --seeds 0,1,2 --steps 300   # CoLA's 300 steps
+    python results/run.py funcspace-report   # results/README.md's block + results/funcspace_<task>[_<steps>].svg
 
 Each finished run appends one JSON line to results/runs.jsonl; a run already there is skipped,
 so an interrupted grid continues where it stopped. Needs the all-MiniLM-L6-v2 checkpoint:
@@ -605,6 +608,48 @@ def in_subspaces(update, bases):
     return out
 
 
+def early_setup(task_name, init, seed, lr, pretrained, damping=DAMPING):
+    """train.py's run up to its init, on the CPU, without a run directory: (cfg, run, task, model (its
+    fresh head seeded as train.py), tokenizer, training examples, dev batches, (calibration batches,
+    the real check's))."""
+    import torch
+    import train
+    cfg = train.Config(task=task_name, pretrained=pretrained, init=init, seed=seed, lr=lr, damping=damping,
+                       out="unused", device="cpu", real_check=4, **BUDGET)  # the early rows' protocol
+    # (train.py's defaults until issue 32: the real check on 4 held-out batches)
+    run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
+    task, train_set, dev_set = train.read_data(run_)
+    return (cfg, run_, task, *train.model_and_batches(run_, task, train_set, dev_set, None))
+
+
+def early_steps(model, cfg, train_enc, pad_id, optimizer, steps):
+    """train.py's first `steps` steps of the model's trainable parameters: its data order and its
+    schedule over BUDGET's epochs; AdamW, or SGD with momentum 0.9. Yields (step, train loss) after
+    each step, the model in train mode."""
+    import torch
+    import cglora
+    import data
+    import train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+    per_epoch = len(train_enc) // cfg.batch_size
+    sched = train.schedule(opt, per_epoch * cfg.epochs, cfg.warmup)
+    step = 0
+    while step < steps:
+        order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[:per_epoch]
+        for batch in order[step % per_epoch:][:steps - step]:
+            model.train()  # again after any evaluation the caller made
+            loss = cglora._loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            yield step, loss.item()
+
+
 def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head="fresh", steps=EARLY_STEPS):
     """Items 3-5 of issue 21: the first `steps` steps of train.py's run (same seeding, calibration, init,
     data order and schedule over BUDGET's epochs; AdamW, or SGD with momentum 0.9) with the train loss
@@ -615,19 +660,14 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
     sys.path.insert(0, str(HERE.parent))
     import torch
     import cglora
-    import data
     import train
     rate = lr or best_rates(done())["lora-one" if method == "random" else method]
     key = dict(task=task_name, method=method, seed=seed, optimizer=optimizer, lr=rate, head=head, steps=steps)
     if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(EARLY)):
         return
     t0 = time.time()
-    cfg = train.Config(task=task_name, pretrained=pretrained, init="lora-one" if method == "random" else method,
-                       seed=seed, lr=rate, out="unused", device="cpu", damping="auto", real_check=4,
-                       **BUDGET)  # the protocol these rows ran under (train.py's defaults until issue 32)
-    run_ = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # main=False: no run directory
-    task, train_set, dev_set = train.read_data(run_)
-    model, tokenizer, train_enc, dev, calib = train.model_and_batches(run_, task, train_set, dev_set, None)
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(
+        task_name, "lora-one" if method == "random" else method, seed, rate, pretrained)
     probed = None
     if head == "probe":
         last, whole = probe(model, train_enc[:WARM * PROBE["batch_size"]], tokenizer.pad_id, seed,
@@ -654,31 +694,15 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
         orth = lambda X: torch.linalg.qr(X.float()).Q if X.abs().max() > 0 else None  # noqa: E731
         bases = {n: (orth(m.lora_B.detach()), orth(m.lora_A.detach().T)) for n, m in layers.items()}
     P0 = now()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=rate, weight_decay=cfg.weight_decay) if optimizer == "adamw"
-           else torch.optim.SGD(params, lr=rate, momentum=0.9))
-    per_epoch = len(train_enc) // cfg.batch_size
-    sched = train.schedule(opt, per_epoch * cfg.epochs, cfg.warmup)
-    at = sorted(set(EVALS) | {per_epoch, steps})
-    losses, evals, moves, step = [], [], {}, 0
+    at = sorted(set(EVALS) | {len(train_enc) // cfg.batch_size, steps})  # ... and the end of epoch 1
+    losses, evals, moves = [], [], {}
     evals.append(dict(step=0, **train.evaluate(model, dev, task, cfg, run_.device)))
-    model.train()
-    while step < steps:
-        order = list(data.batches(train_enc, cfg.batch_size, tokenizer.pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + step // per_epoch + 1))[:per_epoch]
-        for batch in order[step % per_epoch:][:steps - step]:
-            loss = cglora._loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if step in MOVES or step == steps:
-                moves[step] = movement(now(), P0)
-            if step in at:
-                evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
-                model.train()
+    for step, loss in early_steps(model, cfg, train_enc, tokenizer.pad_id, optimizer, steps):
+        losses.append(loss)
+        if step in MOVES or step == steps:
+            moves[step] = movement(now(), P0)
+        if step in at:
+            evals.append(dict(step=step, **train.evaluate(model, dev, task, cfg, run_.device)))
     D = {n: P - P0[n] for n, P in now().items()}
     row = dict(key, budget=BUDGET, probe=probed, init={k: init.get(k) for k in ("damping", "seconds")},
                real=None if method == "random" else init.get("summary", {}).get("real_decrease"),  # random: LoRA-One's was judged
@@ -687,9 +711,7 @@ def early(task_name, method, seed, pretrained, optimizer="adamw", lr=None, head=
                in_lora_one=in_subspaces(D, one), seconds=time.time() - t0,
                command=f"python results/run.py early --tasks {task_name} --methods {method} --seeds {seed} "
                        f"--optimizer {optimizer} --heads {head}" + (f" --lr {rate:g}" if lr else ""))
-    fd = os.open(EARLY, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # one write: two workers may append at once
-    os.write(fd, (json.dumps(row) + "\n").encode())
-    os.close(fd)
+    append_row(EARLY, row)
     main_ = next(k for k in evals[-1] if k not in ("step", "loss"))
     print(f"{task_name} {method} seed {seed} {optimizer} lr {rate:g} {head}: train loss (last 20) "
           f"{statistics.mean(losses[-20:]):.4f}, dev {main_} {evals[-1][main_]:.4f} at step {steps}, "
@@ -874,10 +896,344 @@ def early_report():
     print(block)
 
 
-def write_block(name, text):  # results/README.md between <!-- name --> and <!-- /name --> becomes `text`
+# ----------------------------------------------------------------------------- function space (issue 35)
+
+FUNCSPACE = HERE / "funcspace.jsonl"  # kind "train": one run's dev outputs; kind "init": the directions at W0
+FS_METHODS = ["full", "cg-lora", "lora-one", "rslora", "lora-ga"]  # full first: the others are judged against it
+FS_DAMPING = 1.0  # CG-LoRA's damping here: the project's new fixed default
+FS_STEPS = 100  # what the 2-core CPU affords for 2 tasks x 5 methods x 3 seeds (300 on CoLA alone: EARLY_STEPS)
+FS_AT = (0, 1, 10, 50, 100, 300)  # the dev outputs are kept at these steps (up to the last) and the last
+FS_K = (1, 10, 100)  # full fine-tuning's steps that the init directions are compared with, and its last
+FS_DEV = 512  # the first FS_DEV dev examples
+FS_INIT_DEV = 256  # ... and the first 256 of them for item 1's JVPs (K + 1 forward passes' cost each)
+SNAPSHOTS = HERE / "tmp" / "funcspace"  # full fine-tuning's update of the target layers at FS_AT (not committed)
+
+
+def dev_outputs(model, batches):
+    """The model's outputs on `batches` (n x C: logits, or C = 1 regression scores), in eval mode."""
+    import torch
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).float() for b in batches])
+    finally:
+        model.train(was_training)
+
+
+def funcspace(task_name, method, seed, pretrained, steps=FS_STEPS):
+    """Item 2 of issue 35: train.py's first `steps` steps of `method` (early_steps; CG-LoRA at damping
+    FS_DAMPING) and its outputs on the first FS_DEV dev examples at FS_AT. Full fine-tuning also saves
+    its target layers' weight update at those steps for funcspace_init (SNAPSHOTS)."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+    import train
+    rate = best_rates(done())[method]
+    damping = FS_DAMPING if method.startswith("cg-lora") else None
+    key = dict(kind="train", task=task_name, method=method, seed=seed, lr=rate, damping=damping, steps=steps)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_rows(FUNCSPACE)):
+        return
+    t0 = time.time()
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(
+        task_name, method, seed, rate, pretrained, DAMPING if damping is None else damping)
+    init = train.initialise(cfg, model, calib, run_.device, lambda *a: None)
+    subset = dev[:FS_DEV // (2 * cfg.batch_size)]  # train.py's dev batches hold 2 x batch_size examples
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in names} if method == "full" else {}
+    at, outputs, snapshots = {k for k in FS_AT if k <= steps} | {steps}, {0: dev_outputs(model, subset)}, {}
+    for step, _ in early_steps(model, cfg, train_enc, tokenizer.pad_id, "adamw", steps):
+        if step in at:
+            outputs[step] = dev_outputs(model, subset)
+            snapshots[step] = {n: model.get_submodule(n).weight.detach() - w for n, w in w0.items()}
+    if method == "full":
+        SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+        torch.save(snapshots, SNAPSHOTS / f"{task_name}-s{seed}-{steps}.pt")
+    row = dict(key, budget=BUDGET, dev_examples=len(outputs[0]), init_damping=init.get("damping"),
+               outputs={str(k): [[round(x, 5) for x in o] for o in v.tolist()] for k, v in outputs.items()},
+               seconds=time.time() - t0,
+               command=f"python results/run.py funcspace --tasks {task_name} --methods {method} --seeds {seed} "
+                       f"--steps {steps}")
+    append_row(FUNCSPACE, row)
+    print(f"{task_name} {method} seed {seed}: {steps} steps, dev outputs at {sorted(at | {0})} "
+          f"({row['seconds']:.0f} s)", flush=True)
+
+
+def centred(out):  # n x C outputs less their mean over the C classes: the part a softmax sees (C = 1: as is)
+    return out - out.mean(-1, keepdim=True) if out.shape[-1] > 1 else out
+
+
+def output_change(model, deltas, batches):
+    """J D for K updates at once: the first-order change of the model's outputs on `batches` when the
+    weight of each module named in D ({name: d_out x d_in}; the same names in every D) moves by D.
+    A forward-mode JVP, vmapped over the K updates, in eval mode. Returns K x n x C."""
+    import torch
+    from torch.func import functional_call, jvp, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    keys = [f"{n}.weight" for n in deltas[0]]
+    tangents = [torch.stack([D[k.rsplit(".", 1)[0]].to(params[k].dtype) for D in deltas]) for k in keys]  # K x W
+    was_training, out = model.training, []
+    try:
+        model.eval()
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            f = lambda *ws: functional_call(model, {**params, **dict(zip(keys, ws))}, kwargs=inputs)  # noqa: E731
+            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no forward-mode derivative
+                out.append(vmap(lambda *t: jvp(f, tuple(params[k] for k in keys), t)[1])(*tangents))
+    finally:
+        model.train(was_training)
+    return torch.cat(out, 1)
+
+
+def cosine(a, b):
+    return (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
+
+
+def explained(target, change):
+    """The share of |target|^2 that the best multiple c of `change` explains: 1 - |target - c change|^2 /
+    |target|^2 at c = <target, change> / |change|^2 (= the squared cosine)."""
+    c = target.flatten() @ change.flatten() / change.square().sum()
+    return (1 - (target - c * change).square().sum() / target.square().sum()).item()
+
+
+def newton_step(G, S, T, damping):
+    """The full-rank K-FAC Newton step -T_l^-1 G S_l^-1 (d_out x d_in; S_l, T_l damped as whiten does)
+    through whiten's Cholesky factors: -L_T^-T M L_S^-1 with M = L_T^-1 G L_S^-T. CG-LoRA's B A is its
+    best rank-r approximation in the metric of T_l and S_l."""
+    import torch
+    import cglora
+    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
+    M, L_T, L_S = cglora.whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping)
+    X = torch.linalg.solve_triangular(L_T.T, M, upper=True)  # L_T^-T M
+    return -torch.linalg.solve_triangular(L_S.T, X.T, upper=True).T  # ... L_S^-1
+
+
+def init_directions(stats, rank, alpha, dampings, seed):
+    """Item 1's directions, {name: the update of W0 (d_out x d_in)} per label: CG-LoRA at each damping
+    at its init's size (LoRA-One's ||s B A||_2 per layer); the full-rank K-FAC Newton step at its own
+    size; LoRA-One's init; LoRA-GA's s B A; a seeded random rank-r direction at LoRA-One's size; -G
+    (full rank: plain gradient descent's direction)."""
+    import torch
+    import cglora
+    norm = alpha / (math.sqrt(rank) * cglora.LORA_ONE_GAMMA)  # init_adapters' default size
+    sized = lambda P: P * (norm / torch.linalg.matrix_norm(P, ord=2))  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lam in dampings:
+        cg = {n: sized((lambda B, A: B @ A)(*cglora.direction("cg-lora", st, rank, lam))) for n, st in stats.items()}
+        out += [(dict(method="cg-lora", damping=lam), cg),
+                (dict(method="K-FAC Newton, full rank", damping=lam),
+                 {n: newton_step(st.G, st.S, st.T, lam) for n, st in stats.items()})]
+    one = {n: sized((lambda B, A: B @ A)(*cglora.direction("lora-one", st, rank, None))) for n, st in stats.items()}
+    ga = {n: (alpha / rank) * (lambda B, A: B @ A)(*cglora.direction("lora-ga", st, rank, None))
+          for n, st in stats.items()}
+    rand = {n: sized(torch.randn(st.G.shape[0], rank, generator=g) @ torch.randn(rank, st.G.shape[1], generator=g))
+            for n, st in stats.items()}
+    return out + [(dict(method="lora-one", damping=None), one), (dict(method="lora-ga", damping=None), ga),
+                  (dict(method="random", damping=None), rand),
+                  (dict(method="-G, full rank", damping=None), {n: -st.G for n, st in stats.items()})]
+
+
+def funcspace_init(task_name, seed, pretrained, steps=FS_STEPS):
+    """Item 1 of issue 35: at W0 (the fresh head of `seed`), each init direction's output change on the
+    first FS_INIT_DEV dev examples (output_change, centred), against full fine-tuning's after k of its `steps`
+    steps (same seed, data order and head): its whole change, and J applied to its query/value update."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+    import cglora
+    key = dict(kind="init", task=task_name, seed=seed, steps=steps)
+    rows = read_rows(FUNCSPACE)
+    if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+        return
+    full = next((r for r in rows if r["kind"] == "train" and r["method"] == "full" and r["task"] == task_name
+                 and r["seed"] == seed and r["steps"] == steps), None)
+    if full is None:
+        sys.exit(f"no full fine-tuning run of {task_name} seed {seed}: run funcspace --methods full first")
+    t0 = time.time()
+    cfg, run_, task, model, tokenizer, train_enc, dev, calib = early_setup(task_name, "full", seed, full["lr"],
+                                                                          pretrained)
+    subset = dev[:FS_INIT_DEV // (2 * cfg.batch_size)]
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
+    stats = cglora.collect_statistics(model, {n: model.get_submodule(n) for n in names}, calib[0], cfg.fisher,
+                                      torch.Generator().manual_seed(seed))  # as train.initialise: 2 folds
+    auto = cglora.diagnose("cg-lora", stats, {n: cfg.rank for n in names})[0]
+    directions = init_directions(stats, cfg.rank, cfg.alpha, [FS_DAMPING, auto], seed)
+    at_W0 = dev_outputs(model, subset)
+    whole = lambda k: torch.tensor(full["outputs"][str(k)][:len(at_W0)])  # noqa: E731  (its first examples)
+    assert torch.allclose(at_W0, whole(0), atol=1e-4), "not full fine-tuning's W0"
+    ks = [k for k in FS_K if k < steps] + [steps]
+    snapshots = torch.load(SNAPSHOTS / f"{task_name}-s{seed}-{steps}.pt")
+    changes = centred(output_change(model, [D for _, D in directions] + [snapshots[k] for k in ks], subset))
+    targets = {f"whole {k}": centred(whole(k) - at_W0) for k in ks}
+    targets.update({f"target layers {k}": c for k, c in zip(ks, changes[len(directions):])})
+    shifted = lambda y: y - y.mean(0)  # noqa: E731  (less the shift every example shares, which a bias makes)
+    measures = lambda c, y: dict(cosine=cosine(c, y), explained=explained(y, c),  # noqa: E731
+                                 cosine_unshifted=cosine(shifted(c), shifted(y)),
+                                 explained_unshifted=explained(shifted(y), shifted(c)))
+    out = [dict(label, size=math.sqrt(sum(P.square().sum().item() for P in D.values())),
+                against={t: measures(c, y) for t, y in targets.items()}) for (label, D), c in zip(directions, changes)]
+    full_parts = {str(k): measures(targets[f"target layers {k}"], targets[f"whole {k}"])
+                  for k in ks}  # how much of full fine-tuning's change its query/value updates make
+    row = dict(key, damping=FS_DAMPING, damping_auto=auto, dev_examples=len(at_W0), ks=ks, directions=out,
+               full_parts=full_parts, seconds=time.time() - t0,
+               command=f"python results/run.py funcspace --tasks {task_name} --seeds {seed} --steps {steps}")
+    append_row(FUNCSPACE, row)
+    print(f"{task_name} seed {seed} init (auto damping {auto:g}): cosine with full fine-tuning's target-layer "
+          f"change at step {steps}: " + ", ".join(f"{d['method']}" + (f" {d['damping']:g}" if d["damping"] else "")
+                                                  + f" {d['against'][f'target layers {steps}']['cosine']:.3f}" for d in out)
+          + f" ({row['seconds']:.0f} s)", flush=True)
+
+
+def divergence(full, other):
+    """How far `other`'s outputs (n x C) are from full fine-tuning's on the same examples: the mean
+    KL(full || other) of the softmax and the share of equal argmax (C > 1), or the RMSE (C = 1)."""
+    import torch
+    full, other = torch.as_tensor(full, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    if full.shape[-1] == 1:
+        return dict(rmse=(full - other).square().mean().sqrt().item())
+    log_p, log_q = full.log_softmax(-1), other.log_softmax(-1)
+    return dict(kl=(log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+                agreement=(full.argmax(-1) == other.argmax(-1)).double().mean().item())
+
+
+FS_LABELS = {"cg-lora": "CG-LoRA (λ 1)", "cg-lora auto": "CG-LoRA (λ auto)",
+             "K-FAC Newton, full rank": "K-FAC Newton, full rank (λ 1)",
+             "K-FAC Newton, full rank auto": "K-FAC Newton, full rank (λ auto)", "lora-one": "LoRA-One",
+             "lora-ga": "LoRA-GA (s B A)", "random": "random rank 8", "-G, full rank": "−G, full rank"}
+FS_COLOURS = dict(zip(FS_METHODS + ["untrained"], ["#d62728", "#2ca02c", "#ff7f0e", "#1f77b4", "#9467bd", "#7f7f7f"]))
+
+
+def fs_labels(row):  # an init row's directions by FS_LABELS key: a method's second one is at auto's damping
+    seen, out = set(), {}
+    for d in row["directions"]:
+        out[d["method"] + (" auto" if d["method"] in seen else "")] = d
+        seen.add(d["method"])
+    return out
+
+
+def funcspace_report():
+    """results/README.md's function-space block and results/funcspace_<task>[_<steps>].svg from
+    results/funcspace.jsonl: one set of tables per run length."""
+    rows = read_rows(FUNCSPACE)
+    lengths = sorted({r["steps"] for r in rows})
+    text = [f"`python results/run.py funcspace --tasks cola,sts-b --seeds 0,1,2` (each row's own command is in it), "
+            f"then `python results/run.py funcspace-report`, over {len(rows)} rows of `results/funcspace.jsonl`. "
+            "all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, 16×8 calibration examples, "
+            f"each method's grid rate), the first {' or '.join(map(str, lengths))} steps of the grid's 2-epoch "
+            f"schedule; CG-LoRA at damping {FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
+    for n in lengths:
+        text += fs_tables([r for r in rows if r["steps"] == n], n, n == FS_STEPS)
+    block = "\n".join(text) + "\n"
     readme = HERE / "README.md"
+    if not readme.exists() or "<!-- funcspace -->" not in readme.read_text():
+        with open(readme, "a") as f:
+            f.write("\n<!-- funcspace -->\n<!-- /funcspace -->\n")
+    write_block("funcspace", block, readme)
+    print(block)
+
+
+def fs_tables(rows, n, default):
+    """funcspace_report's tables for the runs of n steps, and their figures."""
+    order = ["cola", "mrpc", "rte", "sts-b", "sst-2"]
+    tasks = sorted({r["task"] for r in rows}, key=order.index)
+    train = {(r["task"], r["method"], r["seed"]): r for r in rows if r["kind"] == "train"}
+    inits = {(r["task"], r["seed"]): r for r in rows if r["kind"] == "init"}
+    text = [f"\n### Runs of {n} steps"]
+    for task in tasks:
+        rs = sorted((r for k, r in inits.items() if k[0] == task), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        ks = rs[0]["ks"]
+        by = {}
+        for r in rs:
+            for label, d in fs_labels(r).items():
+                by.setdefault(label, []).append(d)
+        cell = lambda ds, t, m: mean_se([d["against"][t][m] for d in ds])  # noqa: E731
+        end, lams = ks[-1], ", ".join(f"{r['damping_auto']:g}" for r in rs)
+        text += [f"\n**{task}, at init**: the change of the centred outputs on the first {rs[0]['dev_examples']} "
+                 f"dev examples along each direction (J d), against full fine-tuning's after k steps: J ΔW_k (its "
+                 "query/value update through the same Jacobian) and its whole change (head and every layer); "
+                 f"λ auto chose {lams} (per seed). Cosine; share: the "
+                 "part of full fine-tuning's change that the best multiple of J d explains (= cosine²); "
+                 "*less shift*: both with the change every example shares removed first.\n",
+                 "| direction | cosine, J ΔW_" + f" | J ΔW_".join(map(str, ks)) + f" | whole {end} | share of J ΔW_{end} | "
+                 f"cosine less shift, J ΔW_{end} | whole {end} |", "|---|" + "---|" * (len(ks) + 4)]
+        for label, name in FS_LABELS.items():
+            if label in by:
+                ds = by[label]
+                text.append(f"| {name} | " + " | ".join(cell(ds, f"target layers {k}", "cosine") for k in ks)
+                            + f" | {cell(ds, f'whole {end}', 'cosine')} | {cell(ds, f'target layers {end}', 'explained')}"
+                            f" | {cell(ds, f'target layers {end}', 'cosine_unshifted')} | "
+                            f"{cell(ds, f'whole {end}', 'cosine_unshifted')} |")
+        text.append("| *full fine-tuning's J ΔW_k against its whole change* | "
+                    + " | ".join(mean_se([r["full_parts"][str(k)]["cosine"] for r in rs]) for k in ks)
+                    + f" | | | {mean_se([r['full_parts'][str(end)]['cosine_unshifted'] for r in rs])} | |")
+        pair = lambda a, b, m: mean_se([x["against"][f"target layers {end}"][m] - y["against"][f"target layers {end}"][m]  # noqa: E731
+                                        for x, y in zip(by[a], by[b])])
+        text.append(f"\nPaired by seed, cosine with J ΔW_{end} (as is / less shift): CG-LoRA (λ 1) − LoRA-One "
+                    f"{pair('cg-lora', 'lora-one', 'cosine')} / {pair('cg-lora', 'lora-one', 'cosine_unshifted')}; "
+                    f"full-rank Newton − CG-LoRA, both λ 1 (what rank 8 loses) "
+                    f"{pair('K-FAC Newton, full rank', 'cg-lora', 'cosine')} / "
+                    f"{pair('K-FAC Newton, full rank', 'cg-lora', 'cosine_unshifted')}; full-rank Newton (λ 1) − (−G) "
+                    f"{pair('K-FAC Newton, full rank', '-G, full rank', 'cosine')} / "
+                    f"{pair('K-FAC Newton, full rank', '-G, full rank', 'cosine_unshifted')}.")
+    for task in tasks:
+        seeds = sorted({k[2] for k in train if k[0] == task and k[1] == "full"})
+        methods = [m for m in FS_METHODS[1:] if any((task, m, s) in train for s in seeds)]
+        if not methods:
+            continue
+        at = sorted({int(k) for s in seeds for k in train[task, "full", s]["outputs"]})
+        dist = {(m, s): {k: divergence(train[task, "full", s]["outputs"][str(k)], train[task, m, s]["outputs"][str(k)])
+                         for k in at} for m in methods for s in seeds if (task, m, s) in train}
+        methods.append("untrained")  # the model at W0 with the fresh head: how far full fine-tuning itself moved
+        dist.update({("untrained", s): {k: divergence(train[task, "full", s]["outputs"][str(k)],
+                                                      train[task, "full", s]["outputs"]["0"]) for k in at} for s in seeds})
+        metrics = list(next(iter(dist.values()))[0])
+        text += [f"\n**{task}, along training**: each method's outputs on the first "
+                 f"{train[task, 'full', seeds[0]]['dev_examples']} dev examples against full fine-tuning's at the same "
+                 "step (same seed): " + ("mean KL(full ‖ method) of the softmax, and the share of examples with "
+                                         "the same argmax" if "kl" in metrics else "RMSE of the predicted scores")
+                 + ".\n", "| method | " + " | ".join(f"{m.upper() if m != 'agreement' else m}, step {k}" for m in metrics for k in at) + " |",
+                 "|---|" + "---|" * (len(metrics) * len(at))]
+        for m in methods:
+            text.append(f"| {m} | " + " | ".join(mean_se([dist[m, s][k][x] for s in seeds if (m, s) in dist], 4 if x == "kl" else 3)
+                                                 for x in metrics for k in at) + " |")
+        for a, b in (("cg-lora", "lora-one"), ("cg-lora", "rslora"), ("lora-one", "rslora")):
+            both = [s for s in seeds if (a, s) in dist and (b, s) in dist]
+            if both:
+                text.append(f"| {a} − {b} (paired) | " + " | ".join(
+                    mean_se([dist[a, s][k][x] - dist[b, s][k][x] for s in both], 4 if x == "kl" else 3)
+                    for x in metrics for k in at) + " |")
+        main = metrics[0]
+        series = {f"{m} ({sum((m, s) in dist for s in seeds)})": (FS_COLOURS[m], "", [
+            (k, statistics.mean(v := [dist[m, s][k][main] for s in seeds if (m, s) in dist]),
+             statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for k in at])
+            for m in methods if m != "untrained"}  # (its scale would flatten the others: in the table)
+        figure = f"funcspace_{task}.svg" if default else f"funcspace_{task}_{n}.svg"
+        (HERE / figure).write_text(band_svg(
+            series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
+        text.append(f"\n![{task}: distance to full fine-tuning's predictions against step]({figure})")
+        # does the init's cosine predict the distance at the end?
+        def ranked(measure):  # Spearman of the init's cosine with J dW_end and the distance at the end
+            pairs = [(fs_labels(r)[m]["against"][f"target layers {r['ks'][-1]}"][measure], dist[m, r["seed"]][at[-1]][main])
+                     for (t, _), r in inits.items() if t == task for m in ("cg-lora", "lora-one", "lora-ga")
+                     if (m, r["seed"]) in dist]
+            return f"{spearman(*map(list, zip(*pairs))):.2f} ({len(pairs)} runs)" if len(pairs) > 2 else "—"
+        text.append(f"\nDoes the init's cosine with J ΔW_{at[-1]} rank the {main} at step {at[-1]}? Spearman over "
+                    f"(method, seed), CG-LoRA (λ 1), LoRA-One and LoRA-GA (negative: a larger cosine, a smaller "
+                    f"distance): as is {ranked('cosine')}, less shift {ranked('cosine_unshifted')}.")
+    return text
+
+def write_block(name, text, readme=None):  # `readme`'s text between <!-- name --> and <!-- /name -->
+    readme = readme or HERE / "README.md"  # becomes `text` (default: results/README.md)
     head, rest = readme.read_text().split(f"<!-- {name} -->\n", 1)
     readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + rest.split(f"<!-- /{name} -->\n", 1)[1])
+
+
+def append_row(path, row):  # one write: two workers may append at once
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, (json.dumps(row) + "\n").encode())
+    os.close(fd)
 
 
 def read_rows(path):
@@ -1003,7 +1359,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "diagnose", "report", "realloss",
                                        "realloss-report", "realloss-cost", "early", "early-sgd", "early-report",
-                                       "default-damping"])
+                                       "default-damping", "funcspace", "funcspace-report"])
     p.add_argument("--heads", default=None, help="fresh head, or probe (head trained alone first), comma list "
                    "(default: realloss both, early fresh)")
     p.add_argument("--calibration", default="128,512,2048", help="diagnose: calibration sizes")
@@ -1015,7 +1371,8 @@ def main():
     p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="early: the optimizer")
     p.add_argument("--lr", type=float, default=None, help="early: the rate (default: the method's grid rate)")
-    p.add_argument("--steps", type=int, default=EARLY_STEPS, help="early: training steps")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (early: {EARLY_STEPS}, funcspace: "
+                   f"{FS_STEPS})")
     args = p.parse_args()
     methods = args.methods.split(",")
     if args.command == "report":
@@ -1026,6 +1383,8 @@ def main():
         return realloss_report()
     if args.command == "early-report":
         return early_report()
+    if args.command == "funcspace-report":
+        return funcspace_report()
     pretrained = args.pretrained or minilm()
     heads = (args.heads or ("fresh,probe" if args.command == "realloss" else "fresh")).split(",")
     if args.command == "realloss":
@@ -1042,7 +1401,15 @@ def main():
                 for head in heads:
                     for m in methods:
                         early(task, m, seed, pretrained, "sgd" if rates else args.optimizer, rates.get(m, args.lr),
-                              head, args.steps)
+                              head, args.steps or EARLY_STEPS)
+        return
+    if args.command == "funcspace":  # seed by seed, so that an interrupted grid has whole seeds
+        for seed in map(int, args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for m in [m for m in FS_METHODS if m in methods]:
+                    funcspace(task, m, seed, pretrained, args.steps or FS_STEPS)
+                    if m == "full":  # item 1 needs only full fine-tuning's run
+                        funcspace_init(task, seed, pretrained, args.steps or FS_STEPS)
         return
     if args.command == "realloss-cost":
         return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
