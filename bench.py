@@ -39,6 +39,7 @@ import torch
 import cglora
 import data
 import models
+import train as train_py  # `train` names the training batches below
 
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
@@ -116,18 +117,12 @@ def floor_pass(model, batches, loss=cglora._loss):
 
 
 def measure(name, args):
-    device = torch.device(args.device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.type == "cuda":  # torchrun: one GPU each
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    world, device = train_py.join(args.device)  # under torchrun: one GPU per process, as train.py
     torch.manual_seed(0)
     build, build_hf, calib, train, loss = setup(args, device)
     clock = time.process_time if args.cpu_time else time.perf_counter
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's calibration batches (train.py's)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             device_id=device if device.type == "cuda" else None)
-        calib = calib[torch.distributed.get_rank()::torch.distributed.get_world_size()]
+    if world > 1:  # under torchrun: this rank's calibration batches (train.py's)
+        calib = calib[torch.distributed.get_rank()::world]
     llama, ours_class = args.shape.startswith("llama"), args.shape == "tiny" and not args.pretrained
     targets = LLAMA_TARGETS if llama else ALL if args.targets == "all" else args.targets
     hf_targets = (targets.split(",") if llama else
@@ -273,7 +268,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="roberta-base's tokenizer files (vocab.json, merges.txt), "
                    "for --shape roberta-base")
     p.add_argument("--targets", default="query,value", help=f"comma list, or 'all' = {ALL}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available()
+                   else "cpu", help="cuda: under torchrun, the GPU LOCAL_RANK names (train.join)")
     p.add_argument("--bf16", action="store_true", help="autocast training steps on CUDA")
     p.add_argument("--calib_batches", type=int, default=64)  # LoRA-GA's default budget: 64 x 2
     p.add_argument("--calib_batch_size", type=int, default=2)

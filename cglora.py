@@ -271,11 +271,11 @@ class _Sums:
     def flush(self):
         for key, pairs in self.rows.items():
             a = torch.cat([p[0] for p in pairs]).to(self.device)
+            b = None if pairs[0][1] is None else torch.cat([p[1] for p in pairs]).to(self.device)
             if key not in self.total:
-                d_b = a.shape[1] if pairs[0][1] is None else pairs[0][1].shape[1]
-                self.total[key] = a.new_zeros(a.shape[1], d_b)
-            if pairs[0][1] is not None:
-                self.total[key].addmm_(a.T, torch.cat([p[1] for p in pairs]).to(self.device))
+                self.total[key] = a.new_zeros(a.shape[1], (a if b is None else b).shape[1])
+            if b is not None:
+                self.total[key].addmm_(a.T, b)
                 continue
             for i, j in _blocks(a.shape[1]):  # row block i..j of the lower triangle: a_i^T a_:j
                 self.total[key][i:j, :j].addmm_(a[:, i:j].T, a[:, :j])
@@ -475,8 +475,8 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
-    ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to model(**inputs)
-    (the labels too if loss.model_labels). `loss(output, labels)` returns the batch's mean loss over
+    ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to
+    model(**inputs) (the labels too if loss.model_labels). `loss(output, labels)` returns the batch's mean loss over
     loss.terms(labels) terms (default: cross entropy or, for float labels, MSE, one term per row of
     the labels; causal_lm_loss or seq2seq_lm_loss for a language model, one per target token, §9);
     a layer called several times per forward sums over its calls (§2); delta, the gradient
@@ -653,10 +653,10 @@ def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=N
     direction i's predicted loss decrease); energy=True appends ||M||_F^2, the total of which
     sigma^2 is the captured part. A zero gradient gives zero factors.
     """
+    if not 0 < rank <= min(G.shape):
+        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(G.shape)}")
     dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
     M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping, L_S)
-    if not 0 < rank <= min(M.shape):
-        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(M.shape)}")
     U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
     root, c = sigma.sqrt(), math.sqrt(step / scaling)
     B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)  # d_out x r
@@ -784,7 +784,7 @@ def _checked_and_diagnosed(method, layers, stats, damping, grid):
     """A data-driven init's statistics, checked: the layers this process factorizes (under
     torch.distributed, those it owns), and with folds the damping diagnose chose and its
     diagnostics (§8); without folds, the damping given and none."""
-    proc = torch.distributed.get_rank() if _distributed() else 0
+    proc = _rank_and_world(_distributed())[0]
     if stats is None or (missing := [n for n in layers if n not in stats]):
         raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
                          "statistics for them")
@@ -802,6 +802,7 @@ def _checked_and_diagnosed(method, layers, stats, damping, grid):
     return mine, damping, {}
 
 
+@_fp32
 def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
     """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
@@ -856,6 +857,7 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
     return chosen, report
 
 
+@_fp32
 def _write_all(layers, chosen, report, shift):
     for row, (name, layer) in zip(report, layers.items()):
         write_adapter(layer, *chosen[name], shift)
@@ -897,8 +899,8 @@ def statistics_mib(layers, folds=1):
     """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
     LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
     shapes = [m.base.weight.shape for m in layers.values()]
-    return sum(d_in ** 2 + d_out * d_in
-               + d_out ** 2 for d_out, d_in in shapes) * 4 * folds / 2 ** 20
+    floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
+    return floats * 4 * folds / 2 ** 20
 
 
 def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
@@ -909,17 +911,18 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
     initialised. The factors are one pass's: they are all written after the last pass. Options
     of collect_statistics go in stats_kw, init_adapters' in kw (no judge). Returns (the report of
     every layer, the groups: one list of layer names per pass)."""
-    stats_kw, groups = dict(stats_kw or {}), [[]]
-    size = {n: statistics_mib({n: m}, stats_kw.get("folds", 1)) for n, m in layers.items()}
-    for name in layers:
-        if budget_mib is not None and size[name] > budget_mib:
-            raise ValueError(f"layer {name}'s statistics take up to {size[name]:.3g} MiB, over the "
+    stats_kw, groups, held = dict(stats_kw or {}), [[]], 0.0  # held: the last group's MiB
+    for name, layer in layers.items():
+        size = statistics_mib({name: layer}, stats_kw.get("folds", 1))
+        if budget_mib is not None and size > budget_mib:
+            raise ValueError(f"layer {name}'s statistics take up to {size:.3g} MiB, over the "
                              f"budget of {budget_mib:g} MiB: raise budget_mib")
-        if budget_mib is not None and sum(size[n] for n in groups[-1]) + size[name] > budget_mib:
-            groups.append([])
+        if budget_mib is not None and held + size > budget_mib:
+            groups, held = groups + [[]], 0.0
         groups[-1].append(name)
-    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))  # one
-    # random stream over all groups, as over one pass
+        held += size
+    # one random stream over all groups, as over one pass
+    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))
     chosen, report, data = {}, [], method not in ("lora", "rslora")
     for group in groups:  # nothing is written before every group's statistics are in
         stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
@@ -1165,10 +1168,10 @@ def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
         else:
             halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
         rows[name] = dict(
-            damping=damping if method.startswith("cg-lora") else None, heldout=q[damping],
-                          heldout_lora_one=q_one,
+            damping=damping if method.startswith("cg-lora") else None,
+            heldout=q[damping], heldout_lora_one=q_one,
             overlap_left=overlap(halves[0][0], halves[1][0]),
-                          overlap_right=overlap(halves[0][1].T, halves[1][1].T),
+            overlap_right=overlap(halves[0][1].T, halves[1][1].T),
             heldout_by_damping=q if auto else None)
     return damping, rows
 

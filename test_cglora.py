@@ -1432,6 +1432,19 @@ def test_every_init_and_a_training_step_stay_on_the_accelerator(method, kw):
     assert loss == pytest.approx(_init_and_step(method, False, **kw)[1], rel=1e-6)  # rounding apart
 
 
+def test_init_in_groups_factorizes_in_fp32_under_autocast():
+    """The grouped path's factors are computed as init_adapters' are, autocast off: each update at
+    its exact size (in bf16 the size's spectral norm raised an error)."""
+    model = _model()
+    layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        report, groups = cglora.init_in_groups(model, layers, _batches(), "cg-lora", 0.0004,
+                                               log=lambda *a: None)
+    assert len(groups) == 3
+    for row in report:
+        assert row["update_norm"] == pytest.approx(4 / (math.sqrt(2) * cglora.LORA_ONE_GAMMA), rel=1e-5)
+
+
 @pytest.mark.parametrize("flush_rows", [1, 10 ** 6])
 def test_statistics_are_fp32_under_autocast(monkeypatch, flush_rows):
     """A caller's bf16 autocast reaches the statistics pass: the sums stay fp32 whether they are

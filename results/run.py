@@ -1278,7 +1278,8 @@ def default_damping():
     """The rule behind cglora.DAMPING (docs §8.1): the damping search's most frequent choice over the
     grid's CG-LoRA runs, checked against the real decreases of results/realloss.jsonl per damping."""
     from collections import Counter
-    grid = {(r["task"], r["seed"]): r["chosen_damping"] for r in done()
+    runs = done()
+    grid = {(r["task"], r["seed"]): r["chosen_damping"] for r in runs
             if matches(r, method="cg-lora", damping="auto", init_norm=None) and r.get("chosen_damping")}
     print(f"grid: auto chose {dict(Counter(grid.values()).most_common())} over {len(grid)} runs")
     rows = read_rows(REALLOSS)
@@ -1291,7 +1292,7 @@ def default_damping():
         print(f"  {r['task']} seed {r['seed']} {r['head']}: real decrease at 1 {real[1.0]:.4f}, "
               f"best {max(real.values()):.4f} at {max(real, key=real.get):g}")
     print(f"realloss: the damping with the largest real decrease {dict(best.most_common())}")
-    rows, rates = done(), best_rates(done())
+    rows, rates = runs, best_rates(runs)
     for task in ("cola", "sts-b"):  # the grid's CG-LoRA rows re-run at the default, against the search's
         at = {d: {r["seed"]: score(r) for r in rows if matches(r, task=task, method="cg-lora", damping=d,
                                                               lr=rates["cg-lora"], init_norm=0.3)}
