@@ -477,11 +477,12 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
     ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to
     model(**inputs) (the labels too if loss.model_labels). `loss(output, labels)` returns the
-    batch's mean loss over loss.terms(labels) terms (default: cross entropy or, for float labels, MSE, one term per row of
-    the labels; causal_lm_loss or seq2seq_lm_loss for a language model, one per target token, §9);
-    a layer called several times per forward sums over its calls (§2); delta, the gradient
-    of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws T's labels with
-    loss.sample(output, labels, generator). progress(i), if given, is called before batch i.
+    batch's mean loss over loss.terms(labels) terms (default: cross entropy or, for float labels,
+    MSE, one term per row of the labels; causal_lm_loss or seq2seq_lm_loss for a language model,
+    one per target token, §9); a layer called several times per forward sums over its calls (§2);
+    delta, the gradient of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws
+    T's labels with loss.sample(output, labels, generator). progress(i), if given, is called
+    before batch i.
 
     Returns {name: Statistics(folds)} in fp32, §2's S, G, T, the only copies held; layers fed one
     input tensor share its S. folds=K >= 2 keeps them per fold instead (batch i in fold i mod K),
