@@ -1,13 +1,14 @@
 """Curvature-Guided LoRA (CG-LoRA), in one file, in three parts read top to bottom (derived in
-docs/cg-lora.md, cited as §N); a helper comes before its first use.
+docs/cg-lora.md, cited as §N).
 
 Part I, the algorithm, in its order: LoRA layer -> K-FAC statistics (§2) -> whitening (§3) ->
 top r -> balanced factors (§4, cg_lora_factors: the one route to CG-LoRA's direction) ->
-baselines (§6) -> the one function that writes an init into a model (§5: init_adapters,
-write_adapter, init_in_groups; peft's initialize_peft and save_peft).
+baselines (§6) -> the one function that writes an init into a model (§5: init_adapters).
 Part II, optional: the damping search (damping="auto", §8.1), the diagnostics of §8 and the
 real loss along an update (§8.2).
-Part III: torchrun plumbing (statistics reduced to one owner per layer, factors broadcast).
+Part III, plumbing in named helpers that part I calls: checks of the options, target layers and
+export, the model side of the statistics (hooks, outputs, losses; §9's language models), layers
+in groups under a memory budget (init_in_groups), peft (initialize_peft, save_peft), torchrun.
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import contextlib
@@ -34,7 +35,7 @@ FINAL_TOL = 1e-8
 
 # =================================================================================================
 # Part I: the algorithm. LoRA layer -> statistics (§2) -> whitening (§3) -> top r -> balanced
-# factors (§4) -> baselines (§6) -> the one function that writes an init (§5), and peft.
+# factors (§4) -> baselines (§6) -> the one function that writes an init (§5).
 # =================================================================================================
 
 
@@ -84,32 +85,6 @@ class LoRALinear(nn.Module):
         return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
-def _matching(model, names, kind):
-    """Names of the modules of type `kind` whose full name or last component is in `names`."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
-    hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
-    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t
-             or n.endswith("." + t)]
-    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
-        n, m = other[0]
-        kind_m = type(m).__name__
-        if isinstance(m, LoRALinear):
-            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
-                             "layer once: target other layers, or start again from the model "
-                             "without adapters")
-        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
-               "computes x @ weight + bias)" if kind_m == "Conv1D"
-               else f"target the nn.{kind.__name__} layers inside it")
-        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only "
-                         f"nn.{kind.__name__} layers can be targets: {fix}")
-    if missing:
-        short = sorted({n.rsplit(".", 1)[-1] for n in found})
-        raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
-                         f"the model has {short} (full names like {next(iter(found), None)!r})")
-    return hits
-
-
 def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=()):
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
@@ -137,22 +112,6 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     return layers
 
 
-def lora_state_dict(model):
-    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
-    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
-    original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            B, A = m.lora_B.detach(), m.lora_A.detach()
-            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
-            if m.lora_A0.any():
-                B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
-            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
-            out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
-    return out
-
-
 # ----------------------------------------------------------------------------- §2 statistics
 
 
@@ -172,75 +131,6 @@ def _fp32(f):
 def _tokens(t, keep):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; a mask that does
     fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # not fit: every row
     return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()
-
-
-_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an "
-              "encoder-decoder one loss=cglora.seq2seq_lm_loss, else a loss(output, labels) "
-              "returning the batch mean")
-
-
-def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
-    if labels.is_floating_point():
-        # one-hot: never MSE on logits
-        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:
-            raise ValueError("the default loss takes float labels as one regression target per "
-                             "example ([batch], against an output [batch, 1]: MSE), got "
-                             f"{list(labels.shape)} and {list(out.shape)}: for classes pass "
-                             "integer labels (one-hot: labels.argmax(-1)), else a loss(output, "
-                             "labels) returning the batch mean")
-        return F.mse_loss(out.squeeze(-1).float(), labels.float())
-    if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
-        raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
-                         f"{list(out.shape)} and {list(labels.shape)}: {_LM_LOSSES}")
-    return F.cross_entropy(out.float(), labels)
-
-
-def _sample_labels(out, labels, generator):
-    """Labels drawn from the model's own predictive distribution (CPU generator: any device):
-    categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
-    out = out.detach().float().cpu()
-    if labels.is_floating_point():
-        return (out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)).to(labels.device)
-    return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
-
-
-_loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
-IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
-
-
-def seq2seq_lm_loss(logits, labels):
-    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model
-    too (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t
-    predict labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean
-    over the batch's target tokens. One loss term is one target token."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-
-
-def causal_lm_loss(logits, labels):
-    """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
-    (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
-    the result is the mean over the batch's target tokens. One loss term is one target token."""
-    return seq2seq_lm_loss(logits[:, :-1], labels[:, 1:])
-
-
-def _sample_tokens(logits, labels, generator, shift=1):
-    """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
-    label at t + shift from logits[:, t]; ignored positions stay ignored."""
-    target = labels[:, shift:] != IGNORE  # b x (L - shift)
-    # targets x V
-    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
-    sampled = labels.clone()
-    draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    sampled[:, shift:][target] = draws.to(labels.device)
-    return sampled
-
-
-causal_lm_loss.sample = _sample_tokens
-causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
-seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator,
-                                                                          shift=0)
-seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
-seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
 
 
 FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
@@ -287,6 +177,11 @@ class _Sums:
                 total[i:j, j:] = total[j:, i:j].T
 
 
+def _flush_all(sums):  # every fold's S, G, T sums
+    for s in (s for fold in sums for s in fold):
+        s.flush()
+
+
 class Fold(NamedTuple):
     """One fold's statistics of one layer (§2), normalised within the fold."""
     S: torch.Tensor  # d_in x d_in, mean over the fold's tokens
@@ -297,10 +192,9 @@ class Fold(NamedTuple):
 
 
 class Statistics(NamedTuple):
-    """One layer's statistics, kept per fold only (§8.1: batch i is in fold i mod K), so that the K
-    folds are the only copies held. S, G, T are those of all batches, pooled on access (a new
-    tensor each time for K > 1; the fold's own for K = 1). Under torch.distributed only the
-    layer's owner holds them (folds=() elsewhere)."""
+    """One layer's statistics, held per fold only (batch i in fold i mod K, §8.1): S, G, T pool
+    them on access (a new tensor for K > 1). Under torch.distributed only the layer's owner holds
+    them (folds=() elsewhere)."""
     folds: tuple  # K Folds
     owner: int = 0  # the rank that holds them and factorizes the layer
 
@@ -314,199 +208,28 @@ class Statistics(NamedTuple):
         return pool(self.folds)
 
 
-def pool(folds):
-    """The statistics of the union of `folds`: S weighted by tokens, G and T by examples."""
-    if len(folds) == 1:
-        return folds[0]
-    n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
-    S = sum(f.S * (f.tokens / tokens) for f in folds)
-    G = sum(f.G * (f.n / n) for f in folds)
-    T = sum(f.T * (f.n / n) for f in folds)
-    return Fold(S, G, T, n, tokens)
-
-
-# calibration batch i's labels, once it is checked to be a dict that has them
-def _labels(batch, i):
-    if not isinstance(batch, Mapping):
-        raise TypeError("batches must be an iterable of dicts (a list of batches, not one batch: "
-                        f"[batch]); item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
-    if "labels" not in batch:
-        raise ValueError(f"batch {i} has no 'labels' (it has {sorted(batch)}): each batch needs "
-                         "the targets of its loss under 'labels'")
-    return batch["labels"]
-
-
-def _logits(out):
-    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's
-    "logits"; a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a
-    loss first)."""
-    if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
-        return out["logits"] if isinstance(out, Mapping) else out.logits
-    if isinstance(out, (tuple, list)):
-        out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
-    if not torch.is_tensor(out):
-        keys = f" with keys {list(out)}" if isinstance(out, Mapping) else ""
-        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, "
-                        "returned as a tensor, a tuple's first tensor or a dict's 'logits'")
-    return out
-
-
-def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return None
-    encoder = model.get_encoder()
-    return None if encoder is model else encoder
-
-
-def _model_inputs(batch, loss, encoder=None):
-    """What model(**inputs) gets: the batch without its labels, unless the loss says the model needs
-    them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
-    if getattr(loss, "model_labels", False):
-        return dict(batch)
-    decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
-    if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
-        raise ValueError("token labels [batch, length] on an encoder-decoder model with no "
-                         "decoder_input_ids: pass loss=cglora.seq2seq_lm_loss, which gives the "
-                         "labels to the model to build them")
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-# one layer's calls -> their token rows, stacked, each call's own mask
-def _rows(tensors, keys, masks):
-    return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
-
-
-@contextlib.contextmanager
-def _recording(model, layers, encoder=None):
-    """While open, the model is frozen and in eval mode, and each of `layers` records every call
-    of the current forward pass in seen[name], one (input, output, mask) per call (a layer shared
-    across depths is called once per use). mask names the batch's token mask for that call:
-    "attention_mask", or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask"
-    for a call whose input is not the encoder's output (cross-attention's keys and values are).
-    reset() forgets the calls, the input aliases and the encoder's output (call it per batch).
-    All restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    # name -> calls; id(input) -> (input, alias); the encoder's output
-    seen, alias, encoded = {}, {}, []
-
-    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
-        if not torch.is_grad_enabled() or inputs[0].requires_grad:
-            return None
-        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
-        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
-        return (alias[key][1],) + tuple(inputs[1:])
-
-    def hook(name):
-        def record(module, inputs, output):
-            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
-                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
-            seen.setdefault(name, []).append((inputs[0], output,
-                                              "decoder_" * decoder + "attention_mask"))
-        return record
-
-    handles = [h for name, m in layers.items()
-               for h in (m.register_forward_pre_hook(pre_hook),
-                         m.register_forward_hook(hook(name)))]
-    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
-        handles.append(encoder.register_forward_hook(
-            lambda module, inputs, output: encoded.append(output[0])))
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def _output_gradients(loss, out, labels, ys, fisher, generator):
-    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
-    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
-    delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
-                                retain_graph=fisher == "sampled")
-    if fisher != "sampled":
-        return delta, [None] * len(ys)
-    return delta, torch.autograd.grad(loss(out, loss.sample(out, labels, generator)), ys,
-                                      allow_unused=True)
-
-
-def _normalise(sums, n, share, names, distributed):
-    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
-    if not share:
-        raise ValueError("collect_statistics got no calibration batches")
-    keys = sorted(dict.fromkeys(share.values()))
-    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
-        shapes = next(fold[j].total for fold in sums if fold[j].total)
-        for fold in sums:
-            for key, t in shapes.items():
-                fold[j].total.setdefault(key, torch.zeros_like(t))
-    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
-                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
-    proc, world = _rank_and_world(distributed)
-    owner = _owners(share, names, world)  # S's key is its first layer's name
-    if distributed:
-        counts = _reduce_to_owners(sums, counts, owner, proc)
-    if (counts[:, 0] == 0).any():
-        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
-                         "pass more batches or fewer folds")
-    folds = []
-    mine = [name for name in names if owner[name] == proc]
-    for (S, G, T), c in zip(sums, counts.tolist()):
-        tokens = dict(zip(keys, c[1:]))
-        for key, total in S.total.items():  # in place: the statistics are the largest thing here
-            total.div_(max(tokens[key], 1))
-        for total in (*G.total.values(), *T.total.values()):
-            total.div_(c[0])
-        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0],
-                                 tokens[share[name]])
-                      for name in mine})
-    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (),
-                             owner[name])
-            for name in names}
-
-
 def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None,
                        folds=1, device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
     A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
-    ("decoder_attention_mask" in an encoder-decoder's decoder, §2), the rest goes to
-    model(**inputs) (the labels too if loss.model_labels). `loss(output, labels)` returns the
-    batch's mean loss over loss.terms(labels) terms (default: cross entropy or, for float labels,
-    MSE, one term per row of the labels; causal_lm_loss or seq2seq_lm_loss for a language model,
-    one per target token, §9); a layer called several times per forward sums over its calls (§2);
-    delta, the gradient of one term's loss, is terms * d(batch loss)/dy. fisher="sampled" draws
-    T's labels with loss.sample(output, labels, generator). progress(i), if given, is called
-    before batch i.
+    ("decoder_attention_mask" in an encoder-decoder's decoder), the rest goes to model(**inputs).
+    `loss(output, labels)` is the batch's mean over loss.terms(labels) terms (default: cross
+    entropy, or MSE for float labels; causal_lm_loss or seq2seq_lm_loss for a language model, §9);
+    delta, one term's gradient, is terms * d(batch loss)/dy; a layer called several times per
+    forward sums over its calls. fisher="sampled" draws T's labels with loss.sample. progress(i),
+    if given, is called before batch i. `device` holds the sums (default: the layers' own).
 
-    Returns {name: Statistics(folds)} in fp32, §2's S, G, T, the only copies held; layers fed one
-    input tensor share its S. folds=K >= 2 keeps them per fold instead (batch i in fold i mod K),
-    for damping="auto" and the diagnostics of §8 (K copies).
-    `device` holds the sums (default: the layers' own; "cpu" keeps wide factors off an accelerator).
-    Under torch.distributed rank r's i-th batch is batch r + i * world (train.py deals them so), and
-    a layer's sums are reduced to its owner only (the i-th distinct input's layers to rank i mod
-    world, as KAISA places K-FAC work); the others hold Statistics((), owner).
-    No weight gradients are made and no caller tensor is changed: hooks read activations and
-    output gradients, and a target layer's input gets a grad-requiring alias.
+    Returns {name: Statistics} in fp32, the only copies held; layers fed one input tensor share
+    its S. folds=K >= 2 keeps them per fold (batch i in fold i mod K) for damping="auto" and §8.
+    Under torch.distributed rank r's i-th batch is batch r + i * world, and a layer's sums are
+    reduced to its owner only (the i-th distinct input's layers to rank i mod world, as KAISA
+    places K-FAC work). No weight gradient is made and no caller tensor is changed.
     """
-    if fisher not in ("empirical", "sampled"):
-        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-    loss = loss or _loss
-    if fisher == "sampled" and not hasattr(loss, "sample"):
-        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
-                         "method (cglora's losses have one)")
-    if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
+    loss = _check_statistics(fisher, loss or _loss, folds)
     generator = generator or torch.Generator().manual_seed(0)
-    distributed = _distributed()
-    proc, world = _rank_and_world(distributed)
-    # per fold: S, G, T
-    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]
+    proc, world = _rank_and_world(distributed := _distributed())
+    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T per fold
     n, share, names, pending = [0] * folds, {}, list(layers), 0
     encoder = _encoder(model)
     with _recording(model, layers, encoder) as (seen, reset):
@@ -518,14 +241,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             labels = _labels(batch, i)
             reset()
             out = _logits(model(**_model_inputs(batch, loss, encoder)))
-            missing = [name for name in names if name not in seen]
-            if missing:
+            if missing := [name for name in names if name not in seen]:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
-            # first batch: layers whose inputs are the same tensors (every call) share S
-            if not share:
-                first = {}
-                share.update({name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name)
-                              for name in names})
+            share = share or _shared_inputs(seen, names)  # {layer: the first layer of its input}
             masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
                      if batch.get(k) is not None}
             keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
@@ -553,11 +271,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
             if pending >= FLUSH_ROWS:
-                for s in (s for fold in sums for s in fold):
-                    s.flush()
+                _flush_all(sums)
                 pending = 0
-        for s in (s for fold in sums for s in fold):
-            s.flush()
+        _flush_all(sums)
     for S, _, T in sums:
         S.symmetric()
         T.symmetric()
@@ -751,11 +467,10 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 
 def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance, diagnostics,
                   shared):
-    """One layer's data-driven factors (B, A) from its Statistics pooled, sized and balanced as
-    init_adapters says, and its report entries; (None, fallback) for a zero gradient. shared holds
-    {input: L_S} of the previous layer, whose input the next ones (query, key, value) may share;
-    an input is known by its folds' S tensors, which the caller's statistics hold (a pooled S is
-    a new tensor)."""
+    """One layer's data-driven factors (B, A), sized and balanced as init_adapters says, and its
+    report entries; (None, fallback) for a zero gradient. shared: {input: L_S} of the previous
+    layer, which the next ones (query, key, value) may share; an input is known by its folds' S
+    tensors (a pooled S is a new tensor)."""
     st, key = stats.pooled(), tuple(id(f.S) for f in stats.folds)
     if st.G.abs().max() == 0:
         return None, dict(fallback="zero gradient: plain LoRA init")
@@ -781,46 +496,14 @@ def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance
     return (B, A), row
 
 
-def _checked_and_diagnosed(method, layers, stats, damping, grid):
-    """A data-driven init's statistics, checked: the layers this process factorizes (under
-    torch.distributed, those it owns), and with folds the damping diagnose chose and its
-    diagnostics (§8); without folds, the damping given and none."""
-    proc = _rank_and_world(_distributed())[0]
-    if stats is None or (missing := [n for n in layers if n not in stats]):
-        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
-                         "statistics for them")
-    mine = [n for n in layers if stats[n].owner == proc]
-    for name in mine:
-        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
-            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                             "calibration data and loss (run the model in fp32)")
-    if all(len(stats[name].folds) >= 2 for name in mine):
-        ranks = {n: layers[n].rank for n in mine}
-        return mine, *diagnose(method, {n: stats[n] for n in mine}, ranks, damping, grid)
-    if method.startswith("cg-lora") and damping == "auto":
-        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
-                         "with folds=2, or pass a number")
-    return mine, damping, {}
-
-
 @_fp32
 def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
     """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
-    if method not in METHODS:
-        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
-    if factor_balance not in ("euclidean", "curvature"):
-        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
-                         f"{factor_balance!r}")
+    _check_init(layers, method, damping, factor_balance)
     cg, data = method.startswith("cg-lora"), method not in ("lora", "rslora")
-    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
     generator = generator or torch.Generator().manual_seed(0)
     shift, distributed = method in SHIFTED, data and _distributed()
-    if method == "lora-ga" and (narrow := [n for n, m in layers.items()
-                                           if 2 * m.rank > min(m.base.weight.shape)]):
-        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
-                         "smaller rank")
     mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
     if data:
         mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
@@ -870,23 +553,20 @@ def _write_all(layers, chosen, report, shift):
 def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
                   generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID,
                   judge=None):
-    """Initialise every LoRALinear in `layers` ({name: layer}) by `method`, from one statistics
-    pass `stats` ({name: Statistics}, as collect_statistics returns; left as they are;
-    under torch.distributed each owner factorizes its layers and broadcasts the factors).
+    """Initialise every LoRALinear in `layers` ({name: layer}) by `method` from `stats` (as
+    collect_statistics returns; left as they are; under torch.distributed each owner factorizes
+    its layers and broadcasts the factors).
 
-    damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` by the held-out
-    predicted decrease over the statistics' folds (§8.1); data-driven methods with folds also get
-    the §8 diagnostics (diagnose). CG-LoRA's and LoRA-One's factors are rescaled by one scalar per
-    layer to ||s B A||_2 = init_norm (default: LoRA-One's size alpha / (sqrt(r) 128); 0: CG-LoRA's
-    raw step * dW_r, LoRA-One's own), then CG-LoRA's rebalanced to B^T B = A A^T
-    (factor_balance="euclidean", what gradient descent conserves; B A unchanged) or kept balanced
-    in the curvature metric ("curvature", which did not train, §4). A zero-gradient layer keeps
-    the plain LoRA init ("fallback"). Returns one report dict per layer: rank, captured energy,
-    shifted, damping, diagnostics, in-sample q of this method's and LoRA-One's directions, update
-    norm, seconds, statistics_mib (its K folds; a shared S counted in its first layer), and for a
-    data-driven init quadratic_step: the multiple of its update that minimises the calibration
-    data's quadratic model. judge(factors, report), if given, sees every layer's {name: (B, A)}
-    before any is written into the model (each layer still at its W0; e.g. real_decrease).
+    damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` on the statistics'
+    folds (§8.1), which also give data-driven methods the §8 diagnostics. CG-LoRA's and LoRA-One's
+    factors are rescaled by one scalar per layer to ||s B A||_2 = init_norm (default: LoRA-One's
+    alpha / (sqrt(r) 128); 0: CG-LoRA's raw step * dW_r), then CG-LoRA's balanced to B^T B = A A^T
+    ("euclidean"; B A unchanged) or in the curvature metric ("curvature", §4). A zero-gradient
+    layer keeps the plain LoRA init ("fallback"). Returns one report dict per layer: rank,
+    captured energy, shifted, damping, diagnostics, update norm, seconds, statistics_mib (a shared
+    S in its first layer), quadratic_step (the multiple of the update that minimises the
+    calibration's quadratic model). judge(factors, report), if given, sees {name: (B, A)} before
+    any is written (each layer still at its W0; e.g. real_decrease).
     """
     chosen, report = _init_factors(layers, method, stats, damping, step, init_norm, generator, log,
                                    factor_balance, grid)
@@ -896,152 +576,46 @@ def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
     return report
 
 
-def statistics_mib(layers, folds=1):
-    """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
-    LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
-    shapes = [m.base.weight.shape for m in layers.values()]
-    floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
-    return floats * 4 * folds / 2 ** 20
-
-
-def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
-                   log=print, **kw):
-    """collect_statistics + init_adapters for `layers` ({name: LoRALinear}) in consecutive groups
-    whose statistics (statistics_mib) fit in `budget_mib` (None: one group), one calibration pass
-    over `batches` (a list) per group: a model whose statistics do not fit at once can still be
-    initialised. The factors are one pass's: they are all written after the last pass. Options
-    of collect_statistics go in stats_kw, init_adapters' in kw (no judge). Returns (the report of
-    every layer, the groups: one list of layer names per pass)."""
-    stats_kw, groups, held = dict(stats_kw or {}), [[]], 0.0  # held: the last group's MiB
-    for name, layer in layers.items():
-        size = statistics_mib({name: layer}, stats_kw.get("folds", 1))
-        if budget_mib is not None and size > budget_mib:
-            raise ValueError(f"layer {name}'s statistics take up to {size:.3g} MiB, over the "
-                             f"budget of {budget_mib:g} MiB: raise budget_mib")
-        if budget_mib is not None and held + size > budget_mib:
-            groups, held = groups + [[]], 0.0
-        groups[-1].append(name)
-        held += size
-    # one random stream over all groups, as over one pass
-    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))
-    chosen, report, data = {}, [], method not in ("lora", "rslora")
-    for group in groups:  # nothing is written before every group's statistics are in
-        stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
-                                   **stats_kw) if data else None
-        factors, rows = _init_factors({n: layers[n] for n in group}, method, stats, **kw)
-        chosen.update(factors)
-        report += rows
-        del stats
-    _write_all(layers, chosen, report, method in SHIFTED)
-    return report, groups
-
-
-# ----------------------------------------------------------------------------- peft
-
-
-# peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
-def _peft_layers(model, adapter_name):
-    return {n: m for n, m in model.named_modules()
-            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ())
-            and hasattr(m, "scaling")}
-
-
-def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kind = type(base).__name__
-    if kind.endswith("ForCausalLM"):
-        return causal_lm_loss
-    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
-
-
-def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
-    """Initialise a peft LoRA adapter by `method` in one call, from calibration `batches` (as
-    collect_statistics takes them), as peft's own data-driven inits do (EVA's
-    initialize_lora_eva_weights(model, dataloader)). Duck-typed on peft's LoraLayer (base_layer,
-    lora_A[adapter_name], lora_B[adapter_name], scaling[adapter_name]): peft is not imported.
-
-    Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
-    the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
-    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
-    with that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds,
-    damping, init_norm, ...); a transformers *ForCausalLM or encoder-decoder
-    *ForConditionalGeneration gets causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns
-    init_adapters' report. Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does
-    not carry: refused."""
-    if method in SHIFTED:
-        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
-                         "carry: use cg-lora (W0 kept) or lora-one, or add_lora + init_adapters + "
-                         "save_peft (the shift exported against the original W0 as rank 2r)")
-    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method",
-                                                     "stats"}
-             for f in (collect_statistics, init_adapters)]
-    if unknown := sorted(set(kw) - known[0] - known[1]):
-        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and "
-                        "init_adapters' options")
-    lora = _peft_layers(peft_model, adapter_name)
-    if not lora:
-        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass "
-                         "get_peft_model's model and the adapter's name")
-    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
-                 if not isinstance(m.base_layer, nn.Linear)]:
-        raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
-    scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
-    for n, m in lora.items():
-        scratch[n] = LoRALinear(m.base_layer, m.r[adapter_name], m.lora_alpha[adapter_name])
-        scratch[n].scaling = m.scaling[adapter_name]
-    options = {k: v for k, v in kw.items() if k in known[0]}
-    options.setdefault("loss", _lm_loss(peft_model))
-    with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
-        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
-                                   **options)
-    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
-    with torch.no_grad():
-        for n, m in lora.items():
-            m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
-            m.lora_B[adapter_name].weight.copy_(scratch[n].lora_B)
-    return report
-
-
-def save_peft(model, directory, modules_to_save=(), **config):
-    """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
-    PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
-    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules
-    trained whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
-    use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
-    lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
-    base_model_name_or_path). Returns the config written."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    state = lora_state_dict(model)
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling,
-                                m.dropout.p) for m in layers.values()}) != 1:
-        raise ValueError("save_peft writes one rank and scaling for all adapters, and "
-                         f"{len(layers)} LoRALinear layers have ranks {sorted(ranks)}: add_lora "
-                         "with one rank and alpha")
-    (r,), one = ranks, next(iter(layers.values()))
-    for target in modules_to_save:
-        found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
-        if not found:
-            raise ValueError(f"module {target!r} of modules_to_save is not in the model")
-        for n, m in found.items():
-            state.update({f"base_model.model.{n}.{k}": v.detach().clone()
-                          for k, v in m.state_dict().items()})
-    shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
-    config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
-                  use_rslora=not shifted and one.scaling != one.alpha / r,
-                  target_modules=sorted(layers),
-                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p,
-                  bias="none", **config)
-    os.makedirs(directory, exist_ok=True)
-    torch.save(state, os.path.join(directory, "adapter_model.bin"))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    return config
-
-
 # =================================================================================================
 # Part II (optional): the damping search (§8.1), the diagnostics of §8 and the real loss (§8.2).
 # =================================================================================================
+
+
+# ----------------------------------------------------------------------------- §8.1 folds
+
+
+def pool(folds):
+    """The statistics of the union of `folds`: S weighted by tokens, G and T by examples."""
+    if len(folds) == 1:
+        return folds[0]
+    n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
+    S = sum(f.S * (f.tokens / tokens) for f in folds)
+    G = sum(f.G * (f.n / n) for f in folds)
+    T = sum(f.T * (f.n / n) for f in folds)
+    return Fold(S, G, T, n, tokens)
+
+
+def _checked_and_diagnosed(method, layers, stats, damping, grid):
+    """A data-driven init's statistics, checked: the layers this process factorizes (under
+    torch.distributed, those it owns), and with folds the damping diagnose chose and its
+    diagnostics (§8); without folds, the damping given and none."""
+    proc = _rank_and_world(_distributed())[0]
+    if stats is None or (missing := [n for n in layers if n not in stats]):
+        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
+                         "statistics for them")
+    mine = [n for n in layers if stats[n].owner == proc]
+    for name in mine:
+        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
+            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
+                             "calibration data and loss (run the model in fp32)")
+    if all(len(stats[name].folds) >= 2 for name in mine):
+        ranks = {n: layers[n].rank for n in mine}
+        return mine, *diagnose(method, {n: stats[n] for n in mine}, ranks, damping, grid)
+    if method.startswith("cg-lora") and damping == "auto":
+        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
+                         "with folds=2, or pass a number")
+    return mine, damping, {}
+
 
 # ----------------------------------------------------------------------------- §8 diagnostics
 
@@ -1216,9 +790,456 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
 
 
 # =================================================================================================
-# Part III: torchrun plumbing. One process is the default; under torch.distributed each layer's
-# statistics are reduced to one owner, which factorizes it and broadcasts the factors.
+# Part III: plumbing, in named helpers that part I calls: target layers, the model side of the
+# statistics (hooks, outputs, losses, §9), layers in groups, peft, torchrun.
 # =================================================================================================
+
+
+# ---------------------------------------------------------------------------- checks of the options
+
+
+def _check_statistics(fisher, loss, folds):  # collect_statistics' options; returns the loss
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    if fisher == "sampled" and not hasattr(loss, "sample"):
+        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
+                         "method (cglora's losses have one)")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    return loss
+
+
+def _check_init(layers, method, damping, factor_balance):  # init_adapters' options
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
+    if factor_balance not in ("euclidean", "curvature"):
+        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
+                         f"{factor_balance!r}")
+    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
+        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+    if method == "lora-ga" and (narrow := [n for n, m in layers.items()
+                                           if 2 * m.rank > min(m.base.weight.shape)]):
+        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
+                         "smaller rank")
+
+
+# ------------------------------------------------------------------------- target layers and export
+
+
+def _matching(model, names, kind):
+    """Names of the modules of type `kind` whose full name or last component is in `names`."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+    hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
+    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t
+             or n.endswith("." + t)]
+    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
+        n, m = other[0]
+        kind_m = type(m).__name__
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
+                             "layer once: target other layers, or start again from the model "
+                             "without adapters")
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
+               "computes x @ weight + bias)" if kind_m == "Conv1D"
+               else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only "
+                         f"nn.{kind.__name__} layers can be targets: {fix}")
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in found})
+        raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
+                         f"the model has {short} (full names like {next(iter(found), None)!r})")
+    return hits
+
+
+def lora_state_dict(model):
+    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
+    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
+    original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            B, A = m.lora_B.detach(), m.lora_A.detach()
+            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
+            if m.lora_A0.any():
+                B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
+            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
+            out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- the model side of §2
+
+
+# calibration batch i's labels, once it is checked to be a dict that has them
+def _labels(batch, i):
+    if not isinstance(batch, Mapping):
+        raise TypeError("batches must be an iterable of dicts (a list of batches, not one batch: "
+                        f"[batch]); item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
+    if "labels" not in batch:
+        raise ValueError(f"batch {i} has no 'labels' (it has {sorted(batch)}): each batch needs "
+                         "the targets of its loss under 'labels'")
+    return batch["labels"]
+
+
+def _logits(out):
+    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's
+    "logits"; a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a
+    loss first)."""
+    if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
+        return out["logits"] if isinstance(out, Mapping) else out.logits
+    if isinstance(out, (tuple, list)):
+        out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
+    if not torch.is_tensor(out):
+        keys = f" with keys {list(out)}" if isinstance(out, Mapping) else ""
+        raise TypeError(f"the model returned {type(out).__name__}{keys}: the loss needs logits, "
+                        "returned as a tensor, a tuple's first tensor or a dict's 'logits'")
+    return out
+
+
+def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder()
+    return None if encoder is model else encoder
+
+
+def _model_inputs(batch, loss, encoder=None):
+    """What model(**inputs) gets: the batch without its labels, unless the loss says the model needs
+    them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
+    if getattr(loss, "model_labels", False):
+        return dict(batch)
+    decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
+    if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
+        raise ValueError("token labels [batch, length] on an encoder-decoder model with no "
+                         "decoder_input_ids: pass loss=cglora.seq2seq_lm_loss, which gives the "
+                         "labels to the model to build them")
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _shared_inputs(seen, names):  # layers whose inputs are the same tensors (every call) share S
+    first = {}
+    return {name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names}
+
+
+# one layer's calls -> their token rows, stacked, each call's own mask
+def _rows(tensors, keys, masks):
+    return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
+
+
+@contextlib.contextmanager
+def _recording(model, layers, encoder=None):
+    """While open, the model is frozen and in eval mode, and each of `layers` records every call
+    of the current forward pass in seen[name], one (input, output, mask) per call (a layer shared
+    across depths is called once per use). mask names the batch's token mask for that call:
+    "attention_mask", or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask"
+    for a call whose input is not the encoder's output (cross-attention's keys and values are).
+    reset() forgets the calls, the input aliases and the encoder's output (call it per batch).
+    All restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    # name -> calls; id(input) -> (input, alias); the encoder's output
+    seen, alias, encoded = {}, {}, []
+
+    def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
+        if not torch.is_grad_enabled() or inputs[0].requires_grad:
+            return None
+        key = id(inputs[0])  # one alias per tensor, so layers sharing an input still share it
+        alias.setdefault(key, (inputs[0], inputs[0].detach().requires_grad_()))
+        return (alias[key][1],) + tuple(inputs[1:])
+
+    def hook(name):
+        def record(module, inputs, output):
+            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
+                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
+            seen.setdefault(name, []).append((inputs[0], output,
+                                              "decoder_" * decoder + "attention_mask"))
+        return record
+
+    handles = [h for name, m in layers.items()
+               for h in (m.register_forward_pre_hook(pre_hook),
+                         m.register_forward_hook(hook(name)))]
+    if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
+        handles.append(encoder.register_forward_hook(
+            lambda module, inputs, output: encoded.append(output[0])))
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _output_gradients(loss, out, labels, ys, fisher, generator):
+    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
+    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
+    delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
+                                retain_graph=fisher == "sampled")
+    if fisher != "sampled":
+        return delta, [None] * len(ys)
+    return delta, torch.autograd.grad(loss(out, loss.sample(out, labels, generator)), ys,
+                                      allow_unused=True)
+
+
+def _normalise(sums, n, share, names, distributed):
+    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
+    if not share:
+        raise ValueError("collect_statistics got no calibration batches")
+    keys = sorted(dict.fromkeys(share.values()))
+    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
+        shapes = next(fold[j].total for fold in sums if fold[j].total)
+        for fold in sums:
+            for key, t in shapes.items():
+                fold[j].total.setdefault(key, torch.zeros_like(t))
+    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
+                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
+    proc, world = _rank_and_world(distributed)
+    owner = _owners(share, names, world)  # S's key is its first layer's name
+    if distributed:
+        counts = _reduce_to_owners(sums, counts, owner, proc)
+    if (counts[:, 0] == 0).any():
+        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
+                         "pass more batches or fewer folds")
+    folds = []
+    mine = [name for name in names if owner[name] == proc]
+    for (S, G, T), c in zip(sums, counts.tolist()):
+        tokens = dict(zip(keys, c[1:]))
+        for key, total in S.total.items():  # in place: the statistics are the largest thing here
+            total.div_(max(tokens[key], 1))
+        for total in (*G.total.values(), *T.total.values()):
+            total.div_(c[0])
+        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0],
+                                 tokens[share[name]])
+                      for name in mine})
+    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (),
+                             owner[name])
+            for name in names}
+
+
+# ----------------------------------------------------------------------------- losses (§2, §9)
+
+
+_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an "
+              "encoder-decoder one loss=cglora.seq2seq_lm_loss, else a loss(output, labels) "
+              "returning the batch mean")
+
+
+def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
+    if labels.is_floating_point():
+        # one-hot: never MSE on logits
+        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:
+            raise ValueError("the default loss takes float labels as one regression target per "
+                             "example ([batch], against an output [batch, 1]: MSE), got "
+                             f"{list(labels.shape)} and {list(out.shape)}: for classes pass "
+                             "integer labels (one-hot: labels.argmax(-1)), else a loss(output, "
+                             "labels) returning the batch mean")
+        return F.mse_loss(out.squeeze(-1).float(), labels.float())
+    if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
+        raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
+                         f"{list(out.shape)} and {list(labels.shape)}: {_LM_LOSSES}")
+    return F.cross_entropy(out.float(), labels)
+
+
+def _sample_labels(out, labels, generator):
+    """Labels drawn from the model's own predictive distribution (CPU generator: any device):
+    categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
+    out = out.detach().float().cpu()
+    if labels.is_floating_point():
+        return (out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)).to(labels.device)
+    return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
+
+
+_loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
+IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
+
+
+def seq2seq_lm_loss(logits, labels):
+    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model
+    too (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t
+    predict labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean
+    over the batch's target tokens. One loss term is one target token."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def causal_lm_loss(logits, labels):
+    """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
+    (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
+    the result is the mean over the batch's target tokens. One loss term is one target token."""
+    return seq2seq_lm_loss(logits[:, :-1], labels[:, 1:])
+
+
+def _sample_tokens(logits, labels, generator, shift=1):
+    """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
+    label at t + shift from logits[:, t]; ignored positions stay ignored."""
+    target = labels[:, shift:] != IGNORE  # b x (L - shift)
+    # targets x V
+    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
+    sampled = labels.clone()
+    draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sampled[:, shift:][target] = draws.to(labels.device)
+    return sampled
+
+
+causal_lm_loss.sample = _sample_tokens
+causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
+seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator,
+                                                                          shift=0)
+seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
+seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
+
+
+# ----------------------------------------------------------------------------- layers in groups
+
+
+def statistics_mib(layers, folds=1):
+    """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
+    LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
+    shapes = [m.base.weight.shape for m in layers.values()]
+    floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
+    return floats * 4 * folds / 2 ** 20
+
+
+def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
+                   log=print, **kw):
+    """collect_statistics + init_adapters for `layers` ({name: LoRALinear}) in consecutive groups
+    whose statistics (statistics_mib) fit in `budget_mib` (None: one group), one calibration pass
+    over `batches` (a list) per group: a model whose statistics do not fit at once can still be
+    initialised. The factors are one pass's: they are all written after the last pass. Options
+    of collect_statistics go in stats_kw, init_adapters' in kw (no judge). Returns (the report of
+    every layer, the groups: one list of layer names per pass)."""
+    stats_kw, groups, held = dict(stats_kw or {}), [[]], 0.0  # held: the last group's MiB
+    for name, layer in layers.items():
+        size = statistics_mib({name: layer}, stats_kw.get("folds", 1))
+        if budget_mib is not None and size > budget_mib:
+            raise ValueError(f"layer {name}'s statistics take up to {size:.3g} MiB, over the "
+                             f"budget of {budget_mib:g} MiB: raise budget_mib")
+        if budget_mib is not None and held + size > budget_mib:
+            groups, held = groups + [[]], 0.0
+        groups[-1].append(name)
+        held += size
+    # one random stream over all groups, as over one pass
+    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))
+    chosen, report, data = {}, [], method not in ("lora", "rslora")
+    for group in groups:  # nothing is written before every group's statistics are in
+        stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
+                                   **stats_kw) if data else None
+        factors, rows = _init_factors({n: layers[n] for n in group}, method, stats, **kw)
+        chosen.update(factors)
+        report += rows
+        del stats
+    _write_all(layers, chosen, report, method in SHIFTED)
+    return report, groups
+
+
+# ----------------------------------------------------------------------------- peft
+
+
+# peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
+def _peft_layers(model, adapter_name):
+    return {n: m for n, m in model.named_modules()
+            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ())
+            and hasattr(m, "scaling")}
+
+
+def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base).__name__
+    if kind.endswith("ForCausalLM"):
+        return causal_lm_loss
+    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
+
+
+def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
+    """Initialise a peft LoRA adapter by `method` in one call, from calibration `batches` (as
+    collect_statistics takes them), as peft's own data-driven inits do (EVA's
+    initialize_lora_eva_weights(model, dataloader)). Duck-typed on peft's LoraLayer (base_layer,
+    lora_A[adapter_name], lora_B[adapter_name], scaling[adapter_name]): peft is not imported.
+
+    Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
+    the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
+    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
+    with that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds,
+    damping, init_norm, ...); a transformers *ForCausalLM or encoder-decoder
+    *ForConditionalGeneration gets causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns
+    init_adapters' report. Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does
+    not carry: refused."""
+    if method in SHIFTED:
+        raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
+                         "carry: use cg-lora (W0 kept) or lora-one, or add_lora + init_adapters + "
+                         "save_peft (the shift exported against the original W0 as rank 2r)")
+    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method",
+                                                     "stats"}
+             for f in (collect_statistics, init_adapters)]
+    if unknown := sorted(set(kw) - known[0] - known[1]):
+        raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and "
+                        "init_adapters' options")
+    lora = _peft_layers(peft_model, adapter_name)
+    if not lora:
+        raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass "
+                         "get_peft_model's model and the adapter's name")
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
+                 if not isinstance(m.base_layer, nn.Linear)]:
+        raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
+    scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
+    for n, m in lora.items():
+        scratch[n] = LoRALinear(m.base_layer, m.r[adapter_name], m.lora_alpha[adapter_name])
+        scratch[n].scaling = m.scaling[adapter_name]
+    options = {k: v for k, v in kw.items() if k in known[0]}
+    options.setdefault("loss", _lm_loss(peft_model))
+    with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
+        stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
+                                   **options)
+    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
+    with torch.no_grad():
+        for n, m in lora.items():
+            m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
+            m.lora_B[adapter_name].weight.copy_(scratch[n].lora_B)
+    return report
+
+
+def save_peft(model, directory, modules_to_save=(), **config):
+    """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
+    PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
+    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules
+    trained whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
+    use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
+    lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
+    base_model_name_or_path). Returns the config written."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = lora_state_dict(model)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling,
+                                m.dropout.p) for m in layers.values()}) != 1:
+        raise ValueError("save_peft writes one rank and scaling for all adapters, and "
+                         f"{len(layers)} LoRALinear layers have ranks {sorted(ranks)}: add_lora "
+                         "with one rank and alpha")
+    (r,), one = ranks, next(iter(layers.values()))
+    for target in modules_to_save:
+        found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+        if not found:
+            raise ValueError(f"module {target!r} of modules_to_save is not in the model")
+        for n, m in found.items():
+            state.update({f"base_model.model.{n}.{k}": v.detach().clone()
+                          for k, v in m.state_dict().items()})
+    shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
+    config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
+                  use_rslora=not shifted and one.scaling != one.alpha / r,
+                  target_modules=sorted(layers),
+                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p,
+                  bias="none", **config)
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, "adapter_model.bin"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return config
+
+
+# ---------------------------------------------- torchrun: statistics reduced to one owner per layer
 
 
 def _distributed():

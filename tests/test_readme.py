@@ -1,9 +1,11 @@
 """The README's code and the CI line, executed: the library example, the recipes with cglora's
-layers and with peft, and the install and test commands CI runs."""
+layers and with peft, and the install and test commands CI runs; and the reading budgets."""
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
@@ -59,3 +61,16 @@ def test_ci_installs_what_the_readme_says_and_runs_its_test_command():
     ci = [line.split("#")[0].strip() for line in (here / ".ci" / "run").read_text().splitlines()]
     assert install.replace("pip install", "pip install -q") in ci and test in ci
     assert ci.index(install.replace("pip install", "pip install -q")) < ci.index(test)
+
+
+def test_reading_budgets():
+    # the design card's budgets: a reader audits the algorithm in one sitting
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(readme) <= 300
+    code = (ROOT / "cglora.py").read_text(encoding="utf-8").splitlines()
+    start, end = (next(i for i, line in enumerate(code) if line.startswith(f"# Part {p}"))
+                  for p in ("I:", "II "))
+    assert sum(1 for line in code[start:end] if line.strip()) <= 450  # part I: the algorithm
+    for name in ("cglora.py", "models.py", "data.py", "train.py"):
+        lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+        assert max(len(line.encode()) for line in lines) <= 100, name
