@@ -909,6 +909,14 @@ FS_INIT_DEV = 256  # ... and the first 256 of them for item 1's JVPs (K + 1 forw
 SNAPSHOTS = HERE / "tmp" / "funcspace"  # full fine-tuning's update of the target layers at FS_AT (not committed)
 
 
+def schedule_end(task_name):
+    """The last step of train.py's schedule at BUDGET: its epochs of whole batches of the training set."""
+    sys.path.insert(0, str(HERE.parent))
+    import data
+    train_set = data.read_split(data.get_task(task_name), "train", data.resolve_data_dir(None))
+    return len(train_set) // BUDGET["batch_size"] * BUDGET["epochs"]
+
+
 def dev_outputs(model, batches):
     """The model's outputs on `batches` (n x C: logits, or C = 1 regression scores), in eval mode."""
     import torch
@@ -1055,7 +1063,7 @@ def funcspace_init(task_name, seed, pretrained, steps=FS_STEPS):
     subset = dev[:FS_INIT_DEV // (2 * cfg.batch_size)]
     names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
     stats = cglora.collect_statistics(model, {n: model.get_submodule(n) for n in names}, calib[0], cfg.fisher,
-                                      torch.Generator().manual_seed(seed))  # as train.initialise: 2 folds
+                                      torch.Generator().manual_seed(seed), folds=2)  # 2 folds: for auto's λ
     auto = cglora.diagnose("cg-lora", stats, {n: cfg.rank for n in names})[0]
     directions = init_directions(stats, cfg.rank, cfg.alpha, [FS_DAMPING, auto], seed)
     at_W0 = dev_outputs(model, subset)
@@ -1372,8 +1380,8 @@ def main():
     p.add_argument("--pretrained", default=None, help="checkpoint dir (default: all-MiniLM-L6-v2)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="early: the optimizer")
     p.add_argument("--lr", type=float, default=None, help="early: the rate (default: the method's grid rate)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (early: {EARLY_STEPS}, funcspace: "
-                   f"{FS_STEPS})")
+    p.add_argument("--steps", default=None, help=f"training steps (early: {EARLY_STEPS}, funcspace: "
+                   f"{FS_STEPS}; funcspace also takes 'end': the last step of train.py's schedule)")
     args = p.parse_args()
     methods = args.methods.split(",")
     if args.command == "report":
@@ -1402,15 +1410,16 @@ def main():
                 for head in heads:
                     for m in methods:
                         early(task, m, seed, pretrained, "sgd" if rates else args.optimizer, rates.get(m, args.lr),
-                              head, args.steps or EARLY_STEPS)
+                              head, int(args.steps or EARLY_STEPS))
         return
     if args.command == "funcspace":  # seed by seed, so that an interrupted grid has whole seeds
         for seed in map(int, args.seeds.split(",")):
             for task in args.tasks.split(","):
+                steps = schedule_end(task) if args.steps == "end" else int(args.steps or FS_STEPS)
                 for m in [m for m in FS_METHODS if m in methods]:
-                    funcspace(task, m, seed, pretrained, args.steps or FS_STEPS)
+                    funcspace(task, m, seed, pretrained, steps)
                     if m == "full":  # item 1 needs only full fine-tuning's run
-                        funcspace_init(task, seed, pretrained, args.steps or FS_STEPS)
+                        funcspace_init(task, seed, pretrained, steps)
         return
     if args.command == "realloss-cost":
         return realloss_cost(args.tasks.split(",")[0], int(args.seeds.split(",")[0]), pretrained)
