@@ -994,8 +994,8 @@ def _normalise(sums, n, share, names, distributed):
     for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
         shapes = next(fold[j].total for fold in sums if fold[j].total)
         for fold in sums:
-            for key, t in shapes.items():
-                fold[j].total.setdefault(key, torch.zeros_like(t))
+            for key in shapes.keys() - fold[j].total.keys():  # (setdefault would make every one)
+                fold[j].total[key] = torch.zeros_like(shapes[key])
     counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
                            for n_k, fold in zip(n, sums)], dtype=torch.float64)
     proc, world = _rank_and_world(distributed)
