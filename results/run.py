@@ -909,12 +909,14 @@ FS_INIT_DEV = 256  # ... and the first 256 of them for item 1's JVPs (K + 1 forw
 SNAPSHOTS = HERE / "tmp" / "funcspace"  # full fine-tuning's update of the target layers at FS_AT (not committed)
 
 
-def schedule_end(task_name):
-    """The last step of train.py's schedule at BUDGET: its epochs of whole batches of the training set."""
+def schedule_end(task_name, glue=False):
+    """The last step of train.py's schedule at BUDGET: its epochs of whole batches of the training set
+    (glue=True: of GLUE's row count, without reading the file)."""
     sys.path.insert(0, str(HERE.parent))
     import data
-    train_set = data.read_split(data.get_task(task_name), "train", data.resolve_data_dir(None))
-    return len(train_set) // BUDGET["batch_size"] * BUDGET["epochs"]
+    task = data.get_task(task_name)
+    n = data.glue_rows(task, "train") if glue else len(data.read_split(task, "train", data.resolve_data_dir(None)))
+    return n // BUDGET["batch_size"] * BUDGET["epochs"]
 
 
 def dev_outputs(model, batches):
@@ -1128,7 +1130,8 @@ def funcspace_report():
             f"then `python results/run.py funcspace-report`, over {len(rows)} rows of `results/funcspace.jsonl`. "
             "all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, 16×8 calibration examples, "
             f"each method's grid rate), the first {' or '.join(map(str, lengths))} steps of the grid's 2-epoch "
-            f"schedule; CG-LoRA at damping {FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
+            f"schedule (`--steps end`: all of it, {', '.join(f'{t} {schedule_end(t, glue=True)}' for t in ('cola', 'sts-b'))}); "
+            f"CG-LoRA at damping {FS_DAMPING:g}. Mean ± standard error over seeds (number of seeds)."]
     for n in lengths:
         text += fs_tables([r for r in rows if r["steps"] == n], n, n == FS_STEPS)
     block = "\n".join(text) + "\n"

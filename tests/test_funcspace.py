@@ -184,3 +184,14 @@ def test_funcspace_report_pairs_each_method_with_full_fine_tuning_of_its_seed(tm
     assert (tmp_path / "funcspace_sts-b_10.svg").read_text().startswith("<svg")  # not the default length
     run.funcspace_report()  # a second report replaces the block
     assert (tmp_path / "README.md").read_text() == readme
+
+
+def test_steps_end_is_the_last_step_of_train_pys_schedule(tmp_path, monkeypatch):
+    # CoLA's train.tsv has no header: 100 rows, batch 32, 2 epochs -> 3 whole batches an epoch
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("".join(f"src\t{i % 2}\t\tsentence {i} .\n" for i in range(100)))
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    run = _run()
+    with pytest.warns(UserWarning):  # a file with another row count than GLUE's says so
+        assert run.schedule_end("cola") == 100 // 32 * 2 == 6
+    assert run.schedule_end("cola", glue=True) == 8551 // 32 * 2
