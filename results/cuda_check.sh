@@ -38,7 +38,7 @@ fi
 gpus=$(python -c "import torch; print(min(2, torch.cuda.device_count()))")
 check "torchrun-$gpus" torchrun --standalone --nproc_per_node="$gpus" train.py --task cola \
     --device cuda $steps --out "$runs/ddp" --overwrite
-tok="${TOKENIZERS_DIR:-}/roberta-base"
+tok="${TOKENIZERS_DIR:-tokenizers}/roberta-base"  # relative unless TOKENIZERS_DIR is set
 check bench-roberta-base-qv python bench.py --device cuda --tokenizer "$tok" \
     --json "$out/bench-cuda-roberta-base-qv.json"
 check bench-llama-1024 python bench.py --device cuda --shape llama-1024 --tokenizer "$tok" \
