@@ -11,6 +11,7 @@ export, the model side of the statistics (hooks, outputs, losses; §9's language
 in groups under a memory budget (init_in_groups), peft (initialize_peft, save_peft), torchrun.
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
+import collections
 import contextlib
 import functools
 import inspect
@@ -64,11 +65,15 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_A0", torch.zeros(rank, d_in, **kw))
         self.register_buffer("lora_B0", torch.zeros(d_out, rank, **kw))
         self.merged = False
+        self.tied = False  # add_lora: base.weight is another module's too (tied embeddings)
 
     def delta_weight(self):  # out x in, the update this adapter adds to base.weight
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def merge(self):
+        if self.tied:
+            raise ValueError("base weight tied to another module's: merging would change that "
+                             "module too; keep the adapter unmerged")
         if not self.merged:
             self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -102,9 +107,11 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
         if not modules:
             raise ValueError(f"trainable module {name!r} not found in the model")
         train += modules
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():
+        layer.tied = uses[id(layer.base.weight)] > 1  # another module uses it too
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     for m in train:
@@ -128,9 +135,9 @@ def _fp32(f):
     return wrapped
 
 
-def _tokens(t, keep):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; a mask that does
-    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # not fit: every row
-    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()
+def _tokens(t, keep=None):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; no mask, or
+    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # one that does not fit:
+    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()  # every row
 
 
 FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
@@ -177,11 +184,6 @@ class _Sums:
                 total[i:j, j:] = total[j:, i:j].T
 
 
-def _flush_all(sums):  # every fold's S, G, T sums
-    for s in (s for fold in sums for s in fold):
-        s.flush()
-
-
 class Fold(NamedTuple):
     """One fold's statistics of one layer (§2), normalised within the fold."""
     S: torch.Tensor  # d_in x d_in, mean over the fold's tokens
@@ -212,13 +214,13 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                        folds=1, device=None, progress=None):
     """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
 
-    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) excludes padding
-    ("decoder_attention_mask" in an encoder-decoder's decoder), the rest goes to model(**inputs).
-    `loss(output, labels)` is the batch's mean over loss.terms(labels) terms (default: cross
-    entropy, or MSE for float labels; causal_lm_loss or seq2seq_lm_loss for a language model, §9);
-    delta, one term's gradient, is terms * d(batch loss)/dy; a layer called several times per
-    forward sums over its calls. fisher="sampled" draws T's labels with loss.sample. progress(i),
-    if given, is called before batch i. `device` holds the sums (default: the layers' own).
+    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) keeps padding out
+    of S (an encoder-decoder's decoder: "decoder_attention_mask", else labels other than IGNORE),
+    never out of G or T (§2); the rest goes to model(**inputs). `loss(output, labels)` is the
+    batch's mean over loss.terms(labels) terms (default: a transformers LM's own, §9, else cross
+    entropy, or MSE for float labels); delta, one term's gradient, is terms * d(batch loss)/dy; a
+    layer called several times per forward sums over its calls. fisher="sampled" draws T's labels
+    with loss.sample. progress(i) is called before batch i; `device` holds the sums.
 
     Returns {name: Statistics} in fp32, the only copies held; layers fed one input tensor share
     its S. folds=K >= 2 keeps them per fold (batch i in fold i mod K) for damping="auto" and §8.
@@ -226,13 +228,13 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     reduced to its owner only (the i-th distinct input's layers to rank i mod world, as KAISA
     places K-FAC work). No weight gradient is made and no caller tensor is changed.
     """
-    loss = _check_statistics(fisher, loss or _loss, folds)
+    loss = _check_statistics(fisher, loss or _lm_loss(model) or _loss, folds)
     generator = generator or torch.Generator().manual_seed(0)
     proc, world = _rank_and_world(distributed := _distributed())
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T per fold
     n, share, names, pending = [0] * folds, {}, list(layers), 0
-    encoder = _encoder(model)
-    with _recording(model, layers, encoder) as (seen, reset):
+    encoder, flush = _encoder(model), lambda: [s.flush() for fold in sums for s in fold]
+    with _recording(model, layers, encoder) as (seen, run, reset):
         for i, batch in enumerate(batches):
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             S, G, T = sums[fold]
@@ -240,29 +242,27 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 progress(i)
             labels = _labels(batch, i)
             reset()
-            out = _logits(model(**_model_inputs(batch, loss, encoder)))
+            out = _logits(run(_model_inputs(batch, loss, encoder)))
             if missing := [name for name in names if name not in seen]:
                 raise ValueError(f"layers {missing} were not called in the forward pass")
             share = share or _shared_inputs(seen, names)  # {layer: the first layer of its input}
-            masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
-                     if batch.get(k) is not None}
-            keys = {name: [c[2] for c in seen[name]] for name in names}  # each call's mask
-            x = {key: _rows([c[0].detach() for c in seen[key]], keys[key], masks)
-                 for key in dict.fromkeys(share.values())}
+            masks = _masks(batch, labels, encoder)
+            x = {key: [c[0].detach() for c in seen[key]] for key in dict.fromkeys(share.values())}
+            for key, xs in x.items():  # sum_t x x^T (d_in x d_in) over each call's tokens
+                S.add(key, _rows(xs, [masks.get(c[2]) for c in seen[key]]))
+            x = {key: _rows(xs) for key, xs in x.items()}  # every row: G's (§2)
             ys = {name: [c[1] for c in seen[name]] for name in names}
             n_b = int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
             delta, delta_T = (iter(g) for g in _output_gradients(
                 loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher,
                 generator))
-            for key, rows in x.items():
-                S.add(key, rows)  # sum_t x x^T  (d_in x d_in), over every call of a shared layer
             # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
             for name in names:
-                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term; None: y does not reach
-                # the loss. rows: G's, then (sampled) T's
+                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term (None: y does not reach
+                # the loss), at every row (§2). rows: G's, then (sampled) T's
                 rows = (_rows([torch.zeros_like(y) if g is None else g * n_b
-                               for y, g in zip(ys[name], grads)], keys[name], masks)
+                               for y, g in zip(ys[name], grads)])
                         for grads in (delta, delta_T))
                 d = next(rows)
                 G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
@@ -271,9 +271,9 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
             pending += max(r.shape[0] for r in x.values())
             del out, ys, delta, delta_T, x
             if pending >= FLUSH_ROWS:
-                _flush_all(sums)
+                flush()
                 pending = 0
-        _flush_all(sums)
+        flush()
     for S, _, T in sums:
         S.symmetric()
         T.symmetric()
@@ -322,8 +322,7 @@ def top_svd(M, k):
     sign is fixed so that the largest entry of u_i is positive."""
     U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
     U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
-    # never 0: a column of U has unit norm
-    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column has unit norm
     return U * sign, sigma, V * sign
 
 
@@ -799,6 +798,9 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
 
 
 def _check_statistics(fisher, loss, folds):  # collect_statistics' options; returns the loss
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError("collect_statistics backpropagates the loss to each target's output: "
+                           "call it outside torch.no_grad() and torch.inference_mode()")
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
     if fisher == "sampled" and not hasattr(loss, "sample"):
@@ -817,6 +819,10 @@ def _check_init(layers, method, damping, factor_balance):  # init_adapters' opti
                          f"{factor_balance!r}")
     if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+    if method in SHIFTED and (tied := [n for n, m in layers.items() if getattr(m, "tied", 0)]):
+        raise ValueError(f"layers {tied[:3]}: {method} shifts W0, and their weights are tied to "
+                         "another module's, which the shift would change too: use cg-lora or "
+                         "lora-one (W0 kept)")
     if method == "lora-ga" and (narrow := [n for n, m in layers.items()
                                            if 2 * m.rank > min(m.base.weight.shape)]):
         raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
@@ -922,24 +928,38 @@ def _shared_inputs(seen, names):  # layers whose inputs are the same tensors (ev
     return {name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names}
 
 
-# one layer's calls -> their token rows, stacked, each call's own mask
-def _rows(tensors, keys, masks):
-    return torch.cat([_tokens(t, masks.get(key)) for t, key in zip(tensors, keys)])
+# one layer's calls -> their token rows, stacked: each call's own mask kept (S), or every row
+def _rows(tensors, keeps=None):
+    return torch.cat([_tokens(t, k) for t, k in zip(tensors, keeps or [None] * len(tensors))])
+
+
+def _masks(batch, labels, encoder):
+    """The batch's token masks by name (§2): attention_mask; an encoder-decoder's
+    decoder_attention_mask, else its target tokens (labels other than IGNORE)."""
+    masks = {k: batch[k].bool() for k in ("attention_mask", "decoder_attention_mask")
+             if batch.get(k) is not None}
+    if encoder is not None and labels.dim() == 2:
+        masks.setdefault("decoder_attention_mask", labels != IGNORE)
+    return masks
 
 
 @contextlib.contextmanager
 def _recording(model, layers, encoder=None):
     """While open, the model is frozen and in eval mode, and each of `layers` records every call
     of the current forward pass in seen[name], one (input, output, mask) per call (a layer shared
-    across depths is called once per use). mask names the batch's token mask for that call:
-    "attention_mask", or, after an encoder-decoder's `encoder` has run, "decoder_attention_mask"
-    for a call whose input is not the encoder's output (cross-attention's keys and values are).
-    reset() forgets the calls, the input aliases and the encoder's output (call it per batch).
-    All restored on exit."""
+    across depths is called once per use). mask names the batch's token mask that indexes the
+    call's input rows (§2): "attention_mask", or, after an encoder-decoder's `encoder` has run,
+    "decoder_attention_mask" for a call whose input is not the encoder's output (cross-attention's
+    keys and values are); None for an input that does not come from the batch (relative-position
+    embeddings, say). The batch is traced: run(inputs) runs the model with its float inputs and
+    every nn.Embedding's output requiring grad, so a target input that does not require grad does
+    not depend on the batch; a forward with neither takes every call for token rows. reset()
+    forgets the calls, the input aliases and the encoder's output (call it per batch). All
+    restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    # name -> calls; id(input) -> (input, alias); the encoder's output
-    seen, alias, encoded = {}, {}, []
+    # name -> calls; id(input) -> (input, alias); the encoder's output; where the batch entered
+    seen, alias, encoded, traced = {}, {}, [], []
 
     def pre_hook(module, inputs):  # frozen weights: backward needs an input that requires grad
         if not torch.is_grad_enabled() or inputs[0].requires_grad:
@@ -950,15 +970,31 @@ def _recording(model, layers, encoder=None):
 
     def hook(name):
         def record(module, inputs, output):
-            decoder = bool(encoded) and encoded[0] is not next(  # the input before its alias
-                (x for x, a in alias.values() if a is inputs[0]), inputs[0])
-            seen.setdefault(name, []).append((inputs[0], output,
-                                              "decoder_" * decoder + "attention_mask"))
+            x = next((x for x, a in alias.values() if a is inputs[0]), inputs[0])  # before alias
+            mask = "decoder_attention_mask" if encoded and encoded[0] is not x else "attention_mask"
+            seen.setdefault(name, []).append([inputs[0], output, mask, x.requires_grad])
         return record
+
+    def embedded(module, inputs, output):  # the batch's tokens enter: what they reach needs grad
+        if torch.is_grad_enabled() and output.is_floating_point() and not output.requires_grad:
+            traced.append(module)
+            return output.requires_grad_()
+        return None
+
+    def run(inputs):  # model(**inputs), the batch traced; then each call's mask, or None
+        floats = {k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()}
+        traced.extend(floats)
+        out = model(**{k: v.detach().requires_grad_() if k in floats else v
+                       for k, v in inputs.items()})
+        for call in (c for calls in seen.values() for c in calls):
+            call[2] = call[2] if call.pop() or not traced else None
+        return out
 
     handles = [h for name, m in layers.items()
                for h in (m.register_forward_pre_hook(pre_hook),
                          m.register_forward_hook(hook(name)))]
+    handles += [m.register_forward_hook(embedded) for m in model.modules()
+                if isinstance(m, nn.Embedding)]
     if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
         handles.append(encoder.register_forward_hook(
             lambda module, inputs, output: encoded.append(output[0])))
@@ -966,7 +1002,7 @@ def _recording(model, layers, encoder=None):
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        yield seen, lambda: (seen.clear(), alias.clear(), encoded.clear())
+        yield seen, run, lambda: (seen.clear(), alias.clear(), encoded.clear(), traced.clear())
     finally:
         for h in handles:
             h.remove()
@@ -1024,31 +1060,38 @@ def _normalise(sums, n, share, names, distributed):
 # ----------------------------------------------------------------------------- losses (§2, §9)
 
 
-_LM_LOSSES = ("for a causal language model pass loss=cglora.causal_lm_loss, for an "
-              "encoder-decoder one loss=cglora.seq2seq_lm_loss, else a loss(output, labels) "
-              "returning the batch mean")
+_LM_LOSSES = ("token logits need a token loss: loss=cglora.causal_lm_loss where position t "
+              "predicts token t + 1 (a causal LM), cglora.masked_lm_loss where it predicts its own "
+              "label (a masked LM), cglora.seq2seq_lm_loss for an encoder-decoder; else a "
+              "loss(output, labels) returning the batch mean")
 
 
 def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
+    if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1], as in
+        labels = labels[:, 0]  # transformers
     if labels.is_floating_point():
-        # one-hot: never MSE on logits
-        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:
+        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # never MSE on logits
+            one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
+                labels.sum(-1) == 1).all()
+            fix = ("one-hot class labels: pass labels.argmax(-1)" if one_hot else "multi-label "
+                   "targets: pass loss=lambda out, y: torch.nn.functional."
+                   "binary_cross_entropy_with_logits(out, y)")
             raise ValueError("the default loss takes float labels as one regression target per "
-                             "example ([batch], against an output [batch, 1]: MSE), got "
-                             f"{list(labels.shape)} and {list(out.shape)}: for classes pass "
-                             "integer labels (one-hot: labels.argmax(-1)), else a loss(output, "
-                             "labels) returning the batch mean")
+                             f"example ([batch], MSE against an output [batch, 1]), got "
+                             f"{list(labels.shape)} and {list(out.shape)}: for {fix}")
         return F.mse_loss(out.squeeze(-1).float(), labels.float())
     if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
         raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
-                         f"{list(out.shape)} and {list(labels.shape)}: {_LM_LOSSES}")
+                         f"{list(out.shape)} and {list(labels.shape)}: "
+                         + (_LM_LOSSES if out.dim() == 3 else "pass a loss(output, labels) "
+                            "returning the batch mean"))
     return F.cross_entropy(out.float(), labels)
 
 
 def _sample_labels(out, labels, generator):
     """Labels drawn from the model's own predictive distribution (CPU generator: any device):
     categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
-    out = out.detach().float().cpu()
+    out, labels = out.detach().float().cpu(), labels.flatten() if labels.dim() == 2 else labels
     if labels.is_floating_point():
         return (out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)).to(labels.device)
     return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
@@ -1058,19 +1101,24 @@ _loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries i
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 
-def seq2seq_lm_loss(logits, labels):
-    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): the labels [b, L] go to the model
-    too (model_labels), which builds its decoder inputs from them; logits [b, L, V] at position t
-    predict labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean
-    over the batch's target tokens. One loss term is one target token."""
+def masked_lm_loss(logits, labels):
+    """Hugging Face's masked-LM loss (BERT's; §9): logits [b, L, V] at position t predict
+    labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean over the
+    batch's target tokens. One loss term is one target token."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def seq2seq_lm_loss(logits, labels):
+    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): masked_lm_loss, with the labels
+    [b, L] given to the model too (model_labels), which builds its decoder inputs from them."""
+    return masked_lm_loss(logits, labels)
 
 
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
     (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
     the result is the mean over the batch's target tokens. One loss term is one target token."""
-    return seq2seq_lm_loss(logits[:, :-1], labels[:, 1:])
+    return masked_lm_loss(logits[:, :-1], labels[:, 1:])
 
 
 def _sample_tokens(logits, labels, generator, shift=1):
@@ -1087,9 +1135,9 @@ def _sample_tokens(logits, labels, generator, shift=1):
 
 causal_lm_loss.sample = _sample_tokens
 causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
-seq2seq_lm_loss.sample = lambda logits, labels, generator: _sample_tokens(logits, labels, generator,
-                                                                          shift=0)
-seq2seq_lm_loss.terms = lambda labels: (labels != IGNORE).sum()
+for _f in (masked_lm_loss, seq2seq_lm_loss):
+    _f.sample = functools.partial(_sample_tokens, shift=0)
+    _f.terms = lambda labels: (labels != IGNORE).sum()
 seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
 
 
@@ -1149,8 +1197,11 @@ def _peft_layers(model, adapter_name):
 def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = type(base).__name__
-    if kind.endswith("ForCausalLM"):
+    # GPT-2 and its kin are *LMHeadModel; XLNet's LM head predicts each position's own label
+    if kind.endswith("ForCausalLM") or kind.endswith("LMHeadModel") and kind != "XLNetLMHeadModel":
         return causal_lm_loss
+    if kind.endswith("ForMaskedLM"):
+        return masked_lm_loss
     return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
 
 
@@ -1163,11 +1214,12 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
     the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
     with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
-    with that rank and alpha. kw go to collect_statistics and init_adapters (loss, fisher, folds,
-    damping, init_norm, ...); a transformers *ForCausalLM or encoder-decoder
-    *ForConditionalGeneration gets causal_lm_loss or seq2seq_lm_loss unless a loss is given. Returns
-    init_adapters' report. Shifted inits (cg-lora-shift, lora-ga) move W0, which a peft adapter does
-    not carry: refused."""
+    with that rank and alpha, at the adapter's dtype. kw go to collect_statistics and
+    init_adapters (loss, fisher, folds, damping, init_norm, ...). Base layers: nn.Linear and
+    transformers' Conv1D (GPT-2, fan_in_fan_out: peft's adapter still computes B A x). Returns
+    init_adapters' report. Refused in one line: shifted inits (cg-lora-shift, lora-ga move W0, which
+    a peft adapter does not carry), LoRA variants (DoRA), adapters on embeddings or tied to another
+    module's (_check_peft)."""
     if method in SHIFTED:
         raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
                          "carry: use cg-lora (W0 kept) or lora-one, or add_lora + init_adapters + "
@@ -1182,15 +1234,14 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     if not lora:
         raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass "
                          "get_peft_model's model and the adapter's name")
-    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
-                 if not isinstance(m.base_layer, nn.Linear)]:
-        raise ValueError(f"layers {other[:3]}: only nn.Linear base layers can be initialised here")
-    scratch = {}  # our LoRALinear around each base layer, with peft's rank, alpha and scaling
+    _check_peft(peft_model, lora, adapter_name)
+    scratch = {}  # our LoRALinear with each layer's shape, peft's rank, scaling and adapter dtype
     for n, m in lora.items():
-        scratch[n] = LoRALinear(m.base_layer, m.r[adapter_name], m.lora_alpha[adapter_name])
+        A = m.lora_A[adapter_name].weight
+        scratch[n] = LoRALinear(_Shape(*_base_shape(m.base_layer), A), m.r[adapter_name],
+                                m.lora_alpha[adapter_name])
         scratch[n].scaling = m.scaling[adapter_name]
     options = {k: v for k, v in kw.items() if k in known[0]}
-    options.setdefault("loss", _lm_loss(peft_model))
     with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
         stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
                                    **options)
@@ -1200,6 +1251,47 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
             m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
             m.lora_B[adapter_name].weight.copy_(scratch[n].lora_B)
     return report
+
+
+class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight with no storage
+    def __init__(self, d_out, d_in, like):
+        super().__init__()
+        self.weight = like.new_zeros(()).expand(d_out, d_in)
+
+
+def _base_shape(base):  # (d_out, d_in) of a base layer: nn.Linear, or transformers' Conv1D
+    if type(base).__name__ == "Conv1D":  # GPT-2's: y = x @ weight + bias, weight d_in x d_out
+        return base.weight.shape[1], base.weight.shape[0]
+    return base.weight.shape
+
+
+def _check_peft(model, lora, adapter_name):
+    """Refuse, in one line, what initialize_peft cannot initialise exactly: a layer that is not
+    W0 + s B A (a LoRA variant such as DoRA), adapters on embeddings, adapters tied to another
+    module's (ensure_weight_tying), base layers other than nn.Linear and Conv1D."""
+    if variant := [f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
+                   for n, m in lora.items() if adapter_name in getattr(m, "lora_variant", {})]:
+        raise ValueError(f"layers {variant[:3]} are a LoRA variant (use_dora, ...), not "
+                         "W0 + s B A, which is what CG-LoRA initialises: create the adapter "
+                         "without it")
+    own = {p.data_ptr(): p for m in lora.values()
+           for p in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight)}
+    if tied := sorted({n for n, p in model.named_parameters(remove_duplicate=False)
+                       if own.get(p.data_ptr(), p) is not p}):
+        raise ValueError(f"adapters {tied[:2]} share their weights with a target's "
+                         "(ensure_weight_tying): the gradient then sums both uses, which one "
+                         "layer's statistics do not hold: leave the tied modules out of "
+                         "target_modules, or set ensure_weight_tying=False")
+    if embedded := [n for n, m in model.named_modules()
+                    if adapter_name in getattr(m, "lora_embedding_A", ())]:
+        raise ValueError(f"layers {embedded[:3]} have LoRA on an embedding, which CG-LoRA does "
+                         "not initialise (it needs a linear layer's input statistics): leave "
+                         "embeddings out of target_modules")
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
+                 if not isinstance(m.base_layer, nn.Linear)
+                 and type(m.base_layer).__name__ != "Conv1D"]:
+        raise ValueError(f"layers {other[:3]}: only nn.Linear (and transformers' Conv1D) base "
+                         "layers can be initialised here")
 
 
 def save_peft(model, directory, modules_to_save=(), **config):

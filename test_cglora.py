@@ -750,8 +750,44 @@ def test_one_hot_float_labels_on_a_classifier_are_refused_not_read_as_regression
     batches = [dict(b, labels=nn.functional.one_hot(b["labels"], 3).float()) for b in _batches()]
     model = _model()
     with pytest.raises(ValueError, match=r"float labels as one regression target per example .* got \[3, 3\] "
-                                         r"and \[3, 3\]: for classes pass integer labels \(one-hot: labels.argmax"):
+                                         r"and \[3, 3\]: for one-hot class labels: pass labels.argmax\(-1\)"):
         collect_statistics(model, {"query": model.query}, batches, fisher=fisher)
+
+
+def test_multi_hot_labels_are_pointed_at_a_binary_loss_which_gives_the_exact_G():
+    """Multi-label targets are not one-hot: argmax would change the loss, so the error names a binary
+    cross entropy, and that loss passed as loss= gives autograd's gradient of it."""
+    g = torch.Generator().manual_seed(0)
+    batches = [dict(b, labels=(torch.rand(len(b["labels"]), 3, generator=g) < 0.5).float()) for b in _batches()]
+    model = _model()
+    with pytest.raises(ValueError, match=r"for multi-label targets: pass loss=.*binary_cross_entropy_with_logits"):
+        collect_statistics(model, {"mix": model.mix}, batches)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    stats = collect_statistics(model, {"mix": model.mix}, batches, loss=bce)
+    n = sum(len(b["labels"]) for b in batches)
+    total = sum(bce(model(b["input_ids"], b["attention_mask"]), b["labels"]) * len(b["labels"]) for b in batches)
+    grad, = torch.autograd.grad(total / n, model.mix.weight)
+    torch.testing.assert_close(stats["mix"].G, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_labels_of_shape_batch_by_one_are_the_labels_of_shape_batch(regression):
+    """transformers accepts class (and regression) labels [batch, 1]; so does the default loss."""
+    model, batches = (_model(classes=1), _scores(_batches())) if regression else (_model(), _batches())
+    column = [dict(b, labels=b["labels"][:, None]) for b in batches]
+    for fisher in ("empirical", "sampled"):
+        want, got = (collect_statistics(model, {"mix": model.mix}, bs, fisher=fisher)["mix"]
+                     for bs in (batches, column))
+        for X, Y in zip(_sgt(got), _sgt(want)):
+            torch.testing.assert_close(X, Y)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_statistics_without_autograd_are_refused_in_one_line(context):
+    model = _model()
+    with context(), pytest.raises(RuntimeError, match=r"backpropagates the loss .* call it outside "
+                                                     r"torch.no_grad\(\) and torch.inference_mode\(\)"):
+        collect_statistics(model, {"mix": model.mix}, _batches())
 
 
 # ============================================================================ cglora.py: init
@@ -1177,6 +1213,83 @@ def test_causal_lm_statistics_equal_per_sequence_brute_force_with_padding_and_ig
         collect_statistics(model, {"proj": model.proj}, batches)
 
 
+def test_labels_that_count_padding_give_exact_G_and_T_while_S_keeps_the_real_tokens():
+    """§2: labels = input ids with padding not set to -100 (transformers' loss then counts the padded
+    targets): G and T hold every position where the loss has a gradient, S only the real tokens."""
+    torch.manual_seed(0)
+    model, names = _Causal(), ("proj", "lm_head")
+    batches = [dict(b, labels=b["input_ids"].clone()) for b in _token_batches()]
+    stats = collect_statistics(model, {n: getattr(model, n) for n in names}, batches, loss=cglora.causal_lm_loss)
+    sums, tokens, n, padded = {name: [0, 0, 0] for name in names}, 0, 0, 0
+    for batch in batches:  # brute force: each sequence alone, at its padded length
+        n = n + batch["labels"][:, 1:].numel()
+        for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+            x = model.mix(ids[None], mask[None])[0]  # [L, d], padded positions included
+            y = model.proj(x)
+            h = torch.tanh(y)
+            logits = model.lm_head(h)
+            loss = nn.functional.cross_entropy(logits[:-1], target[1:], reduction="sum")
+            keep = mask.bool()
+            for name, inp, d in zip(names, (x, h), torch.autograd.grad(loss, [y, logits])):
+                inp = inp.detach()
+                padded = padded + d[~keep].abs().sum()
+                for j, term in enumerate((inp[keep].T @ inp[keep], d.T @ inp, d.T @ d)):
+                    sums[name][j] = sums[name][j] + term
+            tokens = tokens + keep.sum()
+    assert padded > 0  # the padded targets have a gradient
+    for name, (S, G, T) in sums.items():
+        for got, want in zip(_sgt(stats[name]), (S / tokens, G / n, T / n)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+class _RelativePositions(nn.Module):
+    """`query` is applied to the tokens and to a learned table of relative positions [1, span, d]
+    (as DeBERTa's projections are): the table's rows are not the batch's tokens, whatever its shape."""
+
+    def __init__(self, vocab=11, d=4, span=5):
+        super().__init__()
+        self.emb, self.query, self.head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.positions = nn.Parameter(torch.randn(1, span, d))
+
+    def forward(self, input_ids, attention_mask):
+        q, p = self.query(self.emb(input_ids)), self.query(self.positions)  # [b, L, d], [1, span, d]
+        m = attention_mask.unsqueeze(-1).float()
+        h = q * torch.tanh(q @ p.transpose(1, 2)).mean(-1, keepdim=True)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+@pytest.mark.parametrize("length", [5, 6])
+def test_a_mask_applies_only_to_the_calls_whose_rows_are_the_batch_tokens(length):
+    """One example whose length equals the table's (5), where the mask's shape fits the table too,
+    and one where it does not (6): S is the real tokens' rows and every table row, G is autograd's."""
+    torch.manual_seed(0)
+    model = _RelativePositions()
+    ids = torch.randint(1, 11, (1, length))
+    mask = (torch.arange(length) < 3).long()[None]
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([1]))
+    stats = collect_statistics(model, {"query": model.query}, [batch])["query"]
+    x = torch.cat([model.emb(ids)[0, :3], model.positions[0]]).detach()
+    torch.testing.assert_close(stats.S, x.T @ x / 8, atol=1e-6, rtol=1e-5)
+    grad, = torch.autograd.grad(nn.functional.cross_entropy(model(ids, mask), batch["labels"]),
+                                model.query.weight)
+    torch.testing.assert_close(stats.G, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_token_logits_on_the_default_loss_name_each_token_loss_by_its_convention():
+    """A causal LM shifts its labels by one, a masked LM does not: the error names both; masked_lm_loss is
+    the unshifted token mean and gives the labels to no model."""
+    with pytest.raises(ValueError, match=r"causal_lm_loss where position t predicts token t \+ 1 .*"
+                                         r"masked_lm_loss where it predicts its own label"):
+        cglora._loss(torch.randn(2, 4, 7), torch.zeros(2, 4).long())
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
+    labels[0, 1:3] = cglora.IGNORE
+    keep = labels != cglora.IGNORE
+    torch.testing.assert_close(cglora.masked_lm_loss(logits, labels),
+                               nn.functional.cross_entropy(logits[keep], labels[keep]))
+    assert cglora.masked_lm_loss.terms(labels) == 6 and not getattr(cglora.masked_lm_loss, "model_labels", False)
+
+
 def test_seq2seq_lm_loss_is_the_unshifted_token_mean_and_samples_only_its_targets():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
@@ -1471,6 +1584,27 @@ def test_add_lora_names_the_type_of_a_target_that_is_not_linear():
     with pytest.raises(ValueError, match=r"layer emb is Embedding, not nn\.Linear, .* target the nn\.Linear layers"):
         add_lora(model, ["query", "emb"], rank=2, alpha=4)
     assert isinstance(model.query, nn.Linear) and all(p.requires_grad for p in model.parameters())  # as it was
+
+
+def test_a_target_whose_weight_is_tied_to_another_module_refuses_a_shift_and_a_merge():
+    """Tied input/output embeddings: the adapter's G is the head's use alone (exact for the adapter), but
+    moving W0 would move the embedding too: shifted inits and merging are refused."""
+    torch.manual_seed(0)
+    model = _Causal(vocab=5, d=5)
+    model.lm_head.weight = model.emb.weight  # vocab x d both
+    batches = _token_batches(vocab=5)
+    layers = add_lora(model, ["lm_head", "proj"], rank=2, alpha=4)
+    assert layers["lm_head"].tied and not layers["proj"].tied
+    stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, batches, loss=cglora.causal_lm_loss)
+    for method in ("cg-lora-shift", "lora-ga"):
+        with pytest.raises(ValueError, match=r"\['lm_head'\]: .* tied to another module's"):
+            init_adapters(layers, method, stats, log=lambda *a: None)
+    with pytest.raises(ValueError, match="tied to another module's: merging would change that module"):
+        layers["lm_head"].merge()
+    init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+    before = model.emb.weight.clone()
+    layers["proj"].merge()
+    assert torch.equal(model.emb.weight, before)
 
 
 def test_add_lora_takes_one_target_name_and_names_an_existing_adapter():

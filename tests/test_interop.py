@@ -65,15 +65,27 @@ def _t5():
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]  # encoder, decoder self- and cross-attention, feed-forward
 
 
-@pytest.mark.parametrize("decoder_length", [5, 7])
-def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
-    """Encoder masked by attention_mask; the decoder's own tokens by decoder_attention_mask (given when the
-    lengths are equal, where the encoder's mask fits them too); cross-attention's keys and values by the
-    encoder's; the labels go to the model, which builds the decoder inputs (seq2seq_lm_loss)."""
+def _call_inputs(model, module, batch):  # the inputs of every call of `module` in model(**batch)
+    xs = []
+    handle = module.register_forward_hook(lambda m, inputs, output: xs.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            model.eval()(**batch)
+    finally:
+        handle.remove()
+    return xs
+
+
+@pytest.mark.parametrize("decoder_length, given", [(5, False), (7, False), (7, True)])
+def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length, given):
+    """Encoder masked by attention_mask; the decoder's own tokens by decoder_attention_mask, or when
+    none is given by the labels other than -100 (also at the encoder's length, where its mask would
+    fit); cross-attention's keys and values by the encoder's; the labels go to the model, which
+    builds the decoder inputs (seq2seq_lm_loss)."""
     ids, mask = _padded(1, (3, 7), 50, (7, 3, 5))
     labels, decoder_mask = _padded(2, (3, decoder_length), 50, (decoder_length, 2, 4))
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100))
-    if decoder_length == 7:
+    if given:
         batch["decoder_attention_mask"] = decoder_mask
     model = _t5()
     layers, stats = _assert_G_is_autograd(model, T5_TARGETS, batch, loss=cglora.seq2seq_lm_loss)
@@ -81,8 +93,10 @@ def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
     cross_k = stats["decoder.block.0.layer.1.EncDecAttention.k"]  # S over the encoder's 15 real tokens
     x = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.detach()[mask.bool()]
     torch.testing.assert_close(cross_k.S, x.T @ x / 15, atol=1e-6, rtol=1e-5)
-    self_q = stats["decoder.block.0.layer.0.SelfAttention.q"]
-    assert self_q.folds[0].tokens == (decoder_mask.sum() if decoder_length == 7 else 3 * decoder_length)
+    name = "decoder.block.0.layer.0.SelfAttention.q"  # S over the decoder's real target tokens
+    x = _call_inputs(model, layers[name], batch)[0][decoder_mask.bool()]
+    assert stats[name].folds[0].tokens == decoder_mask.sum() == x.shape[0]
+    torch.testing.assert_close(stats[name].S, x.T @ x / x.shape[0], atol=1e-6, rtol=1e-5)
     sampled = cglora.collect_statistics(model, layers, [batch], loss=cglora.seq2seq_lm_loss, folds=1,
                                         fisher="sampled")  # T from the model's tokens, G from the labels
     for name in layers:
@@ -90,11 +104,14 @@ def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length):
         assert not torch.allclose(sampled[name].T, stats[name].T)
 
 
-def test_t5_token_labels_without_the_seq2seq_loss_say_which_loss_to_pass():
+def test_t5_token_labels_take_the_seq2seq_loss_unless_another_loss_is_given():
     ids, mask = _padded(1, (2, 6), 50, (6, 3))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids)
+    _assert_G_is_autograd(_t5(), ["q", "v"], batch)  # recognised from the class
+    model = _t5()
     with pytest.raises(ValueError, match="pass loss=cglora.seq2seq_lm_loss"):
-        cglora.collect_statistics(_t5(), {"q": _t5().encoder.block[0].layer[0].SelfAttention.q},
-                                  [dict(input_ids=ids, attention_mask=mask, labels=ids)])
+        cglora.collect_statistics(model, {"q": model.encoder.block[0].layer[0].SelfAttention.q}, [batch],
+                                  loss=lambda logits, labels: logits.sum())
 
 
 def test_bart_labels_build_the_decoder_inputs_and_G_equals_autograd():
@@ -138,6 +155,55 @@ def test_llama_padded_causal_lm_equals_autograd():
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     _assert_G_is_autograd(_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                           batch, loss=cglora.causal_lm_loss)
+
+
+def test_llama_labels_that_count_padding_equal_autograd_of_its_own_loss():
+    """labels = input ids, padding not set to -100: transformers' loss counts the padded targets, and so do
+    G and T (a mask keeps rows out of S only); the causal loss is recognised from the class."""
+    ids, mask = _padded(6, (3, 9), 50, (9, 6, 4))
+    _assert_G_is_autograd(_llama(), ["q_proj", "v_proj", "o_proj", "down_proj"],
+                          dict(input_ids=ids, attention_mask=mask, labels=ids.clone()))
+
+
+def _deberta():
+    config = transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        relative_attention=True, position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
+        share_att_key=True, norm_rel_ebd="layer_norm", num_labels=3)
+    torch.manual_seed(0)
+    return transformers.DebertaV2ForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("length", [8, 7])
+def test_deberta_projections_of_relative_positions_keep_every_row_whatever_the_length(length):
+    """DeBERTa applies query_proj and key_proj to its relative-position table [1, 2 * 4, d] too: at one
+    example of length 8 the batch's mask has the table's shape, and still only the token rows are masked."""
+    ids, mask = _padded(7, (1, length), 50, (5,))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([1]))
+    model = _deberta()
+    layers, stats = _assert_G_is_autograd(model, ["query_proj", "key_proj", "value_proj"], batch)
+    name = "deberta.encoder.layer.0.attention.self.query_proj"
+    calls = _call_inputs(model, layers[name], batch)  # the tokens [1, L, d], then the table [1, 8, d]
+    assert [tuple(c.shape[:2]) for c in calls] == [(1, length), (1, 8)]
+    x = torch.cat([calls[0][mask.bool()], calls[1][0]])
+    torch.testing.assert_close(stats[name].S, x.T @ x / (5 + 8), atol=1e-6, rtol=1e-5)
+
+
+def test_bert_masked_lm_is_recognised_and_equals_autograd():
+    """A masked LM predicts each position's own label (no shift): masked_lm_loss, taken from the class."""
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    ids, mask = _padded(8, (3, 7), 50, (7, 4, 6))
+    labels = ids.masked_fill((mask == 0) | (torch.arange(7) % 3 != 0), -100)
+    _assert_G_is_autograd(transformers.BertForMaskedLM(config), ["query", "value", "dense"],
+                          dict(input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def test_classification_labels_of_shape_batch_by_one_equal_autograd():
+    ids, mask = _padded(5, (3, 7), 50, (7, 2, 5))
+    _assert_G_is_autograd(_bert(), ["query", "value"],
+                          dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([[2], [0], [1]])))
 
 
 # ---------------------------------------------------------------------------- peft
@@ -213,9 +279,14 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
         cglora.initialize_peft(peft_model, batches, rank=4)
     with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
         cglora.initialize_peft(peft_model, batches, adapter_name="other")
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
-    with pytest.raises(ValueError, match=r"c_attn \(Conv1D\)'\]: only nn.Linear base layers"):
-        cglora.initialize_peft(peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"])), batches)
+    dora = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    with pytest.raises(ValueError, match=r"\(DoraLinearVariant\)'\] are a LoRA variant .* not W0 \+ s B A"):
+        cglora.initialize_peft(dora, batches)
+    embedded = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query", "word_embeddings"]))
+    with pytest.raises(ValueError, match=r"word_embeddings'\] have LoRA on an embedding.*leave embeddings out"):
+        cglora.initialize_peft(embedded, batches)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="call it outside torch.no_grad"):
+        cglora.initialize_peft(peft_model, batches)
     peft_model = peft.get_peft_model(_t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
                                                              task_type="SEQ_2_SEQ_LM"))
     ids, mask = _padded(1, (2, 6), 50, (6, 3))
@@ -240,6 +311,100 @@ def test_save_peft_reloads_in_peft_to_our_logits_without_restating_the_scale(tmp
     inputs = {k: v for k, v in batches[0].items() if k != "labels"}
     loaded = peft.PeftModel.from_pretrained(_bert(), tmp_path).eval()  # the original checkpoint
     torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def _tied_llama():
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_initialize_peft_refuses_an_adapter_tied_to_another_and_takes_an_untied_lm_head():
+    """ensure_weight_tying ties the embedding's adapter to lm_head's: its gradient sums both uses, so it is
+    refused; without it lm_head's adapter is its own, and its G is lm_head's use alone (exact)."""
+    peft = pytest.importorskip("peft")
+    batches = _calibration("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about tied layers in the adapter
+        tied = peft.get_peft_model(_tied_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                  ensure_weight_tying=True))
+        own = peft.get_peft_model(_tied_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"share their weights with a target's \(ensure_weight_tying\)"):
+        cglora.initialize_peft(tied, batches, log=_quiet)
+    report = cglora.initialize_peft(own, batches, log=_quiet)
+    assert [r["layer"] for r in report if r["captured"] > 0][-1].endswith("lm_head")
+    head = own.base_model.model.lm_head
+    with own.disable_adapter():
+        stats = cglora.collect_statistics(own, {"head": head.base_layer}, batches)
+    n = [(b["labels"][:, 1:] != -100).sum() for b in batches]  # target tokens: the loss's terms
+    head.base_layer.weight.requires_grad_(True)
+    with own.disable_adapter():
+        loss = sum(own(**b).loss * k for b, k in zip(batches, n)) / sum(n)
+    grad, = torch.autograd.grad(loss, head.base_layer.weight)  # both uses: the embedding's rows too
+    ids = torch.cat([b["input_ids"].flatten() for b in batches]).unique()
+    rest = torch.ones(50, dtype=torch.bool)
+    rest[ids] = False  # tokens never input: the gradient there is the head's use alone
+    assert (stats["head"].G[rest] - grad[rest]).norm() <= 1e-5 * grad[rest].norm()
+
+
+def test_initialize_peft_on_gpt2_conv1d_takes_the_causal_loss_and_its_first_order_decrease():
+    """GPT-2's c_attn, c_proj are Conv1D (y = x W + b, W d_in x d_out; peft: fan_in_fan_out): G is the
+    gradient of W^T, the adapter computes B A x, and the loss falls along s B A as <G, s B A> says."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    make = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2,
+                                                                        n_head=4)).eval()
+    batches = _calibration("llama")
+    gpt2 = make()
+    layers = {n: m for n, m in gpt2.named_modules() if type(m).__name__ == "Conv1D"}
+    stats = cglora.collect_statistics(gpt2, layers, batches)  # the causal loss, from the class
+    n = [(b["labels"][:, 1:] != -100).sum() for b in batches]  # target tokens: the loss's terms
+    loss = sum(gpt2(**b).loss * k for b, k in zip(batches, n)) / sum(n)
+    grads = torch.autograd.grad(loss, [m.weight for m in layers.values()])
+    for name, grad in zip(layers, grads):
+        assert (stats[name].G - grad.T).norm() <= 1e-5 * grad.norm(), name
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out set to True for Conv1D
+        peft_model = peft.get_peft_model(make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn",
+                                                                                                     "c_proj"]))
+    report = cglora.initialize_peft(peft_model, batches, log=_quiet)
+    assert len(report) == 6 and all(r["captured"] > 0 for r in report)  # c_proj: attention's and the MLP's
+    lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    slope = sum((stats[n].G * m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight)).sum()
+                for n, m in lora.items())
+    assert slope < 0
+    with torch.no_grad():
+        losses = []
+        peft_model.eval()  # no dropout
+        for t in (0.0, 1e-3):
+            for m in lora.values():
+                m.scaling["default"] = t * m.lora_alpha["default"] / m.r["default"]
+            losses.append(sum(peft_model(**b).loss * k for b, k in zip(batches, n)).item() / sum(n).item())
+    torch.testing.assert_close(torch.tensor(losses[1] - losses[0]), 1e-3 * slope, rtol=2e-2, atol=0)
+
+
+def test_initialize_peft_writes_fp32_adapters_on_a_bf16_base_unrounded():
+    """peft keeps the adapters fp32 on a bf16 base: the factors are written at that dtype, not rounded to
+    the base's bf16 (they equal the fp32 factors from the same statistics)."""
+    peft = pytest.importorskip("peft")
+    batches = _calibration("llama")
+    peft_model = peft.get_peft_model(_llama(torch.bfloat16), peft.LoraConfig(r=2, lora_alpha=4,
+                                                                             target_modules=["q_proj"]))
+    cglora.initialize_peft(peft_model, batches, init_norm=0, factor_balance="curvature", log=_quiet)
+    lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    with peft_model.disable_adapter():
+        stats = cglora.collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches)
+    for name, m in lora.items():
+        A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+        assert A.dtype == torch.float32 and not torch.equal(A, A.bfloat16().float())
+        st = stats[name]
+        want_B, want_A, _ = cglora.cg_lora_factors(st.G, st.S, st.T, 2, scaling=m.scaling["default"],
+                                                   tol=cglora.FINAL_TOL)  # init_adapters' route
+        torch.testing.assert_close(B @ A, want_B @ want_A, atol=1e-7, rtol=1e-4)
 
 
 def test_add_lora_on_gpt2_conv1d_says_how_to_convert_it():
