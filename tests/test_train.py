@@ -3,6 +3,7 @@ directories, torchrun, exports and every bad flag."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
         adapter = torch.load(run / "adapter_model.bin")
         assert "base_model.model.layers.0.query.lora_A.weight" in adapter
         assert not torch.equal(adapter["base_model.model.layers.0.query.lora_B.weight"],
-                               torch.load(run / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"])
+                               torch.load(run / "adapter_init" / "adapter_model.bin")["base_model.model.layers.0.query.lora_B.weight"])
 
 
 def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_path, glue, capsys):
@@ -127,7 +128,7 @@ def test_fisher_flag_reaches_the_statistics(tmp_path, glue):
     B = {}
     for fisher, out in (("empirical", "e"), ("sampled", "s"), ("sampled", "s_again")):
         _train(tmp_path, "--fisher", fisher, "--max_steps", "1", out=out)
-        B[out] = torch.load(tmp_path / out / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"]
+        B[out] = torch.load(tmp_path / out / "adapter_init" / "adapter_model.bin")["base_model.model.layers.0.query.lora_B.weight"]
     assert torch.equal(B["s"], B["s_again"]) and not torch.allclose(B["s"], B["e"], rtol=1e-3, atol=0)
 
 
@@ -184,6 +185,12 @@ def _refused(capsys, args):
     return err[0]
 
 
+def _module_name(cfg, model):
+    """Our module name -> the name the exported adapter gives it (from --pretrained: the checkpoint's)."""
+    rename = train.hf_name(cfg, model)
+    return lambda module: rename(f"{module}.weight").removesuffix(".weight")
+
+
 def _files(run):
     return {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
 
@@ -209,7 +216,7 @@ def test_a_run_directory_holds_one_run(tmp_path, glue, capsys):
     before = _files(run)
     args = ["--data_dir", str(glue), "--out", str(run), "--calib_batches", "2", "--batch_size", "8"]
     line = _refused(capsys, [*args, "--rank", "4"])
-    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init.bin, adapter_model.bin, "
+    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init, adapter_model.bin, "
                     f"checkpoint.pt, ...): continue it with --resume, pick a new --out, or pass --overwrite to "
                     f"clear it first")
     assert _files(run) == before
@@ -371,7 +378,7 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     to_hf = train.hf_name(cfg, source)  # --pretrained: merged.pt has the checkpoint's own names
     assert set(merged) == {to_hf(key) for key in original}
     merged = {key: merged[to_hf(key)] for key in original}
-    rename = train.peft_module_name(cfg, source)  # the names the adapter is saved under
+    rename = _module_name(cfg, source)  # the names the adapter is saved under
     for key, W0 in original.items():
         module, _, param = key.rpartition(".")
         prefix = "base_model.model." + rename(module)
@@ -445,12 +452,41 @@ def test_train_downloads_a_missing_task(tmp_path, server, monkeypatch, capsys):
     assert os.listdir(tmp_path / "glue") == ["CoLA"]
     assert f"downloading {base}/CoLA.zip" in capsys.readouterr().out
     del files["/CoLA.zip"]
-    with pytest.raises(SystemExit) as e:
-        train.main(["--data_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "failed")])
-    err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: could not fetch")
-    assert "HTTP Error 404" in err[0] and "To get CoLA by hand" in err[0]
-    assert not (tmp_path / "empty" / "CoLA").exists() and os.listdir(tmp_path / "empty") == []
+    (tmp_path / "kept").mkdir()
+    for folder in ("kept", "new/glue"):  # a data dir that exists is left as it was, one made goes
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data_dir", str(tmp_path / folder), "--out", str(tmp_path / "failed")])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: could not fetch")
+        assert "HTTP Error 404" in err[0] and "To get CoLA by hand" in err[0]
+    assert os.listdir(tmp_path / "kept") == [] and not (tmp_path / "new").exists()
+    assert not (tmp_path / "failed").exists()
+
+
+def test_data_missing_partial_or_misplaced_ends_in_one_line_and_leaves_nothing(tmp_path, glue, capsys):
+    """A file as the data dir, the task's own folder as the data dir, a task folder without its train
+    file (not announced as a download), a train file cut mid-sentence: one error line each, nothing
+    written."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "partial" / "CoLA").mkdir(parents=True)
+    (tmp_path / "partial" / "CoLA" / "dev.tsv").write_text((glue / "CoLA" / "dev.tsv").read_text())
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(glue / "CoLA", tmp_path / "cut" / "CoLA")
+    text = (glue / "CoLA" / "train.tsv").read_text()
+    (tmp_path / "cut" / "CoLA" / "train.tsv").write_text(text[:text.index("\n", 500) - 5])
+    cases = {"file": "the data dir {d} is a file: point --data_dir",
+             "glue/CoLA": "the data dir {d} holds a train.tsv itself: if it is CoLA's folder, pass "
+                          "its parent, {p}",
+             "partial": "{d}/CoLA exists but lacks train.tsv: complete it or remove it",
+             "cut": "{d}/CoLA/train.tsv:"}
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    for folder, want in cases.items():
+        d = glue / "CoLA" if folder == "glue/CoLA" else tmp_path / folder
+        line = _refused(capsys, ["--data_dir", str(d), "--out", str(tmp_path / "run")])
+        assert line.startswith("error: " + want.format(d=d, p=d.parent)), line
+        assert "downloading" not in capsys.readouterr().out
+    assert "the file is cut short" in line and "end its last line with a line end" in line
+    assert sorted(str(f) for f in tmp_path.rglob("*")) == before
 
 
 def test_torchrun_two_processes_match_one(tmp_path, glue):
@@ -480,7 +516,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
     assert "2 process(es)" in two.stdout
     cfg = train.load_config(tmp_path / "one")
     model = from_pretrained(str(tmp_path / "ckpt"), 2)
-    rename = train.peft_module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
+    rename = _module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
     ours = {rename(n): n for n in {k.rpartition(".")[0] for k in hf_names(model.config)}}
 
     def our_name(key):  # base_model.model.<their module>.lora_A.weight -> <our module>.lora_A, and so on
@@ -490,7 +526,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
         module, _, param = key.removeprefix("base_model.model.").rpartition(".")
         return f"{ours[module]}.{param}"
 
-    init = [{our_name(k): v for k, v in torch.load(tmp_path / run / "adapter_init.bin").items()}
+    init = [{our_name(k): v for k, v in torch.load(tmp_path / run / "adapter_init" / "adapter_model.bin").items()}
             for run in ("one", "two")]
     records = [json.loads((tmp_path / run / "init.json").read_text())["layers"] for run in ("one", "two")]
     for r1, r2 in zip(*records):  # the per-fold statistics too: the same calibration diagnostics
@@ -596,13 +632,13 @@ def test_resume_says_which_random_states_it_restored(monkeypatch):
 
 
 def test_exports_of_a_model_on_an_accelerator_hold_cpu_tensors(tmp_path):
-    """adapter_init.bin, adapter_model.bin and merged.pt load with a plain torch.load anywhere."""
+    """adapter_init/, adapter_model.bin and merged.pt load with a plain torch.load anywhere."""
     cfg = train.Config(init="cg-lora", rank=2, alpha=4)
     with _Accelerator():
         model = models.Encoder(models.tiny_config(30, 2)).to(_ACCELERATOR)
         cglora.add_lora(model, ["query", "value"], 2, 4, rslora=True, trainable=train.trainable_modules(cfg))
         exports = [cglora.lora_state_dict(model), train.merged_state_dict(cfg, model)]
-        train.adapter_files(cfg, model, tmp_path)
+        train.export_adapter(cfg, model, tmp_path)
     exports.append(torch.load(tmp_path / "adapter_model.bin"))
     for state in exports:
         assert state and all(type(v) is torch.Tensor and v.device.type == "cpu" for v in state.values())
