@@ -431,24 +431,33 @@ def save_atomic(obj, path):
 
 
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the
-    dev metric at each evaluation, the axes labelled with their ranges."""
+    """A dependency-free SVG of metrics.jsonl, two panels: the loss (train at each step row, dev at
+    each evaluation, from step 0) and the dev metric at each evaluation; each axis numbered at its
+    ends and middle."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
            'font-family="sans-serif" font-size="11" style="background: white">']
-    # title, rows, column
-    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]
-    for i, (title, kind, key) in enumerate(series):
-        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind] or [(0, 0)]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    panels = [("loss: train (blue), dev (orange)",
+               [[(r["step"], r["train_loss"]) for r in rows if r["kind"] == "step"],
+                [(r["step"], r["dev_loss"]) for r in evals]]),
+              (f"dev {metric}", [[(r["step"], r[f"dev_{metric}"]) for r in evals]])]
+    for i, (title, lines) in enumerate(panels):
+        points = [p for line in lines for p in line] or [(0, 0)]
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
         left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
         X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
         Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
-        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to '
-                f'{y1:.3g})</text>',
+        out += [f'<text x="{left}" y="{top - 14}">{title}</text>',
                 f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} '
-                f'{right},{bottom}"/>',
-                '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>']
+                f'{right},{bottom}"/>']
+        for t in (0, 0.5, 1):  # the numbers on the axes
+            x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+            out += [f'<text x="{X(x):.1f}" y="{bottom + 16}" text-anchor="middle">{x:g}</text>',
+                    f'<text x="{left - 4}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>']
+        out += [f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in line) + '"/>'
+                for line, color in zip(lines, ("#1f77b4", "#ff7f0e")) if line]
+        out.append(f'<text x="{(left + right) / 2}" y="{h - 8}" text-anchor="middle">step</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
@@ -496,9 +505,12 @@ def resumed(cfg, out, world):
     known to be the run's latest state: of that config, as many processes, every evaluation
     metrics.jsonl has."""
     path = out / "checkpoint.pt"
+    if not out.is_dir() or not any(out.iterdir()):
+        raise ValueError(f"--resume: there is no run in {out} (no such directory, or an empty "
+                         "one): check --out, or start the run without --resume")
     if not (out / "config.json").is_file() or not path.is_file():
-        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, "
-                         "or there is no run): start it again with --overwrite")
+        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first "
+                         "one): start it again with --overwrite")
     saved = load_config(out)
     def fixed(c):
         return {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}
