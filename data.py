@@ -147,7 +147,7 @@ def read_split(task, split, data_dir=None):
     examples, path = _read(task, split, data_dir)
     rows = glue_rows(task, split)
     if rows is not None and len(examples) != rows:
-        with open(path, "rb") as f:  # a cut inside the last field (a CoLA sentence) keeps its fields
+        with open(path, "rb") as f:  # a cut inside a last field (a CoLA sentence) keeps its fields
             cut = f.seek(-1, os.SEEK_END) and f.read(1) != b"\n"
         warnings.warn(f"{path} has {len(examples)} rows where GLUE's has {rows}"
                       + (" and its last line has no line end: it was cut short, its last row "
