@@ -54,8 +54,8 @@ class Config:
     calib_batch_size: int = flag(8, "examples per calibration batch")
     real_check: int = flag(0, "batches after the calibration ones on which the init is judged by "
                            "the real loss (0: off)")
-    damping: str = flag(str(cglora.DAMPING), "relative damping of S and T (docs §3): a number > 0, "
-                        "or auto: chosen on 2 folds (§8.1)")
+    damping: str = flag(str(cglora.DAMPING), "relative damping of S and T (§3): a number > 0, or "
+                        "auto: chosen on 2 folds (§8.1)")
     diagnostics: bool = flag(False, "keep the statistics in 2 folds and report the §8 diagnostics "
                              "(on with --damping auto)")
     step: float = flag(1.0, "Newton step length; only matters with --init_norm 0")
