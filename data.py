@@ -101,8 +101,10 @@ _TASKS = [
 
 def get_task(name):
     """The GLUE task called `name`, case-insensitive, '-' optional (cola, CoLA, sts-b, stsb,
-    SST2)."""
-    key = name.lower().replace("-", "").replace("_", "")
+    SST2); a Task is returned as it is, so every function here takes either."""
+    if isinstance(name, Task):
+        return name
+    key = str(name).lower().replace("-", "").replace("_", "")
     for task in _TASKS:
         if task.name.replace("-", "") == key:
             return task
@@ -115,6 +117,18 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir or os.environ.get("GLUE_DIR") or "glue_data").expanduser()
 
 
+def task_folder(task, data_dir=None):
+    """<data_dir>/<Task>/, once the data dir is known not to be a file or the task's own folder."""
+    root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"the data dir {root} is a file: point --data_dir (or $GLUE_DIR) "
+                                 f"at the folder that holds {task.dir}/")
+    if not (root / task.dir).exists() and (root / task.files[0][1]).is_file():
+        raise NotADirectoryError(f"the data dir {root} holds a {task.files[0][1]} itself: if it is "
+                                 f"{task.dir}'s folder, pass its parent, {root.parent}")
+    return root / task.dir
+
+
 class RowCountWarning(UserWarning):
     """A task file holds another number of rows than GLUE's: a truncated or edited copy."""
 
@@ -125,16 +139,21 @@ def glue_rows(task, split):
 
 
 def read_split(task, split, data_dir=None):
-    """Examples of one split ("train", "dev"; MNLI also "dev_mismatched") from
-    <data_dir>/<Task>/*.tsv. A file whose number of rows is not GLUE's warns (RowCountWarning) with
-    the file, the counts and the fix."""
+    """Examples of one split ("train", "dev"; MNLI also "dev_mismatched") of a task (or its name)
+    from <data_dir>/<Task>/*.tsv. A file whose number of rows is not GLUE's warns (RowCountWarning)
+    with the file, the counts and the fix, and says the file was cut if its last line has no line
+    end; a last line with too few fields is refused (ValueError)."""
+    task = get_task(task)
     examples, path = _read(task, split, data_dir)
     rows = glue_rows(task, split)
     if rows is not None and len(examples) != rows:
-        warnings.warn(f"{path} has {len(examples)} rows where GLUE's has {rows}: a truncated or "
-                      f"edited copy? For GLUE's own, delete {path.parent} and run again (train.py "
-                      "downloads it)",
-                      RowCountWarning, stacklevel=2)
+        with open(path, "rb") as f:  # a cut inside a last field (a CoLA sentence) keeps its fields
+            cut = f.seek(-1, os.SEEK_END) and f.read(1) != b"\n"
+        warnings.warn(f"{path} has {len(examples)} rows where GLUE's has {rows}"
+                      + (" and its last line has no line end: it was cut short, its last row "
+                         "likely cut mid-text." if cut else ": a truncated or edited copy?")
+                      + f" For GLUE's own, delete {path.parent} and run again (train.py "
+                      "downloads it)", RowCountWarning, stacklevel=2)
     return examples
 
 
@@ -142,7 +161,7 @@ def _read(task, split, data_dir):  # (examples, path) of one split, every row ch
     files = dict(task.files)
     if split not in files:
         raise ValueError(f"{task.name} has splits {list(files)}, not {split!r}")
-    folder = resolve_data_dir(data_dir) / task.dir
+    folder = task_folder(task, data_dir)
     path = folder / files[split]
     if not path.is_file():
         raise FileNotFoundError(
@@ -196,7 +215,8 @@ def _label(task, raw, path, n):
 
 def missing_files(task, data_dir=None):
     """The paths of the task's files (train, dev, ...) that are not in <data_dir>/<Task>/."""
-    folder = resolve_data_dir(data_dir) / task.dir
+    task = get_task(task)
+    folder = task_folder(task, data_dir)
     return [folder / f for _, f in task.files if not (folder / f).is_file()]
 
 
@@ -301,15 +321,18 @@ def download_task(task, data_dir, base_url=None, log=print):
     row readable; GLUE's row counts), then move <Task>/ into place with one os.replace. base_url
     (else $GLUE_URL) is a mirror; the default is GLUE's own URLs. A failure raises DownloadError
     naming what to fetch and where to put it, and leaves neither a task folder nor temporary files
-    behind. A complete task folder is left as it is."""
+    behind (nor the data dir, where this call made it). A complete task folder is left as it is."""
+    task = get_task(task)
     data_dir, sources = Path(data_dir), task_sources(task, base_url)
-    target = data_dir / task.dir
+    target = task_folder(task, data_dir)
     missing = missing_files(task, data_dir)
     if not missing:
         return target
     if target.exists():
         raise DownloadError(f"{target} exists but lacks {', '.join(p.name for p in missing)}: "
                             "complete it or remove it so that it can be downloaded whole")
+    log(f"{task.dir} is not in {data_dir}: downloading it")
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     data_dir.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{task.dir}-", suffix=".partial", dir=data_dir))
     try:
@@ -328,6 +351,9 @@ def download_task(task, data_dir, base_url=None, log=print):
         raise DownloadError(f"{e}. {manual_steps(task, sources, target)}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if not target.exists():  # failed: the folders this call made go too
+            for folder in made:
+                folder.rmdir()  # empty: they held only `partial`
     log(f"{task.dir}: {', '.join(f for _, f in task.files)} checked and unpacked into {target}")
     return target
 
@@ -625,8 +651,9 @@ def _ranks(x):  # 1-based ranks, ties get their average rank (as scipy.stats.ran
 
 
 def compute_metrics(task, predictions, labels):
-    """task.metrics -> value: class ids (or scores for STS-B) against gold labels. F1 is of class
-    1."""
+    """task.metrics -> value (a task or its name): class ids (or scores for STS-B) against gold
+    labels. F1 is of class 1."""
+    task = get_task(task)
     p = np.asarray(predictions, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=np.float64).ravel()
     if p.shape != y.shape or len(p) == 0:

@@ -6,11 +6,9 @@
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -27,58 +25,70 @@ import data
 import models
 
 
+def flag(default, why):
+    """A Config field and its --help line: the default and why."""
+    return dataclasses.field(default=default, metadata=dict(help=why))
+
+
 @dataclasses.dataclass
 class Config:
-    task: str = "cola"  # GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli
-    data_dir: str = None  # GLUE root; default $GLUE_DIR, else ./glue_data (config.json records the
-                          # one used)
-    pretrained: str = None  # HF BERT/RoBERTa checkpoint dir (model + tokenizer); None: tiny encoder
-    init: str = "cg-lora"  # cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full
-    rank: int = 8
-    alpha: float = 16.0  # scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)
-    targets: str = "query,value"  # linear layers that get adapters (last name component), or all:
-                                  # the six of a block
-    dropout: float = 0.0  # LoRA dropout, in [0, 1)
-    lr: float = 1e-3  # peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)
-    epochs: int = 3
-    batch_size: int = 32  # per process
-    max_len: int = 128  # tokens per example, pairs truncated longest-first
-    warmup: float = 0.06  # fraction of the steps with a linear learning-rate warm-up
-    weight_decay: float = 0.0
-    calib_batches: int = 16  # calibration batches for the statistics (lora-ga, lora-one, cg-lora)
-    calib_batch_size: int = 8
-    real_check: int = 0  # batches after the calibration ones on which the init is judged by the
-                         # real loss (0: off)
-    damping: str = str(cglora.DAMPING)  # relative damping of S and T (docs §3): a number > 0, or
-                                        # auto: chosen on 2 folds (§8.1)
-    diagnostics: bool = False  # keep the statistics in 2 folds and report the §8 diagnostics (on
-                               # with --damping auto)
-    step: float = 1.0  # Newton step length; only matters with --init_norm 0
-    init_norm: float = None  # ||s B A||_2 of the CG-LoRA init; None: LoRA-One's,
-                             # alpha/(sqrt(r) 128)
-    fisher: str = "empirical"  # empirical (true labels) or sampled (labels from the model)
-    balance: str = "euclidean"  # CG-LoRA factors balanced as B^T B = A A^T, or in the curvature
-                                # metric
-    freeze_embeddings: bool = False  # tiny encoder: keep its random word embeddings frozen too
-                                     # (they train by default)
-    seed: int = 0  # one seed, one result (on CPU): data order, tiny weights, fresh head, init
-    device: str = "auto"  # auto, cpu, cuda
-    bf16: bool = False  # autocast on CUDA; statistics and factorizations stay fp32
-    out: str = None  # run directory; default
-                     # runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]
-    max_steps: int = 0  # stop after this many steps (0: all epochs); the schedule spans --epochs
-    resume: bool = False  # continue the run in --out from its last checkpoint
-    overwrite: bool = False  # clear the earlier run in --out first (only files train.py writes)
-    merge: bool = False  # also write merged.pt: a plain state dict with the adapters merged
-    log_every: int = 100  # steps between progress lines and metrics.jsonl's step rows
+    task: str = flag("cola", "GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli")
+    data_dir: str = flag(None, "GLUE root; default $GLUE_DIR, else ./glue_data (config.json "
+                         "records the one used)")
+    pretrained: str = flag(None, "HF BERT/RoBERTa checkpoint dir (model + tokenizer); none: the "
+                           "tiny encoder")
+    init: str = flag("cg-lora", "cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full")
+    rank: int = flag(8, "LoRA rank r")
+    alpha: float = flag(16.0, "scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)")
+    targets: str = flag("query,value", "linear layers that get adapters (last name component), "
+                        "or all: the six of a block")
+    dropout: float = flag(0.0, "LoRA dropout, in [0, 1)")
+    lr: float = flag(1e-3, "peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)")
+    epochs: int = flag(3, "epochs; the learning-rate schedule spans them")
+    batch_size: int = flag(32, "examples per step and process")
+    max_len: int = flag(128, "tokens per example, pairs truncated longest-first")
+    warmup: float = flag(0.06, "fraction of the steps with a linear learning-rate warm-up")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    calib_batches: int = flag(16, "calibration batches for the statistics (lora-ga, lora-one, "
+                              "cg-lora)")
+    calib_batch_size: int = flag(8, "examples per calibration batch")
+    real_check: int = flag(0, "batches after the calibration ones on which the init is judged by "
+                           "the real loss (0: off)")
+    damping: str = flag(str(cglora.DAMPING), "relative damping of S and T (§3): a number > 0, or "
+                        "auto: chosen on 2 folds (§8.1)")
+    diagnostics: bool = flag(False, "keep the statistics in 2 folds and report the §8 diagnostics "
+                             "(on with --damping auto)")
+    step: float = flag(1.0, "Newton step length; only matters with --init_norm 0")
+    init_norm: float = flag(None, "||s B A||_2 of the CG-LoRA init; none: LoRA-One's, "
+                            "alpha/(sqrt(r) 128)")
+    fisher: str = flag("empirical", "empirical (true labels) or sampled (labels from the model)")
+    balance: str = flag("euclidean", "CG-LoRA factors balanced as B^T B = A A^T, or in the "
+                        "curvature metric")
+    freeze_embeddings: bool = flag(False, "tiny encoder: keep its random word embeddings frozen "
+                                   "too (they train by default)")
+    seed: int = flag(0, "one seed, one result (on CPU): data order, tiny weights, fresh head, init")
+    device: str = flag("auto", "auto, cpu, cuda")
+    threads: int = flag(1, "CPU threads of torch: 1 is fastest for the tiny encoder and on a busy "
+                        "machine; more for a --pretrained model on idle cores; 0: torch's choice "
+                        "($OMP_NUM_THREADS, else every core)")
+    bf16: bool = flag(False, "autocast on CUDA; statistics and factorizations stay fp32")
+    out: str = flag(None, "run directory; default "
+                    "runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]")
+    max_steps: int = flag(0, "stop after this many steps (0: all epochs); the schedule spans "
+                          "--epochs")
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = flag(False, "clear the earlier run in --out first (only files train.py "
+                           "writes)")
+    merge: bool = flag(False, "also write merged.pt: a plain state dict with the adapters merged")
+    log_every: int = flag(100, "steps between progress lines and metrics.jsonl's step rows")
 
 
 # --targets all: every linear of a block
 ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 # what a --resume may change
-PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every")
+PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every", "threads")
 RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer",
-             "adapter_init.bin", "adapter_model.bin", "adapter_config.json", "checkpoint.pt",
+             "adapter_init", "adapter_model.bin", "adapter_config.json", "checkpoint.pt",
              "checkpoint.tmp", "merged.pt")
 # a long pass (statistics, evaluation) prints a progress line at most this often
 PROGRESS_SECONDS = 5
@@ -87,15 +97,11 @@ PROGRESS_SECONDS = 5
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    # field comments, continued on comment lines below the field
-    fields = re.findall(r"^    (\w+): .*?# (.*)$\n((?: +# .*\n)*)", inspect.getsource(Config),
-                        re.M)
-    why = {name: " ".join([first] + re.findall(r"# (.*)", more)) for name, first, more in fields}
     for f in dataclasses.fields(Config):
-        kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
+        kind = f.type if f.type in (int, float) else str
         how = dict(action="store_true") if f.type is bool else dict(type=kind, default=f.default)
         p.add_argument(f"--{f.name}", **how,
-                       help=f"{why.get(f.name, '')} (default: {how.get('default', 'off')})")
+                       help=f"{f.metadata['help']} (default: {how.get('default', 'off')})")
     return check_flags(Config(**vars(p.parse_args(argv))), int(os.environ.get("WORLD_SIZE", 1)))
 
 
@@ -105,7 +111,8 @@ RANGES = dict(  # flag: (holds, what it must be)
     **dict.fromkeys(("rank", "epochs", "batch_size", "max_len", "calib_batches", "calib_batch_size",
                      "log_every", "alpha", "lr", "step"), (lambda x: 0 < x < math.inf, "positive")),
     dropout=(lambda x: 0 <= x < 1, "in [0, 1)"), warmup=(lambda x: 0 <= x <= 1, "in [0, 1]"),
-    weight_decay=(lambda x: x >= 0, ">= 0"), max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
+    weight_decay=(lambda x: x >= 0, ">= 0"), threads=(lambda x: x >= 0, ">= 0 (0: torch's choice)"),
+    max_steps=(lambda x: x >= 0, ">= 0 (0: all epochs)"),
     real_check=(lambda x: x >= 0, ">= 0 (0: no real loss check)"),
     init_norm=(lambda x: x is None or x >= 0, ">= 0 (0: the raw Newton step)"))
 
@@ -364,43 +371,32 @@ def hf_name(cfg, model):
                          else f"{kind}.{names[name]}")
 
 
-def peft_module_name(cfg, model):
-    """Our module name -> the name the adapter is saved under: the checkpoint's own (hf_name) or
-    ours."""
-    rename = hf_name(cfg, model)
-    return lambda module: rename(module + ".weight").removesuffix(".weight")
-
-
-def adapter_files(cfg, model, out, name="adapter_model.bin"):
-    """The adapter as peft saves it, under peft_module_name's names: the weights (a shifted init
+def export_adapter(cfg, model, out):
+    """A peft adapter in the directory `out` by cglora.save_peft: the adapters (a shifted init
     against the original W0, as rank 2r: §5), the modules trained whole, and adapter_config.json
-    with exactly our scaling."""
-    rename, state, targets, head = peft_module_name(cfg, model), {}, set(), set()
-    # base_model.model.<module>.lora_A.weight
-    for key, value in cglora.lora_state_dict(model).items():
-        module, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
-        state[f"base_model.model.{rename(module)}.lora_{param}"] = value
-        targets.add(rename(module))
-    for key, value in model.state_dict().items():
-        # peft's modules_to_save: HF's classifier and BERT's
-        if key.split(".")[0] in trainable_modules(cfg):
-            # pooler whole, our head.* one by one (a ModuleDict)
-            module, _, param = key.rpartition(".")
-            state[f"base_model.model.{rename(module)}.{param}"] = value.to("cpu", copy=True)
-            head.add(rename(module).removeprefix(f"{model.config.model_type}.").split(".")[0]
-                     if cfg.pretrained else module)
-    torch.save(state, out / name)
-    r, = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    # rank 2r at the same scaling s = alpha' / 2r; else peft computes s as LoRALinear does
-    shifted = r != cfg.rank
-    scaling = next(m for m in model.modules() if isinstance(m, cglora.LoRALinear)).scaling
-    (out / "adapter_config.json").write_text(json.dumps(dict(
-        peft_type="LORA", task_type="SEQ_CLS" if cfg.pretrained else None,
-        base_model_name_or_path=cfg.pretrained,
-        r=r, lora_alpha=scaling * r if shifted else cfg.alpha,
-        use_rslora=not shifted and cglora.RSLORA[cfg.init],
-        lora_dropout=cfg.dropout, bias="none", target_modules=sorted(targets),
-        modules_to_save=sorted(head)), indent=1))
+    with exactly our scaling; from --pretrained under the checkpoint's own names (hf_name), which
+    peft finds in its *ForSequenceClassification. Every tensor saved on the CPU."""
+    # one module to save per Linear/Embedding: peft wraps each, and our head is a ModuleDict
+    whole = [n for n, m in model.named_modules()
+             if n.split(".")[0] in trainable_modules(cfg) and not list(m.children())]
+    config = cglora.save_peft(model, out, whole, base_model_name_or_path=cfg.pretrained,
+                              task_type="SEQ_CLS" if cfg.pretrained else None)
+    rename, prefix = hf_name(cfg, model), "base_model.model."
+    module_name = lambda n: rename(f"{n}.weight").removesuffix(".weight")  # noqa: E731
+
+    def theirs(key):  # base_model.model.<module>.lora_A.weight, or <module>.<weight|bias>
+        name = key.removeprefix(prefix)
+        module, lora, param = name.rpartition(".lora_")
+        return prefix + (module_name(module) + lora + param if lora else rename(name))
+    # save_peft keeps the trained-whole modules' tensors on their device: ours load anywhere
+    state = torch.load(out / "adapter_model.bin", map_location="cpu", weights_only=False)
+    torch.save({theirs(k): v.to("cpu") for k, v in state.items()}, out / "adapter_model.bin")
+    if cfg.pretrained:  # the head: BERT's pooler and classifier, RoBERTa's classifier
+        kind = model.config.model_type
+        config.update(target_modules=sorted(map(module_name, config["target_modules"])),
+                      modules_to_save=sorted({module_name(n).removeprefix(f"{kind}.").split(".")[0]
+                                              for n in whole}))
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
 def merged_state_dict(cfg, model):
@@ -435,24 +431,33 @@ def save_atomic(obj, path):
 
 
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl, one panel a series: train loss at each step row, the
-    dev metric at each evaluation, the axes labelled with their ranges."""
+    """A dependency-free SVG of metrics.jsonl, two panels: the loss (train at each step row, dev at
+    each evaluation, from step 0) and the dev metric at each evaluation; each axis numbered at its
+    ends and middle."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
            'font-family="sans-serif" font-size="11" style="background: white">']
-    # title, rows, column
-    series = [("train loss", "step", "train_loss"), (f"dev {metric}", "eval", f"dev_{metric}")]
-    for i, (title, kind, key) in enumerate(series):
-        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind] or [(0, 0)]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    panels = [("loss: train (blue), dev (orange)",
+               [[(r["step"], r["train_loss"]) for r in rows if r["kind"] == "step"],
+                [(r["step"], r["dev_loss"]) for r in evals]]),
+              (f"dev {metric}", [[(r["step"], r[f"dev_{metric}"]) for r in evals]])]
+    for i, (title, lines) in enumerate(panels):
+        points = [p for line in lines for p in line] or [(0, 0)]
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*points))
         left, right, top, bottom = i * w + pad, (i + 1) * w - pad / 2, pad, h - pad
         X = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (right - left)  # noqa: E731
         Y = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)  # noqa: E731
-        out += [f'<text x="{left}" y="{top - 14}">{title} (x: step {x0} to {x1}, y: {y0:.3g} to '
-                f'{y1:.3g})</text>',
+        out += [f'<text x="{left}" y="{top - 14}">{title}</text>',
                 f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} '
-                f'{right},{bottom}"/>',
-                '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in points) + '"/>']
+                f'{right},{bottom}"/>']
+        for t in (0, 0.5, 1):  # the numbers on the axes
+            x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+            out += [f'<text x="{X(x):.1f}" y="{bottom + 16}" text-anchor="middle">{x:g}</text>',
+                    f'<text x="{left - 4}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>']
+        out += [f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in line) + '"/>'
+                for line, color in zip(lines, ("#1f77b4", "#ff7f0e")) if line]
+        out.append(f'<text x="{(left + right) / 2}" y="{h - 8}" text-anchor="middle">step</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
@@ -500,9 +505,12 @@ def resumed(cfg, out, world):
     known to be the run's latest state: of that config, as many processes, every evaluation
     metrics.jsonl has."""
     path = out / "checkpoint.pt"
+    if not out.is_dir() or not any(out.iterdir()):
+        raise ValueError(f"--resume: there is no run in {out} (no such directory, or an empty "
+                         "one): check --out, or start the run without --resume")
     if not (out / "config.json").is_file() or not path.is_file():
-        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first one, "
-                         "or there is no run): start it again with --overwrite")
+        raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first "
+                         "one): start it again with --overwrite")
     saved = load_config(out)
     def fixed(c):
         return {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}
@@ -606,7 +614,6 @@ def read_data(run):
     cfg, task = run.cfg, data.get_task(run.cfg.task)
     cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
     if run.main and data.missing_files(task, cfg.data_dir):
-        run.log(f"{task.dir} is not in {cfg.data_dir}: downloading it")
         data.download_task(task, cfg.data_dir, log=run.log)
     if run.world > 1:
         dist.barrier()
@@ -643,7 +650,7 @@ def model_and_batches(run, task, train_set, dev_set, clear):
 
 
 def model_and_init(run, model, calib):
-    """The model on its device with its initialised adapters; init.json and adapter_init.bin
+    """The model on its device with its initialised adapters; init.json and adapter_init/
     written."""
     model.to(run.device)
     record = initialise(run.cfg, model, calib, run.device, run.log)
@@ -652,7 +659,7 @@ def model_and_init(run, model, calib):
     if run.main and not run.cfg.resume:
         (run.out / "init.json").write_text(json.dumps(record, indent=1))
         if run.cfg.init != "full":
-            adapter_files(run.cfg, model, run.out, "adapter_init.bin")  # what training starts from
+            export_adapter(run.cfg, model, run.out / "adapter_init")  # what training starts from
         run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak "
                 f"{record['peak_memory_mib']:.0f} MiB, {record['trainable_parameters']} trainable "
                 "parameters")
@@ -772,7 +779,7 @@ def finish(run, model, task, history, step, seconds):
     done line."""
     cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
     if cfg.init != "full":
-        adapter_files(cfg, model, out)
+        export_adapter(cfg, model, out)
     if cfg.merge:
         torch.save(merged_state_dict(cfg, model), out / "merged.pt")
     (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
@@ -785,6 +792,8 @@ def finish(run, model, task, history, step, seconds):
 
 def train(cfg):
     """One run, step by step; every flag is checked before the first file is written."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run, ck, clear = start(cfg)
     task, train_set, dev_set = read_data(run)
     model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set,

@@ -162,15 +162,29 @@ def test_read_split_warns_of_a_row_count_not_glues_and_refuses_a_cut_last_line(t
         data.read_split(rte, "train", tmp_path)
 
 
-def test_real_cola_cut_at_byte_200000_warns_with_both_counts(tmp_path):
-    """The cut falls mid-sentence, so the last line still has its four fields: the count tells."""
+def test_real_cola_cut_mid_sentence_warns_that_it_was_cut(tmp_path):
+    """Cut at byte 200,000 the last line still has its four fields: the count and the missing line end
+    tell; the same rows ended by a line end (a copy shortened on purpose) warn of the count alone."""
     source = _glue_dir() / "CoLA" / "train.tsv"
     if not source.is_file():
         pytest.skip("CoLA train not in $GLUE_DIR")
     (tmp_path / "CoLA").mkdir()
-    (tmp_path / "CoLA" / "train.tsv").write_bytes(source.read_bytes()[:200_000])
-    with pytest.warns(data.RowCountWarning, match="has 3875 rows where GLUE's has 8551"):
-        data.read_split(data.get_task("cola"), "train", tmp_path)
+    cut = source.read_bytes()[:200_000]
+    for tail, said in ((b"", " and its last line has no line end: it was cut short"), (b"\n", ": a truncated or edited")):
+        (tmp_path / "CoLA" / "train.tsv").write_bytes(cut + tail)
+        with pytest.warns(data.RowCountWarning, match=f"has 3875 rows where GLUE's has 8551{said}"):
+            data.read_split("cola", "train", tmp_path)
+
+
+def test_read_split_and_compute_metrics_take_a_task_or_its_name(tmp_path):
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.RowCountWarning)
+        assert data.read_split("RTE", "dev", tmp_path) == data.read_split(data.get_task("rte"), "dev", tmp_path)
+    assert data.compute_metrics("sts-b", [1, 2, 3], [1, 2, 4]) == \
+        data.compute_metrics(data.get_task("stsb"), [1, 2, 3], [1, 2, 4])
+    with pytest.raises(ValueError, match="unknown GLUE task 'nosuch'; known tasks: cola, sst-2"):
+        data.compute_metrics("nosuch", [1], [1])
 
 
 def test_missing_files_name_every_expected_path(tmp_path):
@@ -201,7 +215,8 @@ def test_download_task_over_http(tmp_path, server):
     assert data.read_split(task, "train", target) == expected["train"]
     assert data.read_split(task, "dev", target) == expected["dev"]
     assert os.listdir(target) == ["RTE"]  # the archive and the temporary folder are gone
-    assert lines[0] == f"downloading {base}/RTE.zip ({len(archive) / 1e6:.1f} MB)" and "checked" in lines[-1]
+    assert lines[0] == f"RTE is not in {target}: downloading it"
+    assert lines[1] == f"downloading {base}/RTE.zip ({len(archive) / 1e6:.1f} MB)" and "checked" in lines[-1]
     assert data.download_task(task, target, base + "/elsewhere") == target / "RTE"  # complete: left as it is
 
 
@@ -264,7 +279,7 @@ def test_download_interrupted_while_unpacking_leaves_nothing(tmp_path, server, m
     monkeypatch.setattr(zipfile.ZipFile, "extract", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         data.download_task(task, target, base, log=lambda *a: None)
-    assert os.listdir(target) == []
+    assert not target.exists()  # the data dir this download made goes too
     monkeypatch.setattr(zipfile.ZipFile, "extract", extract)
     data.download_task(task, target, base, log=lambda *a: None)  # and a later download starts afresh
     assert data.read_split(task, "dev", target) == expected["dev"]

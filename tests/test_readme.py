@@ -15,8 +15,11 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(code, scope)
-    assert scope["report"][0]["captured"] > 0 and (tmp_path / "adapter_model.bin").exists()
+    assert scope["report"][0]["captured"] > 0
     assert scope["model"].body.lora_B.abs().max() > 0
+    saved = torch.load(tmp_path / "adapter" / "adapter_model.bin")  # the head it trains is saved too
+    for name, value in scope["model"].head.state_dict().items():
+        assert torch.equal(saved[f"base_model.model.head.{name}"], value)
 
 
 def _readme_block(marker):

@@ -45,7 +45,7 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
         adapter = torch.load(run / "adapter_model.bin")
         assert "base_model.model.layers.0.query.lora_A.weight" in adapter
         assert not torch.equal(adapter["base_model.model.layers.0.query.lora_B.weight"],
-                               torch.load(run / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"])
+                               torch.load(run / "adapter_init" / "adapter_model.bin")["base_model.model.layers.0.query.lora_B.weight"])
 
 
 def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_path, glue, capsys):
@@ -127,7 +127,7 @@ def test_fisher_flag_reaches_the_statistics(tmp_path, glue):
     B = {}
     for fisher, out in (("empirical", "e"), ("sampled", "s"), ("sampled", "s_again")):
         _train(tmp_path, "--fisher", fisher, "--max_steps", "1", out=out)
-        B[out] = torch.load(tmp_path / out / "adapter_init.bin")["base_model.model.layers.0.query.lora_B.weight"]
+        B[out] = torch.load(tmp_path / out / "adapter_init" / "adapter_model.bin")["base_model.model.layers.0.query.lora_B.weight"]
     assert torch.equal(B["s"], B["s_again"]) and not torch.allclose(B["s"], B["e"], rtol=1e-3, atol=0)
 
 
@@ -184,6 +184,12 @@ def _refused(capsys, args):
     return err[0]
 
 
+def _module_name(cfg, model):
+    """Our module name -> the name the exported adapter gives it (from --pretrained: the checkpoint's)."""
+    rename = train.hf_name(cfg, model)
+    return lambda module: rename(f"{module}.weight").removesuffix(".weight")
+
+
 def _files(run):
     return {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
 
@@ -209,7 +215,7 @@ def test_a_run_directory_holds_one_run(tmp_path, glue, capsys):
     before = _files(run)
     args = ["--data_dir", str(glue), "--out", str(run), "--calib_batches", "2", "--batch_size", "8"]
     line = _refused(capsys, [*args, "--rank", "4"])
-    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init.bin, adapter_model.bin, "
+    assert line == (f"error: {run} holds another run (adapter_config.json, adapter_init, adapter_model.bin, "
                     f"checkpoint.pt, ...): continue it with --resume, pick a new --out, or pass --overwrite to "
                     f"clear it first")
     assert _files(run) == before
@@ -318,9 +324,17 @@ def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_HERE, capture_output=True, text=True)
     assert config["code_version"].startswith(git.stdout.strip()) if git.returncode == 0 else config["code_version"]
     svg = (run / "curves.svg").read_text()
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "train loss" in svg and "dev mcc" in svg
-    points = [line.split('points="')[1].count(",") for line in svg.splitlines() if 'stroke="#1f77b4"' in line]
-    assert points == [len(steps), len(evals)]
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "loss: train" in svg and "dev mcc" in svg
+    lines = [(line.split('stroke="')[1][:7], [tuple(map(float, xy.split(","))) for xy in
+                                              line.split('points="')[1].split('"')[0].split()])
+             for line in svg.splitlines() if 'stroke="#' in line]
+    # train loss at each step row, dev loss and dev mcc at each evaluation
+    assert [(color, len(points)) for color, points in lines] == [
+        ("#1f77b4", len(steps)), ("#ff7f0e", len(evals)), ("#1f77b4", len(evals))]
+    assert lines[1][1][0][0] == 44 and lines[2][1][0][0] == 360 + 44  # both start at step 0: the y axis
+    assert all(f">{n}</text>" in svg for n in (0, 12, 24))  # the step axis numbered
+    low = min([r["train_loss"] for r in steps] + [r["dev_loss"] for r in evals])
+    assert f">{low:.3g}</text>" in svg  # the loss axis numbered from its lowest point
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -371,7 +385,7 @@ def test_shifted_export_applies_to_the_original_weights(tmp_path, glue, pretrain
     to_hf = train.hf_name(cfg, source)  # --pretrained: merged.pt has the checkpoint's own names
     assert set(merged) == {to_hf(key) for key in original}
     merged = {key: merged[to_hf(key)] for key in original}
-    rename = train.peft_module_name(cfg, source)  # the names the adapter is saved under
+    rename = _module_name(cfg, source)  # the names the adapter is saved under
     for key, W0 in original.items():
         module, _, param = key.rpartition(".")
         prefix = "base_model.model." + rename(module)
@@ -445,12 +459,34 @@ def test_train_downloads_a_missing_task(tmp_path, server, monkeypatch, capsys):
     assert os.listdir(tmp_path / "glue") == ["CoLA"]
     assert f"downloading {base}/CoLA.zip" in capsys.readouterr().out
     del files["/CoLA.zip"]
-    with pytest.raises(SystemExit) as e:
-        train.main(["--data_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "failed")])
-    err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: could not fetch")
-    assert "HTTP Error 404" in err[0] and "To get CoLA by hand" in err[0]
-    assert not (tmp_path / "empty" / "CoLA").exists() and os.listdir(tmp_path / "empty") == []
+    (tmp_path / "kept").mkdir()
+    for folder in ("kept", "new/glue"):  # a data dir that exists is left as it was, one made goes
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data_dir", str(tmp_path / folder), "--out", str(tmp_path / "failed")])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: could not fetch")
+        assert "HTTP Error 404" in err[0] and "To get CoLA by hand" in err[0]
+    assert os.listdir(tmp_path / "kept") == [] and not (tmp_path / "new").exists()
+    assert not (tmp_path / "failed").exists()
+
+
+def test_data_missing_partial_or_misplaced_ends_in_one_line_and_leaves_nothing(tmp_path, glue, capsys):
+    """A file as the data dir, the task's own folder as the data dir, a task folder without its train
+    file (not announced as a download): one error line each, nothing written."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "partial" / "CoLA").mkdir(parents=True)
+    (tmp_path / "partial" / "CoLA" / "dev.tsv").write_text((glue / "CoLA" / "dev.tsv").read_text())
+    cases = {"file": "the data dir {d} is a file: point --data_dir",
+             "glue/CoLA": "the data dir {d} holds a train.tsv itself: if it is CoLA's folder, pass "
+                          "its parent, {p}",
+             "partial": "{d}/CoLA exists but lacks train.tsv: complete it or remove it"}
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    for folder, want in cases.items():
+        d = glue / "CoLA" if folder == "glue/CoLA" else tmp_path / folder
+        line = _refused(capsys, ["--data_dir", str(d), "--out", str(tmp_path / "run")])
+        assert line.startswith("error: " + want.format(d=d, p=d.parent)), line
+        assert "downloading" not in capsys.readouterr().out
+    assert sorted(str(f) for f in tmp_path.rglob("*")) == before
 
 
 def test_torchrun_two_processes_match_one(tmp_path, glue):
@@ -480,7 +516,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
     assert "2 process(es)" in two.stdout
     cfg = train.load_config(tmp_path / "one")
     model = from_pretrained(str(tmp_path / "ckpt"), 2)
-    rename = train.peft_module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
+    rename = _module_name(cfg, model)  # ours -> the checkpoint's names the adapter is saved under
     ours = {rename(n): n for n in {k.rpartition(".")[0] for k in hf_names(model.config)}}
 
     def our_name(key):  # base_model.model.<their module>.lora_A.weight -> <our module>.lora_A, and so on
@@ -490,7 +526,7 @@ def test_torchrun_two_processes_match_one(tmp_path, glue):
         module, _, param = key.removeprefix("base_model.model.").rpartition(".")
         return f"{ours[module]}.{param}"
 
-    init = [{our_name(k): v for k, v in torch.load(tmp_path / run / "adapter_init.bin").items()}
+    init = [{our_name(k): v for k, v in torch.load(tmp_path / run / "adapter_init" / "adapter_model.bin").items()}
             for run in ("one", "two")]
     records = [json.loads((tmp_path / run / "init.json").read_text())["layers"] for run in ("one", "two")]
     for r1, r2 in zip(*records):  # the per-fold statistics too: the same calibration diagnostics
@@ -539,7 +575,8 @@ _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device i
     pytest.param(["--device", "cuda"], "--device cuda: this torch sees no CUDA device", marks=_NO_CUDA),
     pytest.param(["--bf16"], "--bf16 autocasts on CUDA only", marks=_NO_CUDA),
     (["--resume", "--overwrite"], "pass one of them"),
-    (["--resume"], "--resume: no checkpoint in"),
+    (["--resume"], "--resume: there is no run in {run} (no such directory, or an empty one): check --out, "
+                   "or start the run without --resume"),
     (["--data_dir", "MISSING"], "train.tsv"),
     (["--pretrained", "NOWEIGHTS"], "model.safetensors"),
     (["--batch_size", "1000"], "lower --batch_size"),
@@ -556,7 +593,7 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, glue, capsys, flags, messa
         train.main(["--data_dir", str(glue), "--out", str(tmp_path / "run"), *flags])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message.format(run=tmp_path / "run") in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or ": error:" in line]) == 1
     assert not (tmp_path / "run").exists()
 
@@ -596,13 +633,33 @@ def test_resume_says_which_random_states_it_restored(monkeypatch):
 
 
 def test_exports_of_a_model_on_an_accelerator_hold_cpu_tensors(tmp_path):
-    """adapter_init.bin, adapter_model.bin and merged.pt load with a plain torch.load anywhere."""
+    """adapter_init/, adapter_model.bin and merged.pt load with a plain torch.load anywhere."""
     cfg = train.Config(init="cg-lora", rank=2, alpha=4)
     with _Accelerator():
         model = models.Encoder(models.tiny_config(30, 2)).to(_ACCELERATOR)
         cglora.add_lora(model, ["query", "value"], 2, 4, rslora=True, trainable=train.trainable_modules(cfg))
         exports = [cglora.lora_state_dict(model), train.merged_state_dict(cfg, model)]
-        train.adapter_files(cfg, model, tmp_path)
+        train.export_adapter(cfg, model, tmp_path)
     exports.append(torch.load(tmp_path / "adapter_model.bin"))
     for state in exports:
         assert state and all(type(v) is torch.Tensor and v.device.type == "cpu" for v in state.values())
+
+
+def test_docs_recipe_opens_a_tiny_run_in_peft_with_our_logits(tmp_path, glue, monkeypatch):
+    """docs/train.md's recipe, run as written on a run directory: peft gives the trained model's logits."""
+    peft = pytest.importorskip("peft")  # noqa: F841
+    _train(tmp_path, "--init", "cg-lora-shift", "--epochs", "1")
+    text = (Path(_HERE) / "docs" / "train.md").read_text()
+    block = next(b.split("```")[0] for b in text.split("```python\n")[1:] if "PeftModel" in b.split("```")[0])
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec("\n".join(line.removeprefix("  ") for line in block.splitlines()).replace(
+        '"runs/cola-tiny-cg-lora-r8-query+value-s0"', repr(str(tmp_path / "run"))), scope)
+    cfg = train.load_config(tmp_path / "run")
+    ours = train.build_model(cfg, data.load_tokenizer(tmp_path / "run" / "tokenizer"), 2)
+    add_lora(ours, ["query", "value"], cfg.rank, cfg.alpha, rslora=True, trainable=train.trainable_modules(cfg))
+    ours.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"])
+    ids = torch.randint(5, ours.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        want, got = ours.eval()(ids, torch.ones_like(ids)), scope["model"](ids, torch.ones_like(ids))
+    assert (got - want).abs().max() <= 1e-5 and ours.layers[0].query.lora_A0.any()  # shifted: rank 2r in peft
