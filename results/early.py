@@ -5,7 +5,7 @@ loss of every step, dev evaluations, and how far the adapters move from their in
     python results/early.py run --tasks cola,sts-b --heads probe --methods rslora,lora-one,cg-lora
     python results/early.py run --tasks mrpc --heads probe --methods rslora,lora-one,cg-lora \
         --seeds 0 --steps 228                                      # all of MRPC's budget
-    python results/early.py sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora  # SGD, own rate
+    python results/early.py sgd --tasks cola,sts-b --methods rslora,lora-one,cg-lora  # SGD
     python results/early.py report   # results/README.md's early block and its figures
 
 Each finished run appends one row to results/early.jsonl; a row already there is skipped.
@@ -38,7 +38,7 @@ COLOURS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#d6272
 SMOOTH = 10  # the figures' train loss: means over windows of this many steps
 
 
-# ----------------------------------------------------------------------------- train.py's run, opened
+# ------------------------------------------------------------ train.py's run, opened
 # The measurements need what train.train() does not return: every step's loss, the model between
 # steps, SGD. So train.py's steps up to its init are called one by one here, and its loop is
 # restated in early_steps; a test holds both to train.py's own run, step by step.
@@ -115,7 +115,7 @@ def probe(model, pool, pad_id, seed, steps, batch_size, lr):
         return statistics.mean(losses[-50:]), common.loss(head(feats), labels).item()
 
 
-# ----------------------------------------------------------------------------- measurements
+# ------------------------------------------------------------ measurements
 
 def products(layers):  # {name: s B A} in fp32, the adapters' current update of W0
     return {n: m.scaling * (m.lora_B.detach().float() @ m.lora_A.detach().float())
@@ -238,7 +238,7 @@ def sgd_rates(task, methods, steps=100):
             for m in methods}
 
 
-# ----------------------------------------------------------------------------- report
+# ------------------------------------------------------------ report
 
 def window(losses, a, b):  # mean train loss over steps a..b (1-based, inclusive)
     return statistics.mean(losses[a - 1:b]) if len(losses) >= b else None
@@ -254,8 +254,8 @@ def curve(values):  # per-seed window means -> [(step, mean, se)]
 
 
 def figures(task, by, probed):
-    """early_curves_<task>.svg: the train loss in windows of SMOOTH steps, mean ± standard error over
-    seeds, per method (fresh head; dashed: head trained first); early_diff_<task>.svg: each
+    """early_curves_<task>.svg: the train loss in windows of SMOOTH steps, mean ± standard error
+    over seeds, per method (fresh head; dashed: head trained first); early_diff_<task>.svg: each
     method's minus rsLoRA's on the same seed (the same batches, so their noise cancels). Returns
     the results/README.md lines that show them."""
     first = [(m, [r for r in probed if r["method"] == m]) for m in METHODS]
@@ -268,14 +268,16 @@ def figures(task, by, probed):
     base = {r["seed"]: windows(r) for r in by.get("rslora", [])}
     diff = {}
     for m, rr in list(by.items()) + [(m + ", head first", rr) for m, rr in first]:
-        pairs = [[a - b for a, b in zip(windows(r), base[r["seed"]])] for r in rr if r["seed"] in base]
+        pairs = [[a - b for a, b in zip(windows(r), base[r["seed"]])] for r in rr
+                 if r["seed"] in base]
         if pairs and m != "rslora":
             diff[f"{m} ({len(pairs)})"] = (COLOURS[m.split(",")[0]],
                                            "5,3" if "head first" in m else "", curve(pairs))
     lines = f"\n![{task}, early training: train loss](early_curves_{task}.svg)"
     if diff:
         common.write_figure(f"early_diff_{task}.svg", common.band_svg(
-            diff, f"{task} train loss minus rsLoRA's (same seed, same batches), ± one standard error"))
+            diff, f"{task} train loss minus rsLoRA's (same seed, same batches), "
+                  "± one standard error"))
         lines += (f"\n\n![{task}, early training: train loss minus rsLoRA's on the same seed]"
                   f"(early_diff_{task}.svg)")
     return lines
@@ -286,7 +288,8 @@ def tables(rs, groups, steps, main, per_epoch):
     how far the adapters moved."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rs)]
     by = {m: [r for r in rs if r["method"] == m] for m in methods}
-    dev = lambda r, step, k: next((e[k] for e in r["evals"] if e["step"] == step), None)  # noqa: E731
+    def dev(r, step, k):  # a dev evaluation's value, if the run has one at `step`
+        return next((e[k] for e in r["evals"] if e["step"] == step), None)
     columns = [lambda r, a=a, b=b: window(r["train_loss"], a, b) for a, b in WINDOWS] \
         + [lambda r, s=s: dev(r, s, "loss") for s in (0, 50, 100, steps)] \
         + [lambda r: dev(r, per_epoch, main), lambda r: dev(r, steps, main)]
@@ -329,7 +332,8 @@ def tables(rs, groups, steps, main, per_epoch):
     rel = lambda r, k: r["moves"][k]["moved"] / (r["moves"][k]["init"] or 1)  # noqa: E731
     for m in methods:
         rr = by[m]
-        share = lambda f: " / ".join(mean_se([r[f][k] for r in rr], 2) for k in ("left", "right"))  # noqa: E731
+        def share(f, rr=rr):  # columns / rows
+            return " / ".join(mean_se([r[f][k] for r in rr], 2) for k in ("left", "right"))
         text.append(f"| {m} | " + " | ".join(mean_se([rel(r, k) for r in rr], 2)
                                              for k in [*map(str, MOVES), str(steps)])
                     + f" | {mean_se([r['moves'][str(steps)]['kept'] for r in rr], 2)} | "
@@ -342,12 +346,12 @@ def report():
     keys = ("task", "method", "seed", "optimizer", "lr", "head", "steps")
     rows = list({tuple(r[k] for k in keys): r for r in reversed(common.read_rows(EARLY))}
                 .values())[::-1]  # the first row of a key
-    text = [f"`python results/early.py report` over {len(rows)} rows of `results/early.jsonl`; each "
-            f"row's command is in it. {' and '.join(sorted({r['task'] for r in rows}))}, "
+    text = [f"`python results/early.py report` over {len(rows)} rows of `results/early.jsonl`; "
+            f"each row's command is in it. {' and '.join(sorted({r['task'] for r in rows}))}, "
             "all-MiniLM-L6-v2, the grid's budget (rank 8, α 16, query + value, batch 32, 16×8 "
             "calibration examples) and each method's grid rate; the grid's 2-epoch schedule, its "
-            f"first {STEPS} steps or all of it where it is shorter. Mean ± standard error over seeds "
-            "(number of seeds)."]
+            f"first {STEPS} steps or all of it where it is shorter. Mean ± standard error over "
+            "seeds (number of seeds)."]
     groups = {}
     for r in rows:
         groups.setdefault((r["task"], r["optimizer"], r["head"], r["steps"]), []).append(r)
@@ -356,7 +360,8 @@ def report():
             text.append(f"\n{task}, {opt} rate probe ({steps} steps, seed 0): mean train loss over "
                         "steps 51-100 — " + "; ".join(
                             f"{r['method']} {r['lr']:g}: {window(r['train_loss'], 51, 100):.4f}"
-                            for r in sorted(rs, key=lambda r: (METHODS.index(r["method"]), r["lr"]))))
+                            for r in sorted(rs, key=lambda r: (METHODS.index(r["method"]),
+                                                               r["lr"]))))
             continue
         per_epoch = next((e["step"] for e in rs[0]["evals"] if e["step"] not in (0, *EVALS, steps)),
                          None)
@@ -380,7 +385,8 @@ def main(argv=None):
     p.add_argument("--heads", default="fresh", help="fresh, or probe (the head trained alone "
                    "first), or both: fresh,probe")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    p.add_argument("--lr", type=float, default=None, help="the rate (default: the method's grid rate)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the rate (default: the method's grid rate)")
     p.add_argument("--steps", type=int, default=STEPS)
     args = common.arguments(p, tasks="cola", seeds="0,1,2").parse_args(argv)
     if args.command == "report":

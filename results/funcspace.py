@@ -3,7 +3,7 @@ stay closer to full fine-tuning's along training?
 
     python results/funcspace.py run --tasks cola,sts-b --seeds 0,1,2,3   # 100 steps, 5 methods
     python results/funcspace.py run --tasks cola --seeds 0,1,2 --steps 300
-    python results/funcspace.py run --tasks cola,sts-b --seeds 0,1,2 --steps end   # the whole schedule
+    python results/funcspace.py run --tasks cola,sts-b --seeds 0,1,2 --steps end   # all of it
     python results/funcspace.py report   # results/README.md's funcspace block and its figures
 
 Rows of results/funcspace.jsonl: kind "train", one run's dev outputs along training; kind "init",
@@ -31,14 +31,15 @@ FUNCSPACE = "funcspace.jsonl"
 METHODS = ["full", "cg-lora", "lora-one", "rslora", "lora-ga"]  # full first: the others' reference
 DAMPING = 1.0  # CG-LoRA's damping here: the project's fixed default
 STEPS = 100  # what the 2-core CPU affords for 2 tasks x 5 methods x 3 seeds
-AT = (0, 1, 10, 50, 100, 300)  # the dev outputs are kept at these steps (up to the last) and the last
-K = (1, 10, 100)  # full fine-tuning's steps that the init directions are compared with, and its last
+AT = (0, 1, 10, 50, 100, 300)  # the dev outputs are kept at these steps (to the last) and the last
+K = (1, 10, 100)  # full fine-tuning's steps that the init directions meet, and its last
 DEV = 512  # the first DEV dev examples
-INIT_DEV = 256  # ... and the first 256 of them for the init's JVPs (K + 1 forward passes' cost each)
+INIT_DEV = 256  # ... and the first 256 of them for the init's JVPs (K + 1 forward passes each)
 SNAPSHOTS = "tmp/funcspace"  # full fine-tuning's update of the target layers at AT (not committed)
 LABELS = {"cg-lora": "CG-LoRA (λ 1)", "cg-lora auto": "CG-LoRA (λ auto)",
           "K-FAC Newton, full rank": "K-FAC Newton, full rank (λ 1)",
-          "K-FAC Newton, full rank auto": "K-FAC Newton, full rank (λ auto)", "lora-one": "LoRA-One",
+          "K-FAC Newton, full rank auto": "K-FAC Newton, full rank (λ auto)",
+          "lora-one": "LoRA-One",
           "lora-ga": "LoRA-GA (s B A)", "random": "random rank 8", "-G, full rank": "−G, full rank"}
 COLOURS = dict(zip(METHODS + ["untrained"],
                    ["#d62728", "#2ca02c", "#ff7f0e", "#1f77b4", "#9467bd", "#7f7f7f"]))
@@ -54,7 +55,7 @@ def schedule_end(task_name, glue=False):
 
 
 def dev_outputs(model, batches):
-    """The model's outputs on `batches` (n x C: logits, or C = 1 regression scores), in eval mode."""
+    """The model's outputs on `batches` (n x C: logits, or C = 1 regression scores), eval mode."""
     was_training = model.training
     try:
         model.eval()
@@ -79,10 +80,12 @@ def funcspace(task_name, method, seed, pretrained, steps=STEPS):
     cfg, run, task, model, tokenizer, train_enc, dev, calib = early.setup(
         task_name, method, seed, rate, pretrained, grid.DAMPING if damping is None else damping)
     init = early.initialise(cfg, run, model, calib)
-    subset = dev[:DEV // (2 * cfg.batch_size)]  # train.py's dev batches hold 2 x batch_size examples
+    subset = dev[:DEV // (2 * cfg.batch_size)]  # train.py's dev batches hold 2 x batch_size
     names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
-    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in names} if method == "full" else {}
-    at, outputs, snapshots = {k for k in AT if k <= steps} | {steps}, {0: dev_outputs(model, subset)}, {}
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in names
+          if method == "full"}
+    at = {k for k in AT if k <= steps} | {steps}
+    outputs, snapshots = {0: dev_outputs(model, subset)}, {}
     for step, _ in early.early_steps(model, cfg, train_enc, tokenizer.pad_id, "adamw", steps):
         if step in at:
             outputs[step] = dev_outputs(model, subset)
@@ -101,15 +104,16 @@ def funcspace(task_name, method, seed, pretrained, steps=STEPS):
           f"({row['seconds']:.0f} s)", flush=True)
 
 
-# ----------------------------------------------------------------------------- at init
+# ------------------------------------------------------------ at init
 
-def centred(out):  # n x C outputs less their mean over the C classes: what a softmax sees (C = 1: as is)
+def centred(out):  # n x C outputs less their mean over the C classes: what a softmax sees
     return out - out.mean(-1, keepdim=True) if out.shape[-1] > 1 else out
 
 
 def output_change(model, deltas, batches):
-    """J D for K updates at once: the first-order change of the model's outputs on `batches` when the
-    weight of each module named in D ({name: d_out x d_in}; the same names in every D) moves by D.
+    """J D for K updates at once: the first-order change of the model's outputs on `batches` when
+    the weight of each module named in D ({name: d_out x d_in}; the same names in every D) moves
+    by D.
     A forward-mode JVP, vmapped over the K updates, in eval mode. Returns K x n x C."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     keys = [f"{n}.weight" for n in deltas[0]]
@@ -120,8 +124,10 @@ def output_change(model, deltas, batches):
         model.eval()
         for b in batches:
             inputs = {k: v for k, v in b.items() if k != "labels"}
-            f = lambda *ws: functional_call(model, {**params, **dict(zip(keys, ws))}, kwargs=inputs)  # noqa: E731
-            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no forward-mode derivative
+            def f(*ws, inputs=inputs):
+                return functional_call(model, {**params, **dict(zip(keys, ws))}, kwargs=inputs)
+            # the fused CPU attention has no forward-mode derivative
+            with sdpa_kernel(SDPBackend.MATH):
                 out.append(vmap(lambda *t: jvp(f, tuple(params[k] for k in keys), t)[1])(*tangents))
     finally:
         model.train(was_training)
@@ -133,8 +139,9 @@ def cosine(a, b):
 
 
 def explained(target, change):
-    """The share of |target|^2 that the best multiple c of `change` explains: 1 - |target - c change|^2
-    / |target|^2 at c = <target, change> / |change|^2 (= the squared cosine)."""
+    """The share of |target|^2 that the best multiple c of `change` explains:
+    1 - |target - c change|^2 / |target|^2 at c = <target, change> / |change|^2 (= the squared
+    cosine)."""
     c = target.flatten() @ change.flatten() / change.square().sum()
     return (1 - (target - c * change).square().sum() / target.square().sum()).item()
 
@@ -157,7 +164,9 @@ def init_directions(stats, rank, alpha, dampings, seed):
     LoRA-One's size; -G (full rank: plain gradient descent's direction)."""
     norm = alpha / (math.sqrt(rank) * cglora.LORA_ONE_GAMMA)  # init_adapters' default size
     sized = lambda P: P * (norm / torch.linalg.matrix_norm(P, ord=2))  # noqa: E731
-    product = lambda m, st, lam: (lambda B, A: B @ A)(*cglora.direction(m, st, rank, lam))  # noqa: E731
+    def product(m, st, lam):  # B A of method m's direction
+        B, A = cglora.direction(m, st, rank, lam)
+        return B @ A
     g = torch.Generator().manual_seed(seed)
     out = []
     for lam in dampings:
@@ -228,7 +237,8 @@ def init_row(task_name, seed, pretrained, steps=STEPS):
 def divergence(full, other):
     """How far `other`'s outputs (n x C) are from full fine-tuning's on the same examples: the mean
     KL(full || other) of the softmax and the share of equal argmax (C > 1), or the RMSE (C = 1)."""
-    full, other = torch.as_tensor(full, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    full = torch.as_tensor(full, dtype=torch.float64)
+    other = torch.as_tensor(other, dtype=torch.float64)
     if full.shape[-1] == 1:
         return dict(rmse=(full - other).square().mean().sqrt().item())
     log_p, log_q = full.log_softmax(-1), other.log_softmax(-1)
@@ -244,7 +254,7 @@ def by_label(row):  # an init row's directions by LABELS key: a method's second 
     return out
 
 
-# ----------------------------------------------------------------------------- report
+# ------------------------------------------------------------ report
 
 def report():
     """results/README.md's funcspace block and funcspace_<task>[_<steps>].svg from
@@ -256,9 +266,9 @@ def report():
             "command is in it), then `python results/funcspace.py report`, over "
             f"{len(rows)} rows of `results/funcspace.jsonl`. all-MiniLM-L6-v2, the grid's budget "
             "(rank 8, α 16, query + value, batch 32, 16×8 calibration examples, each method's grid "
-            f"rate), the first {' or '.join(map(str, lengths))} steps of the grid's 2-epoch schedule "
-            f"(`--steps end`: all of it, {ends}); CG-LoRA at damping {DAMPING:g}. Mean ± standard "
-            "error over seeds (number of seeds)."]
+            f"rate), the first {' or '.join(map(str, lengths))} steps of the grid's 2-epoch "
+            f"schedule (`--steps end`: all of it, {ends}); CG-LoRA at damping {DAMPING:g}. Mean "
+            "± standard error over seeds (number of seeds)."]
     for n in lengths:
         runs = [r for r in rows if r["steps"] == n]
         tasks = sorted({r["task"] for r in runs}, key=common.TASKS.index)
@@ -284,10 +294,11 @@ def at_init(rs):
     end, lams = ks[-1], ", ".join(f"{r['damping_auto']:g}" for r in rs)
     text = [f"\n**{rs[0]['task']}, at init**: the change of the centred outputs on the first "
             f"{rs[0]['dev_examples']} dev examples along each direction (J d), against full "
-            "fine-tuning's after k steps: J ΔW_k (its query/value update through the same Jacobian) "
-            f"and its whole change (head and every layer); λ auto chose {lams} (per seed). Cosine; "
-            "share: the part of full fine-tuning's change that the best multiple of J d explains "
-            "(= cosine²); *less shift*: both with the change every example shares removed first.\n",
+            "fine-tuning's after k steps: J ΔW_k (its query/value update through the same "
+            "Jacobian) and its whole change (head and every layer); "
+            f"λ auto chose {lams} (per seed). Cosine; share: the part of full fine-tuning's change "
+            "that the best multiple of J d explains (= cosine²); *less shift*: both with the "
+            "change every example shares removed first.\n",
             "| direction | cosine, J ΔW_" + " | J ΔW_".join(map(str, ks)) + f" | whole {end} | "
             f"share of J ΔW_{end} | cosine less shift, J ΔW_{end} | whole {end} |",
             "|---|" + "---|" * (len(ks) + 4)]
@@ -295,16 +306,19 @@ def at_init(rs):
         if ds := by.get(label):
             text.append(f"| {name} | " + " | ".join(
                 [cell(ds, f"target layers {k}", "cosine") for k in ks]
-                + [cell(ds, f"whole {end}", "cosine"), cell(ds, f"target layers {end}", "explained"),
+                + [cell(ds, f"whole {end}", "cosine"),
+                   cell(ds, f"target layers {end}", "explained"),
                    cell(ds, f"target layers {end}", "cosine_unshifted"),
                    cell(ds, f"whole {end}", "cosine_unshifted")]) + " |")
     text.append("| *full fine-tuning's J ΔW_k against its whole change* | "
                 + " | ".join(mean_se([r["full_parts"][str(k)]["cosine"] for r in rs]) for k in ks)
-                + f" | | | {mean_se([r['full_parts'][str(end)]['cosine_unshifted'] for r in rs])} | |")
+                + " | | | " + mean_se([r["full_parts"][str(end)]["cosine_unshifted"] for r in rs])
+                + " | |")
     against = lambda a, b, m: mean_se([  # noqa: E731
         x["against"][f"target layers {end}"][m] - y["against"][f"target layers {end}"][m]
         for x, y in zip(by[a], by[b])])
-    both = lambda a, b: f"{against(a, b, 'cosine')} / {against(a, b, 'cosine_unshifted')}"  # noqa: E731
+    def both(a, b):  # as is / less shift
+        return f"{against(a, b, 'cosine')} / {against(a, b, 'cosine_unshifted')}"
     newton = "K-FAC Newton, full rank"
     text.append(f"\nPaired by seed, cosine with J ΔW_{end} (as is / less shift): CG-LoRA (λ 1) − "
                 f"LoRA-One {both('cg-lora', 'lora-one')}; full-rank Newton − CG-LoRA, both λ 1 "
@@ -316,7 +330,8 @@ def at_init(rs):
 def along_training(task, runs, inits, n, default):
     """One task's outputs along training against full fine-tuning's of the same seed and step, its
     figure, and whether the init's cosine ranks the distance at the end."""
-    train = {(r["method"], r["seed"]): r for r in runs if r["kind"] == "train" and r["task"] == task}
+    train = {(r["method"], r["seed"]): r for r in runs
+             if r["kind"] == "train" and r["task"] == task}
     seeds = sorted({s for m, s in train if m == "full"})
     methods = [m for m in METHODS[1:] if any((m, s) in train for s in seeds)]
     if not methods:
@@ -354,7 +369,9 @@ def along_training(task, runs, inits, n, default):
         series[f"{m} ({len(values)})"] = (COLOURS[m], "", [
             (at[i], mean, se) for i, mean, se in common.mean_curve(values)])
     figure = f"funcspace_{task}.svg" if default else f"funcspace_{task}_{n}.svg"
-    common.write_figure(figure, common.band_svg(series, f"{task}: {'KL(full || method)' if main == 'kl' else 'RMSE to full'} on dev, ± one standard error"))
+    distance = "KL(full || method)" if main == "kl" else "RMSE to full"
+    common.write_figure(figure, common.band_svg(
+        series, f"{task}: {distance} on dev, ± one standard error"))
     text.append(f"\n![{task}: distance to full fine-tuning's predictions against step]({figure})")
 
     def ranked(measure):  # Spearman of the init's cosine with J dW_end and the distance at the end

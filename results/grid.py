@@ -1,6 +1,6 @@
 """The training grid: every init method trained by train.py on GLUE tasks, seeds and rates.
 
-    python results/grid.py sweep    # CoLA, seed 0: each method at its candidate and sensitivity rates
+    python results/grid.py sweep    # CoLA, seed 0: each method's candidate and sensitivity rates
     python results/grid.py sizes    # CG-LoRA's and LoRA-One's init sizes on CoLA and STS-B (seed 0)
     python results/grid.py grid --tasks cola,mrpc,rte,sts-b   # seeds 0-2 at each method's best rate
     python results/grid.py report   # results/README.md's grid block and cola_curves.svg
@@ -79,7 +79,8 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
     ) if "heldout_ratio" in summary else {}
     row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
                captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None],
-               **diagnostics, wall_seconds=time.time() - t0,  # the command from the repository root:
+               **diagnostics, wall_seconds=time.time() - t0,
+               # the command as run from the repository root
                command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> "
                        f"--out results/runs/{name}")
     common.append_row(RUNS, row)
@@ -98,8 +99,10 @@ def score(row, epoch=None):  # the main metric after `epoch` (None: the last)
 
 def best_rates(rows):
     """Each method's best candidate rate on CoLA, seed 0, at its default size."""
-    sweep = [r for r in rows if r["task"] == "cola" and r["seed"] == 0 and r.get("init_norm") is None]
-    candidates = {m: [r for r in sweep if r["method"] == m and r["lr"] in RATES[m]] for m in METHODS}
+    sweep = [r for r in rows if r["task"] == "cola" and r["seed"] == 0
+             and r.get("init_norm") is None]
+    candidates = {m: [r for r in sweep if r["method"] == m and r["lr"] in RATES[m]]
+                  for m in METHODS}
     return {**SWEPT_BEFORE, **{m: max(rs, key=score)["lr"] for m, rs in candidates.items() if rs}}
 
 
@@ -142,24 +145,26 @@ def report():
                                                   damping=DAMPING, init_norm=n)),
                       key=lambda r: r["seed"])
     best = best_sizes(rows, rates)
-    covered = lambda m, n: {(r["task"], r["seed"]) for t in common.TASKS for r in grid(t, m, n)}  # noqa: E731
+    def covered(m, n):  # the (task, seed) pairs of m's grid at init size n
+        return {(r["task"], r["seed"]) for t in common.TASKS for r in grid(t, m, n)}
     sizes = {m: n for m, n in best.items() if (at := covered(m, n)) and at >= covered(m, None)}
     not_run = [f"{m} {n:g}" for m, n in best.items() if n is not None and m not in sizes]
     tasks = sorted({r["task"] for r in rows}, key=common.TASKS.index)
     pick = {(t, m): grid(t, m, sizes.get(m)) for t in tasks for m in METHODS}
     text = [
         f"`python results/grid.py report` over {len(rows)} runs in `results/runs.jsonl` "
-        + timing(rows, tasks) + f" all-MiniLM-L6-v2, rank 8, α 16, query+value, {BUDGET['epochs']} "
-        f"epochs, batch {BUDGET['batch_size']}, max length {BUDGET['max_len']}, "
+        + timing(rows, tasks) + " all-MiniLM-L6-v2, rank 8, α 16, query+value, "
+        f"{BUDGET['epochs']} epochs, batch {BUDGET['batch_size']}, max length {BUDGET['max_len']}, "
         f"{BUDGET['calib_batches']}x{BUDGET['calib_batch_size']} calibration examples, CG-LoRA at "
-        "damping auto. Main dev metric (CoLA MCC, RTE/SST-2 accuracy, MRPC F1, STS-B Pearson) after "
-        "the last epoch and after epoch 1: mean ± std over seeds (number of seeds), each method at its "
-        "best CoLA seed-0 rate and, for CG-LoRA and LoRA-One, its best init size (below) where the "
-        "grid has run at it" + (f"; the best init size of {', '.join(not_run)} has not been run on "
-                                "every task and seed of the grid yet, so the table shows the default "
-                                "size" if not_run else "") + ".\n",
+        "damping auto. Main dev metric (CoLA MCC, RTE/SST-2 accuracy, MRPC F1, STS-B Pearson) "
+        "after the last epoch and after epoch 1: mean ± std over seeds (number of seeds), each "
+        "method at its best CoLA seed-0 rate and, for CG-LoRA and LoRA-One, its best init size "
+        "(below) where the grid has run at it"
+        + (f"; the best init size of {', '.join(not_run)} has not been run on every task and seed "
+           "of the grid yet, so the table shows the default size" if not_run else "") + ".\n",
         "| method | lr | init_norm | " + " | ".join(tasks) + " | "
-        + " | ".join(f"{t}, epoch 1" for t in tasks) + " |", "|---|---|---|" + "---|" * 2 * len(tasks)]
+        + " | ".join(f"{t}, epoch 1" for t in tasks) + " |",
+        "|---|---|---|" + "---|" * 2 * len(tasks)]
     for m in METHODS:
         size = "—" if m not in SIZED + ["cg-lora-shift"] else \
             f"{sizes[m]:g}" if sizes.get(m) else "default"
@@ -265,7 +270,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sweep", "sizes", "grid", "report"])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--default_size", action="store_true", help="grid: every method at its default size")
+    p.add_argument("--default_size", action="store_true",
+                   help="grid: every method at its default init size")
     p.add_argument("--damping", default=None, help="grid: CG-LoRA's damping (default: auto)")
     args = common.arguments(p, tasks="cola,rte,mrpc,sts-b").parse_args(argv)
     if args.command == "report":
@@ -282,7 +288,8 @@ def main(argv=None):
     else:
         sizes = {} if args.default_size else best_sizes(rows, rates)
         if missing := [m for m in methods if m not in rates]:
-            sys.exit(f"no CoLA sweep for {', '.join(missing)}: run `python results/grid.py sweep` first")
+            sys.exit(f"no CoLA sweep for {', '.join(missing)}: run "
+                     "`python results/grid.py sweep` first")
         if missing := [m for m in methods if m in SIZED + ["cg-lora-shift"] and m not in sizes
                        and not args.default_size]:
             sys.exit(f"no init-size sweep for {', '.join(missing)}: run "

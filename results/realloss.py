@@ -56,8 +56,9 @@ def sequence_curvature(model, layers, batches, directions):
     K-FAC reduce (Eschenhagen et al. 2023): xbar_i = (1/R_i) sum_t x_it, dbar_i = sum_t delta_it;
     g_i ~ dbar_i xbar_i^T (exact when x_it is the same at every token, and <G, dW> keeps its
     value there: sum_t delta_it = dbar_i), so F = (1/n) sum_i vec g_i vec g_i^T ~ (1/n) sum_i
-    (xbar xbar^T) (x) (dbar dbar^T) ~ S_red (x) T_red, S_red = (1/n) sum_i xbar xbar^T (d_in x d_in),
-    T_red = (1/n) sum_i dbar dbar^T (d_out x d_out): K-FAC's mean of products -> product of means.
+    (xbar xbar^T) (x) (dbar dbar^T) ~ S_red (x) T_red, S_red = (1/n) sum_i xbar xbar^T
+    (d_in x d_in), T_red = (1/n) sum_i dbar dbar^T (d_out x d_out): K-FAC's mean of products ->
+    product of means.
     Exact empirical Fisher along dW = B A: p_i = <g_i, B A> = sum_t (B^T delta_it) . (A x_it), from
     r-dimensional projections. Returns ({name: (S_red, T_red)}, [{name: p (n,)}] per direction)."""
     sums = {n: [0.0, 0.0] for n in layers}
@@ -67,7 +68,7 @@ def sequence_curvature(model, layers, batches, directions):
     seen, was_training = {}, model.training
 
     def hook(name):
-        def add_zero(module, inputs, y):  # y + z, z = 0: dL/dz = dL/dy, and the graph through y stays
+        def add_zero(module, inputs, y):  # y + z, z = 0: dL/dz = dL/dy; the graph through y stays
             z = torch.zeros_like(y, requires_grad=True)
             seen[name] = (inputs[0].detach(), z)
             return y + z
@@ -78,7 +79,8 @@ def sequence_curvature(model, layers, batches, directions):
         for batch in batches:
             seen.clear()
             out = model(**{k: v for k, v in batch.items() if k != "labels"})
-            n_b, keep = batch["labels"].shape[0], batch["attention_mask"][..., None].float()  # b x L x 1
+            n_b = batch["labels"].shape[0]
+            keep = batch["attention_mask"][..., None].float()  # b x L x 1
             grads = torch.autograd.grad(common.loss(out, batch["labels"]),
                                         [seen[n][1] for n in layers])
             for n, dy in zip(layers, grads):
@@ -86,7 +88,8 @@ def sequence_curvature(model, layers, batches, directions):
                 xbar, dbar = x.sum(1) / keep.sum(1), delta.sum(1)  # b x d_in, b x d_out
                 sums[n][0] = sums[n][0] + xbar.T @ xbar
                 sums[n][1] = sums[n][1] + dbar.T @ dbar
-                proj = ((delta @ BA[n][0]) * (x @ BA[n][1].T)).sum(1)  # b x K r: sum_t (B^T d)_j (A x)_j
+                # b x K r: sum_t (B^T delta_t)_j (A x_t)_j
+                proj = ((delta @ BA[n][0]) * (x @ BA[n][1].T)).sum(1)
                 for k, pk in enumerate(proj.reshape(n_b, len(directions), -1).sum(-1).T):
                     p[k][n].append(pk)
     finally:
@@ -174,7 +177,8 @@ def judged(d, p, test, reduced):
             curvature_reduce=((B.T @ T_r @ B) * (A @ S_r @ A.T)).sum().item(), curvature=curv)
     joint_p = sum(step[n] * p[n] for n in d)  # <g_i, sum_l step_l B_l A_l>
     num = sum(step[n] * r["inner"] for n, r in per_layer.items()) ** 2
-    joint = dict(expand=sum(r["expand"] for r in per_layer.values()), fisher=fisher_decrease(joint_p),
+    joint = dict(expand=sum(r["expand"] for r in per_layer.values()),
+                 fisher=fisher_decrease(joint_p),
                  reduce=num / (2 * sum(step[n] ** 2 * r["curvature_reduce"]
                                        for n, r in per_layer.items())))
     return per_layer, step, joint
@@ -207,8 +211,9 @@ def realloss(task_name, seed, head, pretrained):
         best = min(losses, key=losses.get)
         out.append(dict(label, auto=label["method"] == "cg-lora" and label["damping"] == chosen,
                         layers=per_layer, joint=joint, real=dict(
-                            losses={f"{c:g}": v for c, v in sorted(losses.items())}, best_scale=best,
-                            decrease=at_W0 - losses[best], decrease_on_grid=on_grid)))
+                            losses={f"{c:g}": v for c, v in sorted(losses.items())},
+                            best_scale=best, decrease=at_W0 - losses[best],
+                            decrease_on_grid=on_grid)))
         total = lambda m: f"{sum(x[m] for x in per_layer.values()):.3f}"  # noqa: E731
         print(f"{task.name} seed {seed} {head} {label['method']}"
               + (f" λ={label['damping']:g}" if label["damping"] else "")
@@ -225,7 +230,7 @@ def realloss(task_name, seed, head, pretrained):
     common.append_row(REALLOSS, row)
 
 
-# ----------------------------------------------------------------------------- report
+# ------------------------------------------------------------ report
 
 def predicted(d, model):  # a direction's predicted decrease: summed over layers, or the joint q
     return d["joint"]["fisher"] if model == "joint" else sum(x[model] for x in d["layers"].values())
@@ -261,8 +266,9 @@ def report():
             for g in groups}
     pick = lambda r, m: next(d for d in r["directions"]  # noqa: E731  (cg-lora: at the auto λ)
                              if d["method"] == m and (m != "cg-lora" or d["auto"]))
-    table = ["| task | head | method | λ (per seed) | " + " | ".join(f"q {v}" for v in MODELS.values())
-             + " | real decrease | " + " | ".join(f"{v} ÷ real" for v in MODELS.values()) + " |",
+    table = ["| task | head | method | λ (per seed) | "
+             + " | ".join(f"q {v}" for v in MODELS.values()) + " | real decrease | "
+             + " | ".join(f"{v} ÷ real" for v in MODELS.values()) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(MODELS) + 1)]
     for task, head in groups:
         for m in REPORTED:
@@ -274,9 +280,9 @@ def report():
                 + f" | {mean_std(real)} ({len(ds)}) | " + " | ".join(
                 f"{statistics.mean(predicted(d, k) for d in ds) / statistics.mean(real):.1f}"
                 for k in MODELS) + " |")
-    track = ["| curvature model | task | Spearman over all directions | mean Spearman within a run | "
-             "log₁₀(predicted ÷ real): mean ± std | its λ per run | its λ is the real best λ | "
-             "real decrease lost by its λ |", "|---|---|---|---|---|---|---|---|"]
+    track = ["| curvature model | task | Spearman over all directions | mean Spearman within a "
+             "run | log₁₀(predicted ÷ real): mean ± std | its λ per run | its λ is the real best "
+             "λ | real decrease lost by its λ |", "|---|---|---|---|---|---|---|---|"]
     for k, name in MODELS.items():
         for task in sorted({r["task"] for r in rows}, key=common.TASKS.index):
             track.append(f"| {name} | {task} | "
@@ -284,8 +290,8 @@ def report():
     pair = ["| task | head | CG-LoRA (auto λ) ÷ LoRA-One, per seed: q K-FAC expand | "
             "q exact Fisher, joint | real decrease |", "|---|---|---|---|---|"]
     for task, head in groups:
-        ratio = lambda f: ", ".join(f"{f(pick(r, 'cg-lora')) / f(pick(r, 'lora-one')):.2f}"  # noqa: E731
-                                    for r in runs[task, head])
+        def ratio(f, rs=runs[task, head]):  # per seed
+            return ", ".join(f"{f(pick(r, 'cg-lora')) / f(pick(r, 'lora-one')):.2f}" for r in rs)
         pair.append(f"| {task} | {head} | {ratio(lambda d: predicted(d, 'expand'))} | "
                     f"{ratio(lambda d: predicted(d, 'joint'))} | "
                     f"{ratio(lambda d: d['real']['decrease'])} |")
