@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Cost table (issue 32): each shape's rows side by side in one bench.py run, on one model
+# The README's Cost table: each shape's rows side by side in one bench.py run, on one model
 # class, in CPU seconds of one thread, on an otherwise idle machine. TOKENIZERS_DIR holds roberta-base/
 # (vocab.json, merges.txt); GLUE_DIR, if set, gives real CoLA calibration sentences.
 #     bash results/cost_cpu.sh          # writes results/cost-cpu-<shape>.json and prints each table

@@ -283,3 +283,14 @@ def _pretrained_checkpoint(path, glue):
 @pytest.fixture
 def glue(tmp_path):
     return _glue_fixture(tmp_path / "glue")
+
+
+def _results_sandbox(tmp_path, monkeypatch, block):
+    """results/ in tmp_path: a README.md whose `block` is STALE, and every results/ file reading and
+    writing there. Returns the folder."""
+    from results import common
+    here = tmp_path / "results"
+    here.mkdir()
+    (here / "README.md").write_text(f"head\n<!-- {block} -->\nSTALE\n<!-- /{block} -->\ntail\n")
+    monkeypatch.setattr(common, "HERE", here)
+    return here

@@ -1,23 +1,13 @@
-"""Proves results/run.py's function-space measurements (issue 35) against brute force on a tiny model."""
-import importlib.util
+"""Proves results/funcspace.py's measurements against brute force on a tiny model."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import cglora  # noqa: E402
-import models  # noqa: E402
-
-
-def _run():  # results/run.py as a module (it is a script, not a package)
-    spec = importlib.util.spec_from_file_location("results_run_fs", ROOT / "results" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
-    return run
+import cglora
+import models
+from conftest import _results_sandbox
+from results import common, funcspace
 
 
 def _model(classes=3, seed=0):  # a 2-block encoder, 16 wide, in fp64 so that finite differences are exact enough
@@ -55,7 +45,7 @@ def _outputs(model, batches, deltas=None, h=0.0):  # the outputs with each named
 def test_output_change_is_the_finite_difference_of_each_update():
     """J D (forward-mode, vmapped over K updates) equals the central difference (f(W + hD) - f(W - hD)) / 2h
     for each D, and is linear in D (a second update, twice the first, gives twice the change)."""
-    run, model, batches = _run(), _model(), _batches()
+    run, model, batches = funcspace, _model(), _batches()
     g = torch.Generator().manual_seed(1)
     D1 = {n: torch.randn(16, 16, generator=g, dtype=torch.float64) for n in NAMES}
     D2 = {n: torch.randn(16, 16, generator=g, dtype=torch.float64) for n in NAMES}
@@ -72,9 +62,9 @@ def test_output_change_is_the_finite_difference_of_each_update():
 def test_jacobian_of_a_training_step_predicts_its_output_change():
     """J applied to the target layers' update of one SGD step of full fine-tuning equals the output change
     that update alone makes, to first order: the error shrinks as h^2 (h: a multiple of the step)."""
-    run, model, batches = _run(), _model(), _batches()
+    run, model, batches = funcspace, _model(), _batches()
     model.train()
-    loss = sum(cglora._loss(model(**{k: v for k, v in b.items() if k != "labels"}), b["labels"]) for b in batches)
+    loss = sum(common.loss(model(**{k: v for k, v in b.items() if k != "labels"}), b["labels"]) for b in batches)
     grads = torch.autograd.grad(loss, [model.get_submodule(n).weight for n in NAMES])
     model.eval()
     lr = 1 / math.sqrt(sum(gr.square().sum() for gr in grads))  # a step of norm 1 (the gradient is ~1e-6)
@@ -89,7 +79,7 @@ def test_jacobian_of_a_training_step_predicts_its_output_change():
 def test_explained_is_the_best_multiple_found_by_brute_force():
     """explained(y, c) = 1 - min_a |y - a c|^2 / |y|^2: against least squares and a grid over a; and it is
     the squared cosine, whatever the sign of the cosine."""
-    run, g = _run(), torch.Generator().manual_seed(2)
+    run, g = funcspace, torch.Generator().manual_seed(2)
     for _ in range(3):
         y, c = torch.randn(7, 2, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64)
         a = torch.linalg.lstsq(c.reshape(-1, 1), y.reshape(-1, 1)).solution.item()
@@ -114,7 +104,7 @@ def _statistics(seed=3, d_out=6, d_in=5):  # G, and S, T positive semidefinite o
 def test_newton_step_is_the_dense_kfac_newton_step(damping):
     """newton_step = -T_l^-1 G S_l^-1 with explicit inverses of S + l (tr S / d) I and T + l (tr T / d) I, and
     CG-LoRA's direction at full rank is that step (so the rank-r direction is its truncation)."""
-    run = _run()
+    run = funcspace
     G, S, T = _statistics()
     S_l = S + damping * S.trace() / 5 * torch.eye(5, dtype=torch.float64)
     T_l = T + damping * T.trace() / 6 * torch.eye(6, dtype=torch.float64)
@@ -129,7 +119,7 @@ def test_init_directions_are_what_init_adapters_writes():
     """The item-1 directions of CG-LoRA (at a fixed damping), LoRA-One and LoRA-GA equal the update s B A
     that init_adapters writes into a model from the same statistics; random and CG-LoRA have LoRA-One's
     spectral norm per layer."""
-    run, batches = _run(), _batches()
+    run, batches = funcspace, _batches()
     rank, alpha = 2, 4.0
     model = _model().float()
     stats = cglora.collect_statistics(model, {n: model.get_submodule(n) for n in NAMES}, batches)
@@ -139,8 +129,8 @@ def test_init_directions_are_what_init_adapters_writes():
         layers = cglora.add_lora(model, [n.rsplit(".", 1)[-1] for n in NAMES], rank, alpha,
                                  rslora=cglora.RSLORA[method])
         layers = {n: layers[n] for n in NAMES}
-        cglora.init_adapters(layers, method, cglora.collect_statistics(
-            model, {n: m.base for n, m in layers.items()}, batches), damping=1.0, log=lambda *a: None)
+        stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
+        cglora.init_adapters(layers, stats=stats, method=method, damping=1.0, log=lambda *a: None)
         for n, m in layers.items():
             written = m.delta_weight().detach()
             assert torch.allclose(got[method][n], written, rtol=1e-3, atol=1e-5 * written.abs().max()), (method, n)
@@ -154,7 +144,7 @@ def test_init_directions_are_what_init_adapters_writes():
 def test_divergence_against_its_definition():
     """KL(full || other) = mean_i sum_c p_ic log(p_ic / q_ic) of the softmax, argmax agreement; RMSE for
     one output."""
-    run = _run()
+    run = funcspace
     full, other = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]], [[0.0, 1.0], [0.0, 2.0], [3.0, 1.0]]
     kl = 0.0
     for a, b in zip(full, other):
@@ -170,20 +160,19 @@ def test_divergence_against_its_definition():
 def test_funcspace_report_pairs_each_method_with_full_fine_tuning_of_its_seed(tmp_path, monkeypatch):
     """The report's distance is to full fine-tuning's outputs of the same seed and step; the block and figure
     are written into results/README.md (created with the block if absent)."""
-    run = _run()
-    monkeypatch.setattr(run, "HERE", tmp_path)
-    monkeypatch.setattr(run, "FUNCSPACE", tmp_path / "funcspace.jsonl")
+    run, here = funcspace, _results_sandbox(tmp_path, monkeypatch, "other")
+    (here / "README.md").unlink()
     for seed in (0, 1):
         for method, shift in (("full", 0.0), ("rslora", 0.1 * (seed + 1))):  # rslora: RMSE 0.1, 0.2
-            run.append_row(run.FUNCSPACE, dict(kind="train", task="sts-b", method=method, seed=seed, steps=10,
+            common.append_row(run.FUNCSPACE, dict(kind="train", task="sts-b", method=method, seed=seed, steps=10,
                                                dev_examples=2, outputs={str(k): [[k + seed + shift], [seed - shift]]
                                                                         for k in (0, 10)}))
-    run.funcspace_report()
-    readme = (tmp_path / "README.md").read_text()
+    run.report()
+    readme = (here / "README.md").read_text()
     assert "<!-- funcspace -->" in readme and "| rslora | 0.150 ± 0.050 (2) | 0.150 ± 0.050 (2) |" in readme
-    assert (tmp_path / "funcspace_sts-b_10.svg").read_text().startswith("<svg")  # not the default length
-    run.funcspace_report()  # a second report replaces the block
-    assert (tmp_path / "README.md").read_text() == readme
+    assert (here / "funcspace_sts-b_10.svg").read_text().startswith("<svg")  # not the default length
+    run.report()  # a second report replaces the block
+    assert (here / "README.md").read_text() == readme
 
 
 def test_steps_end_is_the_last_step_of_train_pys_schedule(tmp_path, monkeypatch):
@@ -191,7 +180,7 @@ def test_steps_end_is_the_last_step_of_train_pys_schedule(tmp_path, monkeypatch)
     (tmp_path / "CoLA").mkdir()
     (tmp_path / "CoLA" / "train.tsv").write_text("".join(f"src\t{i % 2}\t\tsentence {i} .\n" for i in range(100)))
     monkeypatch.setenv("GLUE_DIR", str(tmp_path))
-    run = _run()
+    run = funcspace
     with pytest.warns(UserWarning):  # a file with another row count than GLUE's says so
         assert run.schedule_end("cola") == 100 // 32 * 2 == 6
     assert run.schedule_end("cola", glue=True) == 8551 // 32 * 2
