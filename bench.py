@@ -60,7 +60,7 @@ def setup(args, device):
     """(build_ours, build_hf, calibration batches, training batches, loss) for the chosen shape."""
     texts = ([ex.text_a for ex in data.read_split(data.get_task("cola"), "train")] if os.environ.get("GLUE_DIR")
              else [f"sentence number {i} is a short one ." for i in range(8192)])
-    loss, llama = cglora._loss, args.shape.startswith("llama")
+    loss, llama = cglora.default_loss, args.shape.startswith("llama")
     blocks = dict(num_hidden_layers=args.blocks) if args.blocks else {}  # the shape's own depth by default
     if args.pretrained:
         tok, hf_dir = data.load_tokenizer(args.pretrained), args.pretrained
@@ -103,7 +103,7 @@ def logits(model, batch):
     return out if torch.is_tensor(out) else out.logits
 
 
-def floor_pass(model, batches, loss=cglora._loss):
+def floor_pass(model, batches, loss=cglora.default_loss):
     """Forward + backward of the frozen model down to its embeddings, no weight gradients: the
     least any gradient-based init pays for the same calibration batches."""
     seen = []

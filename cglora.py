@@ -26,6 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [  # the public API, in reading order
+    "LoRALinear", "add_lora", "target_layers", "collect_statistics", "Statistics", "whiten",
+    "top_svd", "top_r", "cg_lora_factors", "balance", "lora_factors", "lora_ga_factors",
+    "lora_one_factors", "direction", "write_adapter", "init_adapters", "METHODS", "RSLORA",
+    "DAMPING", "diagnose", "DAMPING_GRID", "predicted_decrease", "overlap", "real_decrease",
+    "default_loss", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "IGNORE",
+    "init_in_groups", "initialize_peft", "save_peft", "lora_state_dict",
+]
+
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
 LORA_GA_GAMMA = 16  # LoRA-GA's "stable" scale: B, A times d_out^(1/4) / sqrt(gamma)
 DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
@@ -95,7 +104,7 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     for LoRALinear, freeze every other parameter except modules named in `trainable`
     (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    targets = _matching(model, targets, nn.Linear)  # first: a bad target leaves the model as it was
+    targets = target_layers(model, targets, nn.Linear)  # first: a bad target leaves the model alone
     layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
@@ -228,7 +237,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
     reduced to its owner only (the i-th distinct input's layers to rank i mod world, as KAISA
     places K-FAC work). No weight gradient is made and no caller tensor is changed.
     """
-    loss = _check_statistics(fisher, loss or _lm_loss(model) or _loss, folds)
+    loss = _check_statistics(fisher, loss or _lm_loss(model) or default_loss, folds)
     generator = generator or torch.Generator().manual_seed(0)
     proc, world = _rank_and_world(distributed := _distributed())
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T per fold
@@ -760,7 +769,7 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
     set to (c B, A), i.e. the update s c B A. layers: {name: LoRALinear}; directions: {name: (B
     d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are
     restored."""
-    loss, batches = loss or _loss, list(batches)
+    loss, batches = loss or default_loss, list(batches)
     saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
     was_training = model.training
 
@@ -832,7 +841,7 @@ def _check_init(layers, method, damping, factor_balance):  # init_adapters' opti
 # ------------------------------------------------------------------------- target layers and export
 
 
-def _matching(model, names, kind):
+def target_layers(model, names, kind):
     """Names of the modules of type `kind` whose full name or last component is in `names`."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
     hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
@@ -1066,7 +1075,7 @@ _LM_LOSSES = ("token logits need a token loss: loss=cglora.causal_lm_loss where 
               "loss(output, labels) returning the batch mean")
 
 
-def _loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
+def default_loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
     if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1], as in
         labels = labels[:, 0]  # transformers
     if labels.is_floating_point():
@@ -1097,7 +1106,7 @@ def _sample_labels(out, labels, generator):
     return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
 
 
-_loss.sample = _sample_labels  # a loss that supports fisher="sampled" carries its label sampler
+default_loss.sample = _sample_labels  # a loss for fisher="sampled" carries its label sampler
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 

@@ -1003,8 +1003,8 @@ def test_the_default_loss_refuses_anything_but_logits_batch_by_classes_and_label
                            (torch.randn(3, 5, 4), torch.zeros(3).long()),  # per-token logits, one label each
                            (torch.randn(3, 5, 4), torch.zeros(3, 5).long())):  # a language model's
         with pytest.raises(ValueError, match=r"the default loss takes logits \[batch, classes\] and labels \[batch\]"):
-            cglora._loss(logits, labels)
-    assert cglora._loss(torch.zeros(3, 4), torch.zeros(3).long()).item() == pytest.approx(math.log(4))
+            cglora.default_loss(logits, labels)
+    assert cglora.default_loss(torch.zeros(3, 4), torch.zeros(3).long()).item() == pytest.approx(math.log(4))
 
 
 def test_a_fold_of_one_token_row_is_that_token_s_statistics():
@@ -1280,7 +1280,7 @@ def test_token_logits_on_the_default_loss_name_each_token_loss_by_its_convention
     the unshifted token mean and gives the labels to no model."""
     with pytest.raises(ValueError, match=r"causal_lm_loss where position t predicts token t \+ 1 .*"
                                          r"masked_lm_loss where it predicts its own label"):
-        cglora._loss(torch.randn(2, 4, 7), torch.zeros(2, 4).long())
+        cglora.default_loss(torch.randn(2, 4, 7), torch.zeros(2, 4).long())
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
     labels[0, 1:3] = cglora.IGNORE
@@ -1526,7 +1526,7 @@ def _init_and_step(method, on_accelerator, **kw):
         init_adapters(layers, method, stats, log=lambda *a: None, **kw)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         inputs = {k: v for k, v in batches[0].items() if k != "labels"}
-        loss = cglora._loss(model(**inputs), batches[0]["labels"])
+        loss = cglora.default_loss(model(**inputs), batches[0]["labels"])
         loss.backward()
         opt.step()
         return made + list(model.parameters()) + list(model.buffers()), loss.item()

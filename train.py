@@ -166,7 +166,7 @@ def check_against_model(cfg, model, tokenizer, task, n_train, world):
     linear layers, --max_len against the special tokens, --batch_size against the training set."""
     if cfg.init != "full":
         try:
-            layers = cglora._matching(model, cfg.targets.split(","), torch.nn.Linear)
+            layers = cglora.target_layers(model, cfg.targets.split(","), torch.nn.Linear)
         except ValueError as e:
             raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all "
                              f"({','.join(ALL_TARGETS)})") from None
@@ -242,7 +242,7 @@ def evaluate(model, dev, task, cfg, device, log=None):
         batch = to_device(batch, device)
         with autocast(cfg, device):
             out = model(**{k: v for k, v in batch.items() if k != "labels"}).float()
-        loss += cglora._loss(out, batch["labels"]).item() * len(batch["labels"])
+        loss += cglora.default_loss(out, batch["labels"]).item() * len(batch["labels"])
         preds.append(out.squeeze(-1) if task.num_labels == 1 else out.argmax(-1))
         labels.append(batch["labels"])
     model.train()
@@ -267,7 +267,7 @@ def initialise(cfg, model, batches, device, log):
             return record
         stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
             model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib),
-            cfg.fisher, torch.Generator().manual_seed(cfg.seed),
+            fisher=cfg.fisher, generator=torch.Generator().manual_seed(cfg.seed),
             progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
         if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
             log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
@@ -277,8 +277,9 @@ def initialise(cfg, model, batches, device, log):
                  if stats and heldout else None)
         damping = cfg.damping if cfg.damping == "auto" else float(cfg.damping)
         record["layers"] = rows = cglora.init_adapters(
-            layers, cfg.init, stats, damping, cfg.step, cfg.init_norm,
-            torch.Generator().manual_seed(cfg.seed), log, cfg.balance, judge=judge)
+            layers, cfg.init, stats, damping=damping, step=cfg.step, init_norm=cfg.init_norm,
+            generator=torch.Generator().manual_seed(cfg.seed), log=log,
+            factor_balance=cfg.balance, judge=judge)
         record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
         record["summary"] = dict(summarise(rows, cfg.rank, log), **record.pop("real", {}))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -752,7 +753,7 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
             batch = to_device(batch, device)
             with autocast(cfg, device):
                 out_ = ddp(**{k: v for k, v in batch.items() if k != "labels"})
-            loss = cglora._loss(out_, batch["labels"])  # fp32 inside
+            loss = cglora.default_loss(out_, batch["labels"])  # fp32 inside
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lr = sched.get_last_lr()[0]  # this step's

