@@ -31,8 +31,8 @@ __all__ = [  # the public API, in reading order
     "top_svd", "top_r", "cg_lora_factors", "balance", "lora_factors", "lora_ga_factors",
     "lora_one_factors", "direction", "write_adapter", "init_adapters", "METHODS", "RSLORA",
     "DAMPING", "diagnose", "DAMPING_GRID", "predicted_decrease", "overlap", "real_decrease",
-    "default_loss", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "IGNORE",
-    "init_in_groups", "initialize_peft", "save_peft", "lora_state_dict",
+    "Loss", "TokenLoss", "default_loss", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss",
+    "IGNORE", "init_in_groups", "initialize_peft", "save_peft", "lora_state_dict",
 ]
 
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
@@ -1075,79 +1075,89 @@ _LM_LOSSES = ("token logits need a token loss: loss=cglora.causal_lm_loss where 
               "loss(output, labels) returning the batch mean")
 
 
-def default_loss(out, labels):  # mean over the batch: MSE for float labels, cross entropy otherwise
-    if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1], as in
-        labels = labels[:, 0]  # transformers
-    if labels.is_floating_point():
-        if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # never MSE on logits
-            one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
-                labels.sum(-1) == 1).all()
-            fix = ("one-hot class labels: pass labels.argmax(-1)" if one_hot else "multi-label "
-                   "targets: pass loss=lambda out, y: torch.nn.functional."
-                   "binary_cross_entropy_with_logits(out, y)")
-            raise ValueError("the default loss takes float labels as one regression target per "
-                             f"example ([batch], MSE against an output [batch, 1]), got "
-                             f"{list(labels.shape)} and {list(out.shape)}: for {fix}")
-        return F.mse_loss(out.squeeze(-1).float(), labels.float())
-    if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
-        raise ValueError(f"the default loss takes logits [batch, classes] and labels [batch], got "
-                         f"{list(out.shape)} and {list(labels.shape)}: "
-                         + (_LM_LOSSES if out.dim() == 3 else "pass a loss(output, labels) "
-                            "returning the batch mean"))
-    return F.cross_entropy(out.float(), labels)
+class Loss:
+    """What collect_statistics needs of a loss (§2; any callable works, these are optional):
+    loss(output, labels) is the batch's mean over terms(labels) loss terms (default: the rows of
+    the labels); sample(output, labels, generator) draws labels from the model's predictive
+    distribution (fisher="sampled"); model_labels: the labels go to the model too."""
+    model_labels = False
+
+    def terms(self, labels):
+        return len(labels)
 
 
-def _sample_labels(out, labels, generator):
-    """Labels drawn from the model's own predictive distribution (CPU generator: any device):
-    categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
-    out, labels = out.detach().float().cpu(), labels.flatten() if labels.dim() == 2 else labels
-    if labels.is_floating_point():
-        return (out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)).to(labels.device)
-    return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1).to(labels.device)
+class ExampleLoss(Loss):
+    """One term per example: MSE for float labels (one regression target each), cross entropy for
+    class labels (labels [batch] or [batch, 1], as transformers accepts)."""
+
+    def __call__(self, out, labels):
+        if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1], as in
+            labels = labels[:, 0]  # transformers
+        if labels.is_floating_point():
+            if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # never MSE on logits
+                one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
+                    labels.sum(-1) == 1).all()
+                fix = ("one-hot class labels: pass labels.argmax(-1)" if one_hot else
+                       "multi-label targets: pass loss=lambda out, y: torch.nn.functional."
+                       "binary_cross_entropy_with_logits(out, y)")
+                raise ValueError("the default loss takes float labels as one regression target "
+                                 "per example ([batch], MSE against an output [batch, 1]), got "
+                                 f"{list(labels.shape)} and {list(out.shape)}: for {fix}")
+            return F.mse_loss(out.squeeze(-1).float(), labels.float())
+        if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
+            raise ValueError("the default loss takes logits [batch, classes] and labels [batch], "
+                             f"got {list(out.shape)} and {list(labels.shape)}: "
+                             + (_LM_LOSSES if out.dim() == 3 else "pass a loss(output, labels) "
+                                "returning the batch mean"))
+        return F.cross_entropy(out.float(), labels)
+
+    def sample(self, out, labels, generator):
+        """Labels drawn from the model's own predictive distribution (CPU generator: any device):
+        categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
+        out, labels = out.detach().float().cpu(), labels.flatten() if labels.dim() == 2 else labels
+        if labels.is_floating_point():
+            drawn = out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)
+        else:
+            drawn = torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1)
+        return drawn.to(labels.device)
 
 
-default_loss.sample = _sample_labels  # a loss for fisher="sampled" carries its label sampler
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
 
 
-def masked_lm_loss(logits, labels):
-    """Hugging Face's masked-LM loss (BERT's; §9): logits [b, L, V] at position t predict
-    labels[:, t], labels equal to IGNORE (-100) take no part, and the result is the mean over the
-    batch's target tokens. One loss term is one target token."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+class TokenLoss(Loss):
+    """Hugging Face's token-level LM loss (§9): logits [b, L, V] at position t predict
+    labels[:, t + shift] (labels [b, L] aligned with the inputs), labels equal to IGNORE take no
+    part, and the result is the mean over the batch's target tokens: one loss term per target."""
+
+    def __init__(self, shift, model_labels=False):
+        self.shift, self.model_labels = shift, model_labels
+
+    def __call__(self, logits, labels):
+        logits, labels = logits[:, :logits.shape[1] - self.shift], labels[:, self.shift:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+    def terms(self, labels):
+        return (labels[:, self.shift:] != IGNORE).sum()
+
+    def sample(self, logits, labels, generator):
+        """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher):
+        the label at t + shift from logits[:, t]; ignored positions stay ignored."""
+        shift = self.shift
+        target = labels[:, shift:] != IGNORE  # b x (L - shift)
+        # targets x V
+        probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
+        sampled = labels.clone()
+        draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sampled[:, shift:][target] = draws.to(labels.device)
+        return sampled
 
 
-def seq2seq_lm_loss(logits, labels):
-    """Hugging Face's encoder-decoder LM loss (T5, BART; §9): masked_lm_loss, with the labels
-    [b, L] given to the model too (model_labels), which builds its decoder inputs from them."""
-    return masked_lm_loss(logits, labels)
-
-
-def causal_lm_loss(logits, labels):
-    """Hugging Face's causal-LM loss (§9): logits [b, L, V] at position t predict labels[:, t + 1]
-    (labels [b, L] are aligned with the input ids), labels equal to IGNORE (-100) take no part, and
-    the result is the mean over the batch's target tokens. One loss term is one target token."""
-    return masked_lm_loss(logits[:, :-1], labels[:, 1:])
-
-
-def _sample_tokens(logits, labels, generator, shift=1):
-    """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher): the
-    label at t + shift from logits[:, t]; ignored positions stay ignored."""
-    target = labels[:, shift:] != IGNORE  # b x (L - shift)
-    # targets x V
-    probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
-    sampled = labels.clone()
-    draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    sampled[:, shift:][target] = draws.to(labels.device)
-    return sampled
-
-
-causal_lm_loss.sample = _sample_tokens
-causal_lm_loss.terms = lambda labels: (labels[:, 1:] != IGNORE).sum()  # one term per target token
-for _f in (masked_lm_loss, seq2seq_lm_loss):
-    _f.sample = functools.partial(_sample_tokens, shift=0)
-    _f.terms = lambda labels: (labels != IGNORE).sum()
-seq2seq_lm_loss.model_labels = True  # collect_statistics passes the labels to the model as well
+default_loss = ExampleLoss()  # collect_statistics' default, unless the model is a transformers LM
+causal_lm_loss = TokenLoss(shift=1)  # a causal LM: position t predicts token t + 1
+masked_lm_loss = TokenLoss(shift=0)  # a masked LM: position t predicts its own label
+# an encoder-decoder (T5, BART): the labels go to the model, which builds its decoder inputs
+seq2seq_lm_loss = TokenLoss(shift=0, model_labels=True)
 
 
 # ----------------------------------------------------------------------------- layers in groups
