@@ -71,6 +71,7 @@ def test_reading_budgets():
     # the design card's budgets: a reader audits the algorithm in one sitting
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(readme) <= 300
+    assert len((ROOT / "docs" / "cg-lora.md").read_text(encoding="utf-8").splitlines()) <= 500
     code = (ROOT / "cglora.py").read_text(encoding="utf-8").splitlines()
     start, end = (next(i for i, line in enumerate(code) if line.startswith(f"# Part {p}"))
                   for p in ("I:", "II "))
