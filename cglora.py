@@ -61,13 +61,14 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
-        d_out, d_in = base.weight.shape
+        d_out, d_in = _base_shape(base)  # bitsandbytes: a packed weight, factors at compute_dtype
         if not 0 < rank <= min(d_in, d_out):
             raise ValueError(f"rank {rank} must be in 1..min(d_in, d_out) = {min(d_in, d_out)}")
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        kw = dict(device=base.weight.device, dtype=getattr(base, "compute_dtype", None) or dtype)
         bound = 1 / math.sqrt(d_in)  # = kaiming_uniform_(a=sqrt(5)), the nn.Linear / LoRA default
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, **kw).uniform_(-bound, bound))  # r x in
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **kw))  # out x r: zero, so y = base(x)
@@ -83,6 +84,7 @@ class LoRALinear(nn.Module):
         if self.tied:
             raise ValueError("base weight tied to another module's: merging would change that "
                              "module too; keep the adapter unmerged")
+        _refuse_quantized(self.base.weight, "merging", "keep the adapter unmerged")
         if not self.merged:
             self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -462,15 +464,14 @@ def _sized(B, A, scaling, norm):
 def write_adapter(layer: LoRALinear, B, A, shift: bool):
     """The one place that writes an init into a model. shift: W0 <- W0 - s B A, computed from
     the factors after casting them to the model dtype, so the model's function is unchanged."""
-    dtype = layer.lora_A.dtype
-    B, A = B.to(layer.lora_B.device, dtype), A.to(layer.lora_A.device, dtype)
+    B, A = B.to(layer.lora_B), A.to(layer.lora_A)  # their device and dtype
+    if shift:  # first: a refusal leaves the layer as it was
+        _refuse_quantized(layer.base.weight, "shifting W0", "write with shift=False")
+        layer.base.weight.copy_(layer.base.weight.float() - layer.scaling * (B.float() @ A.float()))
     layer.lora_B.copy_(B)
     layer.lora_A.copy_(A)
     layer.lora_B0.copy_(B if shift else torch.zeros_like(B))
     layer.lora_A0.copy_(A if shift else torch.zeros_like(A))
-    if shift:
-        offset = layer.scaling * (B.float() @ A.float())
-        layer.base.weight.copy_((layer.base.weight.float() - offset).to(layer.base.weight.dtype))
 
 
 def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance, diagnostics,
@@ -523,8 +524,7 @@ def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_no
         row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None,
                    statistics_mib=0.0,
                    **{"damping": damping if cg else None, **diagnostics.get(name, {})})
-        B, A = lora_factors(*layer.base.weight.shape, layer.rank, generator,
-                            layer.base.weight.device)
+        B, A = lora_factors(*_base_shape(layer.base), layer.rank, generator, layer.lora_A.device)
         if data:
             st = stats[name]  # the caller's stats stay whole: another method can use them
             # a shared S: in its first layer
@@ -820,6 +820,12 @@ def _check_statistics(fisher, loss, folds):  # collect_statistics' options; retu
     return loss
 
 
+def _refuse_quantized(weight, doing, fix):  # LoRALinear.merge's and write_adapter's W0
+    if not weight.is_floating_point():  # bitsandbytes' packed 4-bit (uint8) or 8-bit (int8)
+        raise ValueError(f"base weight quantized ({weight.dtype}): {doing} would requantize it, "
+                         f"with a rounding the adapter cannot undo: {fix}")
+
+
 def _check_init(layers, method, damping, factor_balance):  # init_adapters' options
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
@@ -832,8 +838,13 @@ def _check_init(layers, method, damping, factor_balance):  # init_adapters' opti
         raise ValueError(f"layers {tied[:3]}: {method} shifts W0, and their weights are tied to "
                          "another module's, which the shift would change too: use cg-lora or "
                          "lora-one (W0 kept)")
+    if method in SHIFTED and (packed := [n for n, m in layers.items()
+                                         if not m.base.weight.is_floating_point()]):
+        raise ValueError(f"layers {packed[:3]}: {method} shifts W0, and their weights are "
+                         "quantized, where a shift would be rounded to the grid: use cg-lora or "
+                         "lora-one (W0 kept), or load the model in full precision")
     if method == "lora-ga" and (narrow := [n for n, m in layers.items()
-                                           if 2 * m.rank > min(m.base.weight.shape)]):
+                                           if 2 * m.rank > min(_base_shape(m.base))]):
         raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
                          "smaller rank")
 
@@ -1166,7 +1177,7 @@ seq2seq_lm_loss = TokenLoss(shift=0, model_labels=True)
 def statistics_mib(layers, folds=1):
     """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
     LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
-    shapes = [m.base.weight.shape for m in layers.values()]
+    shapes = [_base_shape(m.base) for m in layers.values()]
     floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
     return floats * 4 * folds / 2 ** 20
 
@@ -1234,8 +1245,10 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
     with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
     with that rank and alpha, at the adapter's dtype. kw go to collect_statistics and
-    init_adapters (loss, fisher, folds, damping, init_norm, ...). Base layers: nn.Linear and
-    transformers' Conv1D (GPT-2, fan_in_fan_out: peft's adapter still computes B A x). Returns
+    init_adapters (loss, fisher, folds, damping, init_norm, ...). Base layers: nn.Linear (and
+    bitsandbytes' 4-bit and 8-bit ones: G is the gradient with respect to the weight they compute
+    with, no weight gradient is made) and transformers' Conv1D (GPT-2, fan_in_fan_out: peft's
+    adapter still computes B A x). Returns
     init_adapters' report. Refused in one line: shifted inits (cg-lora-shift, lora-ga move W0, which
     a peft adapter does not carry), LoRA variants (DoRA), adapters on embeddings or tied to another
     module's (_check_peft)."""
@@ -1276,12 +1289,13 @@ class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight
     def __init__(self, d_out, d_in, like):
         super().__init__()
         self.weight = like.new_zeros(()).expand(d_out, d_in)
+        self.out_features, self.in_features = d_out, d_in
 
 
 def _base_shape(base):  # (d_out, d_in) of a base layer: nn.Linear, or transformers' Conv1D
     if type(base).__name__ == "Conv1D":  # GPT-2's: y = x @ weight + bias, weight d_in x d_out
         return base.weight.shape[1], base.weight.shape[0]
-    return base.weight.shape
+    return base.out_features, base.in_features  # a bitsandbytes layer's weight is packed
 
 
 def _check_peft(model, lora, adapter_name):
