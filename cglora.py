@@ -81,10 +81,7 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def merge(self):
-        if self.tied:
-            raise ValueError("base weight tied to another module's: merging would change that "
-                             "module too; keep the adapter unmerged")
-        _refuse_quantized(self.base.weight, "merging", "keep the adapter unmerged")
+        _refuse_moving_w0(self, "merging", "keep the adapter unmerged")
         if not self.merged:
             self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -258,10 +255,10 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 raise ValueError(f"layers {missing} were not called in the forward pass")
             share = share or _shared_inputs(seen, names)  # {layer: the first layer of its input}
             masks = _masks(batch, labels, encoder)
-            x = {key: [c[0].detach() for c in seen[key]] for key in dict.fromkeys(share.values())}
-            for key, xs in x.items():  # sum_t x x^T (d_in x d_in) over each call's tokens
-                S.add(key, _rows(xs, [masks.get(c[2]) for c in seen[key]]))
-            x = {key: _rows(xs) for key, xs in x.items()}  # every row: G's (§2)
+            xs = {key: [c[0].detach() for c in seen[key]] for key in dict.fromkeys(share.values())}
+            for key, calls in xs.items():  # sum_t x x^T (d_in x d_in) over each call's tokens
+                S.add(key, _rows(calls, [masks.get(c[2]) for c in seen[key]]))
+            x = {key: _rows(calls) for key, calls in xs.items()}  # every row: G's (§2)
             ys = {name: [c[1] for c in seen[name]] for name in names}
             n_b = int(getattr(loss, "terms", len)(labels))
             reset()  # the batch's activations are in x and ys now
@@ -280,7 +277,7 @@ def collect_statistics(model, layers, batches, fisher="empirical", generator=Non
                 T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
             n[fold] += n_b
             pending += max(r.shape[0] for r in x.values())
-            del out, ys, delta, delta_T, x
+            del out, ys, delta, delta_T, x, xs
             if pending >= FLUSH_ROWS:
                 flush()
                 pending = 0
@@ -466,7 +463,7 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
     the factors after casting them to the model dtype, so the model's function is unchanged."""
     B, A = B.to(layer.lora_B), A.to(layer.lora_A)  # their device and dtype
     if shift:  # first: a refusal leaves the layer as it was
-        _refuse_quantized(layer.base.weight, "shifting W0", "write with shift=False")
+        _refuse_moving_w0(layer, "shifting W0", "write with shift=False")
         layer.base.weight.copy_(layer.base.weight.float() - layer.scaling * (B.float() @ A.float()))
     layer.lora_B.copy_(B)
     layer.lora_A.copy_(A)
@@ -820,10 +817,18 @@ def _check_statistics(fisher, loss, folds):  # collect_statistics' options; retu
     return loss
 
 
-def _refuse_quantized(weight, doing, fix):  # LoRALinear.merge's and write_adapter's W0
-    if not weight.is_floating_point():  # bitsandbytes' packed 4-bit (uint8) or 8-bit (int8)
-        raise ValueError(f"base weight quantized ({weight.dtype}): {doing} would requantize it, "
-                         f"with a rounding the adapter cannot undo: {fix}")
+def _fixed_w0(layer):  # why a layer's W0 must not move (shift, merge): (what it is, what moving
+    if getattr(layer, "tied", False):  # it would do), or None
+        return "tied to another module's", "would change that module too"
+    if not layer.base.weight.is_floating_point():  # bitsandbytes' packed uint8 / int8
+        return (f"quantized ({layer.base.weight.dtype})",
+                "would requantize it, a rounding the adapter cannot undo")
+    return None
+
+
+def _refuse_moving_w0(layer, doing, fix):  # LoRALinear.merge's and write_adapter's shift
+    if why := _fixed_w0(layer):
+        raise ValueError(f"base weight {why[0]}: {doing} {why[1]}: {fix}")
 
 
 def _check_init(layers, method, damping, factor_balance):  # init_adapters' options
@@ -834,15 +839,11 @@ def _check_init(layers, method, damping, factor_balance):  # init_adapters' opti
                          f"{factor_balance!r}")
     if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
         raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
-    if method in SHIFTED and (tied := [n for n, m in layers.items() if getattr(m, "tied", 0)]):
-        raise ValueError(f"layers {tied[:3]}: {method} shifts W0, and their weights are tied to "
-                         "another module's, which the shift would change too: use cg-lora or "
-                         "lora-one (W0 kept)")
-    if method in SHIFTED and (packed := [n for n, m in layers.items()
-                                         if not m.base.weight.is_floating_point()]):
-        raise ValueError(f"layers {packed[:3]}: {method} shifts W0, and their weights are "
-                         "quantized, where a shift would be rounded to the grid: use cg-lora or "
-                         "lora-one (W0 kept), or load the model in full precision")
+    if method in SHIFTED and (fixed := {n: why for n, m in layers.items()
+                                        if (why := _fixed_w0(m))}):
+        what, moving = next(iter(fixed.values()))
+        raise ValueError(f"layers {list(fixed)[:3]}: {method} shifts W0, and their weights are "
+                         f"{what}: the shift {moving}: use cg-lora or lora-one (W0 kept)")
     if method == "lora-ga" and (narrow := [n for n, m in layers.items()
                                            if 2 * m.rank > min(_base_shape(m.base))]):
         raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
