@@ -66,7 +66,10 @@ def test_early_trains_exactly_the_first_steps_of_train_py(tmp_path, glue, monkey
     assert set(row["moves"]) == {"2", "5"} and row["moves"]["5"]["moved"] > row["moves"]["2"]["moved"] > 0
     if method == "cg-lora":  # its init is train.py's: the same damping and real check
         init = json.loads((tmp_path / "run" / "init.json").read_text())
-        assert row["init"]["damping"] == init["damping"] and row["real"] == pytest.approx(init["summary"]["real_decrease"])
+        # rel 1e-4, not bitwise: on 2 threads the same real check, run twice in one process, gave
+        # 0.1813074 and 0.1813093 (one thread: equal)
+        assert row["init"]["damping"] == init["damping"]
+        assert row["real"] == pytest.approx(init["summary"]["real_decrease"], rel=1e-4)
         assert 0 < row["in_init"]["both"] <= min(row["in_init"]["left"], row["in_init"]["right"]) <= 1
     else:
         assert row["in_init"] == dict(left=None, right=None, both=None) and row["in_lora_one"]["left"] > 0
