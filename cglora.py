@@ -1,14 +1,11 @@
-"""Curvature-Guided LoRA (CG-LoRA), in one file, in three parts read top to bottom (derived in
-docs/cg-lora.md, cited as §N).
+"""Curvature-Guided LoRA (CG-LoRA) in one file, derived in docs/cg-lora.md (cited as §N).
 
-Part I, the algorithm, in its order: LoRA layer -> K-FAC statistics (§2) -> whitening (§3) ->
-top r -> balanced factors (§4, cg_lora_factors: the one route to CG-LoRA's direction) ->
-baselines (§6) -> the one function that writes an init into a model (§5: init_adapters).
-Part II, optional: the damping search (damping="auto", §8.1), the diagnostics of §8 and the
-real loss along an update (§8.2).
-Part III, plumbing in named helpers that part I calls: checks of the options, target layers and
-export, the model side of the statistics (hooks, outputs, losses; §9's language models), layers
-in groups under a memory budget (init_in_groups), peft (initialize_peft, save_peft), torchrun.
+Part I is the default path, in the algorithm's order, each helper above its first use:
+LoRA layer -> K-FAC statistics (§2; the model plumbing under them in its own section) ->
+whitening (§3) -> top r -> balanced factors (§4) -> baselines (§6) -> init_adapters (§5), a loop
+that computes each layer's factors and writes them with write_adapter. Part II is optional, each
+piece a call of its own that the default path never enters: the damping choice (§8.1), the
+diagnostics and the real loss (§8, §8.2), layers in groups, torchrun, peft.
 Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is needed.
 """
 import collections
@@ -27,29 +24,51 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [  # the public API, in reading order
-    "LoRALinear", "add_lora", "target_layers", "collect_statistics", "Statistics", "whiten",
-    "top_svd", "top_r", "cg_lora_factors", "balance", "lora_factors", "lora_ga_factors",
-    "lora_one_factors", "direction", "write_adapter", "init_adapters", "METHODS", "RSLORA",
-    "DAMPING", "diagnose", "DAMPING_GRID", "predicted_decrease", "overlap", "real_decrease",
-    "Loss", "TokenLoss", "default_loss", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss",
-    "IGNORE", "init_in_groups", "initialize_peft", "save_peft", "lora_state_dict",
+    "LoRALinear", "add_lora", "collect_statistics", "Statistics", "default_loss",
+    "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "cg_lora_factors", "lora_ga_factors",
+    "lora_one_factors", "write_adapter", "init_adapters", "DAMPING", "choose_damping", "diagnose",
+    "real_decrease", "init_in_groups", "init_owned", "initialize_peft", "save_peft",
 ]
 
+DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
+DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # choose_damping's default grid (§8.1)
+METHODS = ("cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one")
+RSLORA = {"cg-lora": True, "cg-lora-shift": True, "lora": False, "rslora": True,
+          "lora-ga": False, "lora-one": True}  # scaling alpha/sqrt(r) (True) or alpha/r
+SHIFTED = {"cg-lora-shift", "lora-ga"}  # these subtract s B A from W0 at init
 LORA_ONE_GAMMA = 128  # LoRA-One's init scale: B, A divided by sqrt(sigma_1 * gamma)
 LORA_GA_GAMMA = 16  # LoRA-GA's "stable" scale: B, A times d_out^(1/4) / sqrt(gamma)
-DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
-DAMPING_GRID = tuple(10.0 ** k for k in range(-3, 4))  # damping="auto" searches 1e-3 .. 1e3 (§8.1)
-# top_r's stop for the init itself: its captured energy within 1e-6 of the exact (§3)
-FINAL_TOL = 1e-8
+_FINAL_TOL = 1e-8  # the init's top_r stop: its captured energy within 1e-6 of the exact (§3)
+_FLUSH_ROWS = 512  # token rows gathered before the sums are updated (memory: rows x dim a layer)
+_GRAM_BLOCKS, _GRAM_MIN_WIDTH = 4, 512  # Gram sums in row blocks; narrower ones in one block
 
 
 # =================================================================================================
-# Part I: the algorithm. LoRA layer -> statistics (§2) -> whitening (§3) -> top r -> balanced
-# factors (§4) -> baselines (§6) -> the one function that writes an init (§5).
+# Part I: the algorithm
 # =================================================================================================
 
 
 # ----------------------------------------------------------------------------- LoRA layer
+
+
+def _base_shape(base):  # (d_out, d_in) of a base layer: nn.Linear, or transformers' Conv1D
+    if type(base).__name__ == "Conv1D":  # GPT-2's: y = x @ weight + bias, weight d_in x d_out
+        return base.weight.shape[1], base.weight.shape[0]
+    return base.out_features, base.in_features  # a bitsandbytes layer's weight is packed
+
+
+def _fixed_w0(layer):  # why a layer's W0 must not move (shift, merge): (what it is, what moving
+    if getattr(layer, "tied", False):  # it would do), or None
+        return "tied to another module's", "would change that module too"
+    if not layer.base.weight.is_floating_point():  # bitsandbytes' packed uint8 / int8
+        return (f"quantized ({layer.base.weight.dtype})",
+                "would requantize it, a rounding the adapter cannot undo")
+    return None
+
+
+def _refuse_moving_w0(layer, doing, fix):  # LoRALinear.merge's and write_adapter's shift
+    if why := _fixed_w0(layer):
+        raise ValueError(f"base weight {why[0]}: {doing} {why[1]}: {fix}")
 
 
 class LoRALinear(nn.Module):
@@ -98,6 +117,31 @@ class LoRALinear(nn.Module):
         return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
+def target_layers(model, names, kind):
+    """The modules of type `kind` whose full name or last component is in `names`."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+    hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
+    other = [(n, m) for n, m in model.named_modules() for t in missing
+             if n == t or n.endswith("." + t)]
+    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
+        n, m = other[0]
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
+                             "layer once: target other layers, or start again from the model "
+                             "without adapters")
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
+               "computes x @ weight + bias)" if type(m).__name__ == "Conv1D"
+               else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {type(m).__name__}, not nn.{kind.__name__}, and only "
+                         f"nn.{kind.__name__} layers can be targets: {fix}")
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in found})
+        raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
+                         f"the model has {short} (full names like {next(iter(found), None)!r})")
+    return hits
+
+
 def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=()):
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
@@ -127,775 +171,11 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     return layers
 
 
-# ----------------------------------------------------------------------------- §2 statistics
-
-
-def _fp32(f):
-    """f with autocast off where the caller has it on (CPU, CUDA): statistics and factorizations
-    stay fp32 (§2) inside a bf16 training step."""
-    @functools.wraps(f)
-    def wrapped(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            for kind in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(kind):
-                    stack.enter_context(torch.autocast(kind, enabled=False))
-            return f(*args, **kwargs)
-    return wrapped
-
-
-def _tokens(t, keep=None):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; no mask, or
-    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # one that does not fit:
-    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()  # every row
-
-
-FLUSH_ROWS = 512  # tokens gathered before the sums are updated (memory: FLUSH_ROWS x dim per layer)
-GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 512  # narrower sums: one block (the split does not pay)
-
-
-def _blocks(d):  # GRAM_BLOCKS row blocks of a d x d Gram sum (one below GRAM_MIN_WIDTH)
-    k = GRAM_BLOCKS if d >= GRAM_MIN_WIDTH else 1
-    edges = [i * d // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-class _Sums:
-    """Running sums of a^T b over token rows, held on `device`. Rows wait until FLUSH_ROWS of them
-    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound.
-    A symmetric sum a^T a (b=None) is updated in its lower block triangle only (GRAM_BLOCKS row
-    blocks: 5/8 of the work for 4) and mirrored by symmetric()."""
-
-    def __init__(self, device=None):
-        self.total, self.rows, self.count, self.device = {}, {}, {}, device
-
-    def add(self, key, a, b=None):  # b=None: a^T a
-        self.rows.setdefault(key, []).append((a, b))
-        self.count[key] = self.count.get(key, 0) + a.shape[0]
-
-    @torch.no_grad()
-    @_fp32
-    def flush(self):
-        for key, pairs in self.rows.items():
-            a = torch.cat([p[0] for p in pairs]).to(self.device)
-            b = None if pairs[0][1] is None else torch.cat([p[1] for p in pairs]).to(self.device)
-            if key not in self.total:
-                self.total[key] = a.new_zeros(a.shape[1], (a if b is None else b).shape[1])
-            if b is not None:
-                self.total[key].addmm_(a.T, b)
-                continue
-            for i, j in _blocks(a.shape[1]):  # row block i..j of the lower triangle: a_i^T a_:j
-                self.total[key][i:j, :j].addmm_(a[:, i:j].T, a[:, :j])
-        self.rows.clear()
-
-    def symmetric(self):  # each (Gram) sum's upper blocks from its lower ones
-        for total in self.total.values():
-            for i, j in _blocks(total.shape[0]):
-                total[i:j, j:] = total[j:, i:j].T
-
-
-class Fold(NamedTuple):
-    """One fold's statistics of one layer (§2), normalised within the fold."""
-    S: torch.Tensor  # d_in x d_in, mean over the fold's tokens
-    G: torch.Tensor  # d_out x d_in, mean over the fold's examples
-    T: torch.Tensor  # d_out x d_out, mean over the fold's examples
-    n: float  # examples
-    tokens: float  # token rows behind S
-
-
-class Statistics(NamedTuple):
-    """One layer's statistics, held per fold only (batch i in fold i mod K, §8.1): S, G, T pool
-    them on access (a new tensor for K > 1). Under torch.distributed only the layer's owner holds
-    them (folds=() elsewhere)."""
-    folds: tuple  # K Folds
-    owner: int = 0  # the rank that holds them and factorizes the layer
-
-    S = property(lambda self: self.pooled().S)
-    G = property(lambda self: self.pooled().G)
-    T = property(lambda self: self.pooled().T)
-
-    def pooled(self):
-        if not self.folds:
-            raise ValueError(f"these statistics are held by rank {self.owner}")
-        return pool(self.folds)
-
-
-def collect_statistics(model, layers, batches, fisher="empirical", generator=None, loss=None,
-                       folds=1, device=None, progress=None):
-    """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
-
-    A batch is a dict: "labels" is the target, "attention_mask" (1 = real token) keeps padding out
-    of S (an encoder-decoder's decoder: "decoder_attention_mask", else labels other than IGNORE),
-    never out of G or T (§2); the rest goes to model(**inputs). `loss(output, labels)` is the
-    batch's mean over loss.terms(labels) terms (default: a transformers LM's own, §9, else cross
-    entropy, or MSE for float labels); delta, one term's gradient, is terms * d(batch loss)/dy; a
-    layer called several times per forward sums over its calls. fisher="sampled" draws T's labels
-    with loss.sample. progress(i) is called before batch i; `device` holds the sums.
-
-    Returns {name: Statistics} in fp32, the only copies held; layers fed one input tensor share
-    its S. folds=K >= 2 keeps them per fold (batch i in fold i mod K) for damping="auto" and §8.
-    Under torch.distributed rank r's i-th batch is batch r + i * world, and a layer's sums are
-    reduced to its owner only (the i-th distinct input's layers to rank i mod world, as KAISA
-    places K-FAC work). No weight gradient is made and no caller tensor is changed.
-    """
-    loss = _check_statistics(fisher, loss or _lm_loss(model) or default_loss, folds)
-    generator = generator or torch.Generator().manual_seed(0)
-    proc, world = _rank_and_world(distributed := _distributed())
-    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T per fold
-    n, share, names, pending = [0] * folds, {}, list(layers), 0
-    encoder, flush = _encoder(model), lambda: [s.flush() for fold in sums for s in fold]
-    with _recording(model, layers, encoder) as (seen, run, reset):
-        for i, batch in enumerate(batches):
-            fold = (proc + i * world) % folds  # the global batch index decides the fold
-            S, G, T = sums[fold]
-            if progress:
-                progress(i)
-            labels = _labels(batch, i)
-            reset()
-            out = _logits(run(_model_inputs(batch, loss, encoder)))
-            if missing := [name for name in names if name not in seen]:
-                raise ValueError(f"layers {missing} were not called in the forward pass")
-            share = share or _shared_inputs(seen, names)  # {layer: the first layer of its input}
-            masks = _masks(batch, labels, encoder)
-            xs = {key: [c[0].detach() for c in seen[key]] for key in dict.fromkeys(share.values())}
-            for key, calls in xs.items():  # sum_t x x^T (d_in x d_in) over each call's tokens
-                S.add(key, _rows(calls, [masks.get(c[2]) for c in seen[key]]))
-            x = {key: _rows(calls) for key, calls in xs.items()}  # every row: G's (§2)
-            ys = {name: [c[1] for c in seen[name]] for name in names}
-            n_b = int(getattr(loss, "terms", len)(labels))
-            reset()  # the batch's activations are in x and ys now
-            delta, delta_T = (iter(g) for g in _output_gradients(
-                loss, out, labels.to(out.device), [y for name in names for y in ys[name]], fisher,
-                generator))
-            # a layer called k times: G, T sum over its k calls (K-FAC for shared weights, §2)
-            for name in names:
-                # d(mean loss)/dy * n_b = d(own loss)/dy per loss term (None: y does not reach
-                # the loss), at every row (§2). rows: G's, then (sampled) T's
-                rows = (_rows([torch.zeros_like(y) if g is None else g * n_b
-                               for y, g in zip(ys[name], grads)])
-                        for grads in (delta, delta_T))
-                d = next(rows)
-                G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
-                T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
-            n[fold] += n_b
-            pending += max(r.shape[0] for r in x.values())
-            del out, ys, delta, delta_T, x, xs
-            if pending >= FLUSH_ROWS:
-                flush()
-                pending = 0
-        flush()
-    for S, _, T in sums:
-        S.symmetric()
-        T.symmetric()
-    return _normalise(sums, n, share, names, distributed)
-
-
-# ----------------------------------------------------------------------------- §3 whitening
-
-
-def _damped(X, damping):  # X + damping * (tr X / d) I (tr X / d = 1 when X = 0), a new tensor
-    scale = X.trace() / X.shape[0]
-    out = X.clone()
-    out.diagonal().add_(damping * (scale if scale > 0 else 1.0))
-    return out
-
-
-def damped_cholesky(X, damping=DAMPING):
-    """L, lower triangular, with L L^T = X_l = X + damping (tr X / d) I (§3)."""
-    L, info = torch.linalg.cholesky_ex(_damped(X, damping))
-    if info.item() != 0:
-        raise ValueError(f"damped statistics are not positive definite (damping={damping}): "
-                         "use damping > 0")
-    return L
-
-
-def whiten(G, S, T, damping=DAMPING, L_S=None):
-    """Cholesky factors of the damped metrics, S_l = L_S L_S^T and T_l = L_T L_T^T, and
-    M = L_T^-1 G L_S^-T: the same singular values as T_l^-1/2 G S_l^-1/2 (orthogonal factors
-    apart). Two Cholesky factorizations and two triangular solves; no inverse, no eigh. L_S, if
-    given, is S's factor already computed (layers fed one input share it: one Cholesky per S)."""
-    L_S = damped_cholesky(S, damping) if L_S is None else L_S
-    L_T = damped_cholesky(T, damping)
-    M = torch.linalg.solve_triangular(L_T, G, upper=False)  # L_T^-1 G
-    M = torch.linalg.solve_triangular(L_S, M.T, upper=False).T  # (L_S^-1 (L_T^-1 G)^T)^T
-    return M, L_T, L_S
-
-
-# ----------------------------------------------------------------------------- top r
-
-
-def top_svd(M, k):
-    """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k), M ~ U diag(sigma) V^T.
-
-    A full SVD to working precision: real layers' spectra are flat, where a randomized range
-    finder with a fixed iteration count misses (docs/cg-lora.md §3). Deterministic: each pair's
-    sign is fixed so that the largest entry of u_i is positive."""
-    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-    U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
-    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column has unit norm
-    return U * sign, sigma, V * sign
-
-
-def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
-    """The top-r singular triplets of M (U, sigma, V as top_svd) by block subspace iteration
-    (block 2r, Rayleigh-Ritz), stopped when the captured energy sum_{i<=r} sigma_i^2 changes by
-    less than `tol` relative (§8.1): a criterion on the objective, met in a few iterations on flat
-    spectra where the subspace itself converges slowly. O(d^2 r) an iteration. Also returns the
-    block (d_in x 2r) to warm-start a nearby matrix; the first start is a seeded random block."""
-    p = min(2 * rank, *M.shape)
-    if start is None:  # drawn by a CPU generator, then moved: one seed, one block on any device
-        start = torch.randn(M.shape[1], p, generator=generator or torch.Generator().manual_seed(0),
-                            dtype=M.dtype).to(M.device)
-        start = torch.linalg.qr(start).Q
-    V = start
-    energy = None
-    for _ in range(max_iters):
-        Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
-        V, R = torch.linalg.qr(M.T @ Q)  # Q^T M = R^T V^T: its singular values are the Ritz values
-        u, sigma, vh = torch.linalg.svd(R.T)
-        captured = sigma[:rank].square().sum()
-        if energy is not None and abs(captured - energy) <= tol * captured:
-            break
-        energy = captured
-    V = V @ vh.T  # Ritz vectors, in descending order
-    return Q @ u[:, :rank], sigma[:rank], V[:, :rank], V
-
-
-# ----------------------------------------------------------------------------- §4 balanced factors
-
-
-@_fp32
-def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=None, L_S=None,
-                    energy=False):
-    """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step,
-    B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1 for the top r of
-    the whitened gradient M = U S V^T (whiten). The function init_adapters runs for CG-LoRA.
-
-    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: a fixed lambda (§3;
-    init_adapters chooses it from data, §8.1). tol: None takes M's top r exactly (top_svd); a
-    number, by top_r stopped at that relative energy change (init_adapters: FINAL_TOL, §3). L_S:
-    S's damped Cholesky factor, if already computed (layers fed one input share it). Returns (B
-    d_out x r, A r x d_in, sigma): sigma holds the top r singular values of M (sigma_i^2 / 2 is
-    direction i's predicted loss decrease); energy=True appends ||M||_F^2, the total of which
-    sigma^2 is the captured part. A zero gradient gives zero factors.
-    """
-    if not 0 < rank <= min(G.shape):
-        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(G.shape)}")
-    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
-    M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping, L_S)
-    U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
-    root, c = sigma.sqrt(), math.sqrt(step / scaling)
-    B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)  # d_out x r
-    A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T  # r x d_in
-    return (B, A, sigma, M.square().sum()) if energy else (B, A, sigma)
-
-
-def balance(B, A, P=None, Q=None):
-    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with
-    B^T P B = A Q A^T = diag(h). P: d_out x d_out, Q: d_in x d_in, identity when None."""
-    W_b = B.T @ B if P is None else B.T @ P @ B  # r x r "observability" gramian
-    W_a = A @ A.T if Q is None else A @ Q @ A.T  # r x r "controllability" gramian
-    try:
-        L_b, L_a = torch.linalg.cholesky(W_b), torch.linalg.cholesky(W_a)
-    except RuntimeError:
-        raise ValueError(
-            "balance needs B and A of full rank r (got a rank-deficient pair)") from None
-    U, h, Vh = torch.linalg.svd(L_b.T @ L_a)  # h: the "Hankel" singular values
-    return B @ L_a @ Vh.T / h.sqrt(), (U.T @ L_b.T @ A) / h.sqrt()[:, None]
-
-
-# ----------------------------------------------------------------------------- §6 baselines
-
-
-def lora_factors(d_out, d_in, rank, generator=None, device=None):
-    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0; drawn on the CPU, then moved to
-    `device`."""
-    generator = generator or torch.Generator().manual_seed(0)
-    A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) / math.sqrt(d_in)
-    return torch.zeros(d_out, rank, device=device), A.to(device)
-
-
-def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
-    """LoRA-GA (original repo): A = V[:, :r]^T, B = U[:, r:2r], both * d_out^(1/4) / sqrt(gamma)."""
-    if 2 * rank > min(G.shape):
-        raise ValueError(f"lora-ga needs 2 * rank <= min(d_out, d_in) = {min(G.shape)}")
-    U, _, V = top_svd(G.float(), 2 * rank)
-    c = G.shape[0] ** 0.25 / math.sqrt(gamma)
-    return c * U[:, rank:2 * rank], c * V[:, :rank].T
-
-
-def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
-    """LoRA-One: SVD of -G, B = U_r S_r^1/2, A = S_r^1/2 V_r^T, both / sqrt(sigma_1 gamma)."""
-    U, sigma, V = top_svd(-G.float(), rank)
-    root = sigma.sqrt() / math.sqrt(sigma[0] * gamma)
-    return U * root, (V * root).T
-
-
-def direction(method, stats, rank, damping):
-    """The rank-r update (B, A) a data-driven method starts from, before its size is set (exact)."""
-    if method == "lora-ga":
-        return lora_ga_factors(stats.G, rank)
-    if method == "lora-one":
-        return lora_one_factors(stats.G, rank)
-    return cg_lora_factors(stats.G, stats.S, stats.T, rank, damping)[:2]
-
-
-# ----------------------------------------------------------------------------- §5 the init
-
-
-METHODS = ("cg-lora", "cg-lora-shift", "lora", "rslora", "lora-ga", "lora-one")
-RSLORA = {"cg-lora": True, "cg-lora-shift": True, "lora": False, "rslora": True,
-          "lora-ga": False, "lora-one": True}  # scaling alpha/sqrt(r) (True) or alpha/r
-SHIFTED = {"cg-lora-shift", "lora-ga"}  # these subtract s B A from W0 at init
-
-
-def _norm2(B, A):  # spectral norm of B A from two thin QRs: ||B A|| = ||R_B R_A^T||
-    return torch.linalg.matrix_norm(torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T, ord=2)
-
-
-# one scalar on both factors, so ||s B A||_2 = norm; keeps the balance
-def _sized(B, A, scaling, norm):
-    c = math.sqrt(norm / (scaling * _norm2(B, A)).item())
-    return B * c, A * c
-
-
-@torch.no_grad()
-def write_adapter(layer: LoRALinear, B, A, shift: bool):
-    """The one place that writes an init into a model. shift: W0 <- W0 - s B A, computed from
-    the factors after casting them to the model dtype, so the model's function is unchanged."""
-    B, A = B.to(layer.lora_B), A.to(layer.lora_A)  # their device and dtype
-    if shift:  # first: a refusal leaves the layer as it was
-        _refuse_moving_w0(layer, "shifting W0", "write with shift=False")
-        layer.base.weight.copy_(layer.base.weight.float() - layer.scaling * (B.float() @ A.float()))
-    layer.lora_B.copy_(B)
-    layer.lora_A.copy_(A)
-    layer.lora_B0.copy_(B if shift else torch.zeros_like(B))
-    layer.lora_A0.copy_(A if shift else torch.zeros_like(A))
-
-
-def _data_factors(method, stats, layer, damping, step, init_norm, factor_balance, diagnostics,
-                  shared):
-    """One layer's data-driven factors (B, A), sized and balanced as init_adapters says, and its
-    report entries; (None, fallback) for a zero gradient. shared: {input: L_S} of the previous
-    layer, which the next ones (query, key, value) may share; an input is known by its folds' S
-    tensors (a pooled S is a new tensor)."""
-    st, key = stats.pooled(), tuple(id(f.S) for f in stats.folds)
-    if st.G.abs().max() == 0:
-        return None, dict(fallback="zero gradient: plain LoRA init")
-    cg, r, s, row = method.startswith("cg-lora"), layer.rank, layer.scaling, {}
-    if cg:
-        if key not in shared:  # a new input: the last one's factor is freed
-            shared.clear()
-            shared[key] = damped_cholesky(st.S, damping)
-        B, A, sigma, total = cg_lora_factors(st.G, st.S, st.T, r, damping, step, s, tol=FINAL_TOL,
-                                             L_S=shared[key], energy=True)
-        row["captured"] = (sigma.square().sum() / total).item()
-    else:
-        B, A = direction(method, st, r, damping)
-    if diagnostics:
-        row.update(_insample(method, B, A, st, r))
-    norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
-    if norm and (cg or method == "lora-one"):
-        B, A = _sized(B, A, s, norm)
-    if cg and factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: B A has rank < r
-        B, A = balance(B, A)
-    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s for dW = s B A
-    row["quadratic_step"] = (-(B * (st.G @ A.T)).sum() / curvature).item() if curvature > 0 else 0.0
-    return (B, A), row
-
-
-@_fp32
-def _init_factors(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID):
-    """init_adapters' factors ({name: (B, A)}) and report rows, nothing written yet."""
-    _check_init(layers, method, damping, factor_balance)
-    cg, data = method.startswith("cg-lora"), method not in ("lora", "rslora")
-    generator = generator or torch.Generator().manual_seed(0)
-    shift, distributed = method in SHIFTED, data and _distributed()
-    mine, diagnostics = list(layers), {}  # mine: the layers this process factorizes
-    if data:
-        mine, damping, diagnostics = _checked_and_diagnosed(method, layers, stats, damping, grid)
-    log(f"init {method}: {len(layers)} layers, W0 {'shifted by -s B A' if shift else 'kept'}"
-        + (f", damping {damping:g}" if cg else ""))
-    report, counted, chosen, shared = [], set(), {}, {}  # shared: {input: L_S} of the last input
-    for name, layer in layers.items():
-        t0 = time.perf_counter()
-        row = dict(layer=name, rank=layer.rank, shifted=shift, captured=None, fallback=None,
-                   statistics_mib=0.0,
-                   **{"damping": damping if cg else None, **diagnostics.get(name, {})})
-        B, A = lora_factors(*_base_shape(layer.base), layer.rank, generator, layer.lora_A.device)
-        if data:
-            st = stats[name]  # the caller's stats stay whole: another method can use them
-            # a shared S: in its first layer
-            for X in (X for f in st.folds for X in f[:3] if id(X) not in counted):
-                counted.add(id(X))
-                row["statistics_mib"] += X.numel() * X.element_size() / 2 ** 20
-            if name in mine:
-                try:
-                    factors, more = _data_factors(method, st, layer, damping, step, init_norm,
-                                                  factor_balance, bool(diagnostics), shared)
-                except ValueError as e:
-                    raise ValueError(f"layer {name}: {e}") from None
-                B, A = factors or (B, A)
-                row.update(more)
-            if distributed:  # the owner's factors, on every rank
-                B, A = _broadcast((B, A), st.owner)
-        chosen[name] = B, A
-        row["seconds"] = time.perf_counter() - t0
-        report.append(row)
-    if distributed:  # each owner's report rows, on every rank
-        report = _gathered(report, mine)
-    return chosen, report
-
-
-@_fp32
-def _write_all(layers, chosen, report, shift):
-    for row, (name, layer) in zip(report, layers.items()):
-        write_adapter(layer, *chosen[name], shift)
-        row["update_norm"] = (layer.scaling * _norm2(layer.lora_B.float(),
-                                                     layer.lora_A.float())).item()
-
-
-@_fp32
-def init_adapters(layers, method, stats=None, damping=DAMPING, step=1.0, init_norm=None,
-                  generator=None, log=print, factor_balance="euclidean", grid=DAMPING_GRID,
-                  judge=None):
-    """Initialise every LoRALinear in `layers` ({name: layer}) by `method` from `stats` (as
-    collect_statistics returns; left as they are; under torch.distributed each owner factorizes
-    its layers and broadcasts the factors).
-
-    damping: a number fixes CG-LoRA's lambda; "auto" chooses it among `grid` on the statistics'
-    folds (§8.1), which also give data-driven methods the §8 diagnostics. CG-LoRA's and LoRA-One's
-    factors are rescaled by one scalar per layer to ||s B A||_2 = init_norm (default: LoRA-One's
-    alpha / (sqrt(r) 128); 0: CG-LoRA's raw step * dW_r), then CG-LoRA's balanced to B^T B = A A^T
-    ("euclidean"; B A unchanged) or in the curvature metric ("curvature", §4). A zero-gradient
-    layer keeps the plain LoRA init ("fallback"). Returns one report dict per layer: rank,
-    captured energy, shifted, damping, diagnostics, update norm, seconds, statistics_mib (a shared
-    S in its first layer), quadratic_step (the multiple of the update that minimises the
-    calibration's quadratic model). judge(factors, report), if given, sees {name: (B, A)} before
-    any is written (each layer still at its W0; e.g. real_decrease).
-    """
-    chosen, report = _init_factors(layers, method, stats, damping, step, init_norm, generator, log,
-                                   factor_balance, grid)
-    if judge:
-        judge(chosen, report)
-    _write_all(layers, chosen, report, method in SHIFTED)
-    return report
-
-
-# =================================================================================================
-# Part II (optional): the damping search (§8.1), the diagnostics of §8 and the real loss (§8.2).
-# =================================================================================================
-
-
-# ----------------------------------------------------------------------------- §8.1 folds
-
-
-def pool(folds):
-    """The statistics of the union of `folds`: S weighted by tokens, G and T by examples."""
-    if len(folds) == 1:
-        return folds[0]
-    n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
-    S = sum(f.S * (f.tokens / tokens) for f in folds)
-    G = sum(f.G * (f.n / n) for f in folds)
-    T = sum(f.T * (f.n / n) for f in folds)
-    return Fold(S, G, T, n, tokens)
-
-
-def _checked_and_diagnosed(method, layers, stats, damping, grid):
-    """A data-driven init's statistics, checked: the layers this process factorizes (under
-    torch.distributed, those it owns), and with folds the damping diagnose chose and its
-    diagnostics (§8); without folds, the damping given and none."""
-    proc = _rank_and_world(_distributed())[0]
-    if stats is None or (missing := [n for n in layers if n not in stats]):
-        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
-                         "statistics for them")
-    mine = [n for n in layers if stats[n].owner == proc]
-    for name in mine:
-        if not all(X.sum().isfinite() for f in stats[name].folds for X in f[:3]):  # NaN, Inf: sum
-            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                             "calibration data and loss (run the model in fp32)")
-    if all(len(stats[name].folds) >= 2 for name in mine):
-        ranks = {n: layers[n].rank for n in mine}
-        return mine, *diagnose(method, {n: stats[n] for n in mine}, ranks, damping, grid)
-    if method.startswith("cg-lora") and damping == "auto":
-        raise ValueError("damping='auto' chooses lambda on held-out folds: collect the statistics "
-                         "with folds=2, or pass a number")
-    return mine, damping, {}
-
-
-# ----------------------------------------------------------------------------- §8 diagnostics
-
-
-def predicted_decrease(B, A, G, S, T):
-    """q(dW) = <G, dW>^2 / (2 <dW, T dW S>) for dW = B A: the loss decrease the quadratic model of
-    the statistics (G, S, T) predicts for the best multiple of dW (a line search on its scale, §8).
-    Only r x r products: <G, B A> = tr(B^T G A^T), <dW, T dW S> = tr(B^T T B A S A^T)."""
-    B, A = B.to(G.dtype), A.to(G.dtype)
-    num = (B * (G @ A.T)).sum()
-    den = ((B.T @ T @ B) * (A @ S @ A.T)).sum()
-    return (num.square() / (2 * den)).item() if den > 0 else 0.0
-
-
-def overlap(X, Y):
-    """||Q_X^T Q_Y||_F^2 / r of the column spaces of X and Y (d x r): 1 for the same subspace,
-    r / d for independent random ones (§8)."""
-    return (torch.linalg.qr(X).Q.T @ torch.linalg.qr(Y).Q).square().sum().item() / X.shape[1]
-
-
-class _Eig(NamedTuple):  # X = Q diag(w) Q^T, and the scale of its relative damping, mu = tr X / d
-    Q: torch.Tensor
-    w: torch.Tensor
-    mu: float
-
-
-def _eig(X):
-    w, Q = torch.linalg.eigh(X)
-    mu = w.mean().item()
-    return _Eig(Q, w.clamp(min=0), mu if mu > 0 else 1.0)  # mu = 1 when X = 0, as _damped
-
-
-def cg_directions(G, eig_S, eig_T, rank, grid):
-    """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
-    and T (§8.1): S_l = Q_S diag(w_S + l mu_S) Q_S^T, so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T
-    with the rotated gradient C = Q_T^T G Q_S and diagonal D's: every lambda is a rescaling of C,
-    whose top r (top_r, warm-started from the neighbouring lambda) costs O(d^2 r).
-    Returns {lambda: (B, A)} with B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
-    C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
-    out, start = {}, None
-    for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
-        dT, dS = eig_T.w + lam * eig_T.mu, eig_S.w + lam * eig_S.mu
-        if not (dT.min() > 0 and dS.min() > 0):
-            raise ValueError(f"damped statistics are not positive definite (damping={lam}): use "
-                             "damping > 0")
-        dT, dS = dT.rsqrt(), dS.rsqrt()
-        U, sigma, V, start = top_r(dT[:, None] * C * dS, rank, start)
-        root = sigma.sqrt()
-        out[lam] = (-eig_T.Q @ (dT[:, None] * U * root), (eig_S.Q @ (dS[:, None] * V * root)).T)
-    return out
-
-
-# LoRA-One's or LoRA-GA's direction by top_r (diagnostics)
-def _baseline_direction(method, G, rank):
-    if method == "lora-ga":
-        U, _, V, _ = top_r(G, 2 * rank)
-        return U[:, rank:], V[:, :rank].T
-    U, sigma, V, _ = top_r(-G, rank)
-    return U * sigma, V.T
-
-
-def _insample(method, B, A, st, rank):
-    """The in-sample q of this method's direction (B, A) and of LoRA-One's: judged on the
-    statistics `st` they came from (init_adapters' report, with folds)."""
-    one = (B, A) if method == "lora-one" else _baseline_direction("lora-one", st.G, rank)
-    return dict(insample=predicted_decrease(B, A, st.G, st.S, st.T),
-                insample_lora_one=predicted_decrease(*one, st.G, st.S, st.T))
-
-
-def _fold_directions(method, folds, rank, lambdas, eig_S):
-    """For each fold k, the directions fitted on the other folds' pooled statistics: this method's
-    at every lambda and LoRA-One's. eig_S[k] caches the eigendecomposition of fold k's training S
-    for the next layer fed the same input (query, key, value share S)."""
-    fitted = []
-    for k in range(len(folds)):
-        train = pool(folds[:k] + folds[k + 1:])
-        one = _baseline_direction("lora-one", train.G, rank)
-        if method.startswith("cg-lora"):
-            if k not in eig_S:
-                eig_S[k] = _eig(train.S)
-            dirs = cg_directions(train.G, eig_S[k], _eig(train.T), rank, lambdas)
-        else:
-            dirs = {lambdas[0]: one if method == "lora-one"
-                    else _baseline_direction(method, train.G, rank)}
-        fitted.append((dirs, one))
-    return fitted
-
-
-def diagnose(method, stats, ranks, damping="auto", grid=DAMPING_GRID):
-    """§8 diagnostics of a data-driven init from statistics kept in K >= 2 folds, and for CG-LoRA
-    with damping="auto" the lambda of `grid` whose directions predict the largest held-out decrease,
-    summed over folds and layers (§8.1). Returns (damping, {layer: diagnostics}):
-    heldout / heldout_lora_one: K-fold held-out q of this method's and LoRA-One's directions;
-    overlap_left / overlap_right: overlap of the column spaces of B and of A^T fitted on the two
-    halves of the folds (even, odd); heldout_by_damping: the held-out q at each lambda tried."""
-    auto = method.startswith("cg-lora") and damping == "auto"
-    lambdas = tuple(grid) if auto else (damping,)
-    scores, eig_S, last_input = {}, {}, None
-    for name, st in stats.items():
-        if all(f.G.abs().max() == 0 for f in st.folds):
-            continue  # a zero-gradient layer has no direction (init_adapters' fallback)
-        inputs = [id(f.S) for f in st.folds]
-        if inputs != last_input:  # a new input: layers that share S come one after another
-            eig_S.clear()
-            last_input = inputs
-        fitted = _fold_directions(method, st.folds, ranks[name], lambdas, eig_S)
-        q = {lam: sum(predicted_decrease(*dirs[lam], f.G, f.S, f.T)
-                      for (dirs, _), f in zip(fitted, st.folds))
-             for lam in lambdas}
-        q_one = sum(predicted_decrease(*one, f.G, f.S, f.T)
-                    for (_, one), f in zip(fitted, st.folds))
-        scores[name] = q, q_one, fitted
-    if auto:  # summed over this process's layers, and under torch.distributed over every rank's
-        total = torch.tensor([sum(q[lam] for q, _, _ in scores.values()) for lam in lambdas],
-                             dtype=torch.float64)
-        if _distributed():
-            total = _all_reduced(total)
-        damping = lambdas[int(total.argmax())]
-    rows = {}
-    for name, (q, q_one, fitted) in scores.items():
-        folds, r = stats[name].folds, ranks[name]
-        # the directions fitted without fold 1 and without fold 0 are the halves'
-        if len(folds) == 2:
-            halves = [dirs[damping] for dirs, _ in fitted]
-        else:
-            halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
-        rows[name] = dict(
-            damping=damping if method.startswith("cg-lora") else None,
-            heldout=q[damping], heldout_lora_one=q_one,
-            overlap_left=overlap(halves[0][0], halves[1][0]),
-            overlap_right=overlap(halves[0][1].T, halves[1][1].T),
-            heldout_by_damping=q if auto else None)
-    return damping, rows
-
-
-# ----------------------------------------------------------------------------- §8.2 the real loss
-
-
-@torch.no_grad()
-def real_decrease(model, layers, directions, batches, scales, loss=None):
-    """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
-    over `batches` at W0 (every lora_B = 0) and, for each c in `scales`, with every layer's adapter
-    set to (c B, A), i.e. the update s c B A. layers: {name: LoRALinear}; directions: {name: (B
-    d_out x r, A r x d_in)}. Returns (loss at W0, {c: loss}); adapters and train mode are
-    restored."""
-    loss, batches = loss or default_loss, list(batches)
-    saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
-    was_training = model.training
-
-    def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(_logits(model(**_model_inputs(b, loss))),
-                         b["labels"]).item() * b["labels"].shape[0]
-                    for b in batches)
-        return total / sum(b["labels"].shape[0] for b in batches)
-
-    try:
-        model.eval()
-        for m in layers.values():
-            m.lora_B.zero_()
-        at_W0, by_scale = mean_loss(), {}
-        for c in scales:
-            for name, (B, A) in directions.items():
-                layers[name].lora_B.copy_(c * B)
-                layers[name].lora_A.copy_(A)
-            by_scale[c] = mean_loss()
-        return at_W0, by_scale
-    finally:
-        for name, (B, A) in saved.items():
-            layers[name].lora_B.copy_(B)
-            layers[name].lora_A.copy_(A)
-        model.train(was_training)
-
-
-# =================================================================================================
-# Part III: plumbing, in named helpers that part I calls: target layers, the model side of the
-# statistics (hooks, outputs, losses, §9), layers in groups, peft, torchrun.
-# =================================================================================================
-
-
-# ---------------------------------------------------------------------------- checks of the options
-
-
-def _check_statistics(fisher, loss, folds):  # collect_statistics' options; returns the loss
-    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        raise RuntimeError("collect_statistics backpropagates the loss to each target's output: "
-                           "call it outside torch.no_grad() and torch.inference_mode()")
-    if fisher not in ("empirical", "sampled"):
-        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-    if fisher == "sampled" and not hasattr(loss, "sample"):
-        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
-                         "method (cglora's losses have one)")
-    if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
-    return loss
-
-
-def _fixed_w0(layer):  # why a layer's W0 must not move (shift, merge): (what it is, what moving
-    if getattr(layer, "tied", False):  # it would do), or None
-        return "tied to another module's", "would change that module too"
-    if not layer.base.weight.is_floating_point():  # bitsandbytes' packed uint8 / int8
-        return (f"quantized ({layer.base.weight.dtype})",
-                "would requantize it, a rounding the adapter cannot undo")
-    return None
-
-
-def _refuse_moving_w0(layer, doing, fix):  # LoRALinear.merge's and write_adapter's shift
-    if why := _fixed_w0(layer):
-        raise ValueError(f"base weight {why[0]}: {doing} {why[1]}: {fix}")
-
-
-def _check_init(layers, method, damping, factor_balance):  # init_adapters' options
-    if method not in METHODS:
-        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
-    if factor_balance not in ("euclidean", "curvature"):
-        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
-                         f"{factor_balance!r}")
-    if not (damping == "auto" or isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
-    if method in SHIFTED and (fixed := {n: why for n, m in layers.items()
-                                        if (why := _fixed_w0(m))}):
-        what, moving = next(iter(fixed.values()))
-        raise ValueError(f"layers {list(fixed)[:3]}: {method} shifts W0, and their weights are "
-                         f"{what}: the shift {moving}: use cg-lora or lora-one (W0 kept)")
-    if method == "lora-ga" and (narrow := [n for n, m in layers.items()
-                                           if 2 * m.rank > min(_base_shape(m.base))]):
-        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
-                         "smaller rank")
-
-
-# ------------------------------------------------------------------------- target layers and export
-
-
-def target_layers(model, names, kind):
-    """Names of the modules of type `kind` whose full name or last component is in `names`."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
-    hits = {n: m for n, m in found.items() if n in names or n.rsplit(".", 1)[-1] in names}
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in hits)]
-    other = [(n, m) for n, m in model.named_modules() for t in missing if n == t
-             or n.endswith("." + t)]
-    if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
-        n, m = other[0]
-        kind_m = type(m).__name__
-        if isinstance(m, LoRALinear):
-            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
-                             "layer once: target other layers, or start again from the model "
-                             "without adapters")
-        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
-               "computes x @ weight + bias)" if kind_m == "Conv1D"
-               else f"target the nn.{kind.__name__} layers inside it")
-        raise ValueError(f"layer {n} is {kind_m}, not nn.{kind.__name__}, and only "
-                         f"nn.{kind.__name__} layers can be targets: {fix}")
-    if missing:
-        short = sorted({n.rsplit(".", 1)[-1] for n in found})
-        raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
-                         f"the model has {short} (full names like {next(iter(found), None)!r})")
-    return hits
-
-
-def lora_state_dict(model):
-    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
-    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
-    original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            B, A = m.lora_B.detach(), m.lora_A.detach()
-            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
-            if m.lora_A0.any():
-                B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
-            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
-            out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
-    return out
-
-
-# ---------------------------------------------------------------------------- the model side of §2
+# ---------------------------------------------------------------- the model side of the statistics
+# What collect_statistics guarantees, whatever the model: its hooks and flags are restored on exit
+# (_recording); G and T are exact for the loss it computes, over every token row of every call of
+# a target; a mask keeps rows out of S only, and only for calls whose input comes from the batch;
+# a transformers LM gets its own token loss (§9); what it cannot make exact it refuses in one line.
 
 
 # calibration batch i's labels, once it is checked to be a dict that has them
@@ -1043,41 +323,6 @@ def _output_gradients(loss, out, labels, ys, fisher, generator):
                                       allow_unused=True)
 
 
-def _normalise(sums, n, share, names, distributed):
-    """Per-fold sums -> {name: Statistics}: reduce each layer's to its owner, divide by counts."""
-    if not share:
-        raise ValueError("collect_statistics got no calibration batches")
-    keys = sorted(dict.fromkeys(share.values()))
-    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
-        shapes = next(fold[j].total for fold in sums if fold[j].total)
-        for fold in sums:
-            for key in shapes.keys() - fold[j].total.keys():  # (setdefault would make every one)
-                fold[j].total[key] = torch.zeros_like(shapes[key])
-    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
-                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
-    proc, world = _rank_and_world(distributed)
-    owner = _owners(share, names, world)  # S's key is its first layer's name
-    if distributed:
-        counts = _reduce_to_owners(sums, counts, owner, proc)
-    if (counts[:, 0] == 0).any():
-        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
-                         "pass more batches or fewer folds")
-    folds = []
-    mine = [name for name in names if owner[name] == proc]
-    for (S, G, T), c in zip(sums, counts.tolist()):
-        tokens = dict(zip(keys, c[1:]))
-        for key, total in S.total.items():  # in place: the statistics are the largest thing here
-            total.div_(max(tokens[key], 1))
-        for total in (*G.total.values(), *T.total.values()):
-            total.div_(c[0])
-        folds.append({name: Fold(S.total[share[name]], G.total[name], T.total[name], c[0],
-                                 tokens[share[name]])
-                      for name in mine})
-    return {name: Statistics(tuple(fold[name] for fold in folds) if name in mine else (),
-                             owner[name])
-            for name in names}
-
-
 # ----------------------------------------------------------------------------- losses (§2, §9)
 
 
@@ -1172,25 +417,746 @@ masked_lm_loss = TokenLoss(shift=0)  # a masked LM: position t predicts its own 
 seq2seq_lm_loss = TokenLoss(shift=0, model_labels=True)
 
 
+def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base).__name__
+    # GPT-2 and its kin are *LMHeadModel; XLNet's LM head predicts each position's own label
+    if kind.endswith("ForCausalLM") or kind.endswith("LMHeadModel") and kind != "XLNetLMHeadModel":
+        return causal_lm_loss
+    if kind.endswith("ForMaskedLM"):
+        return masked_lm_loss
+    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
+
+
+def _check_statistics(model, loss, fisher, folds):  # collect_statistics' options; its loss
+    loss = loss or _lm_loss(model) or default_loss
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError("collect_statistics backpropagates the loss to each target's output: "
+                           "call it outside torch.no_grad() and torch.inference_mode()")
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    if fisher == "sampled" and not hasattr(loss, "sample"):
+        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
+                         "method (cglora's losses have one)")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    return loss
+
+
+# ----------------------------------------------------------------------------- §2 statistics
+
+
+@contextlib.contextmanager
+def _fp32():
+    """Autocast off where the caller has it on (CPU, CUDA): statistics and factorizations stay fp32
+    (§2) inside a bf16 training step. A context manager, or a decorator: @_fp32()."""
+    with contextlib.ExitStack() as stack:
+        for kind in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
+def _tokens(t, keep=None):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; no mask, or
+    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # one that does not fit:
+    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()  # every row
+
+
+def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_MIN_WIDTH)
+    k = _GRAM_BLOCKS if d >= _GRAM_MIN_WIDTH else 1
+    edges = [i * d // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _Sums:
+    """Running sums of a^T b over token rows, held on `device`. Rows wait until _FLUSH_ROWS of them
+    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound.
+    A symmetric sum a^T a (b=None) is updated in its lower block triangle only (_GRAM_BLOCKS row
+    blocks: 5/8 of the work for 4) and mirrored by symmetric()."""
+
+    def __init__(self, device=None):
+        self.total, self.rows, self.count, self.device = {}, {}, {}, device
+
+    def add(self, key, a, b=None):  # b=None: a^T a
+        self.rows.setdefault(key, []).append((a, b))
+        self.count[key] = self.count.get(key, 0) + a.shape[0]
+
+    @torch.no_grad()
+    @_fp32()
+    def flush(self):
+        for key, pairs in self.rows.items():
+            a = torch.cat([p[0] for p in pairs]).to(self.device)
+            b = None if pairs[0][1] is None else torch.cat([p[1] for p in pairs]).to(self.device)
+            if key not in self.total:
+                self.total[key] = a.new_zeros(a.shape[1], (a if b is None else b).shape[1])
+            if b is not None:
+                self.total[key].addmm_(a.T, b)
+                continue
+            for i, j in _blocks(a.shape[1]):  # row block i..j of the lower triangle: a_i^T a_:j
+                self.total[key][i:j, :j].addmm_(a[:, i:j].T, a[:, :j])
+        self.rows.clear()
+
+    def symmetric(self):  # each (Gram) sum's upper blocks from its lower ones
+        for total in self.total.values():
+            for i, j in _blocks(total.shape[0]):
+                total[i:j, j:] = total[j:, i:j].T
+
+
+# torchrun: each layer's sums reduced to one owner
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _owners(share, world):  # layer -> rank: the i-th distinct input's layers go to rank i mod world
+    inputs = list(dict.fromkeys(share.values()))
+    return {name: inputs.index(key) % world for name, key in share.items()}
+
+
+def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
+    nccl = torch.distributed.get_backend() == "nccl"
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
+
+
+def _rank_and_world():  # this process's rank and the number of processes
+    return (torch.distributed.get_rank(),
+            torch.distributed.get_world_size()) if _distributed() else (0, 1)
+
+
+def _all_reduced(t):  # the sum of t over every rank, on _comm(t)'s device
+    t = _comm(t)
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def _reduce_to_owners(sums, counts, owner, proc):
+    """collect_statistics' per-fold sums, each reduced to its layer's owner (freed elsewhere, in
+    place), and the counts summed over every rank (returned, on the CPU)."""
+    counts = _all_reduced(counts).cpu()
+    for fold in sums:
+        for j in range(3):
+            for key in sorted(fold[j].total):
+                t = _comm(fold[j].total[key])
+                torch.distributed.reduce(t, owner[key])
+                if owner[key] == proc:
+                    fold[j].total[key].copy_(t)
+                else:
+                    del fold[j].total[key]  # freed: the owner holds it
+    return counts
+
+
+class Statistics(NamedTuple):
+    """One layer's K-FAC statistics (§2), fp32, as collect_statistics returns them."""
+    S: torch.Tensor  # d_in x d_in: mean of x x^T over the token rows the masks keep
+    G: torch.Tensor  # d_out x d_in: mean over loss terms of sum_t delta_t x_t^T
+    T: torch.Tensor  # d_out x d_out: mean over loss terms of sum_t delta_t delta_t^T
+    n: float  # loss terms (examples, or target tokens)
+    tokens: float  # token rows behind S
+    input: str  # the first target fed the same input: layers with one input share S (a tensor)
+    owner: int = 0  # torchrun: the rank that holds S, G, T (None on the others)
+    folds: tuple = ()  # with folds=K >= 2: K Statistics, batch i in fold i mod K (§8.1)
+
+
+def pool(folds, S=None):
+    """The statistics of the union of `folds`: S weighted by tokens (or `S`, already pooled by a
+    layer fed the same input), G and T by loss terms."""
+    if len(folds) == 1:
+        return folds[0]
+    n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
+    S = sum(f.S * (f.tokens / tokens) for f in folds) if S is None else S
+    G = sum(f.G * (f.n / n) for f in folds)
+    T = sum(f.T * (f.n / n) for f in folds)
+    return Statistics(S, G, T, n, tokens, folds[0].input, folds[0].owner)
+
+
+def _normalise(sums, n, share):
+    """Per-fold sums -> {name: Statistics}: each layer's reduced to its owner (torchrun), divided
+    by its counts, and with K >= 2 folds pooled (one S per input) and kept per fold too."""
+    if not share:
+        raise ValueError("collect_statistics got no calibration batches")
+    keys = sorted(dict.fromkeys(share.values()))
+    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
+        shapes = next(fold[j].total for fold in sums if fold[j].total)
+        for fold in sums:
+            for key in shapes.keys() - fold[j].total.keys():  # (setdefault would make every one)
+                fold[j].total[key] = torch.zeros_like(shapes[key])
+    counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
+                           for n_k, fold in zip(n, sums)], dtype=torch.float64)
+    proc, world = _rank_and_world()
+    owner = _owners(share, world)  # S's key is its first layer's name
+    if world > 1:
+        counts = _reduce_to_owners(sums, counts, owner, proc)
+    if (counts[:, 0] == 0).any():
+        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
+                         "pass more batches or fewer folds")
+    folds = []
+    for (S, G, T), c in zip(sums, counts.tolist()):
+        tokens = dict(zip(keys, c[1:]))
+        for key, total in S.total.items():  # in place: the statistics are the largest thing here
+            total.div_(max(tokens[key], 1))
+        for total in (*G.total.values(), *T.total.values()):
+            total.div_(c[0])
+        folds.append({name: Statistics(S.total[key], G.total[name], T.total[name], c[0],
+                                       tokens[key], key, proc)
+                      for name, key in share.items() if owner[name] == proc})
+    stats = {}
+    for name, key in share.items():
+        if owner[name] != proc:
+            stats[name] = Statistics(None, None, None, 0.0, 0.0, key, owner[name])
+        elif len(folds) == 1:
+            stats[name] = folds[0][name]
+        else:
+            per_fold = tuple(fold[name] for fold in folds)
+            first = stats[key] if key != name else None  # the input's S, pooled once
+            stats[name] = pool(per_fold, first and first.S)._replace(folds=per_fold)
+    return stats
+
+
+def _add_batch(sums, calls, share, out, labels, masks, loss, fisher, generator):
+    """One batch's rows into one fold's sums (S, G, T): the inputs' rows that the masks keep into
+    S, every row into G and T (§2). Returns the batch's loss terms and its largest row count."""
+    S, G, T = sums
+    xs = {key: [c[0].detach() for c in calls[key]] for key in dict.fromkeys(share.values())}
+    for key, inputs in xs.items():  # sum_t x x^T (d_in x d_in) over each call's kept tokens
+        S.add(key, _rows(inputs, [masks.get(c[2]) for c in calls[key]]))
+    x = {key: _rows(inputs) for key, inputs in xs.items()}  # every row: G's (§2)
+    ys = {name: [c[1] for c in calls[name]] for name in share}
+    n_b = int(getattr(loss, "terms", len)(labels))
+    delta, delta_T = (iter(g) for g in _output_gradients(
+        loss, out, labels.to(out.device), [y for name in share for y in ys[name]], fisher,
+        generator))
+    for name in share:  # a layer called k times: G, T sum over its k calls (shared weights, §2)
+        # d(mean loss)/dy * n_b = d(own loss)/dy per loss term (None: y does not reach the loss)
+        rows = (_rows([torch.zeros_like(y) if g is None else g * n_b
+                       for y, g in zip(ys[name], grads)])
+                for grads in (delta, delta_T))
+        d = next(rows)  # G's rows, then (sampled) T's
+        G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
+        T.add(name, next(rows) if fisher == "sampled" else d)  # sum delta delta^T
+    return n_b, max(r.shape[0] for r in x.values())
+
+
+def collect_statistics(model, layers, batches, *, loss=None, fisher="empirical", folds=1,
+                       generator=None, device=None, progress=None):
+    """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
+
+    A batch is a dict: "labels" is the target; "attention_mask" (1 = real token) keeps padding out
+    of S (an encoder-decoder's decoder: "decoder_attention_mask", else labels other than IGNORE),
+    never out of G or T (§2); the rest goes to model(**inputs). `loss(output, labels)` is the
+    batch mean over loss.terms(labels) terms (default: a transformers LM's own, §9, else cross
+    entropy, or MSE for float labels); a layer called several times per forward sums over its
+    calls. fisher="sampled" draws T's labels with loss.sample. folds=K >= 2 also keeps each fold's
+    statistics (batch i in fold i mod K) for choose_damping and diagnose. progress(i) is called
+    before batch i; `device` holds the sums. Under torchrun rank r's i-th batch is batch r + i *
+    world, and each layer's sums are reduced to its owner (the i-th distinct input's layers to
+    rank i mod world, as KAISA places K-FAC work). Returns {name: Statistics}; no weight gradient is
+    made and no caller tensor is changed."""
+    loss = _check_statistics(model, loss, fisher, folds)
+    generator = generator or torch.Generator().manual_seed(0)
+    proc, world = _rank_and_world()
+    sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T
+    n, share, pending, encoder = [0] * folds, {}, 0, _encoder(model)
+    with _recording(model, layers, encoder) as (seen, run, reset):
+        for i, batch in enumerate(batches):
+            if progress:
+                progress(i)
+            labels = _labels(batch, i)
+            reset()
+            out = _logits(run(_model_inputs(batch, loss, encoder)))
+            calls = dict(seen)  # {layer: its calls' [input, output, mask]}
+            reset()
+            if missing := [name for name in layers if name not in calls]:
+                raise ValueError(f"layers {missing} were not called in the forward pass")
+            share = share or _shared_inputs(calls, layers)  # {layer: the first layer of its input}
+            fold = (proc + i * world) % folds  # the global batch index decides the fold
+            n_b, rows = _add_batch(sums[fold], calls, share, out, labels,
+                                   _masks(batch, labels, encoder), loss, fisher, generator)
+            n[fold] += n_b
+            pending += rows
+            del out
+            if pending >= _FLUSH_ROWS:
+                for s in (s for fold in sums for s in fold):
+                    s.flush()
+                pending = 0
+        for s in (s for fold in sums for s in fold):
+            s.flush()
+    for S, _, T in sums:
+        S.symmetric()
+        T.symmetric()
+    return _normalise(sums, n, share)
+
+
+# ----------------------------------------------------------------------------- §3 whitening
+
+
+def damped_cholesky(X, damping=DAMPING):
+    """L, lower triangular, with L L^T = X_l = X + damping (tr X / d) I (§3; tr X / d taken as 1
+    when X = 0)."""
+    scale = X.trace() / X.shape[0]
+    X = X.clone()
+    X.diagonal().add_(damping * (scale if scale > 0 else 1.0))
+    L, info = torch.linalg.cholesky_ex(X)
+    if info.item() != 0:
+        raise ValueError(f"damped statistics are not positive definite (damping={damping}): "
+                         "use damping > 0")
+    return L
+
+
+def whiten(G, S, T, damping=DAMPING, L_S=None):
+    """Cholesky factors of the damped metrics, S_l = L_S L_S^T and T_l = L_T L_T^T, and
+    M = L_T^-1 G L_S^-T: the same singular values as T_l^-1/2 G S_l^-1/2 (orthogonal factors
+    apart). Two Cholesky factorizations and two triangular solves; no inverse, no eigh. L_S, if
+    given, is S's factor already computed (layers fed one input share it: one Cholesky per S)."""
+    L_S = damped_cholesky(S, damping) if L_S is None else L_S
+    L_T = damped_cholesky(T, damping)
+    M = torch.linalg.solve_triangular(L_T, G, upper=False)  # L_T^-1 G
+    M = torch.linalg.solve_triangular(L_S, M.T, upper=False).T  # (L_S^-1 (L_T^-1 G)^T)^T
+    return M, L_T, L_S
+
+
+# ----------------------------------------------------------------------------- top r
+
+
+def top_svd(M, k):
+    """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k), M ~ U diag(sigma) V^T.
+
+    A full SVD to working precision: real layers' spectra are flat, where a randomized range
+    finder with a fixed iteration count misses (docs/cg-lora.md §3). Deterministic: each pair's
+    sign is fixed so that the largest entry of u_i is positive."""
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column has unit norm
+    return U * sign, sigma, V * sign
+
+
+def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
+    """The top-r singular triplets of M (U, sigma, V as top_svd) by block subspace iteration
+    (block 2r, Rayleigh-Ritz), stopped when the captured energy sum_{i<=r} sigma_i^2 changes by
+    less than `tol` relative (§8.1): a criterion on the objective, met in a few iterations on flat
+    spectra where the subspace itself converges slowly. O(d^2 r) an iteration. Also returns the
+    block (d_in x 2r) to warm-start a nearby matrix; the first start is a seeded random block."""
+    p = min(2 * rank, *M.shape)
+    if start is None:  # drawn by a CPU generator, then moved: one seed, one block on any device
+        start = torch.randn(M.shape[1], p, generator=generator or torch.Generator().manual_seed(0),
+                            dtype=M.dtype).to(M.device)
+        start = torch.linalg.qr(start).Q
+    V = start
+    energy = None
+    for _ in range(max_iters):
+        Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
+        V, R = torch.linalg.qr(M.T @ Q)  # Q^T M = R^T V^T: its singular values are the Ritz values
+        u, sigma, vh = torch.linalg.svd(R.T)
+        captured = sigma[:rank].square().sum()
+        if energy is not None and abs(captured - energy) <= tol * captured:
+            break
+        energy = captured
+    V = V @ vh.T  # Ritz vectors, in descending order
+    return Q @ u[:, :rank], sigma[:rank], V[:, :rank], V
+
+
+# ----------------------------------------------------------------------------- §4 balanced factors
+
+
+@_fp32()
+def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=None, L_S=None):
+    """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step,
+    B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1 for the top r of
+    the whitened gradient M = U S V^T (whiten). The function init_adapters runs for CG-LoRA.
+
+    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: lambda (§3). tol: None
+    takes M's top r exactly (top_svd); a number, by top_r stopped at that relative energy change
+    (init_adapters: 1e-8, §3). L_S: S's damped Cholesky factor, if already computed (layers fed one
+    input share it). Returns (B d_out x r, A r x d_in, sigma, energy): sigma holds the top r
+    singular values of M (sigma_i^2 / 2 is direction i's predicted loss decrease), energy is
+    ||M||_F^2, the total of which sum sigma^2 is the captured part. A zero gradient gives zero
+    factors.
+    """
+    if not 0 < rank <= min(G.shape):
+        raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(G.shape)}")
+    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
+    M, L_T, L_S = whiten(G.to(dtype), S.to(dtype), T.to(dtype), damping, L_S)
+    U, sigma, V = top_svd(M, rank) if tol is None else top_r(M, rank, tol=tol)[:3]
+    root, c = sigma.sqrt(), math.sqrt(step / scaling)
+    B = -c * torch.linalg.solve_triangular(L_T.T, U * root, upper=True)  # d_out x r
+    A = c * torch.linalg.solve_triangular(L_S.T, V * root, upper=True).T  # r x d_in
+    return B, A, sigma, M.square().sum()
+
+
+def balance(B, A, P=None, Q=None):
+    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with
+    B^T P B = A Q A^T = diag(h). P: d_out x d_out, Q: d_in x d_in, identity when None."""
+    W_b = B.T @ B if P is None else B.T @ P @ B  # r x r "observability" gramian
+    W_a = A @ A.T if Q is None else A @ Q @ A.T  # r x r "controllability" gramian
+    try:
+        L_b, L_a = torch.linalg.cholesky(W_b), torch.linalg.cholesky(W_a)
+    except RuntimeError:
+        raise ValueError(
+            "balance needs B and A of full rank r (got a rank-deficient pair)") from None
+    U, h, Vh = torch.linalg.svd(L_b.T @ L_a)  # h: the "Hankel" singular values
+    return B @ L_a @ Vh.T / h.sqrt(), (U.T @ L_b.T @ A) / h.sqrt()[:, None]
+
+
+# ----------------------------------------------------------------------------- §6 baselines
+
+
+def lora_factors(d_out, d_in, rank, generator=None, device=None):
+    """Hu et al. 2022: A Kaiming-uniform (a = sqrt(5)), B = 0; drawn on the CPU, then moved to
+    `device`."""
+    generator = generator or torch.Generator().manual_seed(0)
+    A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) / math.sqrt(d_in)
+    return torch.zeros(d_out, rank, device=device), A.to(device)
+
+
+def lora_ga_factors(G, rank, gamma=LORA_GA_GAMMA):
+    """LoRA-GA (original repo): A = V[:, :r]^T, B = U[:, r:2r], both * d_out^(1/4) / sqrt(gamma)."""
+    if 2 * rank > min(G.shape):
+        raise ValueError(f"lora-ga needs 2 * rank <= min(d_out, d_in) = {min(G.shape)}")
+    U, _, V = top_svd(G.float(), 2 * rank)
+    c = G.shape[0] ** 0.25 / math.sqrt(gamma)
+    return c * U[:, rank:2 * rank], c * V[:, :rank].T
+
+
+def lora_one_factors(G, rank, gamma=LORA_ONE_GAMMA):
+    """LoRA-One: SVD of -G, B = U_r S_r^1/2, A = S_r^1/2 V_r^T, both / sqrt(sigma_1 gamma)."""
+    U, sigma, V = top_svd(-G.float(), rank)
+    root = sigma.sqrt() / math.sqrt(sigma[0] * gamma)
+    return U * root, (V * root).T
+
+
+# ----------------------------------------------------------------------------- §5 the init
+
+
+def _norm2(B, A):  # spectral norm of B A from two thin QRs: ||B A|| = ||R_B R_A^T||
+    return torch.linalg.matrix_norm(torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T, ord=2)
+
+
+def _sized(B, A, scaling, norm):  # one scalar on both factors, so ||s B A||_2 = norm
+    c = math.sqrt(norm / (scaling * _norm2(B, A)).item())
+    return B * c, A * c
+
+
+def _check_init(layers, stats, method, damping, factor_balance):  # init_adapters' options
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
+    if factor_balance not in ("euclidean", "curvature"):
+        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
+                         f"{factor_balance!r}")
+    if not (isinstance(damping, (int, float)) and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r} (to choose it from "
+                         "data: choose_damping)")
+    if method in SHIFTED and (fixed := {n: why for n, m in layers.items()
+                                        if (why := _fixed_w0(m))}):
+        what, moving = next(iter(fixed.values()))
+        raise ValueError(f"layers {list(fixed)[:3]}: {method} shifts W0, and their weights are "
+                         f"{what}: the shift {moving}: use cg-lora or lora-one (W0 kept)")
+    if method == "lora-ga" and (narrow := [n for n, m in layers.items()
+                                           if 2 * m.rank > min(_base_shape(m.base))]):
+        raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
+                         "smaller rank")
+    if method in ("lora", "rslora"):
+        return
+    if stats is None or (missing := [n for n in layers if n not in stats]):
+        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
+                         "statistics for them (collect_statistics)")
+    for name in layers:
+        if stats[name].G is None:
+            raise ValueError(f"layer {name}: its statistics are held by rank {stats[name].owner} "
+                             "(torchrun): initialise with init_owned")
+        if not all(X.sum().isfinite() for X in stats[name][:3]):  # NaN, Inf: in the sum
+            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
+                             "calibration data and loss (run the model in fp32)")
+
+
+def layer_factors(layers, stats, method, damping=DAMPING, init_norm=None, step=1.0,
+                  factor_balance="euclidean", generator=None):
+    """Each layer's initial factors by `method`, in order: yields (name, B, A, report row).
+
+    Data-driven methods read stats[name]; CG-LoRA's and LoRA-One's factors are rescaled by one
+    scalar to ||s B A||_2 = init_norm (default: LoRA-One's alpha / (sqrt(r) 128); 0: CG-LoRA's raw
+    step * dW_r), then CG-LoRA's balanced to B^T B = A A^T ("euclidean"; B A unchanged) or left in
+    the curvature metric ("curvature", §4). A zero-gradient layer, like plain LoRA, draws its
+    factors from `generator` (report: fallback). Layers fed one input share S's Cholesky factor."""
+    _check_init(layers, stats, method, damping, factor_balance)
+    generator = generator or torch.Generator().manual_seed(0)
+    cg, L_S, last = method.startswith("cg-lora"), None, None  # L_S: the last input's factor
+    data = method not in ("lora", "rslora")
+    for name, layer in layers.items():
+        t0, st, r, s = time.perf_counter(), data and stats[name] or None, layer.rank, layer.scaling
+        norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
+        row = dict(layer=name, rank=r, shifted=method in SHIFTED, damping=damping if cg else None,
+                   captured=None, fallback=None, statistics_mib=0.0)
+        with _fp32():
+            if st is None or not st.G.any():
+                B, A = lora_factors(*_base_shape(layer.base), r, generator, layer.lora_A.device)
+                row["fallback"] = None if st is None else "zero gradient: plain LoRA init"
+            elif method == "lora-ga":
+                B, A = lora_ga_factors(st.G, r)
+            elif method == "lora-one":
+                B, A = lora_one_factors(st.G, r)
+                B, A = _sized(B, A, s, norm) if norm else (B, A)
+            else:
+                if st.input != last:
+                    L_S, last = damped_cholesky(st.S, damping), st.input
+                B, A, sigma, energy = cg_lora_factors(st.G, st.S, st.T, r, damping, step, s,
+                                                      tol=_FINAL_TOL, L_S=L_S)
+                row["captured"] = (sigma.square().sum() / energy).item()
+                B, A = _sized(B, A, s, norm) if norm else (B, A)
+                if factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: rank < r
+                    B, A = balance(B, A)
+            if st is not None and row["fallback"] is None:
+                row.update(_layer_report(B, A, st, s, st.input == name))
+            row.update(update_norm=(s * _norm2(B.float(), A.float())).item(),
+                       seconds=time.perf_counter() - t0)
+        yield name, B, A, row
+
+
+def _layer_report(B, A, st, s, first):
+    """quadratic_step: the multiple of the update s B A that minimises the calibration's quadratic
+    model; statistics_mib: the statistics held (a shared S in its input's first layer)."""
+    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s, dW = s B A
+    held = (st.G, st.T, st.S) if first else (st.G, st.T)
+    return dict(quadratic_step=(-(B * (st.G @ A.T)).sum() / curvature).item()
+                if curvature > 0 else 0.0,
+                statistics_mib=sum(X.numel() * X.element_size() for X in held)
+                * (1 + len(st.folds)) / 2 ** 20)
+
+
+@torch.no_grad()
+def write_adapter(layer: LoRALinear, B, A, shift: bool):
+    """The one place that writes an init into a model. shift: W0 <- W0 - s B A, computed from
+    the factors after casting them to the model dtype, so the model's function is unchanged."""
+    B, A = B.to(layer.lora_B), A.to(layer.lora_A)  # their device and dtype
+    if shift:  # first: a refusal leaves the layer as it was
+        _refuse_moving_w0(layer, "shifting W0", "write with shift=False")
+        layer.base.weight.copy_(layer.base.weight.float() - layer.scaling * (B.float() @ A.float()))
+    layer.lora_B.copy_(B)
+    layer.lora_A.copy_(A)
+    layer.lora_B0.copy_(B if shift else torch.zeros_like(B))
+    layer.lora_A0.copy_(A if shift else torch.zeros_like(A))
+
+
+def init_adapters(layers, stats, method="cg-lora", *, damping=DAMPING, init_norm=None, step=1.0,
+                  factor_balance="euclidean", generator=None):
+    """Initialise every LoRALinear in `layers` ({name: layer}) by `method` (METHODS) from `stats`
+    (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors), written
+    (write_adapter; cg-lora-shift and lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3;
+    choose_damping picks one from data, §8.1). Returns one report dict per layer: rank, damping,
+    captured energy, fallback, shifted, quadratic_step (the multiple of the update that minimises
+    the calibration's quadratic model), update_norm (||s B A||_2), seconds."""
+    report = []
+    for name, B, A, row in layer_factors(layers, stats, method, damping, init_norm, step,
+                                         factor_balance, generator):
+        write_adapter(layers[name], B, A, method in SHIFTED)
+        report.append(row)
+    return report
+
+
+# =================================================================================================
+# Part II (optional): each a call the caller makes. The damping choice (§8.1), the diagnostics
+# (§8), the real loss (§8.2), layers in groups, torchrun's owners, peft.
+# =================================================================================================
+
+
+# ----------------------------------------------------------------------------- §8 diagnostics
+
+
+def predicted_decrease(B, A, G, S, T):
+    """q(dW) = <G, dW>^2 / (2 <dW, T dW S>) for dW = B A: the loss decrease the quadratic model of
+    the statistics (G, S, T) predicts for the best multiple of dW (a line search on its scale, §8).
+    Only r x r products: <G, B A> = tr(B^T G A^T), <dW, T dW S> = tr(B^T T B A S A^T)."""
+    B, A = B.to(G.dtype), A.to(G.dtype)
+    num = (B * (G @ A.T)).sum()
+    den = ((B.T @ T @ B) * (A @ S @ A.T)).sum()
+    return (num.square() / (2 * den)).item() if den > 0 else 0.0
+
+
+def overlap(X, Y):
+    """||Q_X^T Q_Y||_F^2 / r of the column spaces of X and Y (d x r): 1 for the same subspace,
+    r / d for independent random ones (§8)."""
+    return (torch.linalg.qr(X).Q.T @ torch.linalg.qr(Y).Q).square().sum().item() / X.shape[1]
+
+
+def direction(method, st, rank, damping=DAMPING):
+    """The rank-r update (B, A) a data-driven method starts from, before its size is set, from
+    the statistics `st`: the factor functions init_adapters runs."""
+    if method == "lora-ga":
+        return lora_ga_factors(st.G, rank)
+    if method == "lora-one":
+        return lora_one_factors(st.G, rank)
+    return cg_lora_factors(st.G, st.S, st.T, rank, damping)[:2]
+
+
+def _gathered(rows):  # {layer: row} of every rank, on every rank (torchrun; else as given)
+    if not _distributed():
+        return rows
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, rows)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def diagnose(stats, ranks, method="cg-lora", damping=DAMPING):
+    """§8 diagnostics of a data-driven init from statistics collected with folds=K >= 2, each
+    direction fitted by `direction` at `damping`. Returns {layer: row}, every layer's on every rank
+    under torchrun: heldout / heldout_lora_one, the K-fold held-out q of this method's and
+    LoRA-One's directions (fitted on all folds but one, judged on that one); insample /
+    insample_lora_one, their q on the statistics they were fitted on; overlap_left / overlap_right,
+    the overlap of the column spaces of B and of A^T fitted on the two halves of the folds (even,
+    odd)."""
+    if method not in METHODS or method in ("lora", "rslora"):
+        raise ValueError(f"diagnose takes a data-driven method (lora-ga, lora-one, cg-lora), got "
+                         f"{method!r}")
+    rows = {}
+    for name, st in stats.items():
+        if st.G is None or not st.G.any():
+            continue  # another rank's layer; a zero gradient has no direction
+        if not st.folds:
+            raise ValueError("diagnose judges directions on held-out folds: collect the "
+                             "statistics with folds=2")
+        r, folds = ranks[name], st.folds
+
+        def q(m, fit, on):  # method m's direction fitted on `fit`, judged on `on`
+            return predicted_decrease(*direction(m, fit, r, damping), on.G, on.S, on.T)
+        held = [(pool(folds[:k] + folds[k + 1:]), f) for k, f in enumerate(folds)]
+        halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
+        rows[name] = dict(heldout=sum(q(method, fit, f) for fit, f in held),
+                          heldout_lora_one=sum(q("lora-one", fit, f) for fit, f in held),
+                          insample=q(method, st, st), insample_lora_one=q("lora-one", st, st),
+                          overlap_left=overlap(halves[0][0], halves[1][0]),
+                          overlap_right=overlap(halves[0][1].T, halves[1][1].T))
+    return _gathered(rows)
+
+
+# ----------------------------------------------------------------------------- §8.1 the damping
+
+
+class _Eig(NamedTuple):  # X = Q diag(w) Q^T, and the scale of its relative damping, mu = tr X / d
+    Q: torch.Tensor
+    w: torch.Tensor
+    mu: float
+
+
+def _eig(X):  # damped_cholesky's rule: mu = tr X / d, taken as 1 when X = 0
+    w, Q = torch.linalg.eigh(X)
+    mu = w.mean().item()
+    return _Eig(Q, w.clamp(min=0), mu if mu > 0 else 1.0)
+
+
+def cg_directions(G, eig_S, eig_T, rank, grid):
+    """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
+    and T: a second route to cg_lora_factors' direction, kept for its cost (O(d^2 r) per lambda
+    where the Cholesky route is O(d^3); a test ties the two). S_l = Q_S diag(w_S + l mu_S) Q_S^T,
+    so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T with the rotated gradient C = Q_T^T G Q_S and
+    diagonal D's: every lambda is a rescaling of C, whose top r comes from top_r warm-started at
+    the neighbouring lambda. Returns {lambda: (B, A)} with
+    B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
+    C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
+    out, start = {}, None
+    for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
+        dT, dS = eig_T.w + lam * eig_T.mu, eig_S.w + lam * eig_S.mu
+        if not (dT.min() > 0 and dS.min() > 0):
+            raise ValueError(f"damped statistics are not positive definite (damping={lam}): use "
+                             "damping > 0")
+        dT, dS = dT.rsqrt(), dS.rsqrt()
+        U, sigma, V, start = top_r(dT[:, None] * C * dS, rank, start)
+        root = sigma.sqrt()
+        out[lam] = (-eig_T.Q @ (dT[:, None] * U * root), (eig_S.Q @ (dS[:, None] * V * root)).T)
+    return out
+
+
+@_fp32()
+def choose_damping(stats, ranks, grid=DAMPING_GRID):
+    """§8.1: the lambda of `grid` whose CG-LoRA directions, each fitted on all folds but one,
+    predict the largest decrease q on the fold left out, summed over folds and layers (under
+    torchrun over every rank's layers). stats: collected with folds=K >= 2; ranks: {layer: r}.
+    Returns (lambda, {lambda: that sum})."""
+    total, eig_S, last = dict.fromkeys(grid, 0.0), {}, None  # eig_S: the last input's, by fold
+    for name, st in stats.items():
+        if st.G is None or not st.G.any():
+            continue  # another rank's layer; a zero gradient has no direction
+        if not st.folds:
+            raise ValueError("choose_damping judges each lambda on held-out folds: collect the "
+                             "statistics with folds=2")
+        if st.input != last:
+            eig_S, last = {}, st.input
+        q = dict.fromkeys(grid, 0.0)
+        for k, held in enumerate(st.folds):
+            fit = pool(st.folds[:k] + st.folds[k + 1:])
+            if k not in eig_S:
+                eig_S[k] = _eig(fit.S)
+            dirs = cg_directions(fit.G, eig_S[k], _eig(fit.T), ranks[name], grid)
+            for lam in grid:
+                q[lam] += predicted_decrease(*dirs[lam], held.G, held.S, held.T)
+        for lam in grid:
+            total[lam] += q[lam]
+    sums = torch.tensor([total[lam] for lam in grid], dtype=torch.float64)
+    sums = _all_reduced(sums).cpu() if _distributed() else sums
+    return tuple(grid)[int(sums.argmax())], dict(zip(grid, sums.tolist()))
+
+
+# ----------------------------------------------------------------------------- §8.2 the real loss
+
+
+@torch.no_grad()
+def real_decrease(model, layers, directions, batches, scales, loss=None):
+    """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
+    over `batches` at W0 and, for each c in `scales`, at W0 + s c B A for every layer's direction
+    (B d_out x r, A r x d_in). W0 is each layer's weight before its init: the adapter is set to
+    (B0, A0), zero unless a shifted init moved W0 by -s B0 A0, and the update to (B0 + c B, A),
+    which needs A = A0 there. layers: {name: LoRALinear}. Returns (loss at W0, {c: loss});
+    adapters and train mode are restored."""
+    loss, batches = loss or default_loss, list(batches)
+    if shifted := [n for n, (B, A) in directions.items() if layers[n].lora_B0.any()
+                   and not torch.equal(A.to(layers[n].lora_A0), layers[n].lora_A0)]:
+        raise ValueError(f"layers {shifted[:3]}: their init shifted W0 by -s B0 A0, so a direction "
+                         "along them must keep A0 (the layer's lora_A0)")
+    saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
+    was_training = model.training
+
+    def mean_loss():  # batch means weighted by their examples
+        total = sum(loss(_logits(model(**_model_inputs(b, loss))),
+                         b["labels"]).item() * b["labels"].shape[0]
+                    for b in batches)
+        return total / sum(b["labels"].shape[0] for b in batches)
+
+    try:
+        model.eval()
+        for m in layers.values():
+            m.lora_B.copy_(m.lora_B0)
+            m.lora_A.copy_(m.lora_A0)
+        at_W0, by_scale = mean_loss(), {}
+        for c in scales:
+            for name, (B, A) in directions.items():
+                layers[name].lora_B.copy_(layers[name].lora_B0 + c * B.to(layers[name].lora_B))
+                layers[name].lora_A.copy_(A)
+            by_scale[c] = mean_loss()
+        return at_W0, by_scale
+    finally:
+        for name, (B, A) in saved.items():
+            layers[name].lora_B.copy_(B)
+            layers[name].lora_A.copy_(A)
+        model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- layers in groups
 
 
 def statistics_mib(layers, folds=1):
     """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
-    LoRALinear}): S, G and T of each layer, per fold (layers that share an input share one S)."""
+    LoRALinear}): S, G and T of each layer, pooled and per fold (folds >= 2)."""
     shapes = [_base_shape(m.base) for m in layers.values()]
     floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
-    return floats * 4 * folds / 2 ** 20
+    return floats * 4 * (1 + folds if folds > 1 else 1) / 2 ** 20
 
 
 def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, stats_kw=None,
-                   log=print, **kw):
+                   **init_kw):
     """collect_statistics + init_adapters for `layers` ({name: LoRALinear}) in consecutive groups
     whose statistics (statistics_mib) fit in `budget_mib` (None: one group), one calibration pass
     over `batches` (a list) per group: a model whose statistics do not fit at once can still be
     initialised. The factors are one pass's: they are all written after the last pass. Options
-    of collect_statistics go in stats_kw, init_adapters' in kw (no judge). Returns (the report of
-    every layer, the groups: one list of layer names per pass)."""
+    of collect_statistics go in stats_kw, init_adapters' in init_kw. Returns (the report of every
+    layer, the groups: one list of layer names per pass)."""
     stats_kw, groups, held = dict(stats_kw or {}), [[]], 0.0  # held: the last group's MiB
     for name, layer in layers.items():
         size = statistics_mib({name: layer}, stats_kw.get("folds", 1))
@@ -1202,17 +1168,43 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
         groups[-1].append(name)
         held += size
     # one random stream over all groups, as over one pass
-    kw.update(log=log, generator=kw.get("generator") or torch.Generator().manual_seed(0))
-    chosen, report, data = {}, [], method not in ("lora", "rslora")
+    init_kw["generator"] = init_kw.get("generator") or torch.Generator().manual_seed(0)
+    chosen, data = [], method not in ("lora", "rslora")
     for group in groups:  # nothing is written before every group's statistics are in
         stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
                                    **stats_kw) if data else None
-        factors, rows = _init_factors({n: layers[n] for n in group}, method, stats, **kw)
-        chosen.update(factors)
-        report += rows
+        chosen += layer_factors({n: layers[n] for n in group}, stats, method, **init_kw)
         del stats
-    _write_all(layers, chosen, report, method in SHIFTED)
-    return report, groups
+    for name, B, A, _ in chosen:
+        write_adapter(layers[name], B, A, method in SHIFTED)
+    return [row for *_, row in chosen], groups
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _broadcast(factors, owner):  # the owner's factors (fp32, contiguous), on every rank
+    factors = tuple(_comm(X.float().contiguous()) for X in factors)
+    for X in factors:
+        torch.distributed.broadcast(X, owner)
+    return factors
+
+
+def init_owned(layers, stats, method="cg-lora", **init_kw):
+    """init_adapters under torchrun, each layer factorized once: by its owner (the rank that holds
+    its statistics, collect_statistics), whose factors are broadcast and written on every rank.
+    Returns every layer's report on every rank. Without torch.distributed: init_adapters."""
+    if stats is None or not _distributed():
+        return init_adapters(layers, stats, method, **init_kw)
+    proc = torch.distributed.get_rank()
+    mine = {n: m for n, m in layers.items() if stats[n].owner == proc}
+    computed = {name: (B, A, row) for name, B, A, row in layer_factors(mine, stats, method,
+                                                                      **init_kw)}
+    rows = _gathered({name: row for name, (_, _, row) in computed.items()})
+    for name, layer in layers.items():
+        B, A = computed[name][:2] if name in computed else (layer.lora_B, layer.lora_A)
+        write_adapter(layer, *_broadcast((B, A), stats[name].owner), method in SHIFTED)
+    return [rows[name] for name in layers]
 
 
 # ----------------------------------------------------------------------------- peft
@@ -1225,15 +1217,40 @@ def _peft_layers(model, adapter_name):
             and hasattr(m, "scaling")}
 
 
-def _lm_loss(model):  # a Hugging Face LM's loss (§9), known by its class and config; else None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kind = type(base).__name__
-    # GPT-2 and its kin are *LMHeadModel; XLNet's LM head predicts each position's own label
-    if kind.endswith("ForCausalLM") or kind.endswith("LMHeadModel") and kind != "XLNetLMHeadModel":
-        return causal_lm_loss
-    if kind.endswith("ForMaskedLM"):
-        return masked_lm_loss
-    return seq2seq_lm_loss if kind.endswith("ForConditionalGeneration") and _encoder(base) else None
+class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight with no storage
+    def __init__(self, d_out, d_in, like):
+        super().__init__()
+        self.weight = like.new_zeros(()).expand(d_out, d_in)
+        self.out_features, self.in_features = d_out, d_in
+
+
+def _check_peft(model, lora, adapter_name):
+    """Refuse, in one line, what initialize_peft cannot initialise exactly: a layer that is not
+    W0 + s B A (a LoRA variant such as DoRA), adapters on embeddings, adapters tied to another
+    module's (ensure_weight_tying), base layers other than nn.Linear and Conv1D."""
+    if variant := [f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
+                   for n, m in lora.items() if adapter_name in getattr(m, "lora_variant", {})]:
+        raise ValueError(f"layers {variant[:3]} are a LoRA variant (use_dora, ...), not "
+                         "W0 + s B A, which is what CG-LoRA initialises: create the adapter "
+                         "without it")
+    own = {p.data_ptr(): p for m in lora.values()
+           for p in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight)}
+    if tied := sorted({n for n, p in model.named_parameters(remove_duplicate=False)
+                       if own.get(p.data_ptr(), p) is not p}):
+        raise ValueError(f"adapters {tied[:2]} share their weights with a target's "
+                         "(ensure_weight_tying): the gradient then sums both uses, which one "
+                         "layer's statistics do not hold: leave the tied modules out of "
+                         "target_modules, or set ensure_weight_tying=False")
+    if embedded := [n for n, m in model.named_modules()
+                    if adapter_name in getattr(m, "lora_embedding_A", ())]:
+        raise ValueError(f"layers {embedded[:3]} have LoRA on an embedding, which CG-LoRA does "
+                         "not initialise (it needs a linear layer's input statistics): leave "
+                         "embeddings out of target_modules")
+    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
+                 if not isinstance(m.base_layer, nn.Linear)
+                 and type(m.base_layer).__name__ != "Conv1D"]:
+        raise ValueError(f"layers {other[:3]}: only nn.Linear (and transformers' Conv1D) base "
+                         "layers can be initialised here")
 
 
 def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
@@ -1286,46 +1303,20 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     return report
 
 
-class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight with no storage
-    def __init__(self, d_out, d_in, like):
-        super().__init__()
-        self.weight = like.new_zeros(()).expand(d_out, d_in)
-        self.out_features, self.in_features = d_out, d_in
-
-
-def _base_shape(base):  # (d_out, d_in) of a base layer: nn.Linear, or transformers' Conv1D
-    if type(base).__name__ == "Conv1D":  # GPT-2's: y = x @ weight + bias, weight d_in x d_out
-        return base.weight.shape[1], base.weight.shape[0]
-    return base.out_features, base.in_features  # a bitsandbytes layer's weight is packed
-
-
-def _check_peft(model, lora, adapter_name):
-    """Refuse, in one line, what initialize_peft cannot initialise exactly: a layer that is not
-    W0 + s B A (a LoRA variant such as DoRA), adapters on embeddings, adapters tied to another
-    module's (ensure_weight_tying), base layers other than nn.Linear and Conv1D."""
-    if variant := [f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
-                   for n, m in lora.items() if adapter_name in getattr(m, "lora_variant", {})]:
-        raise ValueError(f"layers {variant[:3]} are a LoRA variant (use_dora, ...), not "
-                         "W0 + s B A, which is what CG-LoRA initialises: create the adapter "
-                         "without it")
-    own = {p.data_ptr(): p for m in lora.values()
-           for p in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight)}
-    if tied := sorted({n for n, p in model.named_parameters(remove_duplicate=False)
-                       if own.get(p.data_ptr(), p) is not p}):
-        raise ValueError(f"adapters {tied[:2]} share their weights with a target's "
-                         "(ensure_weight_tying): the gradient then sums both uses, which one "
-                         "layer's statistics do not hold: leave the tied modules out of "
-                         "target_modules, or set ensure_weight_tying=False")
-    if embedded := [n for n, m in model.named_modules()
-                    if adapter_name in getattr(m, "lora_embedding_A", ())]:
-        raise ValueError(f"layers {embedded[:3]} have LoRA on an embedding, which CG-LoRA does "
-                         "not initialise (it needs a linear layer's input statistics): leave "
-                         "embeddings out of target_modules")
-    if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
-                 if not isinstance(m.base_layer, nn.Linear)
-                 and type(m.base_layer).__name__ != "Conv1D"]:
-        raise ValueError(f"layers {other[:3]}: only nn.Linear (and transformers' Conv1D) base "
-                         "layers can be initialised here")
+def lora_state_dict(model):
+    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
+    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
+    original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            B, A = m.lora_B.detach(), m.lora_A.detach()
+            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
+            if m.lora_A0.any():
+                B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
+            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
+            out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
+    return out
 
 
 def save_peft(model, directory, modules_to_save=(), **config):
@@ -1363,63 +1354,3 @@ def save_peft(model, directory, modules_to_save=(), **config):
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
     return config
-
-
-# ---------------------------------------------- torchrun: statistics reduced to one owner per layer
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-# layer -> rank: the i-th distinct input's layers go to rank i mod world
-def _owners(share, names, world):
-    inputs = list(dict.fromkeys(share[name] for name in names))
-    return {name: inputs.index(share[name]) % world for name in names}
-
-
-def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
-    nccl = torch.distributed.get_backend() == "nccl"
-    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
-
-
-def _rank_and_world(distributed):  # this process's rank and the number of processes
-    return (torch.distributed.get_rank(),
-            torch.distributed.get_world_size()) if distributed else (0, 1)
-
-
-def _all_reduced(t):  # the sum of t over every rank, on _comm(t)'s device
-    t = _comm(t)
-    torch.distributed.all_reduce(t)
-    return t
-
-
-def _reduce_to_owners(sums, counts, owner, proc):
-    """collect_statistics' per-fold sums, each reduced to its layer's owner (freed elsewhere, in
-    place), and the counts summed over every rank (returned, on the CPU)."""
-    counts = _all_reduced(counts).cpu()
-    for fold in sums:
-        for j in range(3):
-            for key in sorted(fold[j].total):
-                t = _comm(fold[j].total[key])
-                torch.distributed.reduce(t, owner[key])
-                if owner[key] == proc:
-                    fold[j].total[key].copy_(t)
-                else:
-                    del fold[j].total[key]  # freed: the owner holds it
-    return counts
-
-
-def _broadcast(factors, owner):  # the owner's factors (fp32, contiguous), on every rank
-    factors = tuple(_comm(X.float().contiguous()) for X in factors)
-    for X in factors:
-        torch.distributed.broadcast(X, owner)
-    return factors
-
-
-def _gathered(report, mine):  # init report rows: each layer's owner's row, on every rank
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, {r["layer"]: r for r in report
-                                                if r["layer"] in mine})
-    rows = {k: v for part in parts for k, v in part.items()}
-    return [rows[r["layer"]] for r in report]

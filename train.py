@@ -252,7 +252,9 @@ def evaluate(model, dev, task, cfg, device, log=None):
 
 
 def initialise(cfg, model, batches, device, log):
-    """Adapters + init by method (full: every weight trains). Returns the init.json record."""
+    """Adapters + init by method (full: every weight trains): the statistics, the damping (chosen
+    on folds with --damping auto), the init (each layer by its owner under torchrun), the §8
+    diagnostics and the real check when asked. Returns the init.json record."""
     calib, heldout = batches
     t0 = time.perf_counter()
     if device.type == "cuda":
@@ -269,19 +271,29 @@ def initialise(cfg, model, batches, device, log):
             model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib),
             fisher=cfg.fisher, generator=torch.Generator().manual_seed(cfg.seed),
             progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
-        if cfg.init.startswith("cg-lora") and cfg.damping == "auto":
+        record["statistics_seconds"] = time.perf_counter() - t0
+        cg, ranks = cfg.init.startswith("cg-lora"), {n: cfg.rank for n in layers}
+        damping, table = (cfg.damping, None) if cfg.damping != "auto" else (cglora.DAMPING, None)
+        if cg and cfg.damping == "auto":
             log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
                 "calibration batches ...")
-        record["statistics_seconds"] = time.perf_counter() - t0
-        judge = (real_check(model, layers, [to_device(b, device) for b in heldout], record, log)
-                 if stats and heldout else None)
-        damping = cfg.damping if cfg.damping == "auto" else float(cfg.damping)
-        record["layers"] = rows = cglora.init_adapters(
-            layers, cfg.init, stats, damping=damping, step=cfg.step, init_norm=cfg.init_norm,
-            generator=torch.Generator().manual_seed(cfg.seed), log=log,
-            factor_balance=cfg.balance, judge=judge)
-        record["damping"] = next((r["damping"] for r in rows if r["damping"] is not None), None)
-        record["summary"] = dict(summarise(rows, cfg.rank, log), **record.pop("real", {}))
+            damping, table = cglora.choose_damping(stats, ranks)
+        init = cglora.init_owned if dist.is_initialized() else cglora.init_adapters
+        log(f"init {cfg.init}: {len(layers)} layers, W0 "
+            + ("shifted by -s B A" if cfg.init in cglora.SHIFTED else "kept")
+            + (f", damping {damping:g}" if cg else ""))
+        record["layers"] = rows = init(
+            layers, stats, cfg.init, damping=damping, step=cfg.step, init_norm=cfg.init_norm,
+            factor_balance=cfg.balance, generator=torch.Generator().manual_seed(cfg.seed))
+        if stats and statistics_folds(cfg) > 1:
+            diagnostics = cglora.diagnose(stats, ranks, cfg.init, damping)
+            for row in rows:
+                row.update(diagnostics.get(row["layer"], {}))
+        record["damping"] = damping if cg else None
+        record["summary"] = summarise(rows, cfg.rank, table, record["damping"], log)
+        if stats and heldout:
+            record["summary"].update(real_check(
+                model, layers, rows, [to_device(b, device) for b in heldout], log))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(record, seconds=time.perf_counter() - t0, peak_memory_mib=peak / 2 ** 20,
@@ -292,47 +304,48 @@ def initialise(cfg, model, batches, device, log):
 REAL_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def real_check(model, layers, heldout, record, log):
-    """A judge for init_adapters (docs/cg-lora.md §8.2): the real mean loss on `heldout` at W0 and
-    with every layer moved by REAL_SCALES times its update's quadratic-model step (quadratic_step),
-    jointly; the decrease is the loss at W0 minus the best, beside what the calibration model
-    predicts (summed in-sample q); and the loss at the init's update as written, W0 + s B A at its
-    init size (a shifted init then moves W0)."""
-    def judge(factors, rows):
-        step = {r["layer"]: r.get("quadratic_step", 0.0) for r in rows}
-        directions = {n: (step[n] * B, A) for n, (B, A) in factors.items()}
-        at_W0, losses = cglora.real_decrease(model, layers, directions, heldout, REAL_SCALES)
-        at_init = cglora.real_decrease(model, layers, factors, heldout, (1.0,))[1][1.0]
-        best = min(losses, key=losses.get)
-        predicted = sum(r.get("insample") or 0.0 for r in rows)
-        record["real"] = dict(real_loss_at_W0=at_W0, real_losses=losses, real_best_scale=best,
-                              real_decrease=at_W0 - losses[best], real_loss_at_init=at_init,
-                              predicted_decrease=predicted,
-                              real_examples=sum(len(b["labels"]) for b in heldout))
-        log(f"real loss check on {record['real']['real_examples']} held-out examples: {at_W0:.4f} "
-            f"at W0, {losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease "
-            f"of {at_W0 - losses[best]:.4f}"
-            + (f"; the calibration model predicts {predicted:.3g} "
-               f"({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)"
-               if predicted else "")
-            + f"; at the init's own size {at_init:.4f}, a decrease of {at_W0 - at_init:.2g}")
-    return judge
+def real_check(model, layers, rows, heldout, log):
+    """The init judged by the real loss (docs/cg-lora.md §8.2): the mean loss on `heldout` at W0
+    and with every layer moved by REAL_SCALES times its update's quadratic-model step
+    (quadratic_step), jointly; the decrease is the loss at W0 minus the best, beside what the
+    calibration model predicts (summed in-sample q, with the diagnostics); and the loss at the
+    init's update as written, W0 + s B A (a shifted init then moves W0)."""
+    factors = {n: (m.lora_B.detach().clone(), m.lora_A.detach().clone())  # as written
+               for n, m in layers.items()}
+    step = {r["layer"]: r.get("quadratic_step", 0.0) for r in rows}
+    directions = {n: (step[n] * B, A) for n, (B, A) in factors.items()}
+    at_W0, losses = cglora.real_decrease(model, layers, directions, heldout, REAL_SCALES)
+    at_init = cglora.real_decrease(model, layers, factors, heldout, (1.0,))[1][1.0]
+    best = min(losses, key=losses.get)
+    predicted = sum(r.get("insample") or 0.0 for r in rows)
+    real = dict(real_loss_at_W0=at_W0, real_losses=losses, real_best_scale=best,
+                real_decrease=at_W0 - losses[best], real_loss_at_init=at_init,
+                predicted_decrease=predicted,
+                real_examples=sum(len(b["labels"]) for b in heldout))
+    log(f"real loss check on {real['real_examples']} held-out examples: {at_W0:.4f} "
+        f"at W0, {losses[best]:.4f} at {best:g}x each layer's quadratic-model step, a decrease "
+        f"of {at_W0 - losses[best]:.4f}"
+        + (f"; the calibration model predicts {predicted:.3g} "
+           f"({predicted / max(at_W0 - losses[best], 1e-12):.0f}x)" if predicted else "")
+        + f"; at the init's own size {at_init:.4f}, a decrease of {at_W0 - at_init:.2g}")
+    return real
 
 
-def summarise(rows, rank, log):
-    """The init's summary, logged and returned for init.json: captured energy (§3) and the §8
-    calibration diagnostics summed over the layers (the ratios are of the sums), with the damping
-    chosen."""
+def summarise(rows, rank, table, damping, log):
+    """The init's summary, logged and returned for init.json: captured energy (§3), the damping
+    search's table, and the §8 diagnostics summed over the layers (the ratios are of the sums)."""
     captured = [r["captured"] for r in rows if r["captured"] is not None]
     summary = (dict(captured_mean=sum(captured) / len(captured), captured_min=min(captured))
                if captured else {})
     if captured:
         log(f"captured energy at rank {rank}: mean {summary['captured_mean']:.3f}, "
             f"min {summary['captured_min']:.3f} over {len(captured)} layers")
+    if table:
+        log("damping auto: held-out predicted decrease "
+            + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in table.items()) + f" -> damping {damping:g}")
     rows = [r for r in rows if r.get("heldout") is not None]
     if rows:
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731
-        by_damping = rows[0]["heldout_by_damping"]  # None, or damping -> q
         keys = ("heldout", "heldout_lora_one", "insample", "insample_lora_one")
         summary.update({key: total(key) for key in keys})
         summary.update(
@@ -340,12 +353,7 @@ def summarise(rows, rank, log):
             overlap_right=total("overlap_right") / len(rows),
             heldout_ratio=summary["heldout"] / max(summary["heldout_lora_one"], 1e-30),
             insample_ratio=summary["insample"] / max(summary["insample_lora_one"], 1e-30),
-            damping=rows[0]["damping"], heldout_by_damping=None if not by_damping else {
-                lam: sum(r["heldout_by_damping"][lam] for r in rows) for lam in by_damping})
-        if by_damping:
-            log("damping auto: held-out predicted decrease "
-                + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in summary["heldout_by_damping"].items())
-                + f" -> damping {summary['damping']:g}")
+            damping=damping, heldout_by_damping=table)
         log(f"calibration check: split-half overlap left {summary['overlap_left']:.2f} / right "
             f"{summary['overlap_right']:.2f}; predicted decrease vs LoRA-One's direction: held-out "
             f"{summary['heldout_ratio']:.2f}x, in-sample {summary['insample_ratio']:.2f}x")
