@@ -10,7 +10,6 @@ Model-agnostic: any nn.Module whose target layers are nn.Linear. Only torch is n
 """
 import collections
 import contextlib
-import functools
 import inspect
 import json
 import math
@@ -126,15 +125,11 @@ def target_layers(model, names, kind):
              if n == t or n.endswith("." + t)]
     if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
         n, m = other[0]
-        if isinstance(m, LoRALinear):
-            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
-                             "layer once: target other layers, or start again from the model "
-                             "without adapters")
-        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
-               "computes x @ weight + bias)" if type(m).__name__ == "Conv1D"
-               else f"target the nn.{kind.__name__} layers inside it")
-        raise ValueError(f"layer {n} is {type(m).__name__}, not nn.{kind.__name__}, and only "
-                         f"nn.{kind.__name__} layers can be targets: {fix}")
+        fix = ("add_lora wraps a layer once: target other layers, or start again from the model "
+               "without adapters" if isinstance(m, LoRALinear) else "swap it for an nn.Linear "
+               "with weight = conv.weight.T and the same bias (Conv1D computes x @ weight + bias)"
+               if type(m).__name__ == "Conv1D" else f"target the nn.{kind.__name__} layers in it")
+        raise ValueError(f"layer {n} is {type(m).__name__}, not nn.{kind.__name__}: {fix}")
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
@@ -172,14 +167,13 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
 
 
 # ---------------------------------------------------------------- the model side of the statistics
-# What collect_statistics guarantees, whatever the model: its hooks and flags are restored on exit
-# (_recording); G and T are exact for the loss it computes, over every token row of every call of
-# a target; a mask keeps rows out of S only, and only for calls whose input comes from the batch;
-# a transformers LM gets its own token loss (§9); what it cannot make exact it refuses in one line.
+# What collect_statistics guarantees, whatever the model: hooks and flags restored on exit; G and
+# T exact for the loss it computes, over every token row of every call of a target; a mask keeps
+# rows out of S only, and only where the call's input comes from the batch; a transformers LM gets
+# its own token loss (§9); what cannot be made exact is refused in one line.
 
 
-# calibration batch i's labels, once it is checked to be a dict that has them
-def _labels(batch, i):
+def _labels(batch, i):  # calibration batch i's labels, once it is a dict that has them
     if not isinstance(batch, Mapping):
         raise TypeError("batches must be an iterable of dicts (a list of batches, not one batch: "
                         f"[batch]); item {i} is {type(batch).__name__} {str(batch)[:40]!r}")
@@ -190,10 +184,9 @@ def _labels(batch, i):
 
 
 def _logits(out):
-    """A model's output -> its logits: a tensor; an output's .logits (ModelOutput) or a dict's
-    "logits"; a tuple's first tensor that is not a scalar (transformers' return_dict=False puts a
-    loss first)."""
-    if getattr(out, "logits", None) is not None or isinstance(out, Mapping) and "logits" in out:
+    """A model's output -> its logits: a tensor; .logits or a dict's "logits"; a tuple's first
+    tensor that is not a scalar (transformers' return_dict=False puts a loss first)."""
+    if isinstance(out, Mapping) and "logits" in out or getattr(out, "logits", None) is not None:
         return out["logits"] if isinstance(out, Mapping) else out.logits
     if isinstance(out, (tuple, list)):
         out = next((t for t in out if torch.is_tensor(t) and t.dim() > 0), out)
@@ -212,12 +205,12 @@ def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder(
 
 
 def _model_inputs(batch, loss, encoder=None):
-    """What model(**inputs) gets: the batch without its labels, unless the loss says the model needs
-    them (loss.model_labels: an encoder-decoder builds its decoder inputs from them)."""
+    """model(**inputs)'s inputs: the batch without its labels, unless loss.model_labels (an
+    encoder-decoder builds its decoder inputs from them)."""
     if getattr(loss, "model_labels", False):
         return dict(batch)
-    decoder_inputs = {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
-    if encoder is not None and batch["labels"].dim() == 2 and not decoder_inputs:
+    if encoder is not None and batch["labels"].dim() == 2 and not (
+            {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)):
         raise ValueError("token labels [batch, length] on an encoder-decoder model with no "
                          "decoder_input_ids: pass loss=cglora.seq2seq_lm_loss, which gives the "
                          "labels to the model to build them")
@@ -229,8 +222,12 @@ def _shared_inputs(seen, names):  # layers whose inputs are the same tensors (ev
     return {name: first.setdefault(tuple(id(c[0]) for c in seen[name]), name) for name in names}
 
 
-# one layer's calls -> their token rows, stacked: each call's own mask kept (S), or every row
-def _rows(tensors, keeps=None):
+def _tokens(t, keep=None):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; no mask,
+    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # or one that does not
+    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()  # fit: every row
+
+
+def _rows(tensors, keeps=None):  # a layer's calls -> their token rows (each call's mask kept)
     return torch.cat([_tokens(t, k) for t, k in zip(tensors, keeps or [None] * len(tensors))])
 
 
@@ -246,19 +243,11 @@ def _masks(batch, labels, encoder):
 
 @contextlib.contextmanager
 def _recording(model, layers, encoder=None):
-    """While open, the model is frozen and in eval mode, and each of `layers` records every call
-    of the current forward pass in seen[name], one (input, output, mask) per call (a layer shared
-    across depths is called once per use). mask names the batch's token mask that indexes the
-    call's input rows (§2): "attention_mask", or, after an encoder-decoder's `encoder` has run,
-    "decoder_attention_mask" for a call whose input is not the encoder's output (cross-attention's
-    keys and values are); None for an input that does not come from the batch (relative-position
-    embeddings, say). The batch is traced: run(inputs) runs the model with its float inputs and
-    every nn.Embedding's output requiring grad, so a target input that does not require grad does
-    not depend on the batch; a forward with neither takes every call for token rows. reset()
-    forgets the calls, the input aliases and the encoder's output (call it per batch). All
-    restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
+    """While open, the model is frozen, in eval mode, and each of `layers` records every call in
+    seen[name] as [input, output, mask]: the batch mask that indexes the input's rows (§2), or None
+    for an input not from the batch (run(inputs) traces it: float inputs, nn.Embedding outputs
+    require grad); after an encoder, the decoder's mask unless the input is the encoder's output."""
+    flags, was_training = [(p, p.requires_grad) for p in model.parameters()], model.training
     # name -> calls; id(input) -> (input, alias); the encoder's output; where the batch entered
     seen, alias, encoded, traced = {}, {}, [], []
 
@@ -291,18 +280,14 @@ def _recording(model, layers, encoder=None):
             call[2] = call[2] if call.pop() or not traced else None
         return out
 
-    handles = [h for name, m in layers.items()
-               for h in (m.register_forward_pre_hook(pre_hook),
-                         m.register_forward_hook(hook(name)))]
+    handles = [h for name, m in layers.items() for h in (m.register_forward_pre_hook(pre_hook),
+                                                          m.register_forward_hook(hook(name)))]
     handles += [m.register_forward_hook(embedded) for m in model.modules()
                 if isinstance(m, nn.Embedding)]
     if encoder is not None:  # its output: a ModelOutput or a tuple, the hidden states first
-        handles.append(encoder.register_forward_hook(
-            lambda module, inputs, output: encoded.append(output[0])))
+        handles.append(encoder.register_forward_hook(lambda m, i, out: encoded.append(out[0])))
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
+        model.requires_grad_(False).eval()
         yield seen, run, lambda: (seen.clear(), alias.clear(), encoded.clear(), traced.clear())
     finally:
         for h in handles:
@@ -313,8 +298,8 @@ def _recording(model, layers, encoder=None):
 
 
 def _output_gradients(loss, out, labels, ys, fisher, generator):
-    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G; and
-    for T the same with labels drawn from the model (fisher="sampled"), else Nones (T uses G's)."""
+    """d(batch loss)/dy for each target output y (None where y does not reach the loss), for G;
+    for T the same with labels drawn from the model (fisher="sampled"), else Nones (G's serve)."""
     delta = torch.autograd.grad(loss(out, labels), ys, allow_unused=True,
                                 retain_graph=fisher == "sampled")
     if fisher != "sampled":
@@ -326,17 +311,10 @@ def _output_gradients(loss, out, labels, ys, fisher, generator):
 # ----------------------------------------------------------------------------- losses (§2, §9)
 
 
-_LM_LOSSES = ("token logits need a token loss: loss=cglora.causal_lm_loss where position t "
-              "predicts token t + 1 (a causal LM), cglora.masked_lm_loss where it predicts its own "
-              "label (a masked LM), cglora.seq2seq_lm_loss for an encoder-decoder; else a "
-              "loss(output, labels) returning the batch mean")
-
-
 class Loss:
-    """What collect_statistics needs of a loss (§2; any callable works, these are optional):
-    loss(output, labels) is the batch's mean over terms(labels) loss terms (default: the rows of
-    the labels); sample(output, labels, generator) draws labels from the model's predictive
-    distribution (fisher="sampled"); model_labels: the labels go to the model too."""
+    """What collect_statistics needs of a loss (any callable(output, labels) returning the batch
+    mean works): terms(labels), the loss terms of that mean; sample(output, labels, generator),
+    labels drawn from the model (fisher="sampled"); model_labels: the model takes the labels."""
     model_labels = False
 
     def terms(self, labels):
@@ -348,29 +326,27 @@ class ExampleLoss(Loss):
     class labels (labels [batch] or [batch, 1], as transformers accepts)."""
 
     def __call__(self, out, labels):
-        if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1], as in
-            labels = labels[:, 0]  # transformers
+        if labels.dim() == 2 and labels.shape[1] == 1 and out.dim() == 2:  # [batch, 1]
+            labels = labels[:, 0]
+        if labels.is_floating_point() and (labels.dim() != 1 or out.squeeze(-1).shape !=
+                                           labels.shape):  # never MSE on logits
+            one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
+                labels.sum(-1) == 1).all()
+            raise ValueError("the default loss takes float labels as one regression target per "
+                             f"example, got {list(labels.shape)} for an output "
+                             f"{list(out.shape)}: " + ("for one-hot class labels pass "
+                             "labels.argmax(-1)" if one_hot else "for multi-label targets pass "
+                             "loss=lambda out, y: F.binary_cross_entropy_with_logits(out, y)"))
         if labels.is_floating_point():
-            if labels.dim() != 1 or out.squeeze(-1).shape != labels.shape:  # never MSE on logits
-                one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
-                    labels.sum(-1) == 1).all()
-                fix = ("one-hot class labels: pass labels.argmax(-1)" if one_hot else
-                       "multi-label targets: pass loss=lambda out, y: torch.nn.functional."
-                       "binary_cross_entropy_with_logits(out, y)")
-                raise ValueError("the default loss takes float labels as one regression target "
-                                 "per example ([batch], MSE against an output [batch, 1]), got "
-                                 f"{list(labels.shape)} and {list(out.shape)}: for {fix}")
             return F.mse_loss(out.squeeze(-1).float(), labels.float())
         if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
             raise ValueError("the default loss takes logits [batch, classes] and labels [batch], "
-                             f"got {list(out.shape)} and {list(labels.shape)}: "
-                             + (_LM_LOSSES if out.dim() == 3 else "pass a loss(output, labels) "
-                                "returning the batch mean"))
+                             f"got {list(out.shape)} and {list(labels.shape)}: " + (
+                                 _LM_LOSSES if out.dim() == 3 else "pass a loss(output, labels) "
+                                 "returning the batch mean"))
         return F.cross_entropy(out.float(), labels)
 
-    def sample(self, out, labels, generator):
-        """Labels drawn from the model's own predictive distribution (CPU generator: any device):
-        categorical for classification, y ~ N(f(x), 1) for regression (§2, sampled Fisher)."""
+    def sample(self, out, labels, generator):  # categorical, or y ~ N(f(x), 1) (§2); CPU draws
         out, labels = out.detach().float().cpu(), labels.flatten() if labels.dim() == 2 else labels
         if labels.is_floating_point():
             drawn = out.squeeze(-1) + torch.randn(out.shape[0], generator=generator)
@@ -380,6 +356,9 @@ class ExampleLoss(Loss):
 
 
 IGNORE = -100  # a label that takes no part in a token-level loss (Hugging Face's ignore_index)
+_LM_LOSSES = ("token logits need a token loss: loss=cglora.causal_lm_loss where position t "
+              "predicts token t + 1 (a causal LM), cglora.masked_lm_loss where it predicts its own "
+              "label (a masked LM), cglora.seq2seq_lm_loss for an encoder-decoder")
 
 
 class TokenLoss(Loss):
@@ -397,16 +376,12 @@ class TokenLoss(Loss):
     def terms(self, labels):
         return (labels[:, self.shift:] != IGNORE).sum()
 
-    def sample(self, logits, labels, generator):
-        """Target tokens drawn from the model's softmax at their positions (§9, sampled Fisher):
-        the label at t + shift from logits[:, t]; ignored positions stay ignored."""
-        shift = self.shift
-        target = labels[:, shift:] != IGNORE  # b x (L - shift)
-        # targets x V
-        probs = logits[:, :logits.shape[1] - shift][target].detach().float().cpu().softmax(-1)
+    def sample(self, logits, labels, generator):  # each target from the softmax at its position
+        target = labels[:, self.shift:] != IGNORE  # b x (L - shift)
+        probs = logits[:, :logits.shape[1] - self.shift][target].detach().float().cpu().softmax(-1)
         sampled = labels.clone()
         draws = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        sampled[:, shift:][target] = draws.to(labels.device)
+        sampled[:, self.shift:][target] = draws.to(labels.device)
         return sampled
 
 
@@ -433,11 +408,10 @@ def _check_statistics(model, loss, fisher, folds):  # collect_statistics' option
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         raise RuntimeError("collect_statistics backpropagates the loss to each target's output: "
                            "call it outside torch.no_grad() and torch.inference_mode()")
-    if fisher not in ("empirical", "sampled"):
-        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-    if fisher == "sampled" and not hasattr(loss, "sample"):
-        raise ValueError("fisher='sampled' needs a loss with a .sample(output, labels, generator) "
-                         "method (cglora's losses have one)")
+    if fisher not in ("empirical", "sampled") or fisher == "sampled" and not hasattr(loss,
+                                                                                     "sample"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled' (with a loss that has a "
+                         f".sample(output, labels, generator), as cglora's), got {fisher!r}")
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
     return loss
@@ -447,19 +421,12 @@ def _check_statistics(model, loss, fisher, folds):  # collect_statistics' option
 
 
 @contextlib.contextmanager
-def _fp32():
-    """Autocast off where the caller has it on (CPU, CUDA): statistics and factorizations stay fp32
-    (§2) inside a bf16 training step. A context manager, or a decorator: @_fp32()."""
+def _fp32():  # autocast off (CPU, CUDA): statistics, factorizations stay fp32 (§2); or @_fp32()
     with contextlib.ExitStack() as stack:
         for kind in ("cpu", "cuda"):
             if torch.is_autocast_enabled(kind):
                 stack.enter_context(torch.autocast(kind, enabled=False))
         yield
-
-
-def _tokens(t, keep=None):  # [batch, length, dim] -> [tokens keep marks, dim] in fp32; no mask, or
-    fits = keep is not None and t.dim() == 3 and keep.shape == t.shape[:2]  # one that does not fit:
-    return (t[keep.to(t.device)] if fits else t.reshape(-1, t.shape[-1])).float()  # every row
 
 
 def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_MIN_WIDTH)
@@ -469,15 +436,15 @@ def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_
 
 
 class _Sums:
-    """Running sums of a^T b over token rows, held on `device`. Rows wait until _FLUSH_ROWS of them
-    have come, then one matmul adds them: a d x d update from one short batch would be memory-bound.
-    A symmetric sum a^T a (b=None) is updated in its lower block triangle only (_GRAM_BLOCKS row
-    blocks: 5/8 of the work for 4) and mirrored by symmetric()."""
+    """Running sums of a^T b over token rows, on `device`, added by one matmul per _FLUSH_ROWS rows
+    (a d x d update from one short batch would be memory-bound). A Gram sum a^T a (b=None) is
+    updated in its lower block triangle only (5/8 of the work for 4 blocks), mirrored by
+    symmetric()."""
 
     def __init__(self, device=None):
         self.total, self.rows, self.count, self.device = {}, {}, {}, device
 
-    def add(self, key, a, b=None):  # b=None: a^T a
+    def add(self, key, a, b=None):
         self.rows.setdefault(key, []).append((a, b))
         self.count[key] = self.count.get(key, 0) + a.shape[0]
 
@@ -502,21 +469,8 @@ class _Sums:
                 total[i:j, j:] = total[j:, i:j].T
 
 
-# torchrun: each layer's sums reduced to one owner
-
-
 def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _owners(share, world):  # layer -> rank: the i-th distinct input's layers go to rank i mod world
-    inputs = list(dict.fromkeys(share.values()))
-    return {name: inputs.index(key) % world for name, key in share.items()}
-
-
-def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
-    nccl = torch.distributed.get_backend() == "nccl"
-    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
 
 
 def _rank_and_world():  # this process's rank and the number of processes
@@ -524,26 +478,23 @@ def _rank_and_world():  # this process's rank and the number of processes
             torch.distributed.get_world_size()) if _distributed() else (0, 1)
 
 
-def _all_reduced(t):  # the sum of t over every rank, on _comm(t)'s device
-    t = _comm(t)
-    torch.distributed.all_reduce(t)
-    return t
+def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
+    nccl = torch.distributed.get_backend() == "nccl"
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
 
 
 def _reduce_to_owners(sums, counts, owner, proc):
-    """collect_statistics' per-fold sums, each reduced to its layer's owner (freed elsewhere, in
-    place), and the counts summed over every rank (returned, on the CPU)."""
-    counts = _all_reduced(counts).cpu()
+    """torchrun: each sum reduced to its layer's owner (freed elsewhere); the counts to all."""
+    torch.distributed.all_reduce(counts := _comm(counts))
     for fold in sums:
         for j in range(3):
             for key in sorted(fold[j].total):
-                t = _comm(fold[j].total[key])
-                torch.distributed.reduce(t, owner[key])
+                torch.distributed.reduce(t := _comm(fold[j].total[key]), owner[key])
                 if owner[key] == proc:
                     fold[j].total[key].copy_(t)
                 else:
-                    del fold[j].total[key]  # freed: the owner holds it
-    return counts
+                    del fold[j].total[key]
+    return counts.cpu()
 
 
 class Statistics(NamedTuple):
@@ -571,65 +522,64 @@ def pool(folds, S=None):
 
 
 def _normalise(sums, n, share):
-    """Per-fold sums -> {name: Statistics}: each layer's reduced to its owner (torchrun), divided
-    by its counts, and with K >= 2 folds pooled (one S per input) and kept per fold too."""
+    """Per-fold sums -> {name: Statistics}: reduced to each layer's owner (torchrun), divided by
+    the counts, and with K >= 2 folds pooled (one S per input) and kept per fold too."""
     if not share:
         raise ValueError("collect_statistics got no calibration batches")
     keys = sorted(dict.fromkeys(share.values()))
     for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
         shapes = next(fold[j].total for fold in sums if fold[j].total)
         for fold in sums:
-            for key in shapes.keys() - fold[j].total.keys():  # (setdefault would make every one)
-                fold[j].total[key] = torch.zeros_like(shapes[key])
+            fold[j].total.update({k: torch.zeros_like(shapes[k])
+                                  for k in shapes.keys() - fold[j].total.keys()})
     counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
                            for n_k, fold in zip(n, sums)], dtype=torch.float64)
-    proc, world = _rank_and_world()
-    owner = _owners(share, world)  # S's key is its first layer's name
+    (proc, world), inputs = _rank_and_world(), list(dict.fromkeys(share.values()))
+    owner = {name: inputs.index(key) % world for name, key in share.items()}  # input i: rank i
     if world > 1:
         counts = _reduce_to_owners(sums, counts, owner, proc)
     if (counts[:, 0] == 0).any():
         raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
                          "pass more batches or fewer folds")
     folds = []
-    for (S, G, T), c in zip(sums, counts.tolist()):
-        tokens = dict(zip(keys, c[1:]))
+    for (S, G, T), (terms, *rows) in zip(sums, counts.tolist()):
+        tokens = dict(zip(keys, rows))
         for key, total in S.total.items():  # in place: the statistics are the largest thing here
             total.div_(max(tokens[key], 1))
         for total in (*G.total.values(), *T.total.values()):
-            total.div_(c[0])
-        folds.append({name: Statistics(S.total[key], G.total[name], T.total[name], c[0],
+            total.div_(terms)
+        folds.append({name: Statistics(S.total[key], G.total[name], T.total[name], terms,
                                        tokens[key], key, proc)
                       for name, key in share.items() if owner[name] == proc})
     stats = {}
     for name, key in share.items():
-        if owner[name] != proc:
+        per_fold = tuple(fold[name] for fold in folds if name in fold)
+        if not per_fold:  # another rank's
             stats[name] = Statistics(None, None, None, 0.0, 0.0, key, owner[name])
         elif len(folds) == 1:
-            stats[name] = folds[0][name]
-        else:
-            per_fold = tuple(fold[name] for fold in folds)
-            first = stats[key] if key != name else None  # the input's S, pooled once
-            stats[name] = pool(per_fold, first and first.S)._replace(folds=per_fold)
+            stats[name] = per_fold[0]
+        else:  # the input's S pooled once, by its first layer
+            S = stats[key].S if key != name else None
+            stats[name] = pool(per_fold, S)._replace(folds=per_fold)
     return stats
 
 
 def _add_batch(sums, calls, share, out, labels, masks, loss, fisher, generator):
-    """One batch's rows into one fold's sums (S, G, T): the inputs' rows that the masks keep into
-    S, every row into G and T (§2). Returns the batch's loss terms and its largest row count."""
+    """One batch into one fold's sums (S, G, T): into S the input rows the masks keep, into G and T
+    every row (§2). Returns the batch's loss terms and its most rows of one input."""
     S, G, T = sums
     xs = {key: [c[0].detach() for c in calls[key]] for key in dict.fromkeys(share.values())}
     for key, inputs in xs.items():  # sum_t x x^T (d_in x d_in) over each call's kept tokens
         S.add(key, _rows(inputs, [masks.get(c[2]) for c in calls[key]]))
-    x = {key: _rows(inputs) for key, inputs in xs.items()}  # every row: G's (§2)
-    ys = {name: [c[1] for c in calls[name]] for name in share}
+    x = {key: _rows(inputs) for key, inputs in xs.items()}
+    ys = [y for name in share for _, y, _ in calls[name]]
     n_b = int(getattr(loss, "terms", len)(labels))
-    delta, delta_T = (iter(g) for g in _output_gradients(
-        loss, out, labels.to(out.device), [y for name in share for y in ys[name]], fisher,
-        generator))
+    delta, delta_T = (iter(g) for g in _output_gradients(loss, out, labels.to(out.device), ys,
+                                                          fisher, generator))
     for name in share:  # a layer called k times: G, T sum over its k calls (shared weights, §2)
         # d(mean loss)/dy * n_b = d(own loss)/dy per loss term (None: y does not reach the loss)
         rows = (_rows([torch.zeros_like(y) if g is None else g * n_b
-                       for y, g in zip(ys[name], grads)])
+                       for (_, y, _), g in zip(calls[name], grads)])
                 for grads in (delta, delta_T))
         d = next(rows)  # G's rows, then (sampled) T's
         G.add(name, d, x[share[name]])  # sum_i sum_t delta x^T  (d_out x d_in)
@@ -639,24 +589,23 @@ def _add_batch(sums, calls, share, out, labels, masks, loss, fisher, generator):
 
 def collect_statistics(model, layers, batches, *, loss=None, fisher="empirical", folds=1,
                        generator=None, device=None, progress=None):
-    """Streaming K-FAC statistics of §2 for `layers` ({name: nn.Linear}) over calibration batches.
+    """Streaming K-FAC statistics (§2) of `layers` ({name: nn.Linear}) over calibration batches.
 
-    A batch is a dict: "labels" is the target; "attention_mask" (1 = real token) keeps padding out
-    of S (an encoder-decoder's decoder: "decoder_attention_mask", else labels other than IGNORE),
-    never out of G or T (§2); the rest goes to model(**inputs). `loss(output, labels)` is the
-    batch mean over loss.terms(labels) terms (default: a transformers LM's own, §9, else cross
-    entropy, or MSE for float labels); a layer called several times per forward sums over its
-    calls. fisher="sampled" draws T's labels with loss.sample. folds=K >= 2 also keeps each fold's
-    statistics (batch i in fold i mod K) for choose_damping and diagnose. progress(i) is called
-    before batch i; `device` holds the sums. Under torchrun rank r's i-th batch is batch r + i *
-    world, and each layer's sums are reduced to its owner (the i-th distinct input's layers to
-    rank i mod world, as KAISA places K-FAC work). Returns {name: Statistics}; no weight gradient is
-    made and no caller tensor is changed."""
+    A batch is a dict: "labels" the targets; "attention_mask" (1 = real token) keeps padding out of
+    S (a decoder's: "decoder_attention_mask", else labels other than IGNORE), never out of G or T;
+    the rest goes to model(**inputs). loss(output, labels): the batch mean over loss.terms(labels)
+    terms (default: a transformers LM's own, §9, else cross entropy, or MSE for float labels).
+    fisher="sampled" draws T's labels with loss.sample. folds=K >= 2 also keeps each fold's
+    statistics (batch i in fold i mod K). progress(i) is called before batch i; `device` holds the
+    sums. Under torchrun rank r's i-th batch is batch r + i * world, and each layer's sums are
+    reduced to its owner (the i-th distinct input's layers to rank i mod world, as KAISA places
+    K-FAC work). Returns {name: Statistics}; makes no weight gradient, changes no caller tensor."""
     loss = _check_statistics(model, loss, fisher, folds)
     generator = generator or torch.Generator().manual_seed(0)
     proc, world = _rank_and_world()
     sums = [(_Sums(device), _Sums(device), _Sums(device)) for _ in range(folds)]  # S, G, T
     n, share, pending, encoder = [0] * folds, {}, 0, _encoder(model)
+    flush = lambda: [s.flush() for fold in sums for s in fold] and 0  # noqa: E731  (-> 0 rows)
     with _recording(model, layers, encoder) as (seen, run, reset):
         for i, batch in enumerate(batches):
             if progress:
@@ -672,15 +621,10 @@ def collect_statistics(model, layers, batches, *, loss=None, fisher="empirical",
             fold = (proc + i * world) % folds  # the global batch index decides the fold
             n_b, rows = _add_batch(sums[fold], calls, share, out, labels,
                                    _masks(batch, labels, encoder), loss, fisher, generator)
-            n[fold] += n_b
-            pending += rows
-            del out
+            n[fold], pending = n[fold] + n_b, pending + rows
             if pending >= _FLUSH_ROWS:
-                for s in (s for fold in sums for s in fold):
-                    s.flush()
-                pending = 0
-        for s in (s for fold in sums for s in fold):
-            s.flush()
+                pending = flush()
+        flush()
     for S, _, T in sums:
         S.symmetric()
         T.symmetric()
@@ -840,11 +784,11 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
     if factor_balance not in ("euclidean", "curvature"):
-        raise ValueError("factor_balance must be 'euclidean' or 'curvature', got "
+        raise ValueError(f"factor_balance must be 'euclidean' or 'curvature', got "
                          f"{factor_balance!r}")
     if not (isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be a number >= 0, got {damping!r} (to choose it from "
-                         "data: choose_damping)")
+        raise ValueError(f"damping must be a number >= 0, got {damping!r} (to choose it from data: "
+                         "choose_damping)")
     if method in SHIFTED and (fixed := {n: why for n, m in layers.items()
                                         if (why := _fixed_w0(m))}):
         what, moving = next(iter(fixed.values()))
@@ -868,21 +812,30 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
                              "calibration data and loss (run the model in fp32)")
 
 
+def _report(B, A, st, s, first):
+    """quadratic_step: the multiple of the update s B A that minimises the calibration's quadratic
+    model; statistics_mib: the statistics held (a shared S in its input's first layer)."""
+    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s, dW = s B A
+    step = -(B * (st.G @ A.T)).sum() / curvature if curvature > 0 else torch.zeros(())
+    held = (st.G, st.T, st.S)[:3 if first else 2]
+    mib = sum(X.numel() * X.element_size() for X in held) * (1 + len(st.folds)) / 2 ** 20
+    return dict(quadratic_step=step.item(), statistics_mib=mib)
+
+
 def layer_factors(layers, stats, method, damping=DAMPING, init_norm=None, step=1.0,
                   factor_balance="euclidean", generator=None):
     """Each layer's initial factors by `method`, in order: yields (name, B, A, report row).
 
-    Data-driven methods read stats[name]; CG-LoRA's and LoRA-One's factors are rescaled by one
-    scalar to ||s B A||_2 = init_norm (default: LoRA-One's alpha / (sqrt(r) 128); 0: CG-LoRA's raw
-    step * dW_r), then CG-LoRA's balanced to B^T B = A A^T ("euclidean"; B A unchanged) or left in
-    the curvature metric ("curvature", §4). A zero-gradient layer, like plain LoRA, draws its
-    factors from `generator` (report: fallback). Layers fed one input share S's Cholesky factor."""
+    CG-LoRA's and LoRA-One's are rescaled by one scalar to ||s B A||_2 = init_norm (default:
+    LoRA-One's alpha / (sqrt(r) 128); 0: CG-LoRA's raw step * dW_r), then CG-LoRA's balanced to
+    B^T B = A A^T ("euclidean"; B A unchanged) or left in the curvature metric ("curvature", §4).
+    Plain LoRA and a zero-gradient layer (report: fallback) draw from `generator`."""
     _check_init(layers, stats, method, damping, factor_balance)
     generator = generator or torch.Generator().manual_seed(0)
-    cg, L_S, last = method.startswith("cg-lora"), None, None  # L_S: the last input's factor
-    data = method not in ("lora", "rslora")
+    cg, L_S, last = method.startswith("cg-lora"), None, None  # L_S: the last input's S factor
     for name, layer in layers.items():
-        t0, st, r, s = time.perf_counter(), data and stats[name] or None, layer.rank, layer.scaling
+        t0, r, s = time.perf_counter(), layer.rank, layer.scaling
+        st = None if method in ("lora", "rslora") else stats[name]
         norm = layer.alpha / (math.sqrt(r) * LORA_ONE_GAMMA) if init_norm is None else init_norm
         row = dict(layer=name, rank=r, shifted=method in SHIFTED, damping=damping if cg else None,
                    captured=None, fallback=None, statistics_mib=0.0)
@@ -896,7 +849,7 @@ def layer_factors(layers, stats, method, damping=DAMPING, init_norm=None, step=1
                 B, A = lora_one_factors(st.G, r)
                 B, A = _sized(B, A, s, norm) if norm else (B, A)
             else:
-                if st.input != last:
+                if st.input != last:  # layers fed one input share its Cholesky factor
                     L_S, last = damped_cholesky(st.S, damping), st.input
                 B, A, sigma, energy = cg_lora_factors(st.G, st.S, st.T, r, damping, step, s,
                                                       tol=_FINAL_TOL, L_S=L_S)
@@ -904,22 +857,11 @@ def layer_factors(layers, stats, method, damping=DAMPING, init_norm=None, step=1
                 B, A = _sized(B, A, s, norm) if norm else (B, A)
                 if factor_balance == "euclidean" and sigma[-1] > 0:  # sigma_r = 0: rank < r
                     B, A = balance(B, A)
-            if st is not None and row["fallback"] is None:
-                row.update(_layer_report(B, A, st, s, st.input == name))
+            if st is not None and not row["fallback"]:
+                row.update(_report(B, A, st, s, st.input == name))
             row.update(update_norm=(s * _norm2(B.float(), A.float())).item(),
                        seconds=time.perf_counter() - t0)
         yield name, B, A, row
-
-
-def _layer_report(B, A, st, s, first):
-    """quadratic_step: the multiple of the update s B A that minimises the calibration's quadratic
-    model; statistics_mib: the statistics held (a shared S in its input's first layer)."""
-    curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s, dW = s B A
-    held = (st.G, st.T, st.S) if first else (st.G, st.T)
-    return dict(quadratic_step=(-(B * (st.G @ A.T)).sum() / curvature).item()
-                if curvature > 0 else 0.0,
-                statistics_mib=sum(X.numel() * X.element_size() for X in held)
-                * (1 + len(st.folds)) / 2 ** 20)
 
 
 @torch.no_grad()
@@ -939,11 +881,10 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 def init_adapters(layers, stats, method="cg-lora", *, damping=DAMPING, init_norm=None, step=1.0,
                   factor_balance="euclidean", generator=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method` (METHODS) from `stats`
-    (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors), written
-    (write_adapter; cg-lora-shift and lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3;
-    choose_damping picks one from data, §8.1). Returns one report dict per layer: rank, damping,
-    captured energy, fallback, shifted, quadratic_step (the multiple of the update that minimises
-    the calibration's quadratic model), update_norm (||s B A||_2), seconds."""
+    (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors), written by
+    write_adapter (cg-lora-shift and lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3;
+    choose_damping picks one from data, §8.1). Returns a report dict per layer: rank, damping,
+    captured energy, fallback, shifted, quadratic_step, statistics_mib, update_norm, seconds."""
     report = []
     for name, B, A, row in layer_factors(layers, stats, method, damping, init_norm, step,
                                          factor_balance, generator):
@@ -953,8 +894,8 @@ def init_adapters(layers, stats, method="cg-lora", *, damping=DAMPING, init_norm
 
 
 # =================================================================================================
-# Part II (optional): each a call the caller makes. The damping choice (§8.1), the diagnostics
-# (§8), the real loss (§8.2), layers in groups, torchrun's owners, peft.
+# Part II, optional: each a call the caller makes. The diagnostics (§8), the damping choice
+# (§8.1), the real loss (§8.2), layers in groups, torchrun's owners, peft.
 # =================================================================================================
 
 
@@ -978,13 +919,20 @@ def overlap(X, Y):
 
 
 def direction(method, st, rank, damping=DAMPING):
-    """The rank-r update (B, A) a data-driven method starts from, before its size is set, from
-    the statistics `st`: the factor functions init_adapters runs."""
+    """The rank-r update (B, A) of a data-driven method from statistics `st`, before its size is
+    set: the factor function init_adapters runs (cg_lora_factors exact, not stopped by energy)."""
     if method == "lora-ga":
         return lora_ga_factors(st.G, rank)
     if method == "lora-one":
         return lora_one_factors(st.G, rank)
     return cg_lora_factors(st.G, st.S, st.T, rank, damping)[:2]
+
+
+def _held_out(stats):  # the layers this rank holds whose gradient is not zero, checked for folds
+    if any(st.G is not None and not st.folds for st in stats.values()):
+        raise ValueError("directions are judged on held-out folds: collect the statistics with "
+                         "folds=2")
+    return {name: st for name, st in stats.items() if st.G is not None and st.G.any()}
 
 
 def _gathered(rows):  # {layer: row} of every rank, on every rank (torchrun; else as given)
@@ -995,30 +943,22 @@ def _gathered(rows):  # {layer: row} of every rank, on every rank (torchrun; els
     return {k: v for part in parts for k, v in part.items()}
 
 
+@_fp32()
 def diagnose(stats, ranks, method="cg-lora", damping=DAMPING):
-    """§8 diagnostics of a data-driven init from statistics collected with folds=K >= 2, each
-    direction fitted by `direction` at `damping`. Returns {layer: row}, every layer's on every rank
-    under torchrun: heldout / heldout_lora_one, the K-fold held-out q of this method's and
-    LoRA-One's directions (fitted on all folds but one, judged on that one); insample /
+    """§8 diagnostics of a data-driven method's directions (`direction` at `damping`) from
+    statistics collected with folds=K >= 2; ranks: {layer: r}. Returns {layer: row}, every layer's
+    on every rank: heldout / heldout_lora_one, the K-fold held-out q of this method's and of
+    LoRA-One's directions (each fitted on all folds but one, judged on that one); insample /
     insample_lora_one, their q on the statistics they were fitted on; overlap_left / overlap_right,
-    the overlap of the column spaces of B and of A^T fitted on the two halves of the folds (even,
-    odd)."""
-    if method not in METHODS or method in ("lora", "rslora"):
-        raise ValueError(f"diagnose takes a data-driven method (lora-ga, lora-one, cg-lora), got "
-                         f"{method!r}")
+    of the column spaces of B and of A^T fitted on the two halves of the folds (even, odd)."""
+    if method not in ("cg-lora", "cg-lora-shift", "lora-ga", "lora-one"):
+        raise ValueError(f"diagnose takes a data-driven method, got {method!r}")
     rows = {}
-    for name, st in stats.items():
-        if st.G is None or not st.G.any():
-            continue  # another rank's layer; a zero gradient has no direction
-        if not st.folds:
-            raise ValueError("diagnose judges directions on held-out folds: collect the "
-                             "statistics with folds=2")
-        r, folds = ranks[name], st.folds
-
+    for name, st in _held_out(stats).items():
         def q(m, fit, on):  # method m's direction fitted on `fit`, judged on `on`
-            return predicted_decrease(*direction(m, fit, r, damping), on.G, on.S, on.T)
-        held = [(pool(folds[:k] + folds[k + 1:]), f) for k, f in enumerate(folds)]
-        halves = [direction(method, pool(folds[h::2]), r, damping) for h in (0, 1)]
+            return predicted_decrease(*direction(m, fit, ranks[name], damping), on.G, on.S, on.T)
+        held = [(pool(st.folds[:k] + st.folds[k + 1:]), f) for k, f in enumerate(st.folds)]
+        halves = [direction(method, pool(st.folds[h::2]), ranks[name], damping) for h in (0, 1)]
         rows[name] = dict(heldout=sum(q(method, fit, f) for fit, f in held),
                           heldout_lora_one=sum(q("lora-one", fit, f) for fit, f in held),
                           insample=q(method, st, st), insample_lora_one=q("lora-one", st, st),
@@ -1044,12 +984,11 @@ def _eig(X):  # damped_cholesky's rule: mu = tr X / d, taken as 1 when X = 0
 
 def cg_directions(G, eig_S, eig_T, rank, grid):
     """CG-LoRA's rank-r direction at every lambda of `grid` from one eigendecomposition each of S
-    and T: a second route to cg_lora_factors' direction, kept for its cost (O(d^2 r) per lambda
-    where the Cholesky route is O(d^3); a test ties the two). S_l = Q_S diag(w_S + l mu_S) Q_S^T,
-    so T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T with the rotated gradient C = Q_T^T G Q_S and
-    diagonal D's: every lambda is a rescaling of C, whose top r comes from top_r warm-started at
-    the neighbouring lambda. Returns {lambda: (B, A)} with
-    B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
+    and T: a second route to cg_lora_factors', kept for its cost (O(d^2 r) a lambda, where the
+    Cholesky route is O(d^3); a test ties the two). With S_l = Q_S diag(w_S + l mu_S) Q_S^T,
+    T_l^-1/2 G S_l^-1/2 = Q_T D_T C D_S Q_S^T for C = Q_T^T G Q_S and diagonal D's: each lambda
+    rescales C, whose top r comes from top_r warm-started at the neighbouring lambda. Returns
+    {lambda: (B, A)}, B A = -T_l^-1/2 [T_l^-1/2 G S_l^-1/2]_r S_l^-1/2 = dW_r."""
     C = eig_T.Q.T @ G @ eig_S.Q  # d_out x d_in
     out, start = {}, None
     for lam in sorted(grid, reverse=True):  # from the most damped, nearest -G's top r
@@ -1068,30 +1007,25 @@ def cg_directions(G, eig_S, eig_T, rank, grid):
 def choose_damping(stats, ranks, grid=DAMPING_GRID):
     """§8.1: the lambda of `grid` whose CG-LoRA directions, each fitted on all folds but one,
     predict the largest decrease q on the fold left out, summed over folds and layers (under
-    torchrun over every rank's layers). stats: collected with folds=K >= 2; ranks: {layer: r}.
-    Returns (lambda, {lambda: that sum})."""
+    torchrun, every rank's). stats: collected with folds=K >= 2; ranks: {layer: r}. Returns
+    (lambda, {lambda: that sum})."""
     total, eig_S, last = dict.fromkeys(grid, 0.0), {}, None  # eig_S: the last input's, by fold
-    for name, st in stats.items():
-        if st.G is None or not st.G.any():
-            continue  # another rank's layer; a zero gradient has no direction
-        if not st.folds:
-            raise ValueError("choose_damping judges each lambda on held-out folds: collect the "
-                             "statistics with folds=2")
+    for name, st in _held_out(stats).items():
         if st.input != last:
             eig_S, last = {}, st.input
         q = dict.fromkeys(grid, 0.0)
         for k, held in enumerate(st.folds):
             fit = pool(st.folds[:k] + st.folds[k + 1:])
-            if k not in eig_S:
-                eig_S[k] = _eig(fit.S)
-            dirs = cg_directions(fit.G, eig_S[k], _eig(fit.T), ranks[name], grid)
-            for lam in grid:
-                q[lam] += predicted_decrease(*dirs[lam], held.G, held.S, held.T)
+            eig_S[k] = eig_S.get(k) or _eig(fit.S)
+            for lam, (B, A) in cg_directions(fit.G, eig_S[k], _eig(fit.T), ranks[name],
+                                             grid).items():
+                q[lam] += predicted_decrease(B, A, held.G, held.S, held.T)
         for lam in grid:
             total[lam] += q[lam]
     sums = torch.tensor([total[lam] for lam in grid], dtype=torch.float64)
-    sums = _all_reduced(sums).cpu() if _distributed() else sums
-    return tuple(grid)[int(sums.argmax())], dict(zip(grid, sums.tolist()))
+    if _distributed():
+        torch.distributed.all_reduce(sums := _comm(sums))
+    return tuple(grid)[int(sums.argmax())], dict(zip(grid, sums.cpu().tolist()))
 
 
 # ----------------------------------------------------------------------------- §8.2 the real loss
@@ -1100,11 +1034,10 @@ def choose_damping(stats, ranks, grid=DAMPING_GRID):
 @torch.no_grad()
 def real_decrease(model, layers, directions, batches, scales, loss=None):
     """The real loss along a joint update of all layers (§8.2), in eval mode: the mean example loss
-    over `batches` at W0 and, for each c in `scales`, at W0 + s c B A for every layer's direction
-    (B d_out x r, A r x d_in). W0 is each layer's weight before its init: the adapter is set to
-    (B0, A0), zero unless a shifted init moved W0 by -s B0 A0, and the update to (B0 + c B, A),
-    which needs A = A0 there. layers: {name: LoRALinear}. Returns (loss at W0, {c: loss});
-    adapters and train mode are restored."""
+    over `batches` at W0 and, for each c in `scales`, at W0 + s c B A for each layer's direction
+    (B d_out x r, A r x d_in; layers: {name: LoRALinear}). W0 is the weight before the init: the
+    adapter at (B0, A0), zero unless a shifted init moved W0 by -s B0 A0, where the update is
+    (B0 + c B, A), so A must be A0. Returns (loss at W0, {c: loss}); adapters, mode restored."""
     loss, batches = loss or default_loss, list(batches)
     if shifted := [n for n, (B, A) in directions.items() if layers[n].lora_B0.any()
                    and not torch.equal(A.to(layers[n].lora_A0), layers[n].lora_A0)]:
@@ -1113,24 +1046,18 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
     saved = {name: (m.lora_B.clone(), m.lora_A.clone()) for name, m in layers.items()}
     was_training = model.training
 
-    def mean_loss():  # batch means weighted by their examples
-        total = sum(loss(_logits(model(**_model_inputs(b, loss))),
-                         b["labels"]).item() * b["labels"].shape[0]
-                    for b in batches)
+    def mean_loss(moved):  # at the adapters (B0 + c B, A), c = moved; batch means by examples
+        for name, m in layers.items():
+            B, A = directions[name] if moved and name in directions else (0, m.lora_A0)
+            m.lora_B.copy_(m.lora_B0 + moved * B)
+            m.lora_A.copy_(A)
+        total = sum(loss(_logits(model(**_model_inputs(b, loss))), b["labels"]).item()
+                    * b["labels"].shape[0] for b in batches)
         return total / sum(b["labels"].shape[0] for b in batches)
 
     try:
         model.eval()
-        for m in layers.values():
-            m.lora_B.copy_(m.lora_B0)
-            m.lora_A.copy_(m.lora_A0)
-        at_W0, by_scale = mean_loss(), {}
-        for c in scales:
-            for name, (B, A) in directions.items():
-                layers[name].lora_B.copy_(layers[name].lora_B0 + c * B.to(layers[name].lora_B))
-                layers[name].lora_A.copy_(A)
-            by_scale[c] = mean_loss()
-        return at_W0, by_scale
+        return mean_loss(0), {c: mean_loss(c) for c in scales}
     finally:
         for name, (B, A) in saved.items():
             layers[name].lora_B.copy_(B)
@@ -1143,7 +1070,7 @@ def real_decrease(model, layers, directions, batches, scales, loss=None):
 
 def statistics_mib(layers, folds=1):
     """An upper bound on the fp32 statistics collect_statistics holds for `layers` ({name:
-    LoRALinear}): S, G and T of each layer, pooled and per fold (folds >= 2)."""
+    LoRALinear}): S, G and T of each layer, pooled and, with folds >= 2, per fold."""
     shapes = [_base_shape(m.base) for m in layers.values()]
     floats = sum(d_in ** 2 + d_out * d_in + d_out ** 2 for d_out, d_in in shapes)
     return floats * 4 * (1 + folds if folds > 1 else 1) / 2 ** 20
@@ -1153,10 +1080,9 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
                    **init_kw):
     """collect_statistics + init_adapters for `layers` ({name: LoRALinear}) in consecutive groups
     whose statistics (statistics_mib) fit in `budget_mib` (None: one group), one calibration pass
-    over `batches` (a list) per group: a model whose statistics do not fit at once can still be
-    initialised. The factors are one pass's: they are all written after the last pass. Options
-    of collect_statistics go in stats_kw, init_adapters' in init_kw. Returns (the report of every
-    layer, the groups: one list of layer names per pass)."""
+    over `batches` (a list) per group, all factors written after the last: a model whose statistics
+    do not fit at once is still initialised as in one pass. stats_kw: collect_statistics'
+    keywords; init_kw: init_adapters'. Returns (every layer's report, the groups' layer names)."""
     stats_kw, groups, held = dict(stats_kw or {}), [[]], 0.0  # held: the last group's MiB
     for name, layer in layers.items():
         size = statistics_mib({name: layer}, stats_kw.get("folds", 1))
@@ -1170,7 +1096,7 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
     # one random stream over all groups, as over one pass
     init_kw["generator"] = init_kw.get("generator") or torch.Generator().manual_seed(0)
     chosen, data = [], method not in ("lora", "rslora")
-    for group in groups:  # nothing is written before every group's statistics are in
+    for group in groups:
         stats = collect_statistics(model, {n: layers[n].base for n in group}, batches,
                                    **stats_kw) if data else None
         chosen += layer_factors({n: layers[n] for n in group}, stats, method, **init_kw)
@@ -1183,38 +1109,27 @@ def init_in_groups(model, layers, batches, method="cg-lora", budget_mib=None, st
 # ----------------------------------------------------------------------------- torchrun
 
 
-def _broadcast(factors, owner):  # the owner's factors (fp32, contiguous), on every rank
-    factors = tuple(_comm(X.float().contiguous()) for X in factors)
-    for X in factors:
-        torch.distributed.broadcast(X, owner)
-    return factors
-
-
 def init_owned(layers, stats, method="cg-lora", **init_kw):
-    """init_adapters under torchrun, each layer factorized once: by its owner (the rank that holds
-    its statistics, collect_statistics), whose factors are broadcast and written on every rank.
-    Returns every layer's report on every rank. Without torch.distributed: init_adapters."""
+    """init_adapters under torchrun, each layer factorized once, by its owner (collect_statistics),
+    whose factors are broadcast and written on every rank. Returns every layer's report on every
+    rank. Without torch.distributed, or for lora and rslora: init_adapters."""
     if stats is None or not _distributed():
         return init_adapters(layers, stats, method, **init_kw)
     proc = torch.distributed.get_rank()
     mine = {n: m for n, m in layers.items() if stats[n].owner == proc}
-    computed = {name: (B, A, row) for name, B, A, row in layer_factors(mine, stats, method,
+    factors = {name: (B, A, row) for name, B, A, row in layer_factors(mine, stats, method,
                                                                       **init_kw)}
-    rows = _gathered({name: row for name, (_, _, row) in computed.items()})
-    for name, layer in layers.items():
-        B, A = computed[name][:2] if name in computed else (layer.lora_B, layer.lora_A)
-        write_adapter(layer, *_broadcast((B, A), stats[name].owner), method in SHIFTED)
+    rows = _gathered({name: row for name, (_, _, row) in factors.items()})
+    for name, layer in layers.items():  # the owner's factors (fp32, contiguous), on every rank
+        B, A = factors[name][:2] if name in factors else (layer.lora_B, layer.lora_A)
+        B, A = _comm(B.float().contiguous()), _comm(A.float().contiguous())
+        for X in (B, A):
+            torch.distributed.broadcast(X, stats[name].owner)
+        write_adapter(layer, B, A, method in SHIFTED)
     return [rows[name] for name in layers]
 
 
 # ----------------------------------------------------------------------------- peft
-
-
-# peft's LoRA layers that hold adapter_name (duck-typed LoraLayer)
-def _peft_layers(model, adapter_name):
-    return {n: m for n, m in model.named_modules()
-            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ())
-            and hasattr(m, "scaling")}
 
 
 class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight with no storage
@@ -1224,78 +1139,64 @@ class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight
         self.out_features, self.in_features = d_out, d_in
 
 
-def _check_peft(model, lora, adapter_name):
-    """Refuse, in one line, what initialize_peft cannot initialise exactly: a layer that is not
-    W0 + s B A (a LoRA variant such as DoRA), adapters on embeddings, adapters tied to another
-    module's (ensure_weight_tying), base layers other than nn.Linear and Conv1D."""
-    if variant := [f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
-                   for n, m in lora.items() if adapter_name in getattr(m, "lora_variant", {})]:
+def _check_peft(model, lora, name):
+    """Refuse in one line what initialize_peft cannot initialise exactly: a LoRA variant (not
+    W0 + s B A), adapters tied to another module's, LoRA on embeddings, other base layers."""
+    if variant := [n for n, m in lora.items() if name in getattr(m, "lora_variant", {})]:
         raise ValueError(f"layers {variant[:3]} are a LoRA variant (use_dora, ...), not "
-                         "W0 + s B A, which is what CG-LoRA initialises: create the adapter "
-                         "without it")
+                         "W0 + s B A, which CG-LoRA initialises: create the adapter without it")
     own = {p.data_ptr(): p for m in lora.values()
-           for p in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight)}
+           for p in (m.lora_A[name].weight, m.lora_B[name].weight)}
     if tied := sorted({n for n, p in model.named_parameters(remove_duplicate=False)
                        if own.get(p.data_ptr(), p) is not p}):
         raise ValueError(f"adapters {tied[:2]} share their weights with a target's "
-                         "(ensure_weight_tying): the gradient then sums both uses, which one "
-                         "layer's statistics do not hold: leave the tied modules out of "
-                         "target_modules, or set ensure_weight_tying=False")
-    if embedded := [n for n, m in model.named_modules()
-                    if adapter_name in getattr(m, "lora_embedding_A", ())]:
-        raise ValueError(f"layers {embedded[:3]} have LoRA on an embedding, which CG-LoRA does "
-                         "not initialise (it needs a linear layer's input statistics): leave "
-                         "embeddings out of target_modules")
+                         "(ensure_weight_tying): the gradient sums both uses, which one layer's "
+                         "statistics do not hold: set ensure_weight_tying=False")
+    if embedded := [n for n, m in model.named_modules() if name in getattr(m, "lora_embedding_A",
+                                                                           ())]:
+        raise ValueError(f"layers {embedded[:3]} have LoRA on an embedding, which CG-LoRA does not "
+                         "initialise (it needs a linear input): leave embeddings out of "
+                         "target_modules")
     if other := [f"{n} ({type(m.base_layer).__name__})" for n, m in lora.items()
-                 if not isinstance(m.base_layer, nn.Linear)
-                 and type(m.base_layer).__name__ != "Conv1D"]:
+                 if type(m.base_layer).__name__ != "Conv1D"
+                 and not isinstance(m.base_layer, nn.Linear)]:
         raise ValueError(f"layers {other[:3]}: only nn.Linear (and transformers' Conv1D) base "
                          "layers can be initialised here")
 
 
 def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default", **kw):
-    """Initialise a peft LoRA adapter by `method` in one call, from calibration `batches` (as
-    collect_statistics takes them), as peft's own data-driven inits do (EVA's
-    initialize_lora_eva_weights(model, dataloader)). Duck-typed on peft's LoraLayer (base_layer,
-    lora_A[adapter_name], lora_B[adapter_name], scaling[adapter_name]): peft is not imported.
-
-    Statistics are collected on every LoRA layer's base layer with the adapter disabled (at W0), and
-    the factors are those init_adapters gives for peft's own scaling s (lora_alpha / r, or / sqrt(r)
-    with use_rslora), written into lora_A and lora_B: the same s B A as add_lora + init_adapters
-    with that rank and alpha, at the adapter's dtype. kw go to collect_statistics and
-    init_adapters (loss, fisher, folds, damping, init_norm, ...). Base layers: nn.Linear (and
-    bitsandbytes' 4-bit and 8-bit ones: G is the gradient with respect to the weight they compute
-    with, no weight gradient is made) and transformers' Conv1D (GPT-2, fan_in_fan_out: peft's
-    adapter still computes B A x). Returns
-    init_adapters' report. Refused in one line: shifted inits (cg-lora-shift, lora-ga move W0, which
-    a peft adapter does not carry), LoRA variants (DoRA), adapters on embeddings or tied to another
-    module's (_check_peft)."""
+    """Initialise a peft LoRA adapter by `method` from calibration `batches` in one call, as peft's
+    own data-driven inits do (EVA's initialize_lora_eva_weights(model, dataloader)); duck-typed on
+    peft's LoraLayer, peft is not imported. The statistics are collected at W0 (adapter disabled)
+    on each base layer (nn.Linear, transformers' Conv1D, bitsandbytes' 4- and 8-bit: G is then the
+    gradient w.r.t. the weight they compute with), and lora_A, lora_B get the factors that
+    init_adapters gives for peft's rank and scaling, at the adapter's dtype. kw: collect_statistics'
+    and init_adapters' keywords. Returns init_adapters' report."""
     if method in SHIFTED:
         raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
-                         "carry: use cg-lora (W0 kept) or lora-one, or add_lora + init_adapters + "
-                         "save_peft (the shift exported against the original W0 as rank 2r)")
-    known = [set(inspect.signature(f).parameters) - {"model", "layers", "batches", "method",
-                                                     "stats"}
-             for f in (collect_statistics, init_adapters)]
+                         "carry: use cg-lora or lora-one, or add_lora + init_adapters + save_peft "
+                         "(the shift exported against the original W0 as rank 2r)")
+    known = [set(inspect.signature(f).parameters) for f in (collect_statistics, init_adapters)]
     if unknown := sorted(set(kw) - known[0] - known[1]):
         raise TypeError(f"initialize_peft got {unknown}: it takes collect_statistics' and "
-                        "init_adapters' options")
-    lora = _peft_layers(peft_model, adapter_name)
+                        "init_adapters' keywords")
+    lora = {n: m for n, m in peft_model.named_modules()  # peft's LoraLayers holding the adapter
+            if hasattr(m, "base_layer") and adapter_name in getattr(m, "lora_A", ())}
     if not lora:
         raise ValueError(f"no peft LoRA layer holds an adapter {adapter_name!r}: pass "
                          "get_peft_model's model and the adapter's name")
     _check_peft(peft_model, lora, adapter_name)
-    scratch = {}  # our LoRALinear with each layer's shape, peft's rank, scaling and adapter dtype
+    scratch = {}  # our LoRALinear of each layer's shape, peft's rank and scaling, adapter dtype
     for n, m in lora.items():
         A = m.lora_A[adapter_name].weight
         scratch[n] = LoRALinear(_Shape(*_base_shape(m.base_layer), A), m.r[adapter_name],
                                 m.lora_alpha[adapter_name])
         scratch[n].scaling = m.scaling[adapter_name]
-    options = {k: v for k, v in kw.items() if k in known[0]}
     with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
         stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
-                                   **options)
-    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
+                                   **{k: v for k, v in kw.items() if k in known[0]})
+    report = init_adapters(scratch, stats, method, **{k: v for k, v in kw.items()
+                                                      if k in known[1]})
     with torch.no_grad():
         for n, m in lora.items():
             m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
@@ -1304,34 +1205,31 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
 
 
 def lora_state_dict(model):
-    """Adapter weights as peft saves them, base_model.model.<module name>.lora_{A,B}.weight (on a
-    Hugging Face model these are peft's own keys); a shifted adapter is exported relative to the
-    original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ; -A0] (§5)."""
+    """Adapter weights under peft's keys, base_model.model.<module>.lora_{A,B}.weight, on the CPU;
+    a shifted adapter relative to the original W0 as rank 2r: s (B A - B0 A0) = s [B | B0] [A ;
+    -A0] (§5; B0 = 0 in a zero-gradient layer still gives 2r, as its peers)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             B, A = m.lora_B.detach(), m.lora_A.detach()
-            # shifted (B0 = 0 too for a zero-gradient layer: still 2r, as its peers)
             if m.lora_A0.any():
                 B, A = torch.cat([B, m.lora_B0], 1), torch.cat([A, -m.lora_A0], 0)
-            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)  # loads anywhere
+            out[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", copy=True)
             out[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", copy=True)
     return out
 
 
 def save_peft(model, directory, modules_to_save=(), **config):
-    """Write the adapters add_lora put into `model` as a peft LoRA adapter directory, which
-    PeftModel.from_pretrained(the original model, directory) loads to this model's function with no
-    config to restate: adapter_model.bin (lora_state_dict, plus the parameters of the modules
-    trained whole, named as add_lora's `trainable`) and adapter_config.json, whose r, lora_alpha and
-    use_rslora give each layer's scaling (a shifted init: rank 2r against the original W0 at
-    lora_alpha = s 2r, §5), target_modules and modules_to_save. `config` adds entries (task_type,
+    """Write add_lora's adapters as a peft adapter directory that PeftModel.from_pretrained(the
+    original model, directory) loads to this model's function: adapter_model.bin (lora_state_dict
+    and the modules trained whole) and adapter_config.json (r, lora_alpha, use_rslora: each layer's
+    scaling; a shifted init as rank 2r at lora_alpha = s 2r, §5). `config` adds entries (task_type,
     base_model_name_or_path). Returns the config written."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     state = lora_state_dict(model)
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling,
-                                m.dropout.p) for m in layers.values()}) != 1:
+    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling, m.dropout.p)
+                               for m in layers.values()}) != 1:
         raise ValueError("save_peft writes one rank and scaling for all adapters, and "
                          f"{len(layers)} LoRALinear layers have ranks {sorted(ranks)}: add_lora "
                          "with one rank and alpha")
@@ -1346,9 +1244,8 @@ def save_peft(model, directory, modules_to_save=(), **config):
     shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
     config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
                   use_rslora=not shifted and one.scaling != one.alpha / r,
-                  target_modules=sorted(layers),
-                  modules_to_save=list(modules_to_save) or None, lora_dropout=one.dropout.p,
-                  bias="none", **config)
+                  target_modules=sorted(layers), modules_to_save=list(modules_to_save) or None,
+                  lora_dropout=one.dropout.p, bias="none", **config)
     os.makedirs(directory, exist_ok=True)
     torch.save(state, os.path.join(directory, "adapter_model.bin"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
