@@ -25,8 +25,8 @@ from torch import nn
 __all__ = [  # the public API, in reading order
     "LoRALinear", "add_lora", "collect_statistics", "Statistics", "default_loss",
     "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "cg_lora_factors", "lora_ga_factors",
-    "lora_one_factors", "write_adapter", "init_adapters", "DAMPING", "choose_damping", "diagnose",
-    "real_decrease", "init_in_groups", "init_owned", "initialize_peft", "save_peft",
+    "lora_one_factors", "layer_factors", "write_adapter", "init_adapters", "choose_damping",
+    "diagnose", "real_decrease", "init_in_groups", "init_owned", "initialize_peft", "save_peft",
 ]
 
 DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
