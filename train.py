@@ -38,8 +38,7 @@ class Config:
     init: str = flag("cg-lora", "cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full")
     rank: int = flag(8, "LoRA rank r")
     alpha: float = flag(16.0, "scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)")
-    targets: str = flag("query,value", "linear layers that get adapters (last name component), "
-                        "or all: the six of a block")
+    targets: str = flag("query,value", "adapted linear layers by last name, or all: a block's six")
     dropout: float = flag(0.0, "LoRA dropout, in [0, 1)")
     lr: float = flag(1e-3, "peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)")
     epochs: int = flag(3, "epochs; the learning-rate schedule spans them")
@@ -55,11 +54,9 @@ class Config:
     diagnostics: bool = flag(False, "keep the statistics in 2 folds and report the §8 diagnostics "
                              "(on with --damping auto)")
     step: float = flag(1.0, "Newton step length; only matters with --init_norm 0")
-    init_norm: float = flag(None, "||s B A||_2 of the CG-LoRA init; none: LoRA-One's, "
-                            "alpha/(sqrt(r) 128)")
+    init_norm: float = flag(None, "CG-LoRA's ||s B A||_2; none: LoRA-One's, alpha/(sqrt(r) 128)")
     fisher: str = flag("empirical", "empirical (true labels) or sampled (labels from the model)")
-    balance: str = flag("euclidean", "CG-LoRA factors balanced as B^T B = A A^T, or in the "
-                        "curvature metric")
+    balance: str = flag("euclidean", "CG-LoRA's factors with B^T B = A A^T, or in the curvature")
     freeze_embeddings: bool = flag(False, "keep the tiny encoder's random word embeddings frozen")
     seed: int = flag(0, "one seed, one result (on CPU): data order, tiny weights, fresh head, init")
     device: str = flag("auto", "auto, cpu, cuda")
@@ -357,9 +354,8 @@ def hf_name(cfg, model):
 
 
 def export_adapter(cfg, model, out):
-    """A peft adapter directory by cglora.save_peft (a shifted init as rank 2r against the original
-    W0, §5) with the modules trained whole; from --pretrained under the checkpoint's own names
-    (hf_name), which peft finds in its *ForSequenceClassification. Every tensor on the CPU."""
+    """A peft adapter directory by cglora.save_peft, with the modules trained whole; from
+    --pretrained under the checkpoint's own names (hf_name), as peft finds them; on the CPU."""
     # one module to save per Linear/Embedding: peft wraps each, and our head is a ModuleDict
     whole = [n for n, m in model.named_modules()
              if n.split(".")[0] in trainable_modules(cfg) and not list(m.children())]
@@ -383,8 +379,7 @@ def export_adapter(cfg, model, out):
 
 
 def merged_state_dict(cfg, model):
-    """A plain state dict with every adapter merged, under the names of the model before add_lora
-    (from --pretrained hf_name's, which its *ForSequenceClassification loads)."""
+    """A plain state dict with every adapter merged, under hf_name's names of the wrapped layers."""
     state, rename = model.state_dict(), hf_name(cfg, model)
     for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
@@ -394,9 +389,8 @@ def merged_state_dict(cfg, model):
 
 
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl, two panels: the loss (train at each step row, dev at
-    each evaluation, from step 0) and the dev metric at each evaluation; each axis numbered at its
-    ends and middle."""
+    """A dependency-free SVG of metrics.jsonl: the train and dev loss, and the dev metric, against
+    the step; each axis numbered at its ends and middle."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
            'font-family="sans-serif" font-size="11" style="background: white">']
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -429,8 +423,7 @@ def curves_svg(rows, metric, w=360, h=240, pad=44):
 
 @dataclasses.dataclass
 class Run:
-    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and
-    device."""
+    """Where a run happens: its config (on --resume the saved one), directory, ranks, device."""
     cfg: Config
     out: Path
     world: int
@@ -447,10 +440,9 @@ def train(cfg):
     """One run, step by step; every flag is checked before the first file is written."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run, ck, clear = start(cfg)
+    run, ck = start(cfg)
     task, train_set, dev_set = read_data(run)
-    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set,
-                                                                clear)
+    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set)
     model_and_init(run, model, calib)
     opt, sched, per_epoch, total = optimisation(run, model, len(train_enc))
     at = resume_from(run, ck, model, opt, sched) if ck else (0, [], [])
@@ -470,7 +462,6 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
     cfg, device, end = run.cfg, run.device, min(total, run.cfg.max_steps or total)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     (step, history, losses), t0 = at, time.perf_counter()
-    first = step
 
     def evaluation(epoch, train_loss, checkpoint=True):
         rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part
@@ -505,7 +496,7 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
             losses.append(loss.item())
             if step % cfg.log_every == 0 or step == end:
                 recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-                rate = (step - first) / (time.perf_counter() - t0)
+                rate = (step - at[0]) / (time.perf_counter() - t0)
                 run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s "
                         f"| eta {(end - step) / rate:.0f} s")
                 if run.main:
@@ -517,19 +508,16 @@ def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, 
 
 
 def start(cfg):
-    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks;
-    torchrun's group started."""
+    """(Run, --resume's checkpoint) once the run directory passed its checks; torchrun joined."""
     world, device = join(cfg.device)
     out, rank = Path(cfg.out), dist.get_rank() if world > 1 else 0
-    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
-    clear = None if cfg.resume else new_run(cfg, out)
-    return Run(run_cfg, out, world, rank, device, rank == 0), ck, clear
+    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (check_new_run(cfg, out), None)
+    return Run(run_cfg, out, world, rank, device, rank == 0), ck
 
 
 def join(device_flag):
-    """(processes, device) of this process: on CUDA (--device cuda, or auto where there is one)
-    torchrun's LOCAL_RANK GPU, made current for nccl, else the CPU and gloo; under torchrun the
-    process group started (bench.py's children too)."""
+    """(processes, device): on CUDA (--device cuda, or auto where there is one) LOCAL_RANK's GPU,
+    made current, and nccl, else the CPU and gloo; under torchrun the process group started."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -543,8 +531,7 @@ def join(device_flag):
 
 
 def read_data(run):
-    """The task and its train and dev examples, files missing from the data dir downloaded first
-    (rank 0; the others wait); cfg.data_dir becomes the dir used."""
+    """The task and its train and dev examples, missing files downloaded first (by rank 0)."""
     cfg, task = run.cfg, data.get_task(run.cfg.task)
     cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
     if run.main and data.missing_files(task, cfg.data_dir):
@@ -554,10 +541,10 @@ def read_data(run):
     return task, *(data.read_split(task, split, cfg.data_dir) for split in ("train", "dev"))
 
 
-def model_and_batches(run, task, train_set, dev_set, clear):
-    """The model and tokenizer, checked against the flags; a new run's directory; the token ids:
-    (model, tokenizer, training examples, dev batches, (this process's calibration batches, the
-    real check's, which no calibration saw))."""
+def model_and_batches(run, task, train_set, dev_set):
+    """The model and tokenizer checked against the flags, a new run's directory, the token ids:
+    (model, tokenizer, training examples, dev batches, (this rank's calibration batches, the real
+    check's, which no calibration saw))."""
     cfg = run.cfg
     if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer
         model = build_model(cfg, None, task.num_labels)
@@ -568,7 +555,7 @@ def model_and_batches(run, task, train_set, dev_set, clear):
         model = build_model(cfg, tokenizer, task.num_labels)
     check_against_model(cfg, model, tokenizer, task, len(train_set), run.world)
     if run.main and not cfg.resume:
-        new_directory(cfg, run.out, clear, None if cfg.pretrained else tokenizer)
+        new_directory(cfg, run.out, None if cfg.pretrained else tokenizer)
     train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
     dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len),
                             2 * cfg.batch_size, tokenizer.pad_id))
@@ -581,8 +568,7 @@ def model_and_batches(run, task, train_set, dev_set, clear):
 
 
 def model_and_init(run, model, calib):
-    """The model on its device with its initialised adapters; a new run's init.json and
-    adapter_init/ (what training starts from)."""
+    """The model on its device, its adapters initialised; a new run's init.json, adapter_init/."""
     model.to(run.device)
     record = initialise(run.cfg, model, calib, run.device, run.log)
     if run.world > 1:
@@ -597,8 +583,7 @@ def model_and_init(run, model, calib):
 
 
 def optimisation(run, model, n_train):
-    """AdamW on the trainable parameters and its schedule over --epochs: (optimizer, schedule,
-    steps per epoch, total steps)."""
+    """AdamW and its schedule over --epochs: (optimizer, schedule, steps per epoch, total steps)."""
     cfg = run.cfg
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -637,9 +622,9 @@ RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves
              "checkpoint.tmp", "merged.pt")
 
 
-def new_run(cfg, out):
+def check_new_run(cfg, out):
     """A new run needs a directory without another run in it; --overwrite clears one, but only the
-    files train.py writes. Returns what to clear."""
+    files train.py writes (RUN_FILES). Returns cfg."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: pick a directory")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -650,24 +635,24 @@ def new_run(cfg, out):
     if set(found) - set(RUN_FILES):
         raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
                          f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
-    return [out / name for name in found]
+    return cfg
 
 
-def new_directory(cfg, out, clear, tokenizer):
-    """Rank 0 starts a new run's directory: --overwrite's files cleared, then config.json (with the
-    data dir used, the torch and code versions) and the tiny encoder's tokenizer."""
-    for path in clear:
+def new_directory(cfg, out, tokenizer):
+    """Rank 0 starts a new run's directory: an earlier run's files cleared (--overwrite), then
+    config.json (with the data dir used, the torch and code versions) and the tiny tokenizer."""
+    for path in filter(Path.exists, (out / name for name in RUN_FILES)):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     try:  # the git commit of this checkout, "-dirty" with uncommitted changes
-        version = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
+        version = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40",
+                                  "--exclude=*"], cwd=Path(__file__).resolve().parent,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         version = ""
-    config = dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
-                  code_version=version.strip() or "unknown")
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "config.json").write_text(json.dumps(dict(
+        dataclasses.asdict(cfg), torch_version=torch.__version__,
+        code_version=version or "unknown"), indent=1))
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
 
@@ -717,9 +702,8 @@ def rng_states(device, world):
 
 
 def resumed(cfg, out, world):
-    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is
-    known to be the run's latest state: of that config, as many processes, every evaluation
-    metrics.jsonl has."""
+    """--resume: the saved config (this call's PER_CALL flags in it) and the checkpoint, once known
+    to be the run's latest state: of that config, as many processes, every evaluation."""
     path = out / "checkpoint.pt"
     if not out.is_dir() or not any(out.iterdir()):
         raise ValueError(f"--resume: there is no run in {out} (no such directory, or an empty "
@@ -743,8 +727,7 @@ def resumed(cfg, out, world):
             + ", ".join(f"{k} {getattr(saved, k)}" for k in differ)
             + "; start the run again with --overwrite")
     if len(ck["rng"]) != world:
-        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume "
-                         "with as many")
+        raise ValueError(f"--resume: {path} has {len(ck['rng'])} process(es): resume with as many")
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     if evals != ck["history"][:len(evals)]:
         raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: "
@@ -755,9 +738,8 @@ def resumed(cfg, out, world):
 
 
 def resume_from(run, ck, model, opt, sched):
-    """The checkpoint's model, optimizer, schedule and random states, and metrics.jsonl as at the
-    checkpoint (later rows dropped, an evaluation it missed added). Returns the loop's (step,
-    evaluations, this epoch's losses)."""
+    """The checkpoint's model, optimizer, schedule, random states, and metrics.jsonl as at it (later
+    rows dropped, an evaluation it missed added): the loop's (step, evaluations, epoch's losses)."""
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
@@ -771,19 +753,16 @@ def resume_from(run, ck, model, opt, sched):
 
 
 def restore_rng(states, device):
-    """Set this process's random states from its rng_states() entry; returns the line that says
-    which were restored (a run resumed on another kind of device cannot restore dropout's draws)."""
+    """This process's random states from its rng_states() entry; returns the line saying which (on
+    another kind of device than the checkpoint's, dropout's draws cannot be restored)."""
     torch.set_rng_state(states[0])
     if device.type == "cuda" and len(states) > 1:
         torch.cuda.set_rng_state(states[1], device)
         return "resume: restored the CPU and CUDA random states"
-    if device.type == "cuda":
-        return ("resume: restored the CPU random state; the checkpoint was written on the CPU, so "
-                "the GPU's (dropout's) draws start afresh")
-    if len(states) > 1:
-        return ("resume: restored the CPU random state; the checkpoint's CUDA state is unused "
-                "here, so dropout's draws differ from the run's on the GPU")
-    return "resume: restored the CPU random state"
+    lost = ("; the checkpoint has no CUDA state (written on the CPU): the GPU's draws start afresh"
+            if device.type == "cuda" else "; the checkpoint's CUDA state is unused here: dropout's "
+            "draws differ from the GPU run's" if len(states) > 1 else "")
+    return "resume: restored the CPU random state" + lost
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -805,8 +784,7 @@ def main(argv=None):
     cfg = None
     with warnings.catch_warnings():  # a warning (data.RowCountWarning) is one line too
         warnings.simplefilter("always", data.RowCountWarning)
-        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}",
-                                                              file=sys.stderr)
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         try:
             cfg = parse_args(argv)
             train(cfg)
