@@ -33,15 +33,12 @@ def flag(default, why):
 @dataclasses.dataclass
 class Config:
     task: str = flag("cola", "GLUE task: cola, sst-2, mrpc, qqp, sts-b, mnli, qnli, rte, wnli")
-    data_dir: str = flag(None, "GLUE root; default $GLUE_DIR, else ./glue_data (config.json "
-                         "records the one used)")
-    pretrained: str = flag(None, "HF BERT/RoBERTa checkpoint dir (model + tokenizer); none: the "
-                           "tiny encoder")
+    data_dir: str = flag(None, "GLUE root; default $GLUE_DIR, else ./glue_data")
+    pretrained: str = flag(None, "HF BERT/RoBERTa checkpoint dir; none: the tiny encoder")
     init: str = flag("cg-lora", "cg-lora, cg-lora-shift, lora, rslora, lora-ga, lora-one, full")
     rank: int = flag(8, "LoRA rank r")
     alpha: float = flag(16.0, "scaling alpha/r (alpha/sqrt(r) for rslora, lora-one, cg-lora)")
-    targets: str = flag("query,value", "linear layers that get adapters (last name component), "
-                        "or all: the six of a block")
+    targets: str = flag("query,value", "adapted linear layers by last name, or all: a block's six")
     dropout: float = flag(0.0, "LoRA dropout, in [0, 1)")
     lr: float = flag(1e-3, "peak AdamW learning rate (LoRA-GA and full fine-tuning want ~10x less)")
     epochs: int = flag(3, "epochs; the learning-rate schedule spans them")
@@ -49,47 +46,34 @@ class Config:
     max_len: int = flag(128, "tokens per example, pairs truncated longest-first")
     warmup: float = flag(0.06, "fraction of the steps with a linear learning-rate warm-up")
     weight_decay: float = flag(0.0, "AdamW weight decay")
-    calib_batches: int = flag(16, "calibration batches for the statistics (lora-ga, lora-one, "
-                              "cg-lora)")
+    calib_batches: int = flag(16, "calibration batches for the statistics of a data-driven init")
     calib_batch_size: int = flag(8, "examples per calibration batch")
-    real_check: int = flag(0, "batches after the calibration ones on which the init is judged by "
-                           "the real loss (0: off)")
+    real_check: int = flag(0, "held-out batches to judge the init on by the real loss (0: off)")
     damping: str = flag(str(cglora.DAMPING), "relative damping of S and T (§3): a number > 0, or "
                         "auto: chosen on 2 folds (§8.1)")
     diagnostics: bool = flag(False, "keep the statistics in 2 folds and report the §8 diagnostics "
                              "(on with --damping auto)")
     step: float = flag(1.0, "Newton step length; only matters with --init_norm 0")
-    init_norm: float = flag(None, "||s B A||_2 of the CG-LoRA init; none: LoRA-One's, "
-                            "alpha/(sqrt(r) 128)")
+    init_norm: float = flag(None, "CG-LoRA's ||s B A||_2; none: LoRA-One's, alpha/(sqrt(r) 128)")
     fisher: str = flag("empirical", "empirical (true labels) or sampled (labels from the model)")
-    balance: str = flag("euclidean", "CG-LoRA factors balanced as B^T B = A A^T, or in the "
-                        "curvature metric")
-    freeze_embeddings: bool = flag(False, "tiny encoder: keep its random word embeddings frozen "
-                                   "too (they train by default)")
+    balance: str = flag("euclidean", "CG-LoRA's factors with B^T B = A A^T, or in the curvature")
+    freeze_embeddings: bool = flag(False, "keep the tiny encoder's random word embeddings frozen")
     seed: int = flag(0, "one seed, one result (on CPU): data order, tiny weights, fresh head, init")
     device: str = flag("auto", "auto, cpu, cuda")
-    threads: int = flag(1, "CPU threads of torch: 1 is fastest for the tiny encoder and on a busy "
-                        "machine; more for a --pretrained model on idle cores; 0: torch's choice "
-                        "($OMP_NUM_THREADS, else every core)")
+    threads: int = flag(1, "torch's CPU threads: 1 is fastest for the tiny encoder or on a busy "
+                        "machine; 0: torch's choice ($OMP_NUM_THREADS, else every core)")
     bf16: bool = flag(False, "autocast on CUDA; statistics and factorizations stay fp32")
     out: str = flag(None, "run directory; default "
                     "runs/<task>-<model>-<init>-r<rank>-<targets>-s<seed>[-w<processes>]")
-    max_steps: int = flag(0, "stop after this many steps (0: all epochs); the schedule spans "
-                          "--epochs")
+    max_steps: int = flag(0, "stop after this many steps (0: none); the schedule spans --epochs")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = flag(False, "clear the earlier run in --out first (only files train.py "
-                           "writes)")
+    overwrite: bool = flag(False, "clear the earlier run in --out (only files train.py writes)")
     merge: bool = flag(False, "also write merged.pt: a plain state dict with the adapters merged")
     log_every: int = flag(100, "steps between progress lines and metrics.jsonl's step rows")
 
 
 # --targets all: every linear of a block
 ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
-# what a --resume may change
-PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every", "threads")
-RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer",
-             "adapter_init", "adapter_model.bin", "adapter_config.json", "checkpoint.pt",
-             "checkpoint.tmp", "merged.pt")
 # a long pass (statistics, evaluation) prints a progress line at most this often
 PROGRESS_SECONDS = 5
 
@@ -162,14 +146,13 @@ def check_flags(cfg, world):
 
 
 def check_against_model(cfg, model, tokenizer, task, n_train, world):
-    """The flags that need the model, tokenizer and data: the targets and --rank against the model's
-    linear layers, --max_len against the special tokens, --batch_size against the training set."""
+    """The flags that need the model and data: --targets and --rank against the model's linear
+    layers, --max_len against the special tokens, --batch_size against the training set."""
     if cfg.init != "full":
         try:
             layers = cglora.target_layers(model, cfg.targets.split(","), torch.nn.Linear)
         except ValueError as e:
-            raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all "
-                             f"({','.join(ALL_TARGETS)})") from None
+            raise ValueError(f"--targets {cfg.targets}: {e}; or --targets all") from None
         factor = 2 if cfg.init == "lora-ga" else 1  # LoRA-GA takes 2r singular vectors
         name, shape = min(((n, tuple(m.weight.shape)) for n, m in layers.items()),
                           key=lambda item: min(item[1]))
@@ -178,8 +161,7 @@ def check_against_model(cfg, model, tokenizer, task, n_train, world):
                              f"the smallest side of each target, and {name} is {shape}: pass "
                              f"--rank {min(shape) // factor} or less")
     pair = task.columns[1] is not None
-    # the special tokens and one token of each text
-    shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)
+    shortest = 2 + (tokenizer.n_sep + 2 if pair else 1)  # the special tokens and a token per text
     if cfg.max_len < shortest:
         raise ValueError(f"--max_len {cfg.max_len} leaves no room for text: {task.name} examples "
                          f"take {shortest - 1 - pair} special tokens: pass --max_len {shortest} or "
@@ -220,8 +202,7 @@ def autocast(cfg, device):
 
 
 def progress(what, total, log):
-    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS (a
-    short pass: never)."""
+    """callback(done) that logs `what: done/total batches, eta` at most every PROGRESS_SECONDS."""
     t0 = shown = time.monotonic()
 
     def report(done):
@@ -381,10 +362,8 @@ def hf_name(cfg, model):
 
 
 def export_adapter(cfg, model, out):
-    """A peft adapter in the directory `out` by cglora.save_peft: the adapters (a shifted init
-    against the original W0, as rank 2r: §5), the modules trained whole, and adapter_config.json
-    with exactly our scaling; from --pretrained under the checkpoint's own names (hf_name), which
-    peft finds in its *ForSequenceClassification. Every tensor saved on the CPU."""
+    """A peft adapter directory by cglora.save_peft, with the modules trained whole; from
+    --pretrained under the checkpoint's own names (hf_name), as peft finds them; on the CPU."""
     # one module to save per Linear/Embedding: peft wraps each, and our head is a ModuleDict
     whole = [n for n, m in model.named_modules()
              if n.split(".")[0] in trainable_modules(cfg) and not list(m.children())]
@@ -394,9 +373,8 @@ def export_adapter(cfg, model, out):
     module_name = lambda n: rename(f"{n}.weight").removesuffix(".weight")  # noqa: E731
 
     def theirs(key):  # base_model.model.<module>.lora_A.weight, or <module>.<weight|bias>
-        name = key.removeprefix(prefix)
-        module, lora, param = name.rpartition(".lora_")
-        return prefix + (module_name(module) + lora + param if lora else rename(name))
+        module, lora, name = key.removeprefix(prefix).rpartition(".lora_")
+        return prefix + (module_name(module) + lora + name if lora else rename(name))
     # save_peft keeps the trained-whole modules' tensors on their device: ours load anywhere
     state = torch.load(out / "adapter_model.bin", map_location="cpu", weights_only=False)
     torch.save({theirs(k): v.to("cpu") for k, v in state.items()}, out / "adapter_model.bin")
@@ -409,9 +387,7 @@ def export_adapter(cfg, model, out):
 
 
 def merged_state_dict(cfg, model):
-    """A plain state dict with every adapter merged, under the names of the model before add_lora
-    (on a Hugging Face checkpoint its own, hf_name's, so its *ForSequenceClassification loads
-    it)."""
+    """A plain state dict with every adapter merged, under hf_name's names of the wrapped layers."""
     state, rename = model.state_dict(), hf_name(cfg, model)
     for name, m in model.named_modules():
         if isinstance(m, cglora.LoRALinear):
@@ -420,29 +396,9 @@ def merged_state_dict(cfg, model):
             if ".lora_" not in k}
 
 
-def rng_states(device, world):
-    """Every process's random state, which dropout draws from: its CPU generator, and its GPU's on
-    CUDA."""
-    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)]
-                                      if device.type == "cuda" else [])
-    if world == 1:
-        return [mine]
-    gathered = [[torch.empty_like(s, device=device) for _ in range(world)] for s in mine]
-    for into, s in zip(gathered, mine):
-        dist.all_gather(into, s.to(device))
-    return [[g[r].cpu() for g in gathered] for r in range(world)]
-
-
-def save_atomic(obj, path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def curves_svg(rows, metric, w=360, h=240, pad=44):
-    """A dependency-free SVG of metrics.jsonl, two panels: the loss (train at each step row, dev at
-    each evaluation, from step 0) and the dev metric at each evaluation; each axis numbered at its
-    ends and middle."""
+    """A dependency-free SVG of metrics.jsonl: the train and dev loss, and the dev metric, against
+    the step; each axis numbered at its ends and middle."""
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
            'font-family="sans-serif" font-size="11" style="background: white">']
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -470,7 +426,243 @@ def curves_svg(rows, metric, w=360, h=240, pad=44):
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
+# ----------------------------------------------------------------------------- a run, step by step
+
+
+@dataclasses.dataclass
+class Run:
+    """Where a run happens: its config (on --resume the saved one), directory, ranks, device."""
+    cfg: Config
+    out: Path
+    world: int
+    rank: int
+    device: torch.device
+    main: bool  # rank 0: the process that logs and writes the run directory
+
+    def log(self, *args):
+        if self.main:
+            print(*args)
+
+
+def train(cfg):
+    """One run, step by step; every flag is checked before the first file is written."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run, ck = start(cfg)
+    task, train_set, dev_set = read_data(run)
+    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set)
+    model_and_init(run, model, calib)
+    opt, sched, per_epoch, total = optimisation(run, model, len(train_enc))
+    at = resume_from(run, ck, model, opt, sched) if ck else (0, [], [])
+    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task,
+                                 tokenizer.pad_id, at)
+    if run.main:
+        finish(run, model, task, history, step, seconds)
+    if run.world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, at):
+    """The loop from `at` (step, evaluations, this epoch's losses): a step row every --log_every
+    steps; at each epoch's end and the last step an evaluation, a checkpoint, then the evaluation's
+    row (so metrics.jsonl never has one the checkpoint lacks). Returns (evaluations, steps, s)."""
+    cfg, device, end = run.cfg, run.device, min(total, run.cfg.max_steps or total)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    (step, history, losses), t0 = at, time.perf_counter()
+
+    def evaluation(epoch, train_loss, checkpoint=True):
+        rng = rng_states(device, run.world) if checkpoint else None  # every rank takes part
+        if run.main:
+            metrics = evaluate(model, dev, task, cfg, device, run.log)
+            history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
+                                elapsed=time.perf_counter() - t0,
+                                **{f"dev_{k}": v for k, v in metrics.items()}))
+            run.log(f"eval epoch {epoch} step {step}: dev "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if checkpoint:
+                save_checkpoint(run, model, opt, sched, rng, step, losses, history)
+            write_metrics(run.out, history[-1:])
+
+    if step == 0:
+        evaluation(0, None, checkpoint=False)
+    model.train()
+    while step < end:
+        order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
+                                  seed=cfg.seed * 1000 + step // per_epoch + 1))
+        for batch in order[run.rank::run.world][:per_epoch][step % per_epoch:][:end - step]:
+            batch = to_device(batch, device)
+            with autocast(cfg, device):
+                logits = ddp(**{k: v for k, v in batch.items() if k != "labels"})
+            loss = cglora.default_loss(logits, batch["labels"])  # fp32 inside
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = sched.get_last_lr()[0]  # this step's
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if step % cfg.log_every == 0 or step == end:
+                recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+                rate = (step - at[0]) / (time.perf_counter() - t0)
+                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s "
+                        f"| eta {(end - step) / rate:.0f} s")
+                if run.main:
+                    write_metrics(run.out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
+        train_loss, epoch_end = sum(losses) / len(losses), step % per_epoch == 0
+        losses = [] if epoch_end else losses  # a new epoch: the checkpoint holds its (no) losses
+        evaluation(step // per_epoch if epoch_end else round(step / per_epoch, 4), train_loss)
+    return history, step, time.perf_counter() - t0
+
+
+def start(cfg):
+    """(Run, --resume's checkpoint) once the run directory passed its checks; torchrun joined."""
+    world, device = join(cfg.device)
+    out, rank = Path(cfg.out), dist.get_rank() if world > 1 else 0
+    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (check_new_run(cfg, out), None)
+    return Run(run_cfg, out, world, rank, device, rank == 0), ck
+
+
+def join(device_flag):
+    """(processes, device): on CUDA (--device cuda, or auto where there is one) LOCAL_RANK's GPU,
+    made current, and nccl, else the CPU and gloo; under torchrun the process group started."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return world, device
+
+
+def read_data(run):
+    """The task and its train and dev examples, missing files downloaded first (by rank 0)."""
+    cfg, task = run.cfg, data.get_task(run.cfg.task)
+    cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
+    if run.main and data.missing_files(task, cfg.data_dir):
+        data.download_task(task, cfg.data_dir, log=run.log)
+    if run.world > 1:
+        dist.barrier()
+    return task, *(data.read_split(task, split, cfg.data_dir) for split in ("train", "dev"))
+
+
+def model_and_batches(run, task, train_set, dev_set):
+    """The model and tokenizer checked against the flags, a new run's directory, the token ids:
+    (model, tokenizer, training examples, dev batches, (this rank's calibration batches, the real
+    check's, which no calibration saw))."""
+    cfg = run.cfg
+    if cfg.pretrained:  # the model first: a checkpoint without weights says so before its tokenizer
+        model = build_model(cfg, None, task.num_labels)
+        tokenizer = data.load_tokenizer(cfg.pretrained)
+    else:
+        tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
+                     else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
+        model = build_model(cfg, tokenizer, task.num_labels)
+    check_against_model(cfg, model, tokenizer, task, len(train_set), run.world)
+    if run.main and not cfg.resume:
+        new_directory(cfg, run.out, None if cfg.pretrained else tokenizer)
+    train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
+    dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len),
+                            2 * cfg.batch_size, tokenizer.pad_id))
+    calib = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
+                              seed=cfg.seed))
+    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
+            f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
+    return model, tokenizer, train_enc, dev, (calib[:cfg.calib_batches][run.rank::run.world],
+                                              calib[cfg.calib_batches:][:cfg.real_check])
+
+
+def model_and_init(run, model, calib):
+    """The model on its device, its adapters initialised; a new run's init.json, adapter_init/."""
+    model.to(run.device)
+    record = initialise(run.cfg, model, calib, run.device, run.log)
+    if run.world > 1:
+        check_ranks_agree(model)
+    if run.main and not run.cfg.resume:
+        (run.out / "init.json").write_text(json.dumps(record, indent=1))
+        if run.cfg.init != "full":
+            export_adapter(run.cfg, model, run.out / "adapter_init")
+        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak "
+                f"{record['peak_memory_mib']:.0f} MiB, {record['trainable_parameters']} trainable "
+                "parameters")
+
+
+def optimisation(run, model, n_train):
+    """AdamW and its schedule over --epochs: (optimizer, schedule, steps per epoch, total steps)."""
+    cfg = run.cfg
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
+    return opt, schedule(opt, per_epoch * cfg.epochs, cfg.warmup), per_epoch, per_epoch * cfg.epochs
+
+
+def schedule(opt, total, warmup):
+    """A linear warm-up over a `warmup` fraction of the `total` steps, then linear decay to 0."""
+    warm = max(1, int(warmup * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+
+
+def finish(run, model, task, history, step, seconds):
+    """Rank 0 ends the run: the trained adapter, merged.pt (--merge), curves.svg, the done line."""
+    cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
+    if cfg.init != "full":
+        export_adapter(cfg, model, out)
+    if cfg.merge:
+        torch.save(merged_state_dict(cfg, model), out / "merged.pt")
+    (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
+    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history,
+                                  key=lambda h: h[key])
+    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step "
+            f"{last['step']} (best {best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), "
+            f"{step} steps, train {seconds:.0f} s -> {out}")
+
+
 # ----------------------------------------------------------------------------- the run directory
+
+# what a --resume may change
+PER_CALL = ("out", "data_dir", "max_steps", "resume", "overwrite", "log_every", "threads")
+RUN_FILES = ("config.json", "init.json", "metrics.jsonl", "metrics.tmp", "curves.svg", "tokenizer",
+             "adapter_init", "adapter_model.bin", "adapter_config.json", "checkpoint.pt",
+             "checkpoint.tmp", "merged.pt")
+
+
+def check_new_run(cfg, out):
+    """A new run needs a directory without another run in it; --overwrite clears one, but only the
+    files train.py writes (RUN_FILES). Returns cfg."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pick a directory")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if found and not cfg.overwrite:
+        raise ValueError(f"{out} holds another run "
+                         f"({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue it with "
+                         "--resume, pick a new --out, or pass --overwrite to clear it first")
+    if set(found) - set(RUN_FILES):
+        raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
+                         f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
+    return cfg
+
+
+def new_directory(cfg, out, tokenizer):
+    """Rank 0 starts a new run's directory: an earlier run's files cleared (--overwrite), then
+    config.json (with the data dir used, the torch and code versions) and the tiny tokenizer."""
+    for path in filter(Path.exists, (out / name for name in RUN_FILES)):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # the git commit of this checkout, "-dirty" with uncommitted changes
+        version = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40",
+                                  "--exclude=*"], cwd=Path(__file__).resolve().parent,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    (out / "config.json").write_text(json.dumps(dict(
+        dataclasses.asdict(cfg), torch_version=torch.__version__,
+        code_version=version or "unknown"), indent=1))
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer")
 
 
 def load_config(out):
@@ -484,35 +676,42 @@ def read_metrics(out):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# append rows to metrics.jsonl, or replace it with them atomically
 def write_metrics(out, rows, replace=False):
+    """Append rows to metrics.jsonl, or replace it with them atomically."""
     with open(out / ("metrics.tmp" if replace else "metrics.jsonl"), "w" if replace else "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     if replace:
         os.replace(out / "metrics.tmp", out / "metrics.jsonl")
 
 
-def new_run(cfg, out):
-    """A new run needs a directory without another run in it. --overwrite clears an earlier run, and
-    only the files train.py writes: a directory holding anything else is refused. Returns what to
-    clear."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pick a directory")
-    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if found and not cfg.overwrite:
-        raise ValueError(f"{out} holds another run "
-                         f"({', '.join(found[:4])}{', ...' * (len(found) > 4)}): continue it with "
-                         "--resume, pick a new --out, or pass --overwrite to clear it first")
-    if set(found) - set(RUN_FILES):
-        raise ValueError(f"--overwrite clears only what train.py writes, and {out} also holds "
-                         f"{', '.join(sorted(set(found) - set(RUN_FILES)))}: pick a new --out")
-    return [out / name for name in found]
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run, model, opt, sched, rng, step, losses, history):
+    """checkpoint.pt: all --resume needs to go on as if the run had not stopped."""
+    save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, losses=losses,
+                     scheduler=sched.state_dict(), step=step, history=history,
+                     config=dataclasses.asdict(run.cfg)), run.out / "checkpoint.pt")
+
+
+def rng_states(device, world):
+    """Every process's random state, which dropout draws from: its CPU's, and on CUDA its GPU's."""
+    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)]
+                                      if device.type == "cuda" else [])
+    if world == 1:
+        return [mine]
+    gathered = [[torch.empty_like(s, device=device) for _ in range(world)] for s in mine]
+    for into, s in zip(gathered, mine):
+        dist.all_gather(into, s.to(device))
+    return [[g[r].cpu() for g in gathered] for r in range(world)]
 
 
 def resumed(cfg, out, world):
-    """--resume: the saved config (with this call's PER_CALL flags) and the checkpoint, once it is
-    known to be the run's latest state: of that config, as many processes, every evaluation
-    metrics.jsonl has."""
+    """--resume: the saved config (this call's PER_CALL flags in it) and the checkpoint, once known
+    to be the run's latest state: of that config, as many processes, every evaluation."""
     path = out / "checkpoint.pt"
     if not out.is_dir() or not any(out.iterdir()):
         raise ValueError(f"--resume: there is no run in {out} (no such directory, or an empty "
@@ -521,8 +720,7 @@ def resumed(cfg, out, world):
         raise ValueError(f"--resume: no checkpoint in {out} (the run stopped before its first "
                          "one): start it again with --overwrite")
     saved = load_config(out)
-    def fixed(c):
-        return {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}
+    fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in PER_CALL}  # noqa
     given = [k for k, v in fixed(cfg).items() if v not in (getattr(Config(), k), getattr(saved, k))]
     if given:
         raise ValueError(f"--resume continues {out} as it was configured: " + ", ".join(
@@ -537,8 +735,7 @@ def resumed(cfg, out, world):
             + ", ".join(f"{k} {getattr(saved, k)}" for k in differ)
             + "; start the run again with --overwrite")
     if len(ck["rng"]) != world:
-        raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es); resume "
-                         "with as many")
+        raise ValueError(f"--resume: {path} has {len(ck['rng'])} process(es): resume with as many")
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     if evals != ck["history"][:len(evals)]:
         raise ValueError(f"--resume: {path} (step {ck['step']}) is not the run's latest state: "
@@ -548,274 +745,35 @@ def resumed(cfg, out, world):
     return dataclasses.replace(saved, **dict(calls, data_dir=cfg.data_dir or saved.data_dir)), ck
 
 
-def new_directory(cfg, out, clear, tokenizer):
-    """The main process starts the run directory: --overwrite's files cleared, then config.json
-    (with the data dir used, the torch and code versions) and the tiny encoder's tokenizer."""
-    for path in clear:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # the git commit of this checkout, "-dirty" with uncommitted changes
-        version = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    config = dict(dataclasses.asdict(cfg), torch_version=torch.__version__,
-                  code_version=version.strip() or "unknown")
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    if tokenizer is not None:
-        tokenizer.save(out / "tokenizer")
-
-
-# ----------------------------------------------------------------------------- the steps of a run
-
-
-@dataclasses.dataclass
-class Run:
-    """Where a run happens: its config (on --resume the saved one), directory, processes, rank and
-    device."""
-    cfg: Config
-    out: Path
-    world: int
-    rank: int
-    device: torch.device
-    main: bool  # rank 0: the process that logs and writes the run directory
-
-    def log(self, *args):
-        if self.main:
-            print(*args)
-
-
-def placement(device_flag):
-    """(torch.distributed backend, device) of this process: on CUDA (--device cuda, or auto on a
-    machine that has one) the GPU torchrun's LOCAL_RANK names and nccl, else the CPU and gloo."""
-    if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
-        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return "gloo", torch.device("cpu")
-
-
-def join(device_flag):
-    """(processes, device) of this process, its GPU made the current device (where nccl's
-    collectives run) and, under torchrun, its process group started (bench.py's children too)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    backend, device = placement(device_flag)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return world, device
-
-
-def start(cfg):
-    """(Run, --resume's checkpoint, files a new run clears) after the run directory's checks; starts
-    torchrun's group."""
-    world, device = join(cfg.device)
-    out = Path(cfg.out)
-    run_cfg, ck = resumed(cfg, out, world) if cfg.resume else (cfg, None)
-    clear = None if cfg.resume else new_run(cfg, out)
-    rank = dist.get_rank() if world > 1 else 0
-    return Run(run_cfg, out, world, rank, device, rank == 0), ck, clear
-
-
-def read_data(run):
-    """The task and its train and dev examples; files missing from the data dir are downloaded first
-    (rank 0; the other ranks wait). cfg.data_dir becomes the dir used."""
-    cfg, task = run.cfg, data.get_task(run.cfg.task)
-    cfg.data_dir = str(data.resolve_data_dir(cfg.data_dir).resolve())
-    if run.main and data.missing_files(task, cfg.data_dir):
-        data.download_task(task, cfg.data_dir, log=run.log)
-    if run.world > 1:
-        dist.barrier()
-    return (task, data.read_split(task, "train", cfg.data_dir),
-            data.read_split(task, "dev", cfg.data_dir))
-
-
-def model_and_batches(run, task, train_set, dev_set, clear):
-    """The model and tokenizer, checked against the flags; a new run's directory; the token ids:
-    (model, tokenizer, training examples, dev batches, this process's calibration batches)."""
-    cfg = run.cfg
-    # the model first: a checkpoint without weights says so before its tokenizer is read
-    if cfg.pretrained:
-        model = build_model(cfg, None, task.num_labels)
-        tokenizer = data.load_tokenizer(cfg.pretrained)
-    else:
-        tokenizer = (data.load_tokenizer(run.out / "tokenizer") if cfg.resume
-                     else data.build_tokenizer([t for ex in train_set for t in ex[:2] if t]))
-        model = build_model(cfg, tokenizer, task.num_labels)
-    check_against_model(cfg, model, tokenizer, task, len(train_set), run.world)
-    if run.main and not cfg.resume:
-        new_directory(cfg, run.out, clear, None if cfg.pretrained else tokenizer)
-    train_enc = data.encode_examples(train_set, tokenizer, cfg.max_len)
-    dev = list(data.batches(data.encode_examples(dev_set, tokenizer, cfg.max_len),
-                            2 * cfg.batch_size, tokenizer.pad_id))
-    shuffled = list(data.batches(train_enc, cfg.calib_batch_size, tokenizer.pad_id, shuffle=True,
-                                 seed=cfg.seed))
-    # this rank's calibration batches, and examples no calibration saw
-    calib = (shuffled[:cfg.calib_batches][run.rank::run.world],
-             shuffled[cfg.calib_batches:cfg.calib_batches + cfg.real_check])
-    run.log(f"{task.name}: {len(train_set)} train / {len(dev_set)} dev examples, vocabulary "
-            f"{tokenizer.vocab_size}, device {run.device}, {run.world} process(es)")
-    return model, tokenizer, train_enc, dev, calib
-
-
-def model_and_init(run, model, calib):
-    """The model on its device with its initialised adapters; init.json and adapter_init/
-    written."""
-    model.to(run.device)
-    record = initialise(run.cfg, model, calib, run.device, run.log)
-    if run.world > 1:
-        check_ranks_agree(model)
-    if run.main and not run.cfg.resume:
-        (run.out / "init.json").write_text(json.dumps(record, indent=1))
-        if run.cfg.init != "full":
-            export_adapter(run.cfg, model, run.out / "adapter_init")  # what training starts from
-        run.log(f"init {run.cfg.init}: {record['seconds']:.2f} s, peak "
-                f"{record['peak_memory_mib']:.0f} MiB, {record['trainable_parameters']} trainable "
-                "parameters")
-
-
-def optimisation(run, model, n_train, ck):
-    """AdamW on the trainable parameters, its warm-up and linear-decay schedule over --epochs, and
-    on --resume the checkpoint's state. Returns (optimizer, schedule, steps per epoch, total
-    steps)."""
-    # this process's rng_states(): CPU, and CUDA on a GPU
-    cfg, states = run.cfg, ck and ck["rng"][run.rank]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    per_epoch = n_train // cfg.batch_size // run.world  # drop the ragged last batch
-    total = per_epoch * cfg.epochs
-    sched = schedule(opt, total, cfg.warmup)
-    if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        run.log(restore_rng(states, run.device))
-    return opt, sched, per_epoch, total
+def resume_from(run, ck, model, opt, sched):
+    """The checkpoint's model, optimizer, schedule, random states, and metrics.jsonl as at it (later
+    rows dropped, an evaluation it missed added): the loop's (step, evaluations, epoch's losses)."""
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    run.log(restore_rng(ck["rng"][run.rank], run.device))
+    if run.main:
+        rows = [r for r in read_metrics(run.out) if r["step"] <= ck["step"]]
+        evals = sum(r["kind"] == "eval" for r in rows)
+        write_metrics(run.out, rows + ck["history"][evals:], replace=True)
+        run.log(f"resumed from {run.out / 'checkpoint.pt'} at step {ck['step']}")
+    return ck["step"], ck["history"], ck["losses"]
 
 
 def restore_rng(states, device):
-    """Set this process's random states from its rng_states() entry; returns the line that says
-    which were restored (a run resumed on another kind of device cannot restore dropout's draws)."""
+    """This process's random states from its rng_states() entry; returns the line saying which (on
+    another kind of device than the checkpoint's, dropout's draws cannot be restored)."""
     torch.set_rng_state(states[0])
     if device.type == "cuda" and len(states) > 1:
         torch.cuda.set_rng_state(states[1], device)
         return "resume: restored the CPU and CUDA random states"
-    if device.type == "cuda":
-        return ("resume: restored the CPU random state; the checkpoint was written on the CPU, so "
-                "the GPU's (dropout's) draws start afresh")
-    if len(states) > 1:
-        return ("resume: restored the CPU random state; the checkpoint's CUDA state is unused "
-                "here, so dropout's draws differ from the run's on the GPU")
-    return "resume: restored the CPU random state"
+    lost = ("; the checkpoint has no CUDA state (written on the CPU): the GPU's draws start afresh"
+            if device.type == "cuda" else "; the checkpoint's CUDA state is unused here: dropout's "
+            "draws differ from the GPU run's" if len(states) > 1 else "")
+    return "resume: restored the CPU random state" + lost
 
 
-def schedule(opt, total, warmup):
-    """The learning rate: a linear warm-up over a `warmup` fraction of the `total` steps, then
-    linear decay to 0."""
-    warm = max(1, int(warmup * total))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-
-
-def fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task, pad_id, ck):
-    """The loop: step rows every --log_every steps; at each epoch's end and the last step an
-    evaluation, a checkpoint, then the evaluation's row (so metrics.jsonl never has one the
-    checkpoint lacks). Returns (evaluations, steps, s)."""
-    cfg, out, device = run.cfg, run.out, run.device
-    end = min(total, cfg.max_steps or total)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    # losses: this epoch's
-    step, history, losses = (ck["step"], ck["history"], ck["losses"]) if ck else (0, [], [])
-    # metrics.jsonl as at the checkpoint: rows after it go, an evaluation it missed is added
-    if run.main and ck:
-        rows = [r for r in read_metrics(out) if r["step"] <= step]
-        write_metrics(out, rows + history[sum(r["kind"] == "eval" for r in rows):], replace=True)
-        run.log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
-    t0, first = time.perf_counter(), step
-
-    def evaluation(epoch, train_loss, checkpoint=True):
-        # every rank takes part; evaluating draws none
-        rng = rng_states(device, run.world) if checkpoint else None
-        if run.main:
-            metrics = evaluate(model, dev, task, cfg, device, run.log)
-            history.append(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss,
-                                elapsed=time.perf_counter() - t0,
-                                **{f"dev_{k}": v for k, v in metrics.items()}))
-            run.log(f"eval epoch {epoch} step {step}: dev "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if checkpoint:
-                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng,
-                                 losses=losses, scheduler=sched.state_dict(), step=step,
-                                 history=history,
-                                 config=dataclasses.asdict(cfg)), out / "checkpoint.pt")
-            write_metrics(out, history[-1:])
-
-    if step == 0:
-        evaluation(0, None, checkpoint=False)
-    model.train()
-    while step < end:
-        order = list(data.batches(train_enc, cfg.batch_size, pad_id, shuffle=True,
-                                  seed=cfg.seed * 1000 + step // per_epoch + 1))
-        order = order[run.rank::run.world][:per_epoch]
-        for batch in order[step % per_epoch:][:end - step]:
-            batch = to_device(batch, device)
-            with autocast(cfg, device):
-                out_ = ddp(**{k: v for k, v in batch.items() if k != "labels"})
-            loss = cglora.default_loss(out_, batch["labels"])  # fp32 inside
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = sched.get_last_lr()[0]  # this step's
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if step % cfg.log_every == 0 or step == end:
-                recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-                rate = (step - first) / (time.perf_counter() - t0)
-                run.log(f"step {step}/{end} | loss {recent:.4f} | lr {lr:.3g} | {rate:.1f} steps/s "
-                        f"| eta {(end - step) / rate:.0f} s")
-                if run.main:
-                    write_metrics(out, [dict(kind="step", step=step, train_loss=recent, lr=lr)])
-        train_loss, epoch_end = sum(losses) / len(losses), step % per_epoch == 0
-        # a new epoch: the checkpoint holds its (no) losses so far
-        losses = [] if epoch_end else losses
-        evaluation(step // per_epoch if epoch_end else round(step / per_epoch, 4), train_loss)
-    return history, step, time.perf_counter() - t0
-
-
-def finish(run, model, task, history, step, seconds):
-    """The end of the run (main process): the trained adapter, merged.pt (--merge), curves.svg, the
-    done line."""
-    cfg, out, key = run.cfg, run.out, f"dev_{task.main_metric}"
-    if cfg.init != "full":
-        export_adapter(cfg, model, out)
-    if cfg.merge:
-        torch.save(merged_state_dict(cfg, model), out / "merged.pt")
-    (out / "curves.svg").write_text(curves_svg(read_metrics(out), task.main_metric))
-    last, best = history[-1], max([h for h in history if h["epoch"] > 0] or history,
-                                  key=lambda h: h[key])
-    run.log(f"done: {task.name} {cfg.init} dev {task.main_metric} {last[key]:.4f} at step "
-            f"{last['step']} (best {best[key]:.4f} at step {best['step']}, epoch {best['epoch']}), "
-            f"{step} steps, train {seconds:.0f} s -> {out}")
-
-
-def train(cfg):
-    """One run, step by step; every flag is checked before the first file is written."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run, ck, clear = start(cfg)
-    task, train_set, dev_set = read_data(run)
-    model, tokenizer, train_enc, dev, calib = model_and_batches(run, task, train_set, dev_set,
-                                                                clear)
-    model_and_init(run, model, calib)
-    opt, sched, per_epoch, total = optimisation(run, model, len(train_enc), ck)
-    history, step, seconds = fit(run, model, opt, sched, per_epoch, total, train_enc, dev, task,
-                                 tokenizer.pad_id, ck)
-    if run.main:
-        finish(run, model, task, history, step, seconds)
-    if run.world > 1:
-        dist.destroy_process_group()
-    return history
+# ----------------------------------------------------------------------------- the command line
 
 
 def interrupted(cfg):
@@ -834,8 +792,7 @@ def main(argv=None):
     cfg = None
     with warnings.catch_warnings():  # a warning (data.RowCountWarning) is one line too
         warnings.simplefilter("always", data.RowCountWarning)
-        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}",
-                                                              file=sys.stderr)
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         try:
             cfg = parse_args(argv)
             train(cfg)

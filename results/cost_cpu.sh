@@ -3,6 +3,7 @@
 # class, in CPU seconds of one thread, on an otherwise idle machine. TOKENIZERS_DIR holds roberta-base/
 # (vocab.json, merges.txt); GLUE_DIR, if set, gives real CoLA calibration sentences.
 #     bash results/cost_cpu.sh          # writes results/cost-cpu-<shape>.json and prints each table
+#     python results/cost.py report     # then: results/README.md's table from those rows
 # A virtual machine may back a page of its memory only when it is first touched (this project's did:
 # 1.4 GB of zeros took 6.9 s in a fresh process, 1.6 s after 12 GiB had been touched once), which
 # charges the rows that hold more memory the most: each shape first touches 60% of the available

@@ -51,7 +51,7 @@ def setup(task_name, init, seed, lr, pretrained, damping):
                        damping=damping, out="unused", device="cpu", real_check=4, **BUDGET)
     run = train.Run(cfg, Path("unused"), 1, 0, torch.device("cpu"), False)  # no run directory
     task, train_set, dev_set = train.read_data(run)
-    return (cfg, run, task, *train.model_and_batches(run, task, train_set, dev_set, None))
+    return (cfg, run, task, *train.model_and_batches(run, task, train_set, dev_set))
 
 
 def initialise(cfg, run, model, calib):  # train.py's init; its record

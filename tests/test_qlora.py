@@ -114,9 +114,8 @@ def test_statistics_of_quantized_layers_are_those_of_the_weights_they_compute_wi
 @pytest.mark.parametrize("kind", KINDS)
 def test_add_lora_on_quantized_layers_inits_as_on_the_dequantized_model_and_refuses_moving_W0(kind):
     """add_lora takes the shapes from in_features / out_features (a 4-bit weight is packed), float
-    factors; cg-lora and lora-one equal their init on the dequantized model; a shift, a merge are
-    refused; LoRA-GA's direction from the same statistics is the dequantized model's (8-bit: within
-    the fp16 rounding of its input, as above; LoRA-GA's direction on 4 bits only)."""
+    factors; cg-lora and lora-one equal their init on the dequantized model (8-bit: within the fp16
+    rounding of its input, as above); a shift, a merge are refused."""
     tol = 5e-2 if kind == "int8" else 1e-4
     model = _quantized(_llama(), kind)
     reference = _dequantized(model)
@@ -135,11 +134,6 @@ def test_add_lora_on_quantized_layers_inits_as_on_the_dequantized_model_and_refu
             want = theirs[name].delta_weight()
             assert want.abs().max() > 0
             assert (layer.delta_weight() - want).norm() <= tol * want.norm(), name
-            if kind == "int8":  # its rounding turns LoRA-GA's 5th-8th singular vectors (small gaps)
-                continue
-            B, A = cglora.direction("lora-ga", stats[name], 4, cglora.DAMPING)
-            B_ref, A_ref = cglora.direction("lora-ga", exact[name], 4, cglora.DAMPING)
-            assert (B @ A - B_ref @ A_ref).norm() <= tol * (B_ref @ A_ref).norm(), name
         for m in (model, reference):  # the next method starts from the bare model again
             for name, layer in _targets(m).items():
                 parent, _, child = name.rpartition(".")
@@ -159,6 +153,26 @@ def test_add_lora_on_quantized_layers_inits_as_on_the_dequantized_model_and_refu
         cglora.write_adapter(layer, layer.lora_B.detach(), layer.lora_A.detach(), shift=True)
     assert not layer.merged
     assert all(torch.equal(m.base.weight, before[n]) for n, m in layers.items())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_lora_ga_factors_from_a_4bit_layers_hooks_are_the_dequantized_models(kind):
+    """Where peft's LoRA-GA refuses a quantized model (it needs weight gradients), LoRA-GA's factors
+    come from the hooks' G of the 4-bit layers: the same B and A as from the dequantized model's
+    nn.Linear statistics, and not the fp32 model's (the quantization moved them). Only its init,
+    which shifts W0, is refused (above). 8-bit rounds its input to fp16, which turns LoRA-GA's 5th
+    to 8th singular vectors (small gaps): 4 bits only."""
+    model = _quantized(_llama(), kind)
+    reference, original = _dequantized(model), _llama()
+    stats, exact, fp32 = (cglora.collect_statistics(m, _targets(m), _batches())
+                          for m in (model, reference, original))
+    for name in stats:
+        B, A = cglora.lora_ga_factors(stats[name].G, 4)
+        B_ref, A_ref = cglora.lora_ga_factors(exact[name].G, 4)
+        assert (B - B_ref).norm() <= 1e-4 * B_ref.norm(), name
+        assert (A - A_ref).norm() <= 1e-4 * A_ref.norm(), name
+        B_fp32, A_fp32 = cglora.lora_ga_factors(fp32[name].G, 4)
+        assert (B - B_fp32).norm() > 1e-2 * B_fp32.norm(), name
 
 
 def test_lora_factors_take_a_4bit_layers_compute_dtype():

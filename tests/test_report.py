@@ -9,7 +9,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def test_report_rewrites_the_committed_readme_and_figures_unchanged(tmp_path, monkeypatch):
-    files = [RESULTS / "README.md", *RESULTS.glob("*.jsonl"), *RESULTS.glob("*.svg")]
+    files = [RESULTS / "README.md", *RESULTS.glob("*.json*"), *RESULTS.glob("*.svg")]
     for f in files:
         shutil.copy(f, tmp_path / f.name)
     (tmp_path / "README.md").write_text((RESULTS / "README.md").read_text().replace(
