@@ -147,7 +147,7 @@ def measure(name, args):
         def run():
             if budget_mib is not None:  # the grouped path: statistics and factors per group
                 report, groups = cglora.init_in_groups(model, layers, calib, "cg-lora", budget_mib,
-                                                       dict(loss=loss), log=lambda *a: None)
+                                                       dict(loss=loss))
                 size = {r["layer"]: r["statistics_mib"] for r in report}
                 parts.setdefault("passes", []).append(len(groups))
                 parts.setdefault("statistics_mib", []).append(max(sum(size[n] for n in g) for g in groups))
@@ -156,7 +156,13 @@ def measure(name, args):
             stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib, loss=loss,
                                               folds=folds)
             t1 = clock()
-            report = cglora.init_adapters(layers, "cg-lora", stats, damping=damping, log=lambda *a: None)
+            if damping == "auto":  # as train.py --damping auto: the search, the init, the diagnostics
+                ranks = {n: m.rank for n, m in layers.items()}
+                chosen = cglora.choose_damping(stats, ranks)[0]
+                report = cglora.init_adapters(layers, stats, "cg-lora", damping=chosen)
+                cglora.diagnose(stats, ranks, "cg-lora", chosen)
+            else:
+                report = cglora.init_adapters(layers, stats, "cg-lora", damping=damping)
             parts.setdefault("statistics", []).append(t1 - t0)
             parts.setdefault("factorization", []).append(clock() - t1)
             parts.setdefault("statistics_mib", []).append(sum(r["statistics_mib"] for r in report))

@@ -44,14 +44,15 @@ def diagnose(task_name, calibration, seed, pretrained):
     model = models.from_pretrained(pretrained, task.num_labels)
     layers = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")}
     t0 = time.perf_counter()
-    stats = cglora.collect_statistics(model, layers, calib)
+    stats = cglora.collect_statistics(model, layers, calib, folds=2)
     seconds = time.perf_counter() - t0
-    test = cglora.collect_statistics(model, layers, held, folds=1)
+    test = cglora.collect_statistics(model, layers, held)
     ranks = {n: BUDGET["rank"] for n in layers}
-    t0 = time.perf_counter()
-    chosen, rows = cglora.diagnose("cg-lora", stats, ranks)
+    t0 = time.perf_counter()  # the damping choice and the diagnostics at it
+    chosen, table = cglora.choose_damping(stats, ranks)
+    rows = cglora.diagnose(stats, ranks, "cg-lora", chosen)
     select_seconds = time.perf_counter() - t0
-    one = cglora.diagnose("lora-one", stats, ranks)[1]
+    one = cglora.diagnose(stats, ranks, "lora-one")
 
     def judged(method, damping):  # held-out q, summed over layers, of the direction fitted on all
         return sum(cglora.predicted_decrease(*cglora.direction(method, stats[n], ranks[n], damping),
@@ -66,9 +67,7 @@ def diagnose(task_name, calibration, seed, pretrained):
                / sum(r["heldout_lora_one"] for r in rows.values()),
                heldout_ratio={f"{lam:g}": judged("cg-lora", lam) / q_one
                               for lam in cglora.DAMPING_GRID},
-               kfold_by_damping={f"{lam:g}": sum(r["heldout_by_damping"][lam]
-                                                 for r in rows.values())
-                                 for lam in cglora.DAMPING_GRID})
+               kfold_by_damping={f"{lam:g}": q for lam, q in table.items()})
     row["heldout_ratio_chosen"] = row["heldout_ratio"][f"{chosen:g}"]
     common.append_row(DIAGNOSTICS, row)
     print(f"{task.name} calibration {calibration}: damping {chosen:g}, held-out q / LoRA-One's "

@@ -202,10 +202,10 @@ def init_row(task_name, seed, pretrained, steps=STEPS):
         task_name, "full", seed, full["lr"], pretrained, grid.DAMPING)
     subset = dev[:INIT_DEV // (2 * cfg.batch_size)]
     names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")]
-    stats = cglora.collect_statistics(model, {n: model.get_submodule(n) for n in names}, calib[0],
-                                      cfg.fisher, torch.Generator().manual_seed(seed),
-                                      folds=2)  # 2 folds: for auto's λ
-    auto = cglora.diagnose("cg-lora", stats, {n: cfg.rank for n in names})[0]
+    stats = cglora.collect_statistics(
+        model, {n: model.get_submodule(n) for n in names}, calib[0], fisher=cfg.fisher,
+        generator=torch.Generator().manual_seed(seed), folds=2)  # 2 folds: for auto's λ
+    auto = cglora.choose_damping(stats, {n: cfg.rank for n in names})[0]
     directions = init_directions(stats, cfg.rank, cfg.alpha, [DAMPING, auto], seed)
     at_W0 = dev_outputs(model, subset)
     whole = lambda k: torch.tensor(full["outputs"][str(k)][:len(at_W0)])  # noqa: E731  (its first)

@@ -139,7 +139,8 @@ def prepared(task_name, seed, head, pretrained):
         probed = dict(early.PROBE, examples=len(pool), train_loss_last50=last, train_loss=whole)
     layers = cglora.add_lora(model, ["query", "value"], BUDGET["rank"], BUDGET["alpha"],
                              rslora=cglora.RSLORA["cg-lora"])
-    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib)
+    stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, calib,
+                                      folds=2)
     return task, model, layers, list(data.batches(held, 8, tokenizer.pad_id)), stats, probed
 
 
@@ -193,7 +194,7 @@ def realloss(task_name, seed, head, pretrained):
     t0 = time.time()
     task, model, layers, held, stats, probed = prepared(task_name, seed, head, pretrained)
     base, ranks = {n: m.base for n, m in layers.items()}, {n: m.rank for n, m in layers.items()}
-    chosen = cglora.diagnose("cg-lora", stats, ranks)[0]
+    chosen = cglora.choose_damping(stats, ranks)[0]
     ds = directions(stats, ranks, seed)
     test = cglora.collect_statistics(model, base, held, folds=1)  # K-FAC expand, held out
     reduced, projections = sequence_curvature(model, base, held, [d for _, d in ds])

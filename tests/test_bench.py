@@ -13,12 +13,12 @@ def test_bench_smoke_on_the_tiny_preset(tmp_path, monkeypatch):
     r = result["results"]
     assert set(r) == {"floor", "cg-lora", "cg-lora-auto", "frozen-step", "our-step"}
     assert all(v["seconds"] > 0 and v["peak_rss_mib"] > 0 for v in r.values())
-    # the statistics' memory: one copy (two folds for auto) of S (one per input, query and value
-    # share it), G and T, in fp32
+    # the statistics' memory: one copy (for auto the pooled one and one per fold, 2 folds) of S
+    # (one per input, query and value share it), G and T, in fp32
     d, blocks = 128, 2  # the tiny preset
     one = blocks * (d * d + 2 * (2 * d * d)) * 4 / 2 ** 20
     assert r["cg-lora"]["statistics_mib"] == pytest.approx(one)
-    assert r["cg-lora-auto"]["statistics_mib"] == pytest.approx(2 * one)
+    assert r["cg-lora-auto"]["statistics_mib"] == pytest.approx(3 * one)
     total = r["cg-lora"]["statistics"] + r["cg-lora"]["factorization"]
     assert total == pytest.approx(r["cg-lora"]["seconds"], rel=0.1)
     ratio = r["cg-lora"]["seconds"] / r["floor"]["seconds"]

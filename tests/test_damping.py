@@ -1,5 +1,7 @@
-"""Tests of results/damping.py's report against its rows."""
-from conftest import _results_sandbox
+"""Tests of results/damping.py: its diagnose on a tiny checkpoint, its report against its rows."""
+import pytest
+
+from conftest import _pretrained_checkpoint, _results_sandbox
 from results import common, damping, grid
 
 
@@ -38,3 +40,26 @@ def test_damping_report_renders_the_rows(tmp_path, monkeypatch):
     # λ = 1 minus the searched λ per seed: +0.1, 0, +0.3: mean 0.1333, standard error 0.0882
     assert "| cola | 0, 1, 2 | 0.3000 − 0.2000, 0.2000 − 0.2000, 0.4000 − 0.1000 | " \
            "+0.1333 ± 0.0882 |" in readme
+
+
+@pytest.mark.filterwarnings("ignore::data.RowCountWarning")  # the fixture holds a few GLUE rows
+def test_damping_diagnose_on_a_tiny_checkpoint(tmp_path, glue, monkeypatch):
+    """`damping.py diagnose` end to end: the λ chosen has the largest 2-fold held-out q of the grid
+    (the search's table, summed over layers), at λ = 1000 (S and T damped to nearly a multiple of
+    I) CG-LoRA's direction judged on the unseen examples is LoRA-One's, and a row already there is
+    not measured again."""
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    _results_sandbox(tmp_path, monkeypatch, "damping")
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    monkeypatch.setattr(damping, "HELD_OUT", 32)
+    monkeypatch.setattr(damping, "BUDGET", dict(common.BUDGET, rank=2, max_len=16))
+    for _ in range(2):
+        damping.diagnose("cola", 32, 0, str(tmp_path / "ckpt"))
+    row, = common.read_rows(damping.DIAGNOSTICS)
+    kfold = row["kfold_by_damping"]
+    assert list(kfold) == list(row["heldout_ratio"]) == ["0.001", "0.01", "0.1", "1", "10", "100",
+                                                         "1000"]
+    assert f"{row['damping']:g}" == max(kfold, key=kfold.get) and min(kfold.values()) > 0
+    assert row["held_out"] == 32 and row["kfold_ratio"] > 0
+    assert row["heldout_ratio"]["1000"] == pytest.approx(1.0, abs=0.02)
+    assert all(0 <= x <= 1 + 1e-6 for x in row["overlap"] + row["overlap_lora_one"])

@@ -6,8 +6,8 @@ import torch
 
 import cglora
 import models
-from conftest import _results_sandbox
-from results import common, funcspace
+from conftest import _pretrained_checkpoint, _results_sandbox
+from results import common, early, funcspace, grid
 
 
 def _model(classes=3, seed=0):  # a 2-block encoder, 16 wide, in fp64 so that finite differences are exact enough
@@ -130,7 +130,7 @@ def test_init_directions_are_what_init_adapters_writes():
                                  rslora=cglora.RSLORA[method])
         layers = {n: layers[n] for n in NAMES}
         stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
-        cglora.init_adapters(layers, stats=stats, method=method, damping=1.0, log=lambda *a: None)
+        cglora.init_adapters(layers, stats, method, damping=1.0)
         for n, m in layers.items():
             written = m.delta_weight().detach()
             assert torch.allclose(got[method][n], written, rtol=1e-3, atol=1e-5 * written.abs().max()), (method, n)
@@ -139,6 +139,35 @@ def test_init_directions_are_what_init_adapters_writes():
         for P in got[method].values():
             assert torch.linalg.matrix_norm(P, ord=2).item() == pytest.approx(norm, rel=1e-4)
     assert all(torch.linalg.matrix_rank(P).item() == rank for P in got["random"].values())
+
+
+@pytest.mark.filterwarnings("ignore::data.RowCountWarning")  # the fixture holds a few GLUE rows
+def test_init_row_on_a_tiny_checkpoint(tmp_path, glue, monkeypatch):
+    """`funcspace.py run`'s init row after a full fine-tuning run, on a tiny checkpoint: every init
+    direction (CG-LoRA at λ 1 and at the searched λ on 2 folds) measured against full fine-tuning's
+    change at each k, the share explained the squared cosine."""
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    _results_sandbox(tmp_path, monkeypatch, "funcspace")
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    budget = dict(rank=2, alpha=4, epochs=2, batch_size=8, max_len=16, calib_batches=2,
+                  calib_batch_size=8)
+    for module in (early, funcspace):
+        monkeypatch.setattr(module, "BUDGET", budget)
+    monkeypatch.setattr(grid, "best_rates", lambda rows: dict.fromkeys(funcspace.METHODS, 1e-2))
+    for name, value in dict(DEV=32, INIT_DEV=16, AT=(0, 1), K=(1,)).items():
+        monkeypatch.setattr(funcspace, name, value)
+    funcspace.funcspace("cola", "full", 0, str(tmp_path / "ckpt"), steps=3)
+    funcspace.init_row("cola", 0, str(tmp_path / "ckpt"), steps=3)
+    row = common.read_rows(funcspace.FUNCSPACE)[-1]
+    auto = row["damping_auto"]
+    assert row["kind"] == "init" and row["ks"] == [1, 3] and auto in cglora.DAMPING_GRID
+    labels = [(d["method"], d["damping"]) for d in row["directions"]]
+    assert labels[:4] == [("cg-lora", 1.0), ("K-FAC Newton, full rank", 1.0), ("cg-lora", auto),
+                          ("K-FAC Newton, full rank", auto)]
+    for d in row["directions"]:
+        assert set(d["against"]) == {"whole 1", "whole 3", "target layers 1", "target layers 3"}
+        for m in d["against"].values():
+            assert m["explained"] == pytest.approx(m["cosine"] ** 2, abs=1e-5)
 
 
 def test_divergence_against_its_definition():

@@ -1,13 +1,13 @@
-"""Tests of results/realloss.py: the sequence curvatures against per-example gradients, the
-command's defaults, and the report against its rows."""
+"""Tests of results/realloss.py: the sequence curvatures against per-example gradients, a row on
+a tiny checkpoint, the command's defaults, and the report against its rows."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import _results_sandbox
-from results import realloss
+from conftest import _pretrained_checkpoint, _results_sandbox
+from results import common, realloss
 from test_cglora import _batches, _model
 
 
@@ -47,6 +47,32 @@ def test_realloss_curvatures_equal_per_example_gradients():
         pG = run.sequence_curvature(model, {n: layers[n]}, batches, [{n: (U[:, :2] * sigma[:2], Vh[:2])}])[1][0][n]
         assert run.fisher_decrease(pG) <= 0.5
     assert run.fisher_decrease(torch.tensor([3.0, 3.0])) == pytest.approx(0.5)  # equal gradients: the bound
+
+
+@pytest.mark.filterwarnings("ignore::data.RowCountWarning")  # the fixture holds a few GLUE rows
+def test_realloss_row_on_a_tiny_checkpoint(tmp_path, glue, monkeypatch):
+    """One (task, seed, head) end to end (the damping search needs its 2 folds): the one direction
+    marked auto is CG-LoRA at the row's searched damping, each direction's real decrease is the
+    loss at W0 less its best over the scales, the joint expand q is the layers' sum, and at
+    λ = 1000 (S and T damped to nearly a multiple of I) CG-LoRA's q is LoRA-One's."""
+    _pretrained_checkpoint(tmp_path / "ckpt", glue)
+    _results_sandbox(tmp_path, monkeypatch, "realloss")
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    monkeypatch.setattr(realloss, "CALIBRATION", 32)
+    monkeypatch.setattr(realloss, "HELD_OUT", 32)
+    monkeypatch.setattr(realloss, "BUDGET", dict(common.BUDGET, rank=2, alpha=4, max_len=16))
+    realloss.realloss("cola", 0, "fresh", str(tmp_path / "ckpt"))
+    row, = common.read_rows(realloss.REALLOSS)
+    ds = row["directions"]
+    auto = [(d["method"], d["damping"]) for d in ds if d["auto"]]
+    assert auto == [("cg-lora", row["damping_auto"])]
+    for d in ds:
+        losses = d["real"]["losses"]
+        assert d["real"]["decrease"] == pytest.approx(row["loss_W0"] - min(losses.values()))
+        assert losses[f"{d['real']['best_scale']:g}"] == min(losses.values())
+        assert d["joint"]["expand"] == pytest.approx(sum(x["expand"] for x in d["layers"].values()))
+    q = {(d["method"], d["damping"]): d["joint"]["expand"] for d in ds}
+    assert q[("cg-lora", 1000.0)] == pytest.approx(q[("lora-one", None)], rel=0.02)
 
 
 def test_realloss_report_renders_the_rows(tmp_path, monkeypatch):
