@@ -1295,7 +1295,7 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     with getattr(peft_model, "disable_adapter", contextlib.nullcontext)():
         stats = collect_statistics(peft_model, {n: m.base_layer for n, m in lora.items()}, batches,
                                    **options)
-    report = init_adapters(scratch, method, stats, **{k: v for k, v in kw.items() if k in known[1]})
+    report = init_adapters(scratch, stats, method, **{k: v for k, v in kw.items() if k in known[1]})
     with torch.no_grad():
         for n, m in lora.items():
             m.lora_A[adapter_name].weight.copy_(scratch[n].lora_A)
