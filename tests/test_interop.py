@@ -273,10 +273,11 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
             cglora.initialize_peft(peft_model, batches, method)
     with pytest.raises(TypeError, match=r"initialize_peft got \['rank'\]"):
         cglora.initialize_peft(peft_model, batches, rank=4)
-    with pytest.raises(TypeError, match=r"initialize_peft got \['log'\]"):  # init_adapters logs nothing
+    with pytest.raises(TypeError, match=r"initialize_peft got \['log'\]"):  # the init logs nothing
         cglora.initialize_peft(peft_model, batches, log=print)
-    with pytest.raises(ValueError, match="damping must be a number >= 0, got 'auto' .*choose_damping"):
-        cglora.initialize_peft(peft_model, batches, damping="auto")  # choose it first, then pass it
+    error = "damping must be a number >= 0, got 'auto' .*choose_damping"  # choose it, then pass it
+    with pytest.raises(ValueError, match=error):
+        cglora.initialize_peft(peft_model, batches, damping="auto")
     with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
         cglora.initialize_peft(peft_model, batches, adapter_name="other")
     dora = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))

@@ -119,8 +119,8 @@ def _private_uses(text):
 def test_the_public_api_is_listed_and_no_other_module_uses_a_private_name():
     import cglora
     assert len(cglora.__all__) == len(set(cglora.__all__)) and all(hasattr(cglora, n) for n in cglora.__all__)
-    assert _private_uses("cglora._eig(X)\nfrom cglora import (add_lora,  # a comment\n    _fp32)\n") == {
-        "_eig", "_fp32"}
+    example = "cglora._eig(X)\nfrom cglora import (add_lora,  # a comment\n    _fp32)\n"
+    assert _private_uses(example) == {"_eig", "_fp32"}
     ours = {ROOT / "cglora.py", ROOT / "test_cglora.py"}  # the library and its tests
     for path in sorted(ROOT.rglob("*")):
         relative = path.relative_to(ROOT).parts
