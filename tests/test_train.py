@@ -50,8 +50,8 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
 
 def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_path, glue, capsys):
     """The real loss check (§8.2): the examples after the calibration batches, the loss at W0 and along each
-    layer's quadratic-model step; a shifted init is judged before W0 moves, so every method of one seed sees
-    one loss at W0. The decrease is the loss at W0 minus the best scale's, beside the calibration model's
+    layer's quadratic-model step; a shifted init is judged, after it is written, from the original W0, so
+    every method of one seed sees one loss at W0. The decrease is the loss at W0 minus the best scale's, beside the calibration model's
     prediction (the summed in-sample q)."""
     summaries = {}
     for method in ("cg-lora", "cg-lora-shift", "lora-ga", "lora-one"):
