@@ -72,10 +72,12 @@ def _problem(d_out=6, d_in=5, seed=0):
                                                        (3, 0.0, 1.0, 0.25)])
 def test_cg_factors_equal_brute_force_kronecker_whitening(rank, damping, step, scaling):
     G, S, T = _problem()
-    B, A, sigma = cg_lora_factors(G, S, T, rank, damping=damping, step=step, scaling=scaling)
+    B, A, sigma, energy = cg_lora_factors(G, S, T, rank, damping=damping, step=step,
+                                          scaling=scaling)
     dW, sigma_ref = _brute_step(G, S, T, rank, damping)
     torch.testing.assert_close(scaling * B @ A, step * dW, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(sigma, sigma_ref[:rank], atol=1e-8, rtol=1e-8)
+    assert energy.item() == pytest.approx(sigma_ref.square().sum().item(), rel=1e-10)  # ||M||_F^2
     H = torch.kron(_damp(S, damping), _damp(T, damping))
     # value of the rank-r step in the explicit second-order model: -1/2 sum_{i<=r} sigma_i^2
     assert _objective(dW, G, H).item() == pytest.approx(-0.5 * sigma[:rank].square().sum().item())
@@ -83,7 +85,7 @@ def test_cg_factors_equal_brute_force_kronecker_whitening(rank, damping, step, s
 
 def test_full_rank_step_is_the_kfac_newton_step():
     G, S, T = _problem()
-    B, A, _ = cg_lora_factors(G, S, T, rank=5, damping=1e-2)
+    B, A = cg_lora_factors(G, S, T, rank=5, damping=1e-2)[:2]
     H = torch.kron(_damp(S, 1e-2), _damp(T, 1e-2))
     newton = -torch.linalg.solve(H, G.T.reshape(-1)).reshape(5, 6).T  # -H^-1 vec(G), unvec
     torch.testing.assert_close(B @ A, newton, atol=1e-8, rtol=1e-8)
@@ -93,7 +95,7 @@ def test_cg_step_beats_random_and_baseline_updates_in_the_curvature_metric():
     G, S, T = _problem(8, 7, seed=3)
     rank, damping = 2, 1e-2
     H = torch.kron(_damp(S, damping), _damp(T, damping))
-    B, A, _ = cg_lora_factors(G, S, T, rank, damping=damping)
+    B, A = cg_lora_factors(G, S, T, rank, damping=damping)[:2]
     best = _objective(B @ A, G, H)
 
     def best_multiple(D):  # min over c of f(c D): the direction D at its best length (exact line search)
@@ -114,7 +116,7 @@ def test_cg_step_beats_random_and_baseline_updates_in_the_curvature_metric():
 def test_no_whitening_reduces_to_top_r_step_of_minus_G():
     G, _, _ = _problem()
     I5, I6 = torch.eye(5, dtype=G.dtype), torch.eye(6, dtype=G.dtype)
-    B, A, _ = cg_lora_factors(G, I5, I6, rank=2, damping=0.0, step=0.7, scaling=3.0)
+    B, A = cg_lora_factors(G, I5, I6, rank=2, damping=0.0, step=0.7, scaling=3.0)[:2]
     U, s, Vh = torch.linalg.svd(G)
     top = U[:, :2] @ torch.diag(s[:2]) @ Vh[:2]
     torch.testing.assert_close(3.0 * B @ A, -0.7 * top, atol=1e-10, rtol=1e-10)
@@ -130,16 +132,16 @@ def test_relative_damping_makes_the_step_independent_of_the_scale_of_inputs_and_
     the step dW_r / c, and a loss scaled by c (G -> c G, T -> c^2 T) gives dW_r / c: the same M, the same
     directions, at any scale of the statistics (here tr / d far below and above 1)."""
     G, S, T = _problem(seed=5)
-    B, A, sigma = cg_lora_factors(G, S, T, 2, damping=0.3)
+    B, A, sigma = cg_lora_factors(G, S, T, 2, damping=0.3)[:3]
     for G2, S2, T2 in ((c * G, c * c * S, T), (c * G, S, c * c * T)):
-        B2, A2, sigma2 = cg_lora_factors(G2, S2, T2, 2, damping=0.3)
+        B2, A2, sigma2 = cg_lora_factors(G2, S2, T2, 2, damping=0.3)[:3]
         torch.testing.assert_close(B2 @ A2, B @ A / c, atol=1e-10, rtol=1e-8)
         torch.testing.assert_close(sigma2, sigma, atol=1e-10, rtol=1e-8)
 
 
 def test_cg_factors_are_balanced_in_the_curvature_metric():
     G, S, T = _problem()
-    B, A, sigma = cg_lora_factors(G, S, T, rank=3, damping=0.1, step=2.0, scaling=0.5)
+    B, A, sigma = cg_lora_factors(G, S, T, rank=3, damping=0.1, step=2.0, scaling=0.5)[:3]
     left, right = B.T @ _damp(T, 0.1) @ B, A @ _damp(S, 0.1) @ A.T
     torch.testing.assert_close(left, right, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(left, torch.diag(2.0 / 0.5 * sigma[:3]), atol=1e-10, rtol=1e-10)
@@ -221,8 +223,10 @@ def test_top_svd_is_exact_on_a_flat_spectrum_where_fixed_iterations_fail():
 
 def test_zero_gradient_gives_zero_factors_not_nan():
     _, S, T = _problem()
-    B, A, sigma = cg_lora_factors(torch.zeros(6, 5, dtype=torch.float64), S, torch.zeros_like(T), 2)
-    assert torch.isfinite(B).all() and torch.isfinite(A).all() and (B @ A).abs().max() == 0
+    G = torch.zeros(6, 5, dtype=torch.float64)
+    B, A, _, energy = cg_lora_factors(G, S, torch.zeros_like(T), 2)
+    assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    assert (B @ A).abs().max() == 0 == energy
 
 
 def test_rank_too_large_for_factors():
@@ -247,7 +251,7 @@ def test_predicted_decrease_is_the_best_multiple_in_the_explicit_quadratic_model
     assert cglora.predicted_decrease(B, A, G, S, T) == pytest.approx(-best, rel=1e-6)
     assert cglora.predicted_decrease(B, -A, G, S, T) == pytest.approx(-best, rel=1e-6)  # the sign is free
     # the rank-r CG step reaches the whole rank-r optimum: q = sum of its sigma_i^2 / 2
-    Bc, Ac, sigma = cg_lora_factors(G, S, T, 2, damping=0.0)
+    Bc, Ac, sigma = cg_lora_factors(G, S, T, 2, damping=0.0)[:3]
     assert cglora.predicted_decrease(Bc, Ac, G, S, T) == pytest.approx(0.5 * sigma.square().sum().item())
 
 
@@ -277,10 +281,46 @@ def test_folds_pool_to_the_statistics_of_all_batches():
             assert fold.n == sum(b["labels"].shape[0] for b in batches[k::3])
             assert fold.tokens == sum(b["attention_mask"].sum().item() for b in batches[k::3])
     assert cglora.pool(three["mix"].folds[1:2]) is three["mix"].folds[1]  # one fold's pool is itself, not a copy
-    for name in layers:  # the folds are the only copies: pooled statistics are formed on access
+    for name in layers:  # a fold's S is its own, not another input's
         assert all(f.S is g.S for f, g in zip(three[name].folds, three["query"].folds)) == (name == "query")
     with pytest.raises(ValueError, match="6 folds need at least 6 calibration batches"):
         collect_statistics(model, layers, batches, folds=6)
+
+
+def test_statistics_hold_pooled_tensors_one_S_per_input_and_folds_only_when_asked():
+    """Statistics holds the pooled S, G, T: layers fed one input (query, value) hold the very same
+    S tensor, pooled and per fold; with folds=2 the pooled S is the token-weighted mean of the
+    folds', G and T their loss-term-weighted means (weights counted here from the batches); with
+    folds=1 there are no folds."""
+    model, batches = _model(), _batches(sizes=(3, 2, 4, 1, 2))
+    layers = {n: getattr(model, n) for n in ("query", "value", "mix")}
+    one = collect_statistics(model, layers, batches)
+    assert all(st.folds == () for st in one.values())
+    assert one["query"].S is one["value"].S and one["mix"].S is not one["query"].S
+    assert [st.input for st in one.values()] == ["query", "query", "mix"]
+    two = collect_statistics(model, layers, batches, folds=2)
+    assert two["query"].S is two["value"].S
+    assert all(f.S is g.S for f, g in zip(two["query"].folds, two["value"].folds))
+    tokens = [sum(b["attention_mask"].sum().item() for b in batches[k::2]) for k in (0, 1)]
+    terms = [sum(len(b["labels"]) for b in batches[k::2]) for k in (0, 1)]
+    for name, st in two.items():
+        f = st.folds
+        assert len(f) == 2 and all(k.folds == () for k in f) and st.folds[0].S is not st.S
+        assert (st.tokens, st.n) == (sum(tokens), sum(terms))
+        for X, Y, w in ((st.S, [k.S for k in f], tokens), (st.G, [k.G for k in f], terms),
+                        (st.T, [k.T for k in f], terms)):
+            want = (Y[0] * w[0] + Y[1] * w[1]) / sum(w)
+            torch.testing.assert_close(X, want, atol=1e-7, rtol=1e-6)
+        for X, Y in zip(_sgt(st), _sgt(one[name])):  # and the statistics of all batches at once
+            torch.testing.assert_close(X, Y, atol=1e-6, rtol=1e-5)
+
+
+def _held(st):  # the tensors a layer's Statistics holds: S, G, T pooled, then each fold's
+    return [*st[:3], *(X for f in st.folds for X in f[:3])]
+
+
+def _folded(folds):  # statistics as collect_statistics(folds=K) holds them: pooled, and the folds
+    return cglora.pool(folds)._replace(folds=tuple(folds))
 
 
 def _synthetic_folds(noise=True, seed=0, d=16, samples=100, folds=2):
@@ -300,26 +340,27 @@ def _synthetic_folds(noise=True, seed=0, d=16, samples=100, folds=2):
     out = []
     for _ in range(folds):
         if not noise:
-            out.append(cglora.Fold(S, G, T, samples, samples))
+            out.append(cglora.Statistics(S, G, T, samples, samples, "w"))
             continue
         X = torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(S).T
         D = X @ W.T + torch.randn(samples, d, generator=g, dtype=S.dtype) @ torch.linalg.cholesky(E).T
-        out.append(cglora.Fold(X.T @ X / samples, D.T @ X / samples, D.T @ D / samples, samples, samples))
-    return cglora.Statistics(tuple(out)), (G, S, T)
+        moments = (X.T @ X / samples, D.T @ X / samples, D.T @ D / samples)
+        out.append(cglora.Statistics(*moments, samples, samples, "w"))
+    return _folded(out), (G, S, T)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3])
 def test_auto_damping_is_near_the_best_grid_point_on_noisy_folds_and_small_without_noise(seed):
     stats, truth = _synthetic_folds(seed=seed)
-    chosen, rows = cglora.diagnose("cg-lora", {"w": stats}, {"w": 2})
+    chosen, table = cglora.choose_damping({"w": stats}, {"w": 2})
     # each lambda's direction from all the samples, judged on the true quadratic model (data no fold saw)
     true_q = {lam: cglora.predicted_decrease(*cglora.direction("cg-lora", stats, 2, lam), *truth)
               for lam in cglora.DAMPING_GRID}
     assert true_q[chosen] >= 0.9 * max(true_q.values()), (chosen, true_q)
     assert true_q[chosen] > 1.5 * true_q[min(true_q)]  # and the noise made the smallest damping a bad choice
-    assert rows["w"]["heldout_by_damping"][chosen] == max(rows["w"]["heldout_by_damping"].values())
+    assert set(table) == set(cglora.DAMPING_GRID) and table[chosen] == max(table.values())
     clean, _ = _synthetic_folds(noise=False, seed=seed)  # exact statistics: the Newton step itself wins
-    assert cglora.diagnose("cg-lora", {"w": clean}, {"w": 2})[0] == min(cglora.DAMPING_GRID)
+    assert cglora.choose_damping({"w": clean}, {"w": 2})[0] == min(cglora.DAMPING_GRID)
 
 
 def _spectrum_folds(sigma0, d_out=90, d_in=80, folds=2, seed=0):
@@ -340,8 +381,9 @@ def _spectrum_folds(sigma0, d_out=90, d_in=80, folds=2, seed=0):
         X = torch.randn(4 * d_in, d_in, generator=g, dtype=torch.float64) @ _mpow(S, 0.5)
         D = torch.randn(4 * d_out, d_out, generator=g, dtype=torch.float64) @ _mpow(T, 0.5)
         noise = 0.2 * G.norm() / math.sqrt(d_out * d_in) * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-        out.append(cglora.Fold(X.T @ X / len(X), G + noise, D.T @ D / len(D), 100.0, 100.0))
-    return cglora.Statistics(tuple(out))
+        moments = (X.T @ X / len(X), G + noise, D.T @ D / len(D))
+        out.append(cglora.Statistics(*moments, 100.0, 100.0, "w"))
+    return _folded(out)
 
 
 def _exact_scores(stats, rank, grid):  # §8.1 by the exact route: every lambda's direction by a full SVD
@@ -360,9 +402,8 @@ def test_cheap_damping_choice_agrees_with_the_exact_route(spectrum):
     sigma0 = 1 / (1 + 0.01 * i) if spectrum == "flat" else torch.where(i < 8, 10.0, 1 / (1 + 0.01 * i))
     stats = _spectrum_folds(sigma0)
     grid = cglora.DAMPING_GRID
-    chosen, rows = cglora.diagnose("cg-lora", {"w": stats}, {"w": 8}, grid=grid)
+    chosen, cheap = cglora.choose_damping({"w": stats}, {"w": 8}, grid=grid)
     exact = _exact_scores(stats, 8, grid)
-    cheap = rows["w"]["heldout_by_damping"]
     assert chosen == max(exact, key=exact.get)
     assert cheap[chosen] == pytest.approx(exact[chosen], rel=1e-2)
     assert all(cheap[lam] == pytest.approx(exact[lam], rel=0.05) for lam in grid)
@@ -375,6 +416,25 @@ def test_cheap_damping_choice_agrees_with_the_exact_route(spectrum):
             dW = B @ A
             assert ((dirs[lam][0] @ dirs[lam][1]).double() - dW).norm() < 5e-3 * dW.norm()
             assert cglora.overlap(dirs[lam][0].double(), B) > 1 - 1e-5
+
+
+def test_the_eigh_route_of_the_damping_search_is_the_cholesky_route_at_every_lambda():
+    """cg_directions (choose_damping's route: one eigh of S and of T, each lambda a rescaling) gives
+    cg_lora_factors' update (Cholesky, exact SVD) at every lambda of the grid: the same B A to
+    rounding where top_r's block 2r spans the whole space (6 x 5, rank 3), so the two routes'
+    algebra and relative damping agree; where top_r iterates (12 x 10, rank 3), the captured
+    energy -<G, B A> = sum sigma_i^2 within its stop, 1e-4 relative (B A itself differs by up to
+    5e-4 there: top_r stops on the energy, not on the subspace)."""
+    for (d_out, d_in), exact in (((6, 5), True), ((12, 10), False)):
+        G, S, T = _problem(d_out, d_in, seed=6)
+        dirs = cglora.cg_directions(G, cglora._eig(S), cglora._eig(T), 3, cglora.DAMPING_GRID)
+        assert set(dirs) == set(cglora.DAMPING_GRID)
+        for lam, (B, A) in dirs.items():
+            B_ref, A_ref, sigma, _ = cg_lora_factors(G, S, T, 3, damping=lam)
+            if exact:
+                assert (B @ A - B_ref @ A_ref).norm() <= 1e-10 * (B_ref @ A_ref).norm(), lam
+            captured = -(G * (B @ A)).sum()
+            assert captured.item() == pytest.approx(sigma.square().sum().item(), rel=1e-4), lam
 
 
 def test_top_r_captures_the_exact_energy_and_is_deterministic():
@@ -397,29 +457,38 @@ def test_top_r_captures_the_exact_energy_and_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(cglora.top_r(M, 8), cglora.top_r(M.clone(), 8)))
 
 
-def test_init_adapters_reports_the_calibration_diagnostics():
-    _, _, _, report = _adapted("cg-lora", folds=2, damping="auto")
-    grid = set(cglora.DAMPING_GRID)
-    for row in report:
-        assert row["damping"] in grid and set(row["heldout_by_damping"]) == grid
-        assert row["heldout"] == row["heldout_by_damping"][row["damping"]] > 0
-        assert 0 <= row["overlap_left"] <= 1 + 1e-6 and 0 <= row["overlap_right"] <= 1 + 1e-6
-        assert row["insample"] > 0 and row["insample_lora_one"] > 0 and row["heldout_lora_one"] > 0
+def test_choose_damping_and_diagnose_report_the_calibration_diagnostics():
+    """On statistics with folds=2: choose_damping returns the grid's lambda of the largest held-out
+    q and its table; the init at that lambda reports no diagnostics, and counts the statistics
+    held once (a shared S in its first layer, folds included); diagnose, called after it, gives
+    every layer its §8 row, whose held-out q summed over the layers is the table's (diagnose fits
+    by the Cholesky route, the table by the eigh route: 1e-4 at the chosen lambda, 1% at every
+    one). LoRA-One's held-out q is its own baseline's; it has no damping."""
     model = _model()
-    stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches(),
-                               folds=2)
-    held = {id(X): X for st in stats.values() for f in st.folds for X in f[:3]}  # query and value share S
+    layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches(), folds=2)
+    ranks, grid = {n: 2 for n in layers}, set(cglora.DAMPING_GRID)
+    damping, table = cglora.choose_damping(stats, ranks)
+    assert damping in grid and set(table) == grid and table[damping] == max(table.values()) > 0
+    report = init_adapters(layers, stats, damping=damping)
+    assert all(r["damping"] == damping for r in report)
+    assert all("heldout" not in r and "overlap_left" not in r for r in report)
+    held = {id(X): X for st in stats.values() for X in _held(st)}
     assert sum(r["statistics_mib"] for r in report) == pytest.approx(
         sum(X.numel() * 4 for X in held.values()) / 2 ** 20, rel=1e-9)
-    fixed = _adapted("cg-lora", damping=0.5, folds=2)[3]
-    assert all(r["damping"] == 0.5 and r["heldout_by_damping"] is None for r in fixed)
-    one = _adapted("lora-one", folds=2)[3]
-    assert all(r["heldout"] == r["heldout_lora_one"] and r["damping"] is None for r in one)
-    model = _model()
-    layers = add_lora(model, ["mix"], rank=2, alpha=4)
-    stats = collect_statistics(model, {"mix": layers["mix"].base}, _batches(), folds=1)
-    with pytest.raises(ValueError, match="damping='auto' chooses lambda on held-out folds"):
-        init_adapters(layers, "cg-lora", stats, damping="auto", log=lambda *a: None)
+    assert len(held) == 3 * (2 * 3 + 2)  # query and value share S: pooled and in each fold
+    rows = cglora.diagnose(stats, ranks, damping=damping)
+    assert list(rows) == list(layers)
+    for row in rows.values():
+        assert 0 <= row["overlap_left"] <= 1 + 1e-6 and 0 <= row["overlap_right"] <= 1 + 1e-6
+        assert row["insample"] > 0 and row["insample_lora_one"] > 0 and row["heldout_lora_one"] > 0
+    assert sum(r["heldout"] for r in rows.values()) == pytest.approx(table[damping], rel=1e-4)
+    for lam in grid:
+        heldout = sum(r["heldout"] for r in cglora.diagnose(stats, ranks, damping=lam).values())
+        assert heldout == pytest.approx(table[lam], rel=1e-2), lam
+    one = cglora.diagnose(stats, ranks, "lora-one")
+    assert all(r["heldout"] == r["heldout_lora_one"] > 0 for r in one.values())
+    assert all(r["damping"] is None for r in init_adapters(layers, stats, "lora-one"))
 
 
 # ============================================================================ cglora.py: model side
@@ -511,7 +580,7 @@ def test_statistics_equal_per_example_brute_force_with_padding(regression):
         for got, want in zip(_sgt(stats[n]), ref[n]):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    assert all(f.S is g.S for f, g in zip(stats["query"].folds, stats["value"].folds))  # one S
+    assert stats["query"].S is stats["value"].S  # one input, one S tensor
     assert stats["dead"].G.abs().max() == 0  # called, but does not reach the loss
 
 
@@ -547,7 +616,7 @@ def test_a_layer_called_twice_sums_both_calls_as_k_fac_does():
     torch.testing.assert_close(st.G, torch.autograd.grad(loss, model.inner.weight)[0], atol=1e-6, rtol=1e-5)
     rows = torch.cat([x, torch.tanh(model.inner(x))]).detach()  # the inputs of its two calls
     torch.testing.assert_close(st.S, rows.T @ rows / 24, atol=1e-6, rtol=1e-5)
-    assert st.folds[0].tokens == 24
+    assert st.tokens == 24 and st.folds == ()
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])
@@ -727,21 +796,23 @@ def test_add_lora_checks_every_rank_and_trainable_name_before_changing_the_model
         assert {n: (type(m), [p.requires_grad for p in m.parameters()]) for n, m in model.named_modules()} == before
 
 
-def test_lora_ga_too_wide_is_refused_before_the_diagnostics_run():
+def test_lora_ga_too_wide_is_refused_for_every_layer_before_any_is_written():
     model = _model()
     layers = add_lora(model, ["query", "mix"], rank=3, alpha=4)  # 2 * 3 > 5: both layers are too narrow
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(sizes=(3, 2, 2)))
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"layers \['query', 'mix'\]: lora-ga needs 2 \* rank <= min"):
-        init_adapters(layers, "lora-ga", stats, log=lambda *a: None)
+        init_adapters(layers, stats, "lora-ga")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_init_adapters_leaves_the_callers_statistics_for_another_method():
     model = _model()
     layers = add_lora(model, ["query", "value"], rank=2, alpha=4, rslora=True)
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
-    init_adapters(layers, "lora-one", stats, log=lambda *a: None)
+    init_adapters(layers, stats, "lora-one")
     assert sorted(stats) == ["query", "value"]
-    report = init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+    report = init_adapters(layers, stats, "cg-lora")
     assert all(r["captured"] > 0 for r in report)
 
 
@@ -799,7 +870,7 @@ def _adapted(method, seed=0, folds=1, **kw):
     layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=cglora.RSLORA[method])
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(),
                                folds=folds)
-    report = init_adapters(layers, method, stats, log=lambda *a: None, **kw)
+    report = init_adapters(layers, stats, method, **kw)
     return model, reference, layers, report
 
 
@@ -827,7 +898,7 @@ def test_unshifted_cg_lora_moves_weights_by_exactly_step_dW_r():
     layers = add_lora(model, ["mix"], rank=2, alpha=4)
     stats = collect_statistics(model, {"mix": layers["mix"].base}, _batches())
     S, G, T = (X.double() for X in _sgt(stats["mix"]))
-    report = init_adapters(layers, "cg-lora", stats, damping=0.1, step=0.3, init_norm=0, log=lambda *a: None)
+    report = init_adapters(layers, stats, "cg-lora", damping=0.1, step=0.3, init_norm=0)
     dW, sigma = _brute_step(G, S, T, 2, 0.1)
     layer = layers["mix"]
     assert torch.equal(layer.base.weight, W0) and not report[0]["shifted"]
@@ -850,7 +921,7 @@ def test_cg_lora_init_is_the_newton_step_rescaled_to_init_norm(init_norm):
     stats = _stats_of(reference, layers)
     for (name, layer), row in zip(layers.items(), report):
         S, G, T = stats[name]
-        dW, _ = _brute_step(G, S, T, 2, row["damping"])  # the damping the init chose (auto)
+        dW, _ = _brute_step(G, S, T, 2, row["damping"])  # the damping the init used
         update = layer.delta_weight().double()
         torch.testing.assert_close(update, want * dW / torch.linalg.matrix_norm(dW, ord=2), atol=1e-6, rtol=1e-4)
         assert (G * update).sum() < 0
@@ -902,7 +973,7 @@ def test_one_seed_one_init_where_randomness_acts():
         assert all(torch.equal(a, b) for a, b in zip(factors(method, 3), factors(method, 3)))
         assert not all(torch.equal(a, b) for a, b in zip(factors(method, 3), factors(method, 4)))
     assert torch.equal(sampled_T(3), sampled_T(3)) and not torch.equal(sampled_T(3), sampled_T(4))
-    # CG-LoRA with the automatic damping draws nothing: two runs agree bit for bit
+    # CG-LoRA at a fixed damping draws nothing: two runs agree bit for bit
     assert all(torch.equal(a, b) for a, b in zip(factors("cg-lora", 3), factors("cg-lora", 4)))
 
 
@@ -920,16 +991,18 @@ def test_init_errors_and_zero_gradient_fallback():
     model = _model()
     layers = add_lora(model, ["dead", "mix"], rank=2, alpha=4)
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(), folds=2)
-    report = init_adapters(layers, "cg-lora", dict(stats), log=lambda *a: None)
+    report = init_adapters(layers, dict(stats), "cg-lora")
     rows = {r["layer"]: r for r in report}
     assert rows["dead"]["fallback"] and rows["mix"]["fallback"] is None
-    assert "heldout" not in rows["dead"] and rows["mix"]["heldout"] > 0  # no direction, so no diagnostics
+    diagnostics = cglora.diagnose(stats, {n: 2 for n in layers})
+    assert "dead" not in diagnostics  # no direction, so no diagnostics
+    assert diagnostics["mix"]["heldout"] > 0
     assert layers["dead"].lora_B.abs().max() == 0 and torch.isfinite(layers["dead"].lora_A).all()
-    bad = {"mix": cglora.Statistics(tuple(f._replace(G=f.G * float("nan")) for f in stats["mix"].folds))}
+    bad = {"mix": stats["mix"]._replace(G=stats["mix"].G * float("nan"))}
     with pytest.raises(ValueError, match="layer mix: statistics contain NaN"):
-        init_adapters({"mix": layers["mix"]}, "cg-lora", bad, log=lambda *a: None)
+        init_adapters({"mix": layers["mix"]}, bad, "cg-lora")
     with pytest.raises(ValueError, match="unknown init method 'pissa'"):
-        init_adapters(layers, "pissa", stats)
+        init_adapters(layers, stats, "pissa")
 
 
 def test_plain_lora_A_is_kaiming_uniform():
@@ -961,41 +1034,55 @@ def test_lora_one_own_size_is_one_over_gamma():
 @pytest.mark.parametrize("folds", [2, 3])
 def test_diagnostics_against_a_recomputation_from_fixed_halves(folds):
     """§8 diagnostics: the overlaps are those of the exact directions fitted on the two halves (K = 2: fold 0
-    and fold 1; K = 3: folds 0 + 2 and fold 1), heldout_lora_one is LoRA-One's K-fold held-out q; on a
-    spectrum gapped enough for the directions to be defined."""
+    and fold 1; K = 3: folds 0 + 2 and fold 1), heldout and heldout_lora_one are this method's and
+    LoRA-One's K-fold held-out q; on a spectrum gapped enough for the directions to be defined."""
     i = torch.arange(80, dtype=torch.float64)
     stats = _spectrum_folds(torch.where(i < 8, 1.5, 1 / (1 + 0.01 * i)), folds=folds, seed=1)
     f = stats.folds
+    lam = cglora.choose_damping({"w": stats}, {"w": 8})[0]  # diagnose at the damping chosen
     for method in ("cg-lora", "lora-one"):
-        lam, rows = cglora.diagnose(method, {"w": stats}, {"w": 8})
-        row = rows["w"]
+        row = cglora.diagnose({"w": stats}, {"w": 8}, method, damping=lam)["w"]
         halves = [cglora.direction(method, cglora.pool(f[h::2]), 8, lam) for h in (0, 1)]
         left, right = cglora.overlap(halves[0][0], halves[1][0]), cglora.overlap(halves[0][1].T, halves[1][1].T)
         assert 0.2 < left < 0.99 and 0.2 < right < 0.99  # neither chance nor the same subspace
-        assert row["overlap_left"] == pytest.approx(left, abs=5e-3)  # K = 2: the cheap route's directions
+        assert row["overlap_left"] == pytest.approx(left, abs=5e-3)
         assert row["overlap_right"] == pytest.approx(right, abs=5e-3)
         one = sum(cglora.predicted_decrease(*cglora.lora_one_factors(cglora.pool(f[:k] + f[k + 1:]).G, 8), fk.G, fk.S, fk.T)
                   for k, fk in enumerate(f))
         assert row["heldout_lora_one"] == pytest.approx(one, rel=1e-3)
+        fitted = [cglora.direction(method, cglora.pool(f[:k] + f[k + 1:]), 8, lam)
+                  for k in range(folds)]
+        held = sum(cglora.predicted_decrease(*BA, fk.G, fk.S, fk.T) for BA, fk in zip(fitted, f))
+        assert row["heldout"] == pytest.approx(held, rel=1e-6)  # this method's, at that damping
 
 
 def test_init_from_unfolded_statistics_at_a_fixed_damping():
     """Statistics collected with folds=1 (documented) serve a fixed damping and every baseline, without
-    diagnostics; 'auto' and a negative damping are clear errors."""
+    diagnostics; 'auto' and a negative damping are clear errors, one line naming choose_damping;
+    choose_damping and diagnose, which judge on held-out folds, refuse such statistics in one
+    line."""
     model = _model()
     layers = add_lora(model, ["query", "mix"], rank=2, alpha=4, rslora=True)
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches(), folds=1)
     for method in ("cg-lora", "lora-one", "lora-ga"):
-        report = init_adapters(layers, method, dict(stats), damping=0.1, log=lambda *a: None)
-        assert all(r["heldout"] is None if "heldout" in r else True for r in report)
+        report = init_adapters(layers, dict(stats), method, damping=0.1)
+        assert all("heldout" not in r and "insample" not in r for r in report)
         assert all("overlap_left" not in r and r["update_norm"] > 0 for r in report)
     ref = cg_lora_factors(stats["mix"].G, stats["mix"].S, stats["mix"].T, 2, damping=0.1)
-    init_adapters(layers, "cg-lora", dict(stats), damping=0.1, init_norm=0, log=lambda *a: None)
+    init_adapters(layers, dict(stats), "cg-lora", damping=0.1, init_norm=0)
     torch.testing.assert_close(layers["mix"].delta_weight(), ref[0] @ ref[1],  # the raw step dW_r
                                atol=1e-6, rtol=1e-4)
-    for damping in (-0.1, "loud"):
-        with pytest.raises(ValueError, match="damping must be 'auto' or a number >= 0"):
-            init_adapters(layers, "cg-lora", dict(stats), damping=damping, log=lambda *a: None)
+    for damping in (-0.1, "loud", "auto"):
+        error = f"damping must be a number >= 0, got {damping!r} .*choose_damping"
+        with pytest.raises(ValueError, match=error) as e:
+            init_adapters(layers, dict(stats), "cg-lora", damping=damping)
+        assert "\n" not in str(e.value)
+    ranks = {n: 2 for n in layers}
+    for call in (cglora.choose_damping, cglora.diagnose):
+        error = "on held-out folds: collect the statistics with folds=2"
+        with pytest.raises(ValueError, match=error) as e:
+            call(stats, ranks)
+        assert "\n" not in str(e.value)
 
 
 def test_the_default_loss_refuses_anything_but_logits_batch_by_classes_and_labels_batch():
@@ -1032,12 +1119,15 @@ def test_edge_cases_of_the_small_helpers():
     with pytest.raises(ValueError, match="2 \\* rank <= min"):
         cglora.lora_ga_factors(G, 3)
     assert cglora.predicted_decrease(torch.zeros(6, 2), torch.randn(2, 4), G, S, T) == 0.0  # no direction
-    torch.testing.assert_close(cglora._damped(torch.zeros(3, 3), 0.5), 0.5 * torch.eye(3))  # X = 0: lambda I
+    L = cglora.damped_cholesky(torch.zeros(3, 3), 0.5)
+    torch.testing.assert_close(L @ L.T, 0.5 * torch.eye(3))  # X = 0: lambda I
     assert cglora._eig(torch.zeros(3, 3)).mu == 1.0
     stats, _ = _synthetic_folds()  # a gradient with no positive entry is not a zero gradient
-    nonpositive = cglora.Statistics(tuple(f._replace(G=-f.G.abs() * (f.G.abs() > f.G.abs().min())) for f in stats.folds))
-    assert all(f.G.max() == 0 for f in nonpositive.folds)
-    assert set(cglora.diagnose("cg-lora", {"w": nonpositive}, {"w": 2})[1]) == {"w"}
+    nonpositive = _folded([f._replace(G=-f.G.abs() * (f.G.abs() > f.G.abs().min()))
+                           for f in stats.folds])
+    assert all(f.G.max() == 0 for f in nonpositive.folds) and nonpositive.G.max() <= 0
+    assert set(cglora.diagnose({"w": nonpositive}, {"w": 2})) == {"w"}
+    assert min(cglora.choose_damping({"w": nonpositive}, {"w": 2})[1].values()) > 0
     model = _model()
     with pytest.raises(ValueError, match="folds must be >= 1, got 0"):
         collect_statistics(model, {"mix": model.mix}, _batches(), folds=0)
@@ -1074,8 +1164,14 @@ layers = cglora.add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslo
 stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches[rank::world],
                                   folds=2)
 held = {n: (st.owner, len(st.folds)) for n, st in stats.items()}
-report = cglora.init_adapters(layers, "cg-lora", stats, damping="auto", log=lambda *a: None)
-torch.save(dict(held=held, report=report, BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
+ranks = {n: 2 for n in layers}
+damping, table = cglora.choose_damping(stats, ranks)
+report = cglora.init_owned(layers, stats, damping=damping)
+diagnostics = cglora.diagnose(stats, ranks, damping=damping)
+for row in report:
+    row.update(diagnostics[row["layer"]])
+torch.save(dict(held=held, table=table, report=report,
+                BA={n: m.lora_B.detach() @ m.lora_A.detach() for n, m in layers.items()}),
            f"{sys.argv[2]}/rank{rank}.pt")
 if distributed:  # as train.py ends: a rank that exits with its gloo group alive may abort at exit
     dist.barrier()
@@ -1085,8 +1181,10 @@ if distributed:  # as train.py ends: a rank that exits with its gloo group alive
 
 def test_torchrun_layers_are_owned_factorized_once_and_broadcast(tmp_path):
     """Under torch.distributed each layer's statistics are reduced to one owner (the i-th distinct input's
-    layers to rank i mod world: query and value share theirs) and freed elsewhere; the damping scores are
-    summed across ranks, so both ranks choose one process's lambda, and the owner's factors reach every rank."""
+    layers to rank i mod world: query and value share theirs) and freed elsewhere; choose_damping's
+    scores are summed across ranks, so both ranks choose one process's lambda; init_owned's owner
+    factorizes each layer and its factors reach every rank; diagnose gives every layer's row on
+    every rank."""
     (tmp_path / "owners.py").write_text(_OWNERS)
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -1104,12 +1202,25 @@ def test_torchrun_layers_are_owned_factorized_once_and_broadcast(tmp_path):
     assert ranks[0]["held"] == {"query": (0, 2), "value": (0, 2), "mix": (1, 0)}
     assert ranks[1]["held"] == {"query": (0, 0), "value": (0, 0), "mix": (1, 2)}
     for got in ranks:
+        assert got["table"] == pytest.approx(ref["table"], rel=1e-4)
         assert [r["damping"] for r in got["report"]] == [r["damping"] for r in ref["report"]]
         for r1, r2 in zip(ref["report"], got["report"]):
             for key in ("heldout", "heldout_lora_one", "insample", "overlap_left", "captured", "statistics_mib"):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
         for name, BA in ref["BA"].items():
             torch.testing.assert_close(got["BA"][name], BA, atol=1e-6, rtol=1e-4)
+
+
+def _merged_loss(layers, directions, c, batches):
+    """The mean example loss, in eval mode, of a plain copy of _model() (the model before any init)
+    with W0 + s c B A written into its weights."""
+    plain = _model().eval()
+    with torch.no_grad():
+        for n, (B, A) in directions.items():
+            getattr(plain, n).weight += layers[n].scaling * c * B @ A
+    return torch.cat([nn.functional.cross_entropy(plain(b["input_ids"], b["attention_mask"]),
+                                                  b["labels"], reduction="none")
+                      for b in batches]).mean().item()
 
 
 def test_real_decrease_equals_the_merged_update_and_leaves_the_adapters_as_found():
@@ -1125,14 +1236,7 @@ def test_real_decrease_equals_the_merged_update_and_leaves_the_adapters_as_found
     found = {k: v.clone() for k, v in model.state_dict().items()}
     at_W0, losses = cglora.real_decrease(model.train(), layers, directions, batches, [0.5, 2.0])
 
-    def merged(c):  # W0 + s c B A written into the weights of a plain copy of the model
-        plain = _model().eval()
-        with torch.no_grad():
-            for n, (B, A) in directions.items():
-                getattr(plain, n).weight += layers[n].scaling * c * B @ A
-        return torch.cat([nn.functional.cross_entropy(plain(b["input_ids"], b["attention_mask"]), b["labels"],
-                                                      reduction="none") for b in batches]).mean().item()
-
+    merged = lambda c: _merged_loss(layers, directions, c, batches)  # noqa: E731
     assert at_W0 == pytest.approx(merged(0.0), rel=1e-6)
     assert losses == pytest.approx({0.5: merged(0.5), 2.0: merged(2.0)}, rel=1e-5)
     assert model.training and all(torch.equal(v, found[k]) for k, v in model.state_dict().items())
@@ -1140,6 +1244,33 @@ def test_real_decrease_equals_the_merged_update_and_leaves_the_adapters_as_found
         bad = dict(batches[0], labels=torch.zeros(2, 2).long())
         cglora.real_decrease(model, layers, directions, batches + [bad], [1.0])
     assert model.training and all(torch.equal(v, found[k]) for k, v in model.state_dict().items())
+
+
+def test_real_decrease_after_a_shifted_init_measures_from_the_original_W0():
+    """Called after a shifted init is written (W0 moved by -s B0 A0), real_decrease measures from
+    the original W0: its loss at W0 is the model's before the init, and scale c is W0 + s c B A0
+    (merged by hand into a plain copy); a direction whose A is not the layer's A0 is refused in one
+    line, and the adapters and weights come back as found either way."""
+    model, batches = _model(), _batches(sizes=(3, 1, 4))
+    layers = add_lora(model, ["query", "value"], rank=2, alpha=4, rslora=True)
+    stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches())
+    init_adapters(layers, stats, "cg-lora-shift")
+    assert all(m.lora_B0.any() and not torch.equal(m.base.weight, getattr(_model(), n).weight)
+               for n, m in layers.items())  # W0 moved
+    g = torch.Generator().manual_seed(2)
+    directions = {n: (torch.randn(5, 2, generator=g), m.lora_A0.clone()) for n, m in layers.items()}
+    found = {k: v.clone() for k, v in model.state_dict().items()}
+    at_W0, losses = cglora.real_decrease(model, layers, directions, batches, [0.5, 2.0])
+    assert at_W0 == pytest.approx(_merged_loss(layers, directions, 0.0, batches), rel=1e-6)
+    merged = {c: _merged_loss(layers, directions, c, batches) for c in (0.5, 2.0)}
+    assert losses == pytest.approx(merged, rel=1e-5)
+    assert all(torch.equal(v, found[k]) for k, v in model.state_dict().items())
+    B, A = directions["value"]
+    error = r"layers \['value'\]: their init shifted W0 .* must keep A0"
+    with pytest.raises(ValueError, match=error) as e:
+        cglora.real_decrease(model, layers, dict(directions, value=(B, A + 0.1)), batches, [1.0])
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, found[k]) for k, v in model.state_dict().items())
 
 
 # ============================================================================ cglora.py: token-level losses (§9)
@@ -1351,7 +1482,7 @@ def test_causal_lm_on_transformers_llama_G_is_its_loss_gradient_and_cg_lora_init
     adapters = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=2, alpha=4, rslora=True)
     stats = collect_statistics(model, {n: layer.base for n, layer in adapters.items()},
                                _token_batches(seed=3, sizes=(2, 3), vocab=50, length=9), loss=cglora.causal_lm_loss)
-    report = init_adapters(adapters, "cg-lora", stats, log=lambda *a: None)
+    report = init_adapters(adapters, stats, "cg-lora")
     assert len(report) == 8 and all(r["captured"] > 0 and r["fallback"] is None for r in report)
 
 
@@ -1362,9 +1493,9 @@ def test_the_default_init_is_one_pass_at_a_fixed_damping_with_no_diagnostics():
     assert all(r["damping"] == 1.0 and "heldout" not in r and "insample" not in r for r in report)
     model = _model()  # W0, as the init saw it
     stats = collect_statistics(model, {n: getattr(model, n) for n in ("query", "value", "mix")}, _batches())
-    assert all(len(st.folds) == 1 for st in stats.values())
+    assert all(st.folds == () for st in stats.values())  # one copy: no folds
     S, G, T = _sgt(stats["mix"])  # the init is the Newton step at that damping, as cg_lora_factors has it
-    B, A, _ = cg_lora_factors(G.double(), S.double(), T.double(), 2, damping=1.0)
+    B, A = cg_lora_factors(G.double(), S.double(), T.double(), 2, damping=1.0)[:2]
     torch.testing.assert_close(_adapted("cg-lora", init_norm=0)[2]["mix"].delta_weight().double(),
                                B @ A * 1.0, rtol=1e-4, atol=1e-7)
 
@@ -1374,15 +1505,15 @@ def test_symmetric_sums_in_lower_blocks_equal_the_whole_products(monkeypatch, bl
     """S and T are summed in their lower block triangle and mirrored: the same as a^T a whole."""
     model = _model()
     bases = {n: getattr(model, n) for n in ("query", "value", "mix")}
-    monkeypatch.setattr(cglora, "FLUSH_ROWS", 4)  # several flushes
+    monkeypatch.setattr(cglora, "_FLUSH_ROWS", 4)  # several flushes
     whole = collect_statistics(model, bases, _batches(sizes=(3, 2, 4)))
-    monkeypatch.setattr(cglora, "GRAM_MIN_WIDTH", 1)
-    monkeypatch.setattr(cglora, "GRAM_BLOCKS", blocks)
+    monkeypatch.setattr(cglora, "_GRAM_MIN_WIDTH", 1)
+    monkeypatch.setattr(cglora, "_GRAM_BLOCKS", blocks)
     split = collect_statistics(model, bases, _batches(sizes=(3, 2, 4)))
     for name in bases:
-        for X, Y in zip(split[name].folds[0][:3], whole[name].folds[0][:3]):
+        for X, Y in zip(split[name][:3], whole[name][:3]):
             torch.testing.assert_close(X, Y, rtol=1e-6, atol=1e-7)
-        S, T = split[name].folds[0].S, split[name].folds[0].T
+        S, T = split[name].S, split[name].T
         assert torch.equal(S, S.T) and torch.equal(T, T.T)
 
 
@@ -1403,10 +1534,10 @@ def test_init_in_groups_under_a_budget_gives_the_factors_of_one_pass(method):
         layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=cglora.RSLORA[method])
         if budget is None:
             stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches())
-            init_adapters(layers, method, stats, log=lambda *a: None)
+            init_adapters(layers, stats, method)
             groups = [list(layers)]
         else:
-            groups = cglora.init_in_groups(model, layers, _batches(), method, budget, log=lambda *a: None)[1]
+            groups = cglora.init_in_groups(model, layers, _batches(), method, budget)[1]
         return groups, model.state_dict()
     one_mib = cglora.statistics_mib({"mix": add_lora(_model(), ["mix"], 2, 4)["mix"]})
     one, state = adapters(None)
@@ -1502,18 +1633,19 @@ def test_top_r_and_the_factor_routines_keep_an_accelerator_matrix_there():
     G, S, T = torch.randn(12, 10, generator=g), _spd(10, 1, torch.float32), _spd(12, 2, torch.float32)
     with _Accelerator():
         G_, S_, T_ = (X.to(_ACCELERATOR) for X in (G, S, T))
-        B, A, sigma = cglora.cg_lora_factors(G_, S_, T_, 3)
+        B, A, sigma, energy = cglora.cg_lora_factors(G_, S_, T_, 3)
         made = [*cglora.top_r(G_, 4), *cglora.lora_ga_factors(G_, 2), *cglora.lora_one_factors(G_, 2),
-                *cglora.whiten(G_, S_, T_), B, A, sigma, *cglora.balance(B, A),
+                *cglora.whiten(G_, S_, T_), B, A, sigma, energy, *cglora.balance(B, A),
                 *cglora.lora_factors(12, 10, 4, device=G_.device)]
     assert all(_on_accelerator(X) for X in made)
-    B_cpu, A_cpu, _ = cglora.cg_lora_factors(G, S, T, 3)  # the same step as on the CPU
+    B_cpu, A_cpu = cglora.cg_lora_factors(G, S, T, 3)[:2]  # the same step as on the CPU
     torch.testing.assert_close(B.elem @ A.elem, B_cpu @ A_cpu)
 
 
 def _init_and_step(method, on_accelerator, **kw):
-    """Statistics, init and one AdamW step, on the CPU or the stand-in accelerator. Returns the
-    tensors made (statistics, parameters, buffers) and the step's loss."""
+    """Statistics, init and one AdamW step, on the CPU or the stand-in accelerator; with folds, the
+    damping search (damping="auto": choose_damping's, as train.py does) and the diagnostics too.
+    Returns the tensors made (statistics, parameters, buffers) and the step's loss."""
     stats_kw = {k: kw.pop(k) for k in ("fisher", "folds") if k in kw}
     move = (lambda x: x.to(_ACCELERATOR)) if on_accelerator else (lambda x: x)
     with _Accelerator() if on_accelerator else contextlib.nullcontext():
@@ -1522,8 +1654,13 @@ def _init_and_step(method, on_accelerator, **kw):
         batches = [{k: move(v) for k, v in b.items()} for b in _batches(sizes=(3, 2, 4, 2))]
         stats = None if method in ("lora", "rslora") else collect_statistics(
             model, {n: m.base for n, m in layers.items()}, batches, **stats_kw)
-        made = [X for st in (stats or {}).values() for f in st.folds for X in f[:3]]
-        init_adapters(layers, method, stats, log=lambda *a: None, **kw)
+        made = [X for st in (stats or {}).values() for X in _held(st)]
+        ranks = {n: 2 for n in layers}
+        if kw.get("damping") == "auto":
+            kw["damping"] = cglora.choose_damping(stats, ranks)[0]
+        init_adapters(layers, stats, method, **kw)
+        if stats_kw.get("folds", 1) > 1:
+            assert cglora.diagnose(stats, ranks, method, **kw).keys() == layers.keys()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         inputs = {k: v for k, v in batches[0].items() if k != "labels"}
         loss = cglora.default_loss(model(**inputs), batches[0]["labels"])
@@ -1551,8 +1688,7 @@ def test_init_in_groups_factorizes_in_fp32_under_autocast():
     model = _model()
     layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4, rslora=True)
     with torch.autocast("cpu", torch.bfloat16):
-        report, groups = cglora.init_in_groups(model, layers, _batches(), "cg-lora", 0.0004,
-                                               log=lambda *a: None)
+        report, groups = cglora.init_in_groups(model, layers, _batches(), "cg-lora", 0.0004)
     assert len(groups) == 3
     for row in report:
         assert row["update_norm"] == pytest.approx(4 / (math.sqrt(2) * cglora.LORA_ONE_GAMMA), rel=1e-5)
@@ -1562,16 +1698,16 @@ def test_init_in_groups_factorizes_in_fp32_under_autocast():
 def test_statistics_are_fp32_under_autocast(monkeypatch, flush_rows):
     """A caller's bf16 autocast reaches the statistics pass: the sums stay fp32 whether they are
     flushed many times (flush_rows=1) or once, and the init still runs."""
-    monkeypatch.setattr(cglora, "FLUSH_ROWS", flush_rows)
+    monkeypatch.setattr(cglora, "_FLUSH_ROWS", flush_rows)
     model = _model()
     layers = add_lora(model, ["query", "value", "mix"], rank=2, alpha=4)
     bases = {n: m.base for n, m in layers.items()}
     with torch.autocast("cpu", torch.bfloat16):
         stats = collect_statistics(model, bases, _batches(), folds=1)
-        init_adapters(layers, "cg-lora", stats, damping=0.1, log=lambda *a: None)
+        init_adapters(layers, stats, "cg-lora", damping=0.1)
     exact = collect_statistics(model, bases, _batches(), folds=1)
     for name, st in stats.items():
-        for X, Y in zip(st.folds[0][:3], exact[name].folds[0][:3]):
+        for X, Y in zip(st[:3], exact[name][:3]):
             assert X.dtype == torch.float32
             torch.testing.assert_close(X, Y, rtol=0.1, atol=0.05 * Y.abs().max().item())
 
@@ -1598,10 +1734,10 @@ def test_a_target_whose_weight_is_tied_to_another_module_refuses_a_shift_and_a_m
     stats = collect_statistics(model, {n: m.base for n, m in layers.items()}, batches, loss=cglora.causal_lm_loss)
     for method in ("cg-lora-shift", "lora-ga"):
         with pytest.raises(ValueError, match=r"\['lm_head'\]: .* tied to another module's"):
-            init_adapters(layers, method, stats, log=lambda *a: None)
+            init_adapters(layers, stats, method)
     with pytest.raises(ValueError, match="tied to another module's: merging would change that module"):
         layers["lm_head"].merge()
-    init_adapters(layers, "cg-lora", stats, log=lambda *a: None)
+    init_adapters(layers, stats, "cg-lora")
     before = model.emb.weight.clone()
     layers["proj"].merge()
     assert torch.equal(model.emb.weight, before)
@@ -1633,7 +1769,7 @@ def test_shifted_export_is_rank_2r_for_every_layer_even_a_zero_gradient_one():
     reference = copy.deepcopy(model)
     layers = add_lora(model, ["dead", "mix"], rank=2, alpha=4, rslora=True)
     stats = collect_statistics(model, {n: layer.base for n, layer in layers.items()}, _batches())
-    report = init_adapters(layers, "cg-lora-shift", stats, log=lambda *a: None)
+    report = init_adapters(layers, stats, "cg-lora-shift")
     assert {r["layer"]: r["fallback"] is not None for r in report} == {"dead": True, "mix": False}  # B = B0 = 0
     sd = lora_state_dict(model)  # peft needs one rank for all layers of an adapter
     for n, layer in layers.items():

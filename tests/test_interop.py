@@ -95,7 +95,7 @@ def test_t5_padded_encoder_and_labels_equal_autograd(decoder_length, given):
     torch.testing.assert_close(cross_k.S, x.T @ x / 15, atol=1e-6, rtol=1e-5)
     name = "decoder.block.0.layer.0.SelfAttention.q"  # S over the decoder's real target tokens
     x = _call_inputs(model, layers[name], batch)[0][decoder_mask.bool()]
-    assert stats[name].folds[0].tokens == decoder_mask.sum() == x.shape[0]
+    assert stats[name].tokens == decoder_mask.sum() == x.shape[0]
     torch.testing.assert_close(stats[name].S, x.T @ x / x.shape[0], atol=1e-6, rtol=1e-5)
     sampled = cglora.collect_statistics(model, layers, [batch], loss=cglora.seq2seq_lm_loss, folds=1,
                                         fisher="sampled")  # T from the model's tokens, G from the labels
@@ -223,10 +223,6 @@ def _calibration(family):
     return batches
 
 
-def _quiet(*args):
-    pass
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_initialize_peft_is_add_lora_and_init_adapters_saves_reloads_and_trains(tmp_path, family, dtype):
@@ -236,11 +232,11 @@ def test_initialize_peft_is_add_lora_and_init_adapters_saves_reloads_and_trains(
     model = make().to(dtype)  # our route: the same random model, the same rank and alpha
     layers = cglora.add_lora(model, targets, rank=4, alpha=8, rslora=True)
     stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches, loss=loss)
-    cglora.init_adapters(layers, "cg-lora", stats, log=_quiet)
+    cglora.init_adapters(layers, stats, "cg-lora")
 
     config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets, task_type=task)
     peft_model = peft.get_peft_model(make().to(dtype), config)
-    report = cglora.initialize_peft(peft_model, batches, log=_quiet)  # the LM's loss recognised by itself
+    report = cglora.initialize_peft(peft_model, batches)  # the LM's loss recognised by itself
     assert len(report) == len(layers) and all(r["captured"] > 0 for r in report)
     lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
             if isinstance(m, peft.tuners.lora.LoraLayer)}
@@ -277,6 +273,11 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
             cglora.initialize_peft(peft_model, batches, method)
     with pytest.raises(TypeError, match=r"initialize_peft got \['rank'\]"):
         cglora.initialize_peft(peft_model, batches, rank=4)
+    with pytest.raises(TypeError, match=r"initialize_peft got \['log'\]"):  # the init logs nothing
+        cglora.initialize_peft(peft_model, batches, log=print)
+    error = "damping must be a number >= 0, got 'auto' .*choose_damping"  # choose it, then pass it
+    with pytest.raises(ValueError, match=error):
+        cglora.initialize_peft(peft_model, batches, damping="auto")
     with pytest.raises(ValueError, match="no peft LoRA layer holds an adapter 'other'"):
         cglora.initialize_peft(peft_model, batches, adapter_name="other")
     dora = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
@@ -291,7 +292,7 @@ def test_initialize_peft_refuses_shifted_inits_unknown_options_and_models_withou
                                                              task_type="SEQ_2_SEQ_LM"))
     ids, mask = _padded(1, (2, 6), 50, (6, 3))
     report = cglora.initialize_peft(peft_model, [dict(input_ids=ids, attention_mask=mask, labels=ids)] * 2,
-                                    damping=1.0, log=_quiet)  # the seq2seq loss, recognised
+                                    damping=1.0)  # the seq2seq loss, recognised
     assert len(report) == 2 * 2 + 2 * 4 and all(r["fallback"] is None for r in report)
 
 
@@ -302,7 +303,7 @@ def test_save_peft_reloads_in_peft_to_our_logits_without_restating_the_scale(tmp
     layers = cglora.add_lora(model, ["query", "value"], rank=4, alpha=8, rslora=rslora,
                              trainable=["classifier", "pooler"])
     stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
-    cglora.init_adapters(layers, method, stats, log=_quiet)
+    cglora.init_adapters(layers, stats, method)
     with torch.no_grad():  # as if trained: adapters and the modules trained whole move
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -331,8 +332,8 @@ def test_initialize_peft_refuses_an_adapter_tied_to_another_and_takes_an_untied_
                                                                   ensure_weight_tying=True))
         own = peft.get_peft_model(_tied_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match=r"share their weights with a target's \(ensure_weight_tying\)"):
-        cglora.initialize_peft(tied, batches, log=_quiet)
-    report = cglora.initialize_peft(own, batches, log=_quiet)
+        cglora.initialize_peft(tied, batches)
+    report = cglora.initialize_peft(own, batches)
     assert [r["layer"] for r in report if r["captured"] > 0][-1].endswith("lm_head")
     head = own.base_model.model.lm_head
     with own.disable_adapter():
@@ -369,7 +370,7 @@ def test_initialize_peft_on_gpt2_conv1d_takes_the_causal_loss_and_its_first_orde
         warnings.simplefilter("ignore")  # fan_in_fan_out set to True for Conv1D
         peft_model = peft.get_peft_model(make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn",
                                                                                                      "c_proj"]))
-    report = cglora.initialize_peft(peft_model, batches, log=_quiet)
+    report = cglora.initialize_peft(peft_model, batches)
     assert len(report) == 6 and all(r["captured"] > 0 for r in report)  # c_proj: attention's and the MLP's
     lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
             if isinstance(m, peft.tuners.lora.LoraLayer)}
@@ -393,7 +394,7 @@ def test_initialize_peft_writes_fp32_adapters_on_a_bf16_base_unrounded():
     batches = _calibration("llama")
     peft_model = peft.get_peft_model(_llama(torch.bfloat16), peft.LoraConfig(r=2, lora_alpha=4,
                                                                              target_modules=["q_proj"]))
-    cglora.initialize_peft(peft_model, batches, init_norm=0, factor_balance="curvature", log=_quiet)
+    cglora.initialize_peft(peft_model, batches, init_norm=0, factor_balance="curvature")
     lora = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
             if isinstance(m, peft.tuners.lora.LoraLayer)}
     with peft_model.disable_adapter():
@@ -402,8 +403,8 @@ def test_initialize_peft_writes_fp32_adapters_on_a_bf16_base_unrounded():
         A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
         assert A.dtype == torch.float32 and not torch.equal(A, A.bfloat16().float())
         st = stats[name]
-        want_B, want_A, _ = cglora.cg_lora_factors(st.G, st.S, st.T, 2, scaling=m.scaling["default"],
-                                                   tol=cglora.FINAL_TOL)  # init_adapters' route
+        want_B, want_A = cglora.cg_lora_factors(st.G, st.S, st.T, 2, scaling=m.scaling["default"],
+                                                tol=cglora._FINAL_TOL)[:2]  # init_adapters' route
         torch.testing.assert_close(B @ A, want_B @ want_A, atol=1e-7, rtol=1e-4)
 
 

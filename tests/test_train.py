@@ -50,8 +50,8 @@ def test_train_end_to_end_every_init(tmp_path, glue, method):
 
 def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_path, glue, capsys):
     """The real loss check (§8.2): the examples after the calibration batches, the loss at W0 and along each
-    layer's quadratic-model step; a shifted init is judged before W0 moves, so every method of one seed sees
-    one loss at W0. The decrease is the loss at W0 minus the best scale's, beside the calibration model's
+    layer's quadratic-model step; a shifted init is judged, after it is written, from the original W0, so
+    every method of one seed sees one loss at W0. The decrease is the loss at W0 minus the best scale's, beside the calibration model's
     prediction (the summed in-sample q)."""
     summaries = {}
     for method in ("cg-lora", "cg-lora-shift", "lora-ga", "lora-one"):
@@ -72,8 +72,10 @@ def test_every_data_driven_init_is_judged_by_the_real_loss_from_the_same_W0(tmp_
 
 
 def test_the_real_check_also_judges_the_init_as_written():
-    """real_loss_at_init is the held-out loss of the model as an unshifted init leaves it (W0 + s B A at
-    the init size); a shifted init is judged at the same update, while its model keeps W0's loss."""
+    """Called after the init is written, real_check measures from the model before it (W0, the
+    original one for a shifted init); real_loss_at_init is the held-out loss of the model as an
+    unshifted init leaves it (W0 + s B A at the init size); a shifted init is judged at the same
+    update, while its model keeps W0's loss."""
     held = _batches(seed=3, sizes=(4, 4))
 
     @torch.no_grad()
@@ -86,10 +88,10 @@ def test_the_real_check_also_judges_the_init_as_written():
         model = _model()
         layers = add_lora(model, ["query", "value"], rank=2, alpha=4, rslora=True)
         stats = cglora.collect_statistics(model, {n: m.base for n, m in layers.items()}, _batches(sizes=(3, 2, 3, 2)))
-        record = {}
-        cglora.init_adapters(layers, method, stats, damping=1.0, init_norm=0.5, log=lambda *a: None,
-                             judge=train.real_check(model, layers, held, record, lambda *a: None))
-        real = record["real"]
+        before = loss_of(model)
+        rows = cglora.init_adapters(layers, stats, method, damping=1.0, init_norm=0.5)
+        real = train.real_check(model, layers, rows, held, lambda *a: None)  # after the init
+        assert real["real_loss_at_W0"] == pytest.approx(before, rel=1e-6)  # the model before it
         if method == "lora-one":
             assert real["real_loss_at_init"] == pytest.approx(loss_of(model), rel=1e-6)
         else:
