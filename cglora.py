@@ -125,11 +125,14 @@ def target_layers(model, names, kind):
              if n == t or n.endswith("." + t)]
     if other:  # e.g. transformers' Conv1D (GPT-2): the name is right, the type is not
         n, m = other[0]
-        fix = ("add_lora wraps a layer once: target other layers, or start again from the model "
-               "without adapters" if isinstance(m, LoRALinear) else "swap it for an nn.Linear "
-               "with weight = conv.weight.T and the same bias (Conv1D computes x @ weight + bias)"
-               if type(m).__name__ == "Conv1D" else f"target the nn.{kind.__name__} layers in it")
-        raise ValueError(f"layer {n} is {type(m).__name__}, not nn.{kind.__name__}: {fix}")
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"layer {n} already has a LoRA adapter (LoRALinear); add_lora wraps a "
+                             "layer once: target other layers, or start from the model without")
+        fix = ("swap it for an nn.Linear with weight = conv.weight.T and the same bias (Conv1D "
+               "computes x @ weight + bias)" if type(m).__name__ == "Conv1D"
+               else f"target the nn.{kind.__name__} layers inside it")
+        raise ValueError(f"layer {n} is {type(m).__name__}, not nn.{kind.__name__}, and only "
+                         f"nn.{kind.__name__} layers can be targets: {fix}")
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ValueError(f"targets {missing} match no {kind.__name__} layer; "
@@ -333,10 +336,11 @@ class ExampleLoss(Loss):
             one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
                 labels.sum(-1) == 1).all()
             raise ValueError("the default loss takes float labels as one regression target per "
-                             f"example, got {list(labels.shape)} for an output "
-                             f"{list(out.shape)}: " + ("for one-hot class labels pass "
-                             "labels.argmax(-1)" if one_hot else "for multi-label targets pass "
-                             "loss=lambda out, y: F.binary_cross_entropy_with_logits(out, y)"))
+                             "example ([batch], MSE against an output [batch, 1]), got "
+                             f"{list(labels.shape)} and {list(out.shape)}: " + (
+                                 "for one-hot class labels: pass labels.argmax(-1)" if one_hot
+                                 else "for multi-label targets: pass loss=lambda out, y: torch.nn."
+                                 "functional.binary_cross_entropy_with_logits(out, y)"))
         if labels.is_floating_point():
             return F.mse_loss(out.squeeze(-1).float(), labels.float())
         if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes
@@ -1142,7 +1146,8 @@ class _Shape(nn.Module):  # stands in for a base layer of d_out x d_in: a weight
 def _check_peft(model, lora, name):
     """Refuse in one line what initialize_peft cannot initialise exactly: a LoRA variant (not
     W0 + s B A), adapters tied to another module's, LoRA on embeddings, other base layers."""
-    if variant := [n for n, m in lora.items() if name in getattr(m, "lora_variant", {})]:
+    if variant := [f"{n} ({type(m.lora_variant[name]).__name__})" for n, m in lora.items()
+                   if name in getattr(m, "lora_variant", {})]:
         raise ValueError(f"layers {variant[:3]} are a LoRA variant (use_dora, ...), not "
                          "W0 + s B A, which CG-LoRA initialises: create the adapter without it")
     own = {p.data_ptr(): p for m in lora.values()

@@ -323,7 +323,8 @@ def summarise(rows, rank, table, damping, log):
             f"min {summary['captured_min']:.3f} over {len(captured)} layers")
     if table:
         log("damping auto: held-out predicted decrease "
-            + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in table.items()) + f" -> damping {damping:g}")
+            + ", ".join(f"{lam:g}: {q:.3g}" for lam, q in table.items())
+            + f" -> damping {damping:g}")
     rows = [r for r in rows if r.get("heldout") is not None]
     if rows:
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731

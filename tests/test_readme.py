@@ -113,7 +113,8 @@ def _private_uses(text):
     """The cglora._private names a text uses: cglora._name, or imported by from cglora import."""
     imported = (name for block in re.findall(r"from\s+cglora\s+import\s+(\([^)]*\)|[^\n]*)", text)
                 for name in re.findall(r"\w+", re.sub(r"#.*", "", block)))
-    return set(re.findall(r"\bcglora\.(_\w+)", text)) | {n for n in imported if n.startswith("_")}
+    private = re.findall(r"\bcglora\.(_(?!_)\w+)", text)  # not a dunder such as __all__
+    return set(private) | {n for n in imported if n.startswith("_") and not n.startswith("__")}
 
 
 def test_the_public_api_is_listed_and_no_other_module_uses_a_private_name():
@@ -121,6 +122,7 @@ def test_the_public_api_is_listed_and_no_other_module_uses_a_private_name():
     assert len(cglora.__all__) == len(set(cglora.__all__)) and all(hasattr(cglora, n) for n in cglora.__all__)
     example = "cglora._eig(X)\nfrom cglora import (add_lora,  # a comment\n    _fp32)\n"
     assert _private_uses(example) == {"_eig", "_fp32"}
+    assert _private_uses("cglora.__all__ lists the public API") == set()
     ours = {ROOT / "cglora.py", ROOT / "test_cglora.py"}  # the library and its tests
     for path in sorted(ROOT.rglob("*")):
         relative = path.relative_to(ROOT).parts
