@@ -71,11 +71,9 @@ def _refuse_moving_w0(layer, doing, fix):  # LoRALinear.merge's and write_adapte
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scaling * B A dropout(x), base frozen; peft's names and shapes.
-
-    lora_A0, lora_B0 hold the factors subtracted from W0 by a shifted init (zero otherwise),
-    so that always  W_effective = W0_original + scaling * (B A - B0 A0).
-    """
+    """y = base(x) + scaling * B A dropout(x), base frozen; peft's names and shapes. lora_A0,
+    lora_B0: the factors a shifted init subtracted from W0 (else zero), so that always
+    W_effective = W0_original + scaling * (B A - B0 A0)."""
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -111,9 +109,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged:
-            return y
-        return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return y if self.merged else y + self.scaling * F.linear(F.linear(self.dropout(x),
+                                                                          self.lora_A), self.lora_B)
 
 
 def target_layers(model, names, kind):
@@ -169,11 +166,59 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     return layers
 
 
-# ---------------------------------------------------------------- the model side of the statistics
-# What collect_statistics guarantees, whatever the model: hooks and flags restored on exit; G and
-# T exact for the loss it computes, over every token row of every call of a target; a mask keeps
-# rows out of S only, and only where the call's input comes from the batch; a transformers LM gets
-# its own token loss (§9); what cannot be made exact is refused in one line.
+# ----------------------------------------------------------------- the plumbing of the statistics
+# Not the algorithm: what collect_statistics needs of the model, of autocast and of torchrun. What
+# it guarantees, whatever the model: hooks and flags restored on exit; G and T exact for the loss
+# it computes, over every token row of every call of a target; a mask keeps rows out of S only,
+# and only where the call's input comes from the batch; a transformers LM gets its own token loss
+# (§9); fp32 under autocast; under torchrun each layer's sums on one owner. What cannot be made
+# exact is refused in one line.
+
+
+@contextlib.contextmanager
+def _fp32():  # autocast off (CPU, CUDA): statistics, factorizations stay fp32 (§2); or @_fp32()
+    with contextlib.ExitStack() as stack:
+        for kind in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank_and_world():  # this process's rank and the number of processes
+    return (torch.distributed.get_rank(),
+            torch.distributed.get_world_size()) if _distributed() else (0, 1)
+
+
+def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
+    nccl = torch.distributed.get_backend() == "nccl"
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
+
+
+def _to_owners(sums, counts, share):
+    """(counts, owner, this rank): the i-th distinct input's layers owned by rank i mod world (as
+    KAISA places K-FAC work); under torchrun each sum reduced to its owner (freed elsewhere; a fold
+    without batches here adds zeros) and the counts to every rank."""
+    (proc, world), inputs = _rank_and_world(), list(dict.fromkeys(share.values()))
+    owner = {name: inputs.index(key) % world for name, key in share.items()}
+    if world == 1:
+        return counts, owner, proc
+    torch.distributed.all_reduce(counts := _comm(counts))
+    for j in range(3):
+        like = {k: t.new_zeros(()).expand(t.shape)  # zeros for a fold without batches here
+                for k, t in next(f[j].total for f in sums if f[j].total).items()}
+        for fold in sums:
+            for key in sorted(like):
+                t = _comm(fold[j].total.get(key, like[key]).contiguous())
+                torch.distributed.reduce(t, owner[key])
+                if owner[key] == proc:
+                    fold[j].total[key] = t.to(like[key].device)
+                else:
+                    fold[j].total.pop(key, None)
+    return counts.cpu(), owner, proc
 
 
 def _labels(batch, i):  # calibration batch i's labels, once it is a dict that has them
@@ -424,15 +469,6 @@ def _check_statistics(model, loss, fisher, folds):  # collect_statistics' option
 # ----------------------------------------------------------------------------- §2 statistics
 
 
-@contextlib.contextmanager
-def _fp32():  # autocast off (CPU, CUDA): statistics, factorizations stay fp32 (§2); or @_fp32()
-    with contextlib.ExitStack() as stack:
-        for kind in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(kind):
-                stack.enter_context(torch.autocast(kind, enabled=False))
-        yield
-
-
 def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_MIN_WIDTH)
     k = _GRAM_BLOCKS if d >= _GRAM_MIN_WIDTH else 1
     edges = [i * d // k for i in range(k + 1)]
@@ -440,10 +476,8 @@ def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_
 
 
 class _Sums:
-    """Running sums of a^T b over token rows, on `device`, added by one matmul per _FLUSH_ROWS rows
-    (a d x d update from one short batch would be memory-bound). A Gram sum a^T a (b=None) is
-    updated in its lower block triangle only (5/8 of the work for 4 blocks), mirrored by
-    symmetric()."""
+    """Running sums of a^T b over token rows, on `device`, one matmul per _FLUSH_ROWS rows; a Gram
+    sum a^T a (b=None) in its lower block triangle (5/8 of the work), mirrored by symmetric()."""
 
     def __init__(self, device=None):
         self.total, self.rows, self.count, self.device = {}, {}, {}, device
@@ -473,34 +507,6 @@ class _Sums:
                 total[i:j, j:] = total[j:, i:j].T
 
 
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank_and_world():  # this process's rank and the number of processes
-    return (torch.distributed.get_rank(),
-            torch.distributed.get_world_size()) if _distributed() else (0, 1)
-
-
-def _comm(t):  # where a collective can take t: the current GPU under nccl, else where it is
-    nccl = torch.distributed.get_backend() == "nccl"
-    return t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
-
-
-def _reduce_to_owners(sums, counts, owner, proc):
-    """torchrun: each sum reduced to its layer's owner (freed elsewhere); the counts to all."""
-    torch.distributed.all_reduce(counts := _comm(counts))
-    for fold in sums:
-        for j in range(3):
-            for key in sorted(fold[j].total):
-                torch.distributed.reduce(t := _comm(fold[j].total[key]), owner[key])
-                if owner[key] == proc:
-                    fold[j].total[key].copy_(t)
-                else:
-                    del fold[j].total[key]
-    return counts.cpu()
-
-
 class Statistics(NamedTuple):
     """One layer's K-FAC statistics (§2), fp32, as collect_statistics returns them."""
     S: torch.Tensor  # d_in x d_in: mean of x x^T over the token rows the masks keep
@@ -514,8 +520,8 @@ class Statistics(NamedTuple):
 
 
 def pool(folds, S=None):
-    """The statistics of the union of `folds`: S weighted by tokens (or `S`, already pooled by a
-    layer fed the same input), G and T by loss terms."""
+    """The statistics of the union of `folds`: S weighted by tokens (or `S`, pooled already for the
+    same input), G and T by loss terms."""
     if len(folds) == 1:
         return folds[0]
     n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
@@ -526,22 +532,14 @@ def pool(folds, S=None):
 
 
 def _normalise(sums, n, share):
-    """Per-fold sums -> {name: Statistics}: reduced to each layer's owner (torchrun), divided by
-    the counts, and with K >= 2 folds pooled (one S per input) and kept per fold too."""
+    """Per-fold sums -> {name: Statistics}: on each layer's owner (torchrun), divided by the
+    counts; with K >= 2 folds pooled (one S per input) and kept per fold too."""
     if not share:
         raise ValueError("collect_statistics got no calibration batches")
-    keys = sorted(dict.fromkeys(share.values()))
-    for j in range(3):  # a fold without batches (on this rank) gets zero sums of the right shapes
-        shapes = next(fold[j].total for fold in sums if fold[j].total)
-        for fold in sums:
-            fold[j].total.update({k: torch.zeros_like(shapes[k])
-                                  for k in shapes.keys() - fold[j].total.keys()})
+    keys = sorted(set(share.values()))
     counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
                            for n_k, fold in zip(n, sums)], dtype=torch.float64)
-    (proc, world), inputs = _rank_and_world(), list(dict.fromkeys(share.values()))
-    owner = {name: inputs.index(key) % world for name, key in share.items()}  # input i: rank i
-    if world > 1:
-        counts = _reduce_to_owners(sums, counts, owner, proc)
+    counts, owner, proc = _to_owners(sums, counts, share)
     if (counts[:, 0] == 0).any():
         raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
                          "pass more batches or fewer folds")
@@ -570,7 +568,7 @@ def _normalise(sums, n, share):
 
 def _add_batch(sums, calls, share, out, labels, masks, loss, fisher, generator):
     """One batch into one fold's sums (S, G, T): into S the input rows the masks keep, into G and T
-    every row (§2). Returns the batch's loss terms and its most rows of one input."""
+    every row (§2). Returns the batch's loss terms and its most rows of an input."""
     S, G, T = sums
     xs = {key: [c[0].detach() for c in calls[key]] for key in dict.fromkeys(share.values())}
     for key, inputs in xs.items():  # sum_t x x^T (d_in x d_in) over each call's kept tokens
@@ -599,11 +597,10 @@ def collect_statistics(model, layers, batches, *, loss=None, fisher="empirical",
     S (a decoder's: "decoder_attention_mask", else labels other than IGNORE), never out of G or T;
     the rest goes to model(**inputs). loss(output, labels): the batch mean over loss.terms(labels)
     terms (default: a transformers LM's own, §9, else cross entropy, or MSE for float labels).
-    fisher="sampled" draws T's labels with loss.sample. folds=K >= 2 also keeps each fold's
-    statistics (batch i in fold i mod K). progress(i) is called before batch i; `device` holds the
-    sums. Under torchrun rank r's i-th batch is batch r + i * world, and each layer's sums are
-    reduced to its owner (the i-th distinct input's layers to rank i mod world, as KAISA places
-    K-FAC work). Returns {name: Statistics}; makes no weight gradient, changes no caller tensor."""
+    fisher="sampled" draws T's labels with loss.sample. folds=K >= 2 keeps each fold's statistics
+    too (batch i in fold i mod K). progress(i) is called before batch i; `device` holds the sums.
+    Under torchrun rank r's i-th batch is batch r + i * world, and the i-th distinct input's layers
+    are owned by rank i mod world (as KAISA places K-FAC work). Returns {name: Statistics}."""
     loss = _check_statistics(model, loss, fisher, folds)
     generator = generator or torch.Generator().manual_seed(0)
     proc, world = _rank_and_world()
@@ -615,7 +612,6 @@ def collect_statistics(model, layers, batches, *, loss=None, fisher="empirical",
             if progress:
                 progress(i)
             labels = _labels(batch, i)
-            reset()
             out = _logits(run(_model_inputs(batch, loss, encoder)))
             calls = dict(seen)  # {layer: its calls' [input, output, mask]}
             reset()
@@ -667,11 +663,8 @@ def whiten(G, S, T, damping=DAMPING, L_S=None):
 
 
 def top_svd(M, k):
-    """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k), M ~ U diag(sigma) V^T.
-
-    A full SVD to working precision: real layers' spectra are flat, where a randomized range
-    finder with a fixed iteration count misses (docs/cg-lora.md §3). Deterministic: each pair's
-    sign is fixed so that the largest entry of u_i is positive."""
+    """The exact top-k singular triplets (U d_out x k, sigma k, V d_in x k) by a full SVD (§3: real
+    spectra are flat), each pair's sign fixed so that the largest entry of u_i is positive."""
     U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
     U, sigma, V = U[:, :k], sigma[:k], Vh[:k].T
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # never 0: a column has unit norm
@@ -679,18 +672,16 @@ def top_svd(M, k):
 
 
 def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
-    """The top-r singular triplets of M (U, sigma, V as top_svd) by block subspace iteration
-    (block 2r, Rayleigh-Ritz), stopped when the captured energy sum_{i<=r} sigma_i^2 changes by
-    less than `tol` relative (§8.1): a criterion on the objective, met in a few iterations on flat
-    spectra where the subspace itself converges slowly. O(d^2 r) an iteration. Also returns the
-    block (d_in x 2r) to warm-start a nearby matrix; the first start is a seeded random block."""
+    """The top-r singular triplets of M (as top_svd) by block subspace iteration (block 2r,
+    Rayleigh-Ritz), O(d^2 r) an iteration, stopped when the captured energy sum sigma_i^2 changes by
+    less than `tol` relative (§3: met fast on flat spectra). Also returns the block (d_in x 2r), to
+    warm-start a nearby matrix; the first start is a seeded random block."""
     p = min(2 * rank, *M.shape)
     if start is None:  # drawn by a CPU generator, then moved: one seed, one block on any device
         start = torch.randn(M.shape[1], p, generator=generator or torch.Generator().manual_seed(0),
                             dtype=M.dtype).to(M.device)
         start = torch.linalg.qr(start).Q
-    V = start
-    energy = None
+    V, energy = start, None
     for _ in range(max_iters):
         Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
         V, R = torch.linalg.qr(M.T @ Q)  # Q^T M = R^T V^T: its singular values are the Ritz values
@@ -710,16 +701,10 @@ def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
 def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=None, L_S=None):
     """CG-LoRA factors (§3-4): scaling * B @ A = step * dW_r, the best rank-r K-FAC Newton step,
     B = -sqrt(step/s) L_T^-T U_r S_r^1/2,  A = sqrt(step/s) S_r^1/2 V_r^T L_S^-1 for the top r of
-    the whitened gradient M = U S V^T (whiten). The function init_adapters runs for CG-LoRA.
-
-    G: d_out x d_in gradient, S: d_in x d_in, T: d_out x d_out, damping: lambda (§3). tol: None
-    takes M's top r exactly (top_svd); a number, by top_r stopped at that relative energy change
-    (init_adapters: 1e-8, §3). L_S: S's damped Cholesky factor, if already computed (layers fed one
-    input share it). Returns (B d_out x r, A r x d_in, sigma, energy): sigma holds the top r
-    singular values of M (sigma_i^2 / 2 is direction i's predicted loss decrease), energy is
-    ||M||_F^2, the total of which sum sigma^2 is the captured part. A zero gradient gives zero
-    factors.
-    """
+    the whitened gradient M = U S V^T (whiten); a zero gradient gives zero factors. G: d_out x
+    d_in, S: d_in x d_in, T: d_out x d_out; tol: None, M's exact top r (top_svd), else top_r's;
+    L_S: S's damped Cholesky factor, if computed. Returns (B d_out x r, A r x d_in, sigma, energy):
+    sigma_i^2 / 2 is direction i's predicted loss decrease, energy = ||M||_F^2 their total."""
     if not 0 < rank <= min(G.shape):
         raise ValueError(f"rank {rank} must be in 1..min(d_out, d_in) = {min(G.shape)}")
     dtype = torch.float64 if G.dtype == torch.float64 else torch.float32  # fp32 at least
@@ -732,15 +717,14 @@ def cg_lora_factors(G, S, T, rank, damping=DAMPING, step=1.0, scaling=1.0, tol=N
 
 
 def balance(B, A, P=None, Q=None):
-    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with
-    B^T P B = A Q A^T = diag(h). P: d_out x d_out, Q: d_in x d_in, identity when None."""
+    """Square-root balancing (§4): B <- B R, A <- R^-1 A (B A unchanged) with B^T P B = A Q A^T =
+    diag(h); P: d_out x d_out, Q: d_in x d_in, identity when None."""
     W_b = B.T @ B if P is None else B.T @ P @ B  # r x r "observability" gramian
     W_a = A @ A.T if Q is None else A @ Q @ A.T  # r x r "controllability" gramian
     try:
         L_b, L_a = torch.linalg.cholesky(W_b), torch.linalg.cholesky(W_a)
     except RuntimeError:
-        raise ValueError(
-            "balance needs B and A of full rank r (got a rank-deficient pair)") from None
+        raise ValueError("balance needs B and A of full rank r, not rank-deficient") from None
     U, h, Vh = torch.linalg.svd(L_b.T @ L_a)  # h: the "Hankel" singular values
     return B @ L_a @ Vh.T / h.sqrt(), (U.T @ L_b.T @ A) / h.sqrt()[:, None]
 
@@ -788,11 +772,9 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose from {', '.join(METHODS)}")
     if factor_balance not in ("euclidean", "curvature"):
-        raise ValueError(f"factor_balance must be 'euclidean' or 'curvature', got "
-                         f"{factor_balance!r}")
+        raise ValueError(f"factor_balance takes 'euclidean' or 'curvature', not {factor_balance!r}")
     if not (isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be a number >= 0, got {damping!r} (to choose it from data: "
-                         "choose_damping)")
+        raise ValueError(f"damping must be a number >= 0, got {damping!r} (choose_damping: λ)")
     if method in SHIFTED and (fixed := {n: why for n, m in layers.items()
                                         if (why := _fixed_w0(m))}):
         what, moving = next(iter(fixed.values()))
@@ -802,12 +784,10 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
                                            if 2 * m.rank > min(_base_shape(m.base))]):
         raise ValueError(f"layers {narrow}: lora-ga needs 2 * rank <= min(d_out, d_in): use a "
                          "smaller rank")
-    if method in ("lora", "rslora"):
-        return
-    if stats is None or (missing := [n for n in layers if n not in stats]):
-        raise ValueError(f"layers {missing if stats else list(layers)}: method {method} needs "
-                         "statistics for them (collect_statistics)")
-    for name in layers:
+    if method not in ("lora", "rslora") and (stats is None or any(n not in stats for n in layers)):
+        raise ValueError(f"layers {[n for n in layers if n not in (stats or {})]}: method {method} "
+                         "needs statistics for them (collect_statistics)")
+    for name in layers if method not in ("lora", "rslora") else ():
         if stats[name].G is None:
             raise ValueError(f"layer {name}: its statistics are held by rank {stats[name].owner} "
                              "(torchrun): initialise with init_owned")
@@ -816,9 +796,8 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
                              "calibration data and loss (run the model in fp32)")
 
 
-def _report(B, A, st, s, first):
-    """quadratic_step: the multiple of the update s B A that minimises the calibration's quadratic
-    model; statistics_mib: the statistics held (a shared S in its input's first layer)."""
+def _report(B, A, st, s, first):  # quadratic_step: the multiple of s B A minimising the quadratic
+    # model of the statistics; statistics_mib: what they hold (a shared S in its first layer)
     curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s, dW = s B A
     step = -(B * (st.G @ A.T)).sum() / curvature if curvature > 0 else torch.zeros(())
     held = (st.G, st.T, st.S)[:3 if first else 2]
@@ -829,11 +808,9 @@ def _report(B, A, st, s, first):
 def layer_factors(layers, stats, method, damping=DAMPING, init_norm=None, step=1.0,
                   factor_balance="euclidean", generator=None):
     """Each layer's initial factors by `method`, in order: yields (name, B, A, report row).
-
-    CG-LoRA's and LoRA-One's are rescaled by one scalar to ||s B A||_2 = init_norm (default:
-    LoRA-One's alpha / (sqrt(r) 128); 0: CG-LoRA's raw step * dW_r), then CG-LoRA's balanced to
-    B^T B = A A^T ("euclidean"; B A unchanged) or left in the curvature metric ("curvature", §4).
-    Plain LoRA and a zero-gradient layer (report: fallback) draw from `generator`."""
+    CG-LoRA's and LoRA-One's rescaled by one scalar to ||s B A||_2 = init_norm (default: LoRA-One's
+    alpha / (sqrt(r) 128); 0: CG-LoRA's raw step * dW_r), CG-LoRA's then balanced to B^T B = A A^T
+    or left in the curvature metric (§4). Plain LoRA, zero-gradient layers: from `generator`."""
     _check_init(layers, stats, method, damping, factor_balance)
     generator = generator or torch.Generator().manual_seed(0)
     cg, L_S, last = method.startswith("cg-lora"), None, None  # L_S: the last input's S factor
@@ -885,10 +862,10 @@ def write_adapter(layer: LoRALinear, B, A, shift: bool):
 def init_adapters(layers, stats, method="cg-lora", *, damping=DAMPING, init_norm=None, step=1.0,
                   factor_balance="euclidean", generator=None):
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method` (METHODS) from `stats`
-    (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors), written by
-    write_adapter (cg-lora-shift and lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3;
-    choose_damping picks one from data, §8.1). Returns a report dict per layer: rank, damping,
-    captured energy, fallback, shifted, quadratic_step, statistics_mib, update_norm, seconds."""
+    (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors) written by
+    write_adapter (cg-lora-shift, lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3).
+    Returns a report row per layer: rank, damping, captured, fallback, shifted, quadratic_step,
+    statistics_mib, update_norm (||s B A||_2), seconds."""
     report = []
     for name, B, A, row in layer_factors(layers, stats, method, damping, init_norm, step,
                                          factor_balance, generator):

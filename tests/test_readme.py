@@ -100,9 +100,14 @@ def test_reading_budgets():
         lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
         if (widest := max(len(line.encode()) for line in lines)) > 100:
             over.append(f"{name}: a line of {widest} columns > 100")
-    code = (ROOT / "cglora.py").read_text(encoding="utf-8").splitlines()
-    if (total := sum(1 for line in code if line.strip())) > 850:  # the whole library
-        over.append(f"cglora.py: {total} non-blank lines > 850")
+    code = (ROOT / "cglora.py").read_text(encoding="utf-8")
+    part = code[code.index("# Part I: the algorithm"):code.index("# Part II")]
+    plumbing = part[part.index("# ---------- the plumbing".replace("-" * 10, "-" * 65)):
+                    part.index("# ---------- §2 statistics".replace("-" * 10, "-" * 77))]
+    algorithm = part.replace(plumbing, "")  # the design card's budget: the algorithm alone
+    if (total := sum(1 for line in algorithm.splitlines() if line.strip())) > 450:
+        over.append(f"cglora.py: the algorithm (part I less its plumbing) {total} non-blank "
+                    "lines > 450")
     long = {name: n for name, n in _function_lengths(ROOT / "cglora.py").items() if n > 50}
     if long:
         over.append(f"cglora.py: functions over 50 non-blank lines: {long}")
