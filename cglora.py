@@ -13,7 +13,9 @@ import contextlib
 import inspect
 import json
 import math
+import numbers
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -26,7 +28,8 @@ __all__ = [  # the public API, in reading order
     "LoRALinear", "add_lora", "collect_statistics", "Statistics", "default_loss",
     "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "cg_lora_factors", "lora_ga_factors",
     "lora_one_factors", "layer_factors", "write_adapter", "init_adapters", "choose_damping",
-    "diagnose", "real_decrease", "init_in_groups", "init_owned", "initialize_peft", "save_peft",
+    "diagnose", "allocate_ranks", "real_decrease", "init_in_groups", "init_owned",
+    "initialize_peft", "save_peft",
 ]
 
 DAMPING = 1.0  # the relative damping lambda of S and T (§3); the rule that chose it: §8.1
@@ -78,8 +81,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
         d_out, d_in = _base_shape(base)  # bitsandbytes: a packed weight, factors at compute_dtype
-        if not 0 < rank <= min(d_in, d_out):
-            raise ValueError(f"rank {rank} must be in 1..min(d_in, d_out) = {min(d_in, d_out)}")
+        if not (isinstance(rank, numbers.Integral) and 0 < rank <= min(d_in, d_out)):
+            raise ValueError(f"rank {rank!r} must be an integer in 1..min(d_in, d_out) = "
+                             f"{min(d_in, d_out)}")
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -140,13 +144,19 @@ def target_layers(model, names, kind):
 def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=()):
     """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
     for LoRALinear, freeze every other parameter except modules named in `trainable`
-    (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string."""
+    (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string.
+    rank: one r for every layer, or {full name: r} for each (allocate_ranks')."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     targets = target_layers(model, targets, nn.Linear)  # first: a bad target leaves the model alone
+    ranks = rank if isinstance(rank, Mapping) else dict.fromkeys(targets, rank)
+    if ranks.keys() != targets.keys():
+        raise ValueError(f"rank gives no rank to layers {[n for n in targets if n not in ranks]} "
+                         f"and one to non-targets {[n for n in ranks if n not in targets]}: give "
+                         "{full name: r} for exactly the targets, or one r for all")
     layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
-            layers[name] = LoRALinear(linear, rank, alpha, dropout, rslora)
+            layers[name] = LoRALinear(linear, ranks[name], alpha, dropout, rslora)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
     for name in trainable:
@@ -791,9 +801,13 @@ def _check_init(layers, stats, method, damping, factor_balance):  # init_adapter
         if stats[name].G is None:
             raise ValueError(f"layer {name}: its statistics are held by rank {stats[name].owner} "
                              "(torchrun): initialise with init_owned")
-        if not all(X.sum().isfinite() for X in stats[name][:3]):  # NaN, Inf: in the sum
-            raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the "
-                             "calibration data and loss (run the model in fp32)")
+        _check_finite(name, stats[name])
+
+
+def _check_finite(name, st):  # NaN, Inf: in the sum
+    if not all(X.sum().isfinite() for X in st[:3]):
+        raise ValueError(f"layer {name}: statistics contain NaN or Inf; check the calibration data "
+                         "and loss (run the model in fp32)")
 
 
 def _report(B, A, st, s, first):  # quadratic_step: the multiple of s B A minimising the quadratic
@@ -1009,6 +1023,57 @@ def choose_damping(stats, ranks, grid=DAMPING_GRID):
     return tuple(grid)[int(sums.argmax())], dict(zip(grid, sums.cpu().tolist()))
 
 
+# ----------------------------------------------------------------------------- rank allocation
+
+
+@_fp32()
+def allocate_ranks(stats, ranks, budget=None, cap=2, damping=DAMPING, score="cg-lora"):
+    """Per-layer ranks that spend a rank budget where the loss is predicted to fall most: a call
+    before add_lora (which takes them), with the statistics of the plain target layers.
+
+    Each direction i of a layer is scored by its predicted loss decrease sigma_i^2 / 2 (§3): sigma
+    the singular values of the whitened gradient at `damping` (cg_lora_factors'), in units of the
+    loss, so different layers' scores compare. score="gradient" takes G's own singular values
+    instead (no whitening: LoRA-One's directions), a peer rule. ranks: the uniform ranks, one r
+    or {layer: r}; budget: the rank sum to spend, default theirs (so targets of one shape keep
+    the adapter parameter count). Each layer gets rank 1 (every target keeps its adapter, where
+    peft's EVA removes a layer at 0), then the budget left goes to the highest scores overall,
+    each layer capped at min(cap r, d_out, d_in) (cap 2: peft's EVA's rho = 2). A layer's scores
+    fall, so it gets its top directions; ties go to the earlier layer, then direction, so one
+    input gives one result. Under torchrun each owner scores its layers and the scores are
+    gathered. Returns {layer: rank} in the order of `stats`."""
+    if score not in ("cg-lora", "gradient") or not cap >= 1:
+        raise ValueError(f"score must be 'cg-lora' or 'gradient' and cap >= 1, got {score!r}, "
+                         f"{cap!r}")
+    uniform = ranks if isinstance(ranks, Mapping) else dict.fromkeys(stats, ranks)
+    if missing := [n for n in stats if n not in uniform]:
+        raise ValueError(f"ranks has no rank for layers {missing[:3]}: give one r or every layer's")
+    scores, L_S, last = {}, None, None  # L_S: the last input's S factor, shared as layer_factors
+    for name, st in stats.items():
+        if st.G is None:  # another rank's (torchrun): its owner scores it
+            continue
+        _check_finite(name, st)
+        k = min(int(cap * uniform[name]), *st.G.shape)
+        if score == "gradient":
+            sigma = top_svd(st.G.float(), k)[1]
+        else:
+            if st.input != last:
+                L_S, last = damped_cholesky(st.S, damping), st.input
+            sigma = cg_lora_factors(st.G, st.S, st.T, k, damping, L_S=L_S)[2]
+        scores[name] = (sigma.square() / 2).tolist()
+    scores, names = _gathered(scores), list(stats)
+    budget = sum(uniform[n] for n in names) if budget is None else budget
+    most = sum(len(s) for s in scores.values())
+    if not (isinstance(budget, numbers.Integral) and len(names) <= budget <= most):
+        raise ValueError(f"budget {budget} must be in {len(names)}..{most}: each layer's rank "
+                         f"is in 1..min({cap} r, d_out, d_in)")
+    rank = dict.fromkeys(names, 1)
+    best = sorted((-x, i, j) for i, n in enumerate(names) for j, x in enumerate(scores[n]) if j)
+    for _, i, _ in best[:budget - len(names)]:
+        rank[names[i]] += 1
+    return rank
+
+
 # ----------------------------------------------------------------------------- §8.2 the real loss
 
 
@@ -1152,8 +1217,9 @@ def initialize_peft(peft_model, batches, method="cg-lora", adapter_name="default
     peft's LoraLayer, peft is not imported. The statistics are collected at W0 (adapter disabled)
     on each base layer (nn.Linear, transformers' Conv1D, bitsandbytes' 4- and 8-bit: G is then the
     gradient w.r.t. the weight they compute with), and lora_A, lora_B get the factors that
-    init_adapters gives for peft's rank and scaling, at the adapter's dtype. kw: collect_statistics'
-    and init_adapters' keywords. Returns init_adapters' report."""
+    init_adapters gives for each layer's peft rank (a rank_pattern's too) and scaling, at the
+    adapter's dtype. kw: collect_statistics' and init_adapters' keywords. Returns init_adapters'
+    report."""
     if method in SHIFTED:
         raise ValueError(f"initialize_peft: {method} shifts W0, which a peft adapter does not "
                          "carry: use cg-lora or lora-one, or add_lora + init_adapters + save_peft "
@@ -1204,18 +1270,23 @@ def lora_state_dict(model):
 def save_peft(model, directory, modules_to_save=(), **config):
     """Write add_lora's adapters as a peft adapter directory that PeftModel.from_pretrained(the
     original model, directory) loads to this model's function: adapter_model.bin (lora_state_dict
-    and the modules trained whole) and adapter_config.json (r, lora_alpha, use_rslora: each layer's
-    scaling; a shifted init as rank 2r at lora_alpha = s 2r, §5). `config` adds entries (task_type,
+    and the modules trained whole) and adapter_config.json (r, lora_alpha, use_rslora, and per
+    layer where it differs rank_pattern and alpha_pattern: each layer's rank and scaling; a
+    shifted init as rank 2r at lora_alpha = s 2r, §5). `config` adds entries (task_type,
     base_model_name_or_path). Returns the config written."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     state = lora_state_dict(model)
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1 or len({(m.rank, m.alpha, m.scaling, m.dropout.p)
-                               for m in layers.values()}) != 1:
-        raise ValueError("save_peft writes one rank and scaling for all adapters, and "
-                         f"{len(layers)} LoRALinear layers have ranks {sorted(ranks)}: add_lora "
-                         "with one rank and alpha")
-    (r,), one = ranks, next(iter(layers.values()))
+    if not layers:
+        raise ValueError("save_peft found no LoRALinear layer in the model: add_lora first")
+    if len({m.dropout.p for m in layers.values()}) != 1:
+        raise ValueError("save_peft writes one lora_dropout for all adapters, and the layers have "
+                         f"{sorted({m.dropout.p for m in layers.values()})}: add_lora with one")
+    r = {n: state[f"base_model.model.{n}.lora_A.weight"].shape[0] for n in layers}  # shifted: 2r
+    # peft has one use_rslora: rsLoRA's if a layer (not shifted) has it, and alpha fits each layer
+    rslora = any(r[n] == m.rank and m.scaling != m.alpha / m.rank for n, m in layers.items())
+    root = math.sqrt if rslora else (lambda x: x)
+    alpha = {n: m.alpha if m.alpha / root(r[n]) == m.scaling else m.scaling * root(r[n])
+             for n, m in layers.items()}  # peft's scaling lora_alpha / root(r) is then ours
     for target in modules_to_save:
         found = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
         if not found:
@@ -1223,11 +1294,14 @@ def save_peft(model, directory, modules_to_save=(), **config):
         for n, m in found.items():
             state.update({f"base_model.model.{n}.{k}": v.detach().clone()
                           for k, v in m.state_dict().items()})
-    shifted = r != one.rank  # peft's s = lora_alpha / r is then ours exactly
-    config = dict(peft_type="LORA", r=r, lora_alpha=one.scaling * r if shifted else one.alpha,
-                  use_rslora=not shifted and one.scaling != one.alpha / r,
+    (rank, _), (lora_alpha, _) = (collections.Counter(x.values()).most_common(1)[0]
+                                  for x in (r, alpha))
+    # peft matches a pattern key as a regular expression ending the module's name: escaped, exact
+    config = dict(peft_type="LORA", r=rank, lora_alpha=lora_alpha, use_rslora=rslora,
+                  rank_pattern={re.escape(n): x for n, x in r.items() if x != rank},
+                  alpha_pattern={re.escape(n): x for n, x in alpha.items() if x != lora_alpha},
                   target_modules=sorted(layers), modules_to_save=list(modules_to_save) or None,
-                  lora_dropout=one.dropout.p, bias="none", **config)
+                  lora_dropout=next(iter(layers.values())).dropout.p, bias="none", **config)
     os.makedirs(directory, exist_ok=True)
     torch.save(state, os.path.join(directory, "adapter_model.bin"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:

@@ -1777,3 +1777,230 @@ def test_shifted_export_is_rank_2r_for_every_layer_even_a_zero_gradient_one():
         assert A.shape[0] == 4
         torch.testing.assert_close(getattr(reference, n).weight + layer.scaling * B @ A,
                                    layer.base.weight + layer.delta_weight(), atol=1e-6, rtol=0)
+
+
+# ============================================================================ cglora.py: rank allocation
+import itertools  # noqa: E402  (this section's own: the file is appended to)
+import json  # noqa: E402
+
+
+def _allocation_problem(shapes=((6, 5), (4, 7), (5, 5), (3, 6)), seed=0):  # layers of other shapes
+    return {f"l{i}": cglora.Statistics(S, G, T, 10.0, 20.0, f"l{i}")
+            for i, (d_out, d_in) in enumerate(shapes)
+            for G, S, T in [_problem(d_out, d_in, seed + 3 * i)]}
+
+
+@pytest.mark.parametrize("rank, budget", [(2, None), (1, 4), (2, 5), (2, 11), (3, 16)])
+def test_allocated_ranks_are_the_best_directions_the_budget_buys_within_the_bounds(rank, budget):
+    """Every allocation with ranks in 1..min(2r, d_out, d_in) that spends the budget, enumerated: the
+    one chosen has the largest total predicted decrease, sigma^2 / 2 of the whitened gradient by eigh;
+    and its directions past each layer's first are the top scores overall (a direct sort)."""
+    stats = _allocation_problem()
+    got = cglora.allocate_ranks(stats, rank, budget, damping=0.3)
+    scores = {n: (_brute_step(st.G, st.S, st.T, 1, 0.3)[1] ** 2 / 2).tolist() for n, st in stats.items()}
+    top = {n: min(2 * rank, len(s)) for n, s in scores.items()}  # min(2r, d_out, d_in)
+    budget = budget or rank * len(stats)
+    spending = [r for r in itertools.product(*(range(1, top[n] + 1) for n in stats)) if sum(r) == budget]
+    best = max(spending, key=lambda r: sum(sum(scores[n][:k]) for n, k in zip(stats, r)))
+    assert got == dict(zip(stats, best)) and sum(got.values()) == budget
+    rest = sorted((x for n in stats for x in scores[n][1:top[n]]), reverse=True)[:budget - len(stats)]
+    assert sorted((x for n in stats for x in scores[n][1:got[n]]), reverse=True) == pytest.approx(rest)
+    assert cglora.allocate_ranks(stats, rank, budget, damping=0.3) == got  # one input, one result
+
+
+def test_allocation_is_uniform_when_every_layer_has_the_same_spectrum():
+    """Layers whose whitened gradients are rotations of one another (and whose gradients are: the
+    peer rule) have one spectrum up to rounding: each gets the uniform rank, under either score. The
+    ranks given per layer are the cap's r and the budget's."""
+    G, S, T = _problem(6, 5)
+    stats = {}
+    for i, name in enumerate("abc"):
+        g = torch.Generator().manual_seed(i)
+        Q_out, Q_in = (torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q for d in (6, 5))
+        stats[name] = cglora.Statistics(Q_in @ S @ Q_in.T, Q_out @ G @ Q_in.T, Q_out @ T @ Q_out.T, 1.0, 1.0, name)
+    same = {n: cglora.Statistics(S, G, T, 1.0, 1.0, n) for n in "abc"}  # exact ties: the earlier layer
+    assert [cglora.allocate_ranks(same, 1, b) for b in (4, 5)] == [{"a": 2, "b": 1, "c": 1}, {"a": 2, "b": 2, "c": 1}]
+    for score in ("cg-lora", "gradient"):
+        assert cglora.allocate_ranks(stats, 2, score=score) == {"a": 2, "b": 2, "c": 2}
+        assert cglora.allocate_ranks(stats, {"a": 1, "b": 3, "c": 2}, score=score) == {"a": 2, "b": 2, "c": 2}
+    # the peer rule scores G's own singular values: with S = T = I and no damping, the same ranks
+    stats = _allocation_problem()
+    plain = {n: st._replace(S=torch.eye(st.S.shape[0], dtype=torch.float64),
+                            T=torch.eye(st.T.shape[0], dtype=torch.float64)) for n, st in stats.items()}
+    assert cglora.allocate_ranks(stats, 2, score="gradient") == cglora.allocate_ranks(plain, 2, damping=0.0)
+
+
+def test_allocation_and_per_layer_ranks_refuse_bad_input_in_one_line():
+    stats = _allocation_problem()
+    for kw, message in [(dict(budget=3), r"budget 3 must be in 4..15: each layer's rank is in 1..min\(2 r"),
+                        (dict(budget=16), r"budget 16 must be in 4..15"),
+                        (dict(score="eva"), r"score must be 'cg-lora' or 'gradient' and cap >= 1, got 'eva'"),
+                        (dict(cap=0.5), r"cap >= 1, got 'cg-lora', 0.5")]:
+        with pytest.raises(ValueError, match=message):
+            cglora.allocate_ranks(stats, 2, **kw)
+    with pytest.raises(ValueError, match=r"ranks has no rank for layers \['l3'\]: give one r or every layer's"):
+        cglora.allocate_ranks(stats, {"l0": 2, "l1": 2, "l2": 2})
+    nan = dict(stats, l1=stats["l1"]._replace(G=stats["l1"].G * math.nan))
+    with pytest.raises(ValueError, match="layer l1: statistics contain NaN or Inf"):
+        cglora.allocate_ranks(nan, 2, score="gradient")
+    model = _model()
+    for rank, message in [({"query": 2}, r"no rank to layers \['value'\] and one to non-targets \[\]"),
+                          ({"query": 2, "value": 2, "mix": 1}, r"\[\] and one to non-targets \['mix'\]: give"),
+                          ({"query": 2, "value": 2.0}, r"layer value: rank 2.0 must be an integer in 1..min"),
+                          ({"query": 2, "value": 6}, r"layer value: rank 6 must be an integer in 1..min\(d_in, "
+                                                     r"d_out\) = 5")]:
+        with pytest.raises(ValueError, match=message):
+            add_lora(model, ["query", "value"], rank, alpha=4)
+        assert all(type(m) is nn.Linear for m in (model.query, model.value))  # the model left alone
+
+
+def test_statistics_before_add_lora_allocate_and_init_at_per_layer_ranks():
+    """train.py's order: statistics of the plain targets (the same as of add_lora's base layers, whose
+    adapters add zero), allocate_ranks, add_lora at those ranks, init_adapters with the same statistics.
+    Each layer's init is the one a uniform add_lora at its rank gives; the zero-gradient layer keeps
+    rank 1 and the plain LoRA init."""
+    targets = ["query", "value", "mix", "dead"]
+    model, batches = _model(), _batches()
+    stats = collect_statistics(model, cglora.target_layers(model, targets, nn.Linear), batches)
+    ranks = cglora.allocate_ranks(stats, 2)
+    assert ranks["dead"] == 1 and sum(ranks.values()) == 8 and len(set(ranks.values())) > 1, ranks
+    layers = add_lora(model, targets, ranks, alpha=4, rslora=True)
+    after = collect_statistics(model, {n: m.base for n, m in layers.items()}, batches)
+    for name in targets:
+        for X, Y in zip(_sgt(stats[name]), _sgt(after[name])):
+            torch.testing.assert_close(X, Y, atol=0, rtol=0)
+    rows = cglora.init_adapters(layers, stats)
+    assert [(r["layer"], r["rank"]) for r in rows] == list(ranks.items())
+    assert [r["layer"] for r in rows if r["fallback"]] == ["dead"]
+    for name, r in ranks.items():
+        alone = _model()
+        one = add_lora(alone, [name], r, alpha=4, rslora=True)
+        cglora.init_adapters(one, {name: stats[name]})
+        torch.testing.assert_close(one[name].delta_weight(), layers[name].delta_weight(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method, rslora", [("cg-lora", True), ("cg-lora", False), ("cg-lora-shift", True)])
+def test_per_layer_ranks_reload_in_peft_to_our_logits(tmp_path, method, rslora):
+    """save_peft writes each layer's rank and scaling (rank_pattern, alpha_pattern: rsLoRA's
+    alpha / sqrt(r_i) per layer, a shifted layer's 2 r_i) and PeftModel.from_pretrained(the original
+    model) gives our logits."""
+    peft = pytest.importorskip("peft")
+    model, batches = _model(), _batches()
+    targets = ["query", "value", "mix"]
+    layers = add_lora(model, targets, {"query": 1, "value": 3, "mix": 2}, alpha=4, rslora=rslora)
+    cglora.init_adapters(layers, collect_statistics(model, {n: m.base for n, m in layers.items()}, batches),
+                         method)
+    with torch.no_grad():  # as if trained
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    config = cglora.save_peft(model, tmp_path)
+    factor = 2 if method == "cg-lora-shift" else 1
+    assert (config["r"], config["use_rslora"]) == (factor * 1, rslora and factor == 1)
+    assert config["rank_pattern"] == {"value": 3 * factor, "mix": 2 * factor}
+    loaded = peft.PeftModel.from_pretrained(_model(), tmp_path).eval()
+    lora = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, layer in layers.items():
+        assert lora[name].r["default"] == factor * layer.rank
+        if factor == 1:
+            assert lora[name].scaling["default"] == layer.scaling  # exactly ours
+    x = batches[0]
+    want = model.eval()(x["input_ids"], x["attention_mask"])
+    torch.testing.assert_close(loaded(input_ids=x["input_ids"], attention_mask=x["attention_mask"]), want,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_initialize_peft_at_a_rank_pattern_is_add_lora_and_init_adapters_at_those_ranks():
+    peft = pytest.importorskip("peft")
+    targets, ranks, batches = ["query", "value", "mix"], {"query": 3, "value": 2, "mix": 1}, _batches()
+    model = _model()
+    layers = add_lora(model, targets, ranks, alpha=4, rslora=True)
+    cglora.init_adapters(layers, collect_statistics(model, {n: m.base for n, m in layers.items()}, batches))
+    config = peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=targets,
+                             rank_pattern={"query": 3, "mix": 1})
+    peft_model = peft.get_peft_model(_model(), config)
+    cglora.initialize_peft(peft_model, batches)
+    for name, layer in layers.items():
+        theirs = peft_model.get_submodule(f"base_model.model.{name}")
+        assert theirs.r["default"] == ranks[name]
+        torch.testing.assert_close(theirs.get_delta_weight("default"), layer.delta_weight(), atol=1e-7, rtol=1e-5)
+
+
+_ALLOCATE = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cglora, test_cglora as tc
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model, batches = tc._model(), tc._batches(sizes=(3, 2, 4, 1, 2, 3, 2, 2))
+layers = cglora.target_layers(model, ["query", "value", "mix"], torch.nn.Linear)
+stats = cglora.collect_statistics(model, layers, batches[rank::world])
+torch.save(dict(owned=[n for n, st in stats.items() if st.G is not None], ranks=cglora.allocate_ranks(stats, 2)),
+           f"{sys.argv[2]}/rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_allocation_under_torchrun_gathers_every_owners_scores(tmp_path):
+    """Each rank holds some layers' statistics only; the scores are gathered, so every rank allocates
+    the ranks one process allocates from all the batches."""
+    (tmp_path / "allocate.py").write_text(_ALLOCATE)
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "allocate.py"), here, str(tmp_path)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-3000:]
+    model = _model()
+    want = cglora.allocate_ranks(collect_statistics(model, cglora.target_layers(
+        model, ["query", "value", "mix"], nn.Linear), _batches(sizes=(3, 2, 4, 1, 2, 3, 2, 2))), 2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [g["owned"] for g in got] == [["query", "value"], ["mix"]]
+    assert got[0]["ranks"] == got[1]["ranks"] == want
+
+
+def test_train_allocate_holds_the_rank_sum_writes_each_layers_rank_and_resumes(tmp_path):
+    """train.py --allocate on the tiny encoder: init.json's rows carry the allocated ranks, summing to
+    the uniform run's, so (query and value: one shape) the same adapter parameters; the exported
+    adapter's rank_pattern holds them; --resume rebuilds the adapters at those ranks; other inits and
+    the damping search are refused."""
+    from tests.conftest import _glue_fixture, _train
+    _glue_fixture(tmp_path / "glue")
+    _train(tmp_path, "--max_steps", "1", out="uniform")
+    _train(tmp_path, "--max_steps", "1", "--allocate", "cg-lora", out="allocated")
+    uniform, init = (json.loads((tmp_path / run / "init.json").read_text()) for run in ("uniform", "allocated"))
+    ranks = {row["layer"]: row["rank"] for row in init["layers"]}
+    assert sorted(ranks) == sorted(row["layer"] for row in uniform["layers"]) and len(set(ranks.values())) > 1
+    summary = init["summary"]
+    assert summary["rank_sum"] == summary["uniform_rank_sum"] == 8 * len(ranks) == sum(ranks.values())
+    assert summary["adapter_parameters"] == summary["uniform_adapter_parameters"]
+    assert init["trainable_parameters"] == uniform["trainable_parameters"]
+    config = json.loads((tmp_path / "allocated" / "adapter_init" / "adapter_config.json").read_text())
+    assert {n: config["rank_pattern"].get(n.replace(".", r"\."), config["r"]) for n in ranks} == ranks
+    train.main(["--resume", "--out", str(tmp_path / "allocated"), "--max_steps", "2"])
+    assert train.read_metrics(tmp_path / "allocated")[-1]["step"] == 2
+    for flags in (["--init", "lora-one"], ["--damping", "auto"], ["--allocate", "eva"]):
+        with pytest.raises(ValueError, match=r"--allocate [\w-]+ \(--init .*\): it takes cg-lora or gradient, "
+                                             r"with --init cg-lora or cg-lora-shift at a --damping number"):
+            train.parse_args(["--allocate", "cg-lora", *flags])
+
+
+def test_train_allocate_on_a_checkpoint_exports_ranks_under_its_names_that_peft_loads(tmp_path):
+    """From a Hugging Face checkpoint the adapter is saved under the checkpoint's module names: the
+    rank_pattern's keys are renamed with them, so peft builds each layer at its allocated rank."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from tests.conftest import _glue_fixture, _pretrained_checkpoint, _train
+    glue = _glue_fixture(tmp_path / "glue")
+    _pretrained_checkpoint(tmp_path / "checkpoint", glue)
+    _train(tmp_path, "--pretrained", str(tmp_path / "checkpoint"), "--allocate", "cg-lora", "--max_steps", "1")
+    run = tmp_path / "run"
+    rename = train.hf_name(train.load_config(run), train.build_model(
+        train.load_config(run), None, 2))
+    ranks = {rename(row["layer"] + ".weight").removesuffix(".weight"): row["rank"]
+             for row in json.loads((run / "init.json").read_text())["layers"]}
+    assert len(set(ranks.values())) > 1
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "checkpoint")
+    loaded = peft.PeftModel.from_pretrained(base, run)
+    got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in loaded.named_modules()
+           if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert got == ranks

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -53,6 +54,8 @@ class Config:
                         "auto: chosen on 2 folds (§8.1)")
     diagnostics: bool = flag(False, "keep the statistics in 2 folds and report the §8 diagnostics "
                              "(on with --damping auto)")
+    allocate: str = flag(None, "cg-lora or gradient: spend r x targets ranks on the directions "
+                         "predicted to lower the loss most (§3); none: rank r everywhere")
     step: float = flag(1.0, "Newton step length; only matters with --init_norm 0")
     init_norm: float = flag(None, "CG-LoRA's ||s B A||_2; none: LoRA-One's, alpha/(sqrt(r) 128)")
     fisher: str = flag("empirical", "empirical (true labels) or sampled (labels from the model)")
@@ -131,7 +134,11 @@ def check_flags(cfg, world):
         (cfg.resume and cfg.overwrite,
          "--resume continues the run in --out, --overwrite clears it: pass one of them"),
         (not all(cfg.targets.split(",")),
-         f"--targets {cfg.targets!r}: comma-separated layer names, or all")]
+         f"--targets {cfg.targets!r}: comma-separated layer names, or all"),
+        (cfg.allocate is not None and (cfg.allocate not in ("cg-lora", "gradient") or cfg.damping
+                                       == "auto" or cfg.init not in ("cg-lora", "cg-lora-shift")),
+         f"--allocate {cfg.allocate} (--init {cfg.init}, --damping {cfg.damping}): it takes "
+         "cg-lora or gradient, with --init cg-lora or cg-lora-shift at a --damping number")]
     for refused, why in refusals:
         if refused:
             raise ValueError(why)
@@ -141,7 +148,7 @@ def check_flags(cfg, world):
         model = Path(cfg.pretrained).resolve().name if cfg.pretrained else "tiny"
         targets = "all" if sorted(names) == sorted(ALL_TARGETS) else "+".join(names)
         cfg.out = (f"runs/{task.name}-{model}-{cfg.init}-r{cfg.rank}-{targets}-s{cfg.seed}"
-                   + f"-w{world}" * (world > 1))
+                   + f"-a{cfg.allocate}" * bool(cfg.allocate) + f"-w{world}" * (world > 1))
     return cfg
 
 
@@ -243,17 +250,25 @@ def initialise(cfg, model, batches, device, log):
     record = dict(method=cfg.init, layers=[])
     if cfg.init == "full":
         model.requires_grad_(True)
-    else:
-        layers = cglora.add_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout,
+    else:  # the statistics of the target layers before add_lora wraps them: the same layers
+        stats, ranks, names = None, cfg.rank, cfg.targets.split(",")
+        if cfg.init not in ("lora", "rslora") and not cfg.resume:
+            stats = cglora.collect_statistics(
+                model, cglora.target_layers(model, names, torch.nn.Linear),
+                (to_device(b, device) for b in calib), fisher=cfg.fisher,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
+        if cfg.allocate and cfg.resume:  # the ranks the run was initialised with
+            ranks = {row["layer"]: row["rank"] for row in json.loads(
+                (Path(cfg.out) / "init.json").read_text())["layers"]}
+        elif cfg.allocate:
+            ranks = cglora.allocate_ranks(stats, cfg.rank, damping=cfg.damping, score=cfg.allocate)
+        layers = cglora.add_lora(model, names, ranks, cfg.alpha, cfg.dropout,
                                  rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
         if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
             return record
-        stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
-            model, {n: m.base for n, m in layers.items()}, (to_device(b, device) for b in calib),
-            fisher=cfg.fisher, generator=torch.Generator().manual_seed(cfg.seed),
-            progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
         record["statistics_seconds"] = time.perf_counter() - t0
-        cg, ranks = cfg.init.startswith("cg-lora"), {n: cfg.rank for n in layers}
+        cg, ranks = cfg.init.startswith("cg-lora"), {n: m.rank for n, m in layers.items()}
         damping, table = (cfg.damping, None) if cfg.damping != "auto" else (cglora.DAMPING, None)
         if cg and cfg.damping == "auto":
             log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
@@ -272,6 +287,14 @@ def initialise(cfg, model, batches, device, log):
                 row.update(diagnostics.get(row["layer"], {}))
         record["damping"] = damping if cg else None
         record["summary"] = summarise(rows, cfg.rank, table, record["damping"], log)
+        if cfg.allocate:  # what the allocation held equal: the rank sum (one shape: parameters)
+            width = {n: m.lora_A.shape[1] + m.lora_B.shape[0] for n, m in layers.items()}
+            record["summary"].update(
+                rank_sum=sum(ranks.values()), uniform_rank_sum=cfg.rank * len(ranks),
+                adapter_parameters=sum(ranks[n] * w for n, w in width.items()),
+                uniform_adapter_parameters=cfg.rank * sum(width.values()))
+            log(f"ranks allocated by {cfg.allocate}: {sorted(ranks.values())}, sum "
+                f"{sum(ranks.values())} = {len(ranks)} x {cfg.rank}")
         if stats and heldout:
             record["summary"].update(real_check(
                 model, layers, rows, [to_device(b, device) for b in heldout], log))
@@ -381,6 +404,9 @@ def export_adapter(cfg, model, out):
     torch.save({theirs(k): v.to("cpu") for k, v in state.items()}, out / "adapter_model.bin")
     if cfg.pretrained:  # the head: BERT's pooler and classifier, RoBERTa's classifier
         kind = model.config.model_type
+        pattern = {re.escape(n): re.escape(module_name(n)) for n in config["target_modules"]}
+        config.update({k: {pattern[n]: x for n, x in config[k].items()}  # per-layer ranks, alphas
+                       for k in ("rank_pattern", "alpha_pattern")})
         config.update(target_modules=sorted(map(module_name, config["target_modules"])),
                       modules_to_save=sorted({module_name(n).removeprefix(f"{kind}.").split(".")[0]
                                               for n in whole}))
