@@ -142,17 +142,16 @@ def target_layers(model, names, kind):
 
 
 def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=()):
-    """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query")
-    for LoRALinear, freeze every other parameter except modules named in `trainable`
-    (e.g. a classifier head), and return {name: LoRALinear}. One target may be a plain string.
-    rank: one r for every layer, or {full name: r} for each (allocate_ranks')."""
+    """Swap the nn.Linear layers named in `targets` (full name or last component, e.g. "query";
+    one may be a string) for LoRALinear of `rank` (one r, or {full name: r}: allocate_ranks'),
+    freeze every other parameter but `trainable`'s (e.g. a head); return {name: LoRALinear}."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     targets = target_layers(model, targets, nn.Linear)  # first: a bad target leaves the model alone
     ranks = rank if isinstance(rank, Mapping) else dict.fromkeys(targets, rank)
     if ranks.keys() != targets.keys():
-        raise ValueError(f"rank gives no rank to layers {[n for n in targets if n not in ranks]} "
-                         f"and one to non-targets {[n for n in ranks if n not in targets]}: give "
-                         "{full name: r} for exactly the targets, or one r for all")
+        raise ValueError(f"rank gives no rank to {[n for n in targets if n not in ranks]}, one to "
+                         f"non-targets {[n for n in ranks if n not in targets]}: give one r, or "
+                         "{full name: r} for exactly the targets")
     layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
@@ -481,8 +480,7 @@ def _check_statistics(model, loss, fisher, folds):  # collect_statistics' option
 
 def _blocks(d):  # _GRAM_BLOCKS row blocks of a d x d Gram sum (one below _GRAM_MIN_WIDTH)
     k = _GRAM_BLOCKS if d >= _GRAM_MIN_WIDTH else 1
-    edges = [i * d // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return [(i * d // k, (i + 1) * d // k) for i in range(k)]
 
 
 class _Sums:
@@ -529,9 +527,8 @@ class Statistics(NamedTuple):
     folds: tuple = ()  # with folds=K >= 2: K Statistics, batch i in fold i mod K (§8.1)
 
 
-def pool(folds, S=None):
-    """The statistics of the union of `folds`: S weighted by tokens (or `S`, pooled already for the
-    same input), G and T by loss terms."""
+def pool(folds, S=None):  # the union of folds: S by tokens (or `S`, pooled for its input), G, T
+    # weighted by loss terms
     if len(folds) == 1:
         return folds[0]
     n, tokens = sum(f.n for f in folds), sum(f.tokens for f in folds)
@@ -658,10 +655,9 @@ def damped_cholesky(X, damping=DAMPING):
 
 
 def whiten(G, S, T, damping=DAMPING, L_S=None):
-    """Cholesky factors of the damped metrics, S_l = L_S L_S^T and T_l = L_T L_T^T, and
-    M = L_T^-1 G L_S^-T: the same singular values as T_l^-1/2 G S_l^-1/2 (orthogonal factors
-    apart). Two Cholesky factorizations and two triangular solves; no inverse, no eigh. L_S, if
-    given, is S's factor already computed (layers fed one input share it: one Cholesky per S)."""
+    """Cholesky factors of the damped metrics, S_l = L_S L_S^T and T_l = L_T L_T^T, and M =
+    L_T^-1 G L_S^-T: T_l^-1/2 G S_l^-1/2's singular values (orthogonal factors apart), by two
+    triangular solves, no inverse, no eigh. L_S: S's factor if computed (one per input)."""
     L_S = damped_cholesky(S, damping) if L_S is None else L_S
     L_T = damped_cholesky(T, damping)
     M = torch.linalg.solve_triangular(L_T, G, upper=False)  # L_T^-1 G
@@ -688,9 +684,8 @@ def top_r(M, rank, start=None, tol=1e-4, max_iters=300, generator=None):
     warm-start a nearby matrix; the first start is a seeded random block."""
     p = min(2 * rank, *M.shape)
     if start is None:  # drawn by a CPU generator, then moved: one seed, one block on any device
-        start = torch.randn(M.shape[1], p, generator=generator or torch.Generator().manual_seed(0),
-                            dtype=M.dtype).to(M.device)
-        start = torch.linalg.qr(start).Q
+        start = torch.linalg.qr(torch.randn(M.shape[1], p, dtype=M.dtype, generator=generator
+                                            or torch.Generator().manual_seed(0)).to(M.device)).Q
     V, energy = start, None
     for _ in range(max_iters):
         Q = torch.linalg.qr(M @ V).Q  # d_out x p, the range of M V
@@ -814,8 +809,7 @@ def _report(B, A, st, s, first):  # quadratic_step: the multiple of s B A minimi
     # model of the statistics; statistics_mib: what they hold (a shared S in its first layer)
     curvature = ((B.T @ st.T @ B) * (A @ st.S @ A.T)).sum() * s  # <dW, T dW S> / s, dW = s B A
     step = -(B * (st.G @ A.T)).sum() / curvature if curvature > 0 else torch.zeros(())
-    held = (st.G, st.T, st.S)[:3 if first else 2]
-    mib = sum(X.numel() * X.element_size() for X in held) * (1 + len(st.folds)) / 2 ** 20
+    mib = sum(X.numel() * 4 for X in (st.G, st.T, st.S)[:2 + first]) * (1 + len(st.folds)) / 2**20
     return dict(quadratic_step=step.item(), statistics_mib=mib)
 
 
@@ -878,8 +872,7 @@ def init_adapters(layers, stats, method="cg-lora", *, damping=DAMPING, init_norm
     """Initialise every LoRALinear in `layers` ({name: layer}) by `method` (METHODS) from `stats`
     (collect_statistics'; None for lora, rslora): each layer's factors (layer_factors) written by
     write_adapter (cg-lora-shift, lora-ga shift W0 by -s B A). damping: CG-LoRA's lambda (§3).
-    Returns a report row per layer: rank, damping, captured, fallback, shifted, quadratic_step,
-    statistics_mib, update_norm (||s B A||_2), seconds."""
+    Returns each layer's report row (rank, captured, quadratic_step, update_norm, seconds, ...)."""
     report = []
     for name, B, A, row in layer_factors(layers, stats, method, damping, init_norm, step,
                                          factor_balance, generator):
