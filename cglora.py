@@ -149,9 +149,9 @@ def add_lora(model, targets, rank, alpha, dropout=0.0, rslora=False, trainable=(
     targets = target_layers(model, targets, nn.Linear)  # first: a bad target leaves the model alone
     ranks = rank if isinstance(rank, Mapping) else dict.fromkeys(targets, rank)
     if ranks.keys() != targets.keys():
-        raise ValueError(f"rank gives no rank to {[n for n in targets if n not in ranks]}, one to "
-                         f"non-targets {[n for n in ranks if n not in targets]}: give one r, or "
-                         "{full name: r} for exactly the targets")
+        raise ValueError(f"rank gives no rank to layers {[n for n in targets if n not in ranks]} "
+                         f"and one to non-targets {[n for n in ranks if n not in targets]}: give "
+                         "one r, or {full name: r} for exactly the targets")
     layers, train = {}, []  # every check (ranks, trainable names) before the model changes
     for name, linear in targets.items():
         try:
