@@ -6,6 +6,7 @@
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -240,68 +241,67 @@ def evaluate(model, dev, task, cfg, device, log=None):
 
 
 def initialise(cfg, model, batches, device, log):
-    """Adapters + init by method (full: every weight trains): the statistics, the damping (chosen
-    on folds with --damping auto), the init (each layer by its owner under torchrun), the §8
-    diagnostics and the real check when asked. Returns the init.json record."""
+    """Adapters + init by method (full: every weight trains): the statistics of the targets, their
+    ranks (--allocate), add_lora, the init, the real check when asked. The init.json record."""
     calib, heldout = batches
-    t0 = time.perf_counter()
+    t0, names = time.perf_counter(), cfg.targets.split(",")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     record = dict(method=cfg.init, layers=[])
+    add = functools.partial(cglora.add_lora, model, names, alpha=cfg.alpha, dropout=cfg.dropout,
+                            rslora=cglora.RSLORA.get(cfg.init), trainable=trainable_modules(cfg))
     if cfg.init == "full":
         model.requires_grad_(True)
-    else:  # the statistics of the target layers before add_lora wraps them: the same layers
-        stats, ranks, names = None, cfg.rank, cfg.targets.split(",")
-        if cfg.init not in ("lora", "rslora") and not cfg.resume:
-            stats = cglora.collect_statistics(
-                model, cglora.target_layers(model, names, torch.nn.Linear),
-                (to_device(b, device) for b in calib), fisher=cfg.fisher,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                progress=progress("statistics", len(calib), log), folds=statistics_folds(cfg))
-        if cfg.allocate and cfg.resume:  # the ranks the run was initialised with
-            ranks = {row["layer"]: row["rank"] for row in json.loads(
-                (Path(cfg.out) / "init.json").read_text())["layers"]}
-        elif cfg.allocate:
-            ranks = cglora.allocate_ranks(stats, cfg.rank, damping=cfg.damping, score=cfg.allocate)
-        layers = cglora.add_lora(model, names, ranks, cfg.alpha, cfg.dropout,
-                                 rslora=cglora.RSLORA[cfg.init], trainable=trainable_modules(cfg))
-        if cfg.resume:  # the checkpoint holds the initialised (and trained) weights
-            return record
-        record["statistics_seconds"] = time.perf_counter() - t0
-        cg, ranks = cfg.init.startswith("cg-lora"), {n: m.rank for n, m in layers.items()}
-        damping, table = (cfg.damping, None) if cfg.damping != "auto" else (cglora.DAMPING, None)
-        if cg and cfg.damping == "auto":
-            log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
-                "calibration batches ...")
-            damping, table = cglora.choose_damping(stats, ranks)
-        init = cglora.init_owned if dist.is_initialized() else cglora.init_adapters
-        log(f"init {cfg.init}: {len(layers)} layers, W0 "
-            + ("shifted by -s B A" if cfg.init in cglora.SHIFTED else "kept")
-            + (f", damping {damping:g}" if cg else ""))
-        record["layers"] = rows = init(
-            layers, stats, cfg.init, damping=damping, step=cfg.step, init_norm=cfg.init_norm,
-            factor_balance=cfg.balance, generator=torch.Generator().manual_seed(cfg.seed))
-        if stats and statistics_folds(cfg) > 1:
-            diagnostics = cglora.diagnose(stats, ranks, cfg.init, damping)
-            for row in rows:
-                row.update(diagnostics.get(row["layer"], {}))
-        record["damping"] = damping if cg else None
-        record["summary"] = summarise(rows, cfg.rank, table, record["damping"], log)
-        if cfg.allocate:  # what the allocation held equal: the rank sum (one shape: parameters)
-            width = {n: m.lora_A.shape[1] + m.lora_B.shape[0] for n, m in layers.items()}
-            record["summary"].update(
-                rank_sum=sum(ranks.values()), uniform_rank_sum=cfg.rank * len(ranks),
-                adapter_parameters=sum(ranks[n] * w for n, w in width.items()),
-                uniform_adapter_parameters=cfg.rank * sum(width.values()))
-            log(f"ranks allocated by {cfg.allocate}: {sorted(ranks.values())}, sum "
-                f"{sum(ranks.values())} = {len(ranks)} x {cfg.rank}")
+    elif cfg.resume:  # the checkpoint holds the initialised (and trained) weights, at these ranks
+        add(rank={row["layer"]: row["rank"] for row in json.loads(
+            (Path(cfg.out) / "init.json").read_text())["layers"]} if cfg.allocate else cfg.rank)
+    else:
+        stats = None if cfg.init in ("lora", "rslora") else cglora.collect_statistics(
+            model, cglora.target_layers(model, names, torch.nn.Linear),  # add_lora's bases
+            (to_device(b, device) for b in calib), fisher=cfg.fisher, folds=statistics_folds(cfg),
+            generator=torch.Generator().manual_seed(cfg.seed),
+            progress=progress("statistics", len(calib), log))
+        layers = add(rank=cglora.allocate_ranks(stats, cfg.rank, damping=cfg.damping,
+                                                score=cfg.allocate) if cfg.allocate else cfg.rank)
+        record.update(statistics_seconds=time.perf_counter() - t0,
+                      **init_layers(cfg, layers, stats, log))
         if stats and heldout:
             record["summary"].update(real_check(
-                model, layers, rows, [to_device(b, device) for b in heldout], log))
+                model, layers, record["layers"], [to_device(b, device) for b in heldout], log))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(record, seconds=time.perf_counter() - t0, peak_memory_mib=peak / 2 ** 20,
                 trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def init_layers(cfg, layers, stats, log):
+    """The init by the flags: the damping (--damping auto: chosen on 2 folds), the factors written
+    (under torchrun each layer's by its owner), the §8 diagnostics with 2 folds; their summary."""
+    cg, ranks = cfg.init.startswith("cg-lora"), {n: m.rank for n, m in layers.items()}
+    damping, table = (cglora.DAMPING if cfg.damping == "auto" else cfg.damping), None
+    if cg and cfg.damping == "auto":
+        log(f"choosing the damping among {len(cglora.DAMPING_GRID)} values on 2 folds of the "
+            "calibration batches ...")
+        damping, table = cglora.choose_damping(stats, ranks)
+    log(f"init {cfg.init}: {len(layers)} layers, W0 "
+        + ("shifted by -s B A" if cfg.init in cglora.SHIFTED else "kept")
+        + (f", damping {damping:g}" if cg else ""))
+    init = cglora.init_owned if dist.is_initialized() else cglora.init_adapters
+    rows = init(layers, stats, cfg.init, damping=damping, step=cfg.step, init_norm=cfg.init_norm,
+                factor_balance=cfg.balance, generator=torch.Generator().manual_seed(cfg.seed))
+    diagnostics = (cglora.diagnose(stats, ranks, cfg.init, damping)
+                   if stats and statistics_folds(cfg) > 1 else {})
+    for row in rows:
+        row.update(diagnostics.get(row["layer"], {}))
+    summary = summarise(rows, cfg.rank, table, damping if cg else None, log)
+    if cfg.allocate:  # what the allocation held equal: the rank sum (one shape: the parameters)
+        width = {n: m.lora_A.shape[1] + m.lora_B.shape[0] for n, m in layers.items()}
+        summary.update(rank_sum=sum(ranks.values()), uniform_rank_sum=cfg.rank * len(ranks),
+                       adapter_parameters=sum(ranks[n] * w for n, w in width.items()),
+                       uniform_adapter_parameters=cfg.rank * sum(width.values()))
+        log(f"ranks allocated by {cfg.allocate}: {sorted(ranks.values())}, sum "
+            f"{sum(ranks.values())} = {len(ranks)} x {cfg.rank}")
+    return dict(layers=rows, damping=damping if cg else None, summary=summary)
 
 
 # the real check's multiples of each layer's quadratic-model step
