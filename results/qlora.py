@@ -80,7 +80,7 @@ def initialise(base, out, pretrained):
     stats = cglora.collect_statistics(net, {n: m.base for n, m in layers.items()}, batches)
     factors = {}
     for method in METHODS:
-        cglora.init_adapters(layers, method, stats, log=lambda *a: None)
+        cglora.init_adapters(layers, stats, method)
         factors[method] = {n: (m.lora_B.detach().clone(), m.lora_A.detach().clone())
                            for n, m in layers.items()}
     cost = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0,
