@@ -237,7 +237,7 @@ def measure(name, args):
 
 
 def routes(widths, clock, rank=8, grid=len(cglora.DAMPING_GRID)):
-    """The O(d^3) and per-iteration costs of the two routes to every lambda's direction on one fold (issue 22):
+    """The O(d^3) and per-iteration costs of the two routes to every lambda's direction on one fold:
     one eigh per statistics factor + the rotation C = Q_T^T G Q_S (two d^3 products, per layer), against one
     Cholesky per factor and lambda with top_r matrix-free through triangular solves (no d x d whitening)."""
     def time_of(f, n=3):
