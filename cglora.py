@@ -1160,7 +1160,8 @@ def init_owned(layers, stats, method="cg-lora", **init_kw):
                                                                       **init_kw)}
     rows = _gathered({name: row for name, (_, _, row) in factors.items()})
     for name, layer in layers.items():  # the owner's factors (fp32, contiguous), on every rank
-        B, A = factors[name][:2] if name in factors else (layer.lora_B, layer.lora_A)
+        B, A = factors[name][:2] if name in factors else (torch.zeros(layer.lora_B.shape),
+                                                          torch.zeros(layer.lora_A.shape))
         B, A = _comm(B.float().contiguous()), _comm(A.float().contiguous())
         for X in (B, A):
             torch.distributed.broadcast(X, stats[name].owner)
