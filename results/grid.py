@@ -44,22 +44,27 @@ COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7
 
 def matches(row, **key):
     """A stored row has this key (rows from before a key existed have its old default)."""
-    default = dict(damping=OLD_DAMPING, init_norm=None)
+    default = dict(damping=OLD_DAMPING, init_norm=None, allocate=None)
     if not key.get("method", row["method"]).startswith("cg-lora"):
         key.pop("damping", None)  # only CG-LoRA has a damping
     return all(row.get(k, default.get(k)) == v for k, v in key.items())
 
 
-def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
-    """One train.py run at BUDGET, in its own process, and its row in results/runs.jsonl."""
-    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping, init_norm=init_norm)
-    if any(matches(r, **key) for r in common.read_rows(RUNS)):
+def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None, allocate=None,
+        rows=RUNS):
+    """One train.py run at BUDGET, in its own process, and its row in results/`rows` (allocate:
+    train.py's --allocate, its per-layer ranks in the row)."""
+    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping, init_norm=init_norm,
+               **({"allocate": allocate} if allocate else {}))  # older rows have no allocate
+    if any(matches(r, **key) for r in common.read_rows(rows)):
         return
-    name = f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
+    name = (f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
+            + (f"-a{allocate}" if allocate else ""))
     args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr),
             "--damping", str(damping), "--log_every", "100000", "--overwrite"]
-    # --overwrite: a run that is not in RUNS failed or was stopped, and its folder is run again
+    # --overwrite: a run that is not in `rows` failed or was stopped, and its folder is run again
     args += ["--init_norm", str(init_norm)] if init_norm is not None else []
+    args += ["--allocate", allocate] if allocate else []
     args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
     out = common.HERE / "runs" / name
     t0 = time.time()
@@ -77,13 +82,15 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
         overlap=[summary["overlap_left"], summary["overlap_right"]],
         heldout_ratio=summary["heldout_ratio"], insample_ratio=summary["insample_ratio"],
     ) if "heldout_ratio" in summary else {}
+    if allocate:  # the ranks train.py allocated, layer by layer
+        diagnostics.update(ranks={r["layer"]: r["rank"] for r in init["layers"]})
     row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
                captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None],
                **diagnostics, wall_seconds=time.time() - t0,
                # the command as run from the repository root
                command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> "
                        f"--out results/runs/{name}")
-    common.append_row(RUNS, row)
+    common.append_row(rows, row)
     print(f"{task} {method} seed {seed} lr {lr:g} init_norm {init_norm}: "
           f"{main_key(history[-1])} {score(row):.4f} ({row['wall_seconds']:.0f} s)", flush=True)
 
