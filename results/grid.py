@@ -44,22 +44,27 @@ COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7
 
 def matches(row, **key):
     """A stored row has this key (rows from before a key existed have its old default)."""
-    default = dict(damping=OLD_DAMPING, init_norm=None)
+    default = dict(damping=OLD_DAMPING, init_norm=None, allocate=None)
     if not key.get("method", row["method"]).startswith("cg-lora"):
         key.pop("damping", None)  # only CG-LoRA has a damping
     return all(row.get(k, default.get(k)) == v for k, v in key.items())
 
 
-def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
-    """One train.py run at BUDGET, in its own process, and its row in results/runs.jsonl."""
-    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping, init_norm=init_norm)
-    if any(matches(r, **key) for r in common.read_rows(RUNS)):
+def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None, allocate=None,
+        file=RUNS):
+    """One train.py run at BUDGET, in its own process, and its row in results/`file` (allocate:
+    train.py's --allocate, its per-layer ranks in the row)."""
+    key = dict(task=task, method=method, seed=seed, lr=lr, damping=damping, init_norm=init_norm,
+               **({"allocate": allocate} if allocate else {}))  # older rows have no allocate
+    if any(matches(r, **key) for r in common.read_rows(file)):
         return
-    name = f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
+    name = (f"{task}-{method}-s{seed}-lr{lr:g}" + ("" if init_norm is None else f"-n{init_norm:g}")
+            + (f"-a{allocate}" if allocate else ""))
     args = ["--task", task, "--init", method, "--seed", str(seed), "--lr", str(lr),
             "--damping", str(damping), "--log_every", "100000", "--overwrite"]
-    # --overwrite: a run that is not in RUNS failed or was stopped, and its folder is run again
+    # --overwrite: a run that is not in `file` failed or was stopped, and its folder is run again
     args += ["--init_norm", str(init_norm)] if init_norm is not None else []
+    args += ["--allocate", allocate] if allocate else []
     args += [a for k, v in BUDGET.items() for a in (f"--{k}", str(v))]
     out = common.HERE / "runs" / name
     t0 = time.time()
@@ -68,8 +73,20 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
                           capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"failed: train.py {' '.join(args)}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    history = [r for r in rows if r.get("kind", "eval") == "eval"]  # evaluations, not step rows
+    row = dict(key, **recorded(out, time.time() - t0),
+               # the command as run from the repository root
+               command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> "
+                       f"--out results/runs/{name}")
+    common.append_row(file, row)
+    print(f"{task} {method} seed {seed} lr {lr:g} init_norm {init_norm}: "
+          f"{main_key(row['history'][-1])} {score(row):.4f} ({row['wall_seconds']:.0f} s)",
+          flush=True)
+
+
+def recorded(out, wall_seconds):
+    """What a finished train.py run's folder says: its evaluations, init time and captured
+    energy, the damping search's diagnostics, the allocated ranks (--allocate)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     init = json.loads((out / "init.json").read_text())
     summary = init.get("summary", {})  # train.py's totals of the calibration diagnostics
     diagnostics = dict(
@@ -77,15 +94,12 @@ def run(task, method, seed, lr, pretrained, damping=DAMPING, init_norm=None):
         overlap=[summary["overlap_left"], summary["overlap_right"]],
         heldout_ratio=summary["heldout_ratio"], insample_ratio=summary["insample_ratio"],
     ) if "heldout_ratio" in summary else {}
-    row = dict(key, budget=BUDGET, history=history, init_seconds=init["seconds"],
-               captured=[r["captured"] for r in init["layers"] if r.get("captured") is not None],
-               **diagnostics, wall_seconds=time.time() - t0,
-               # the command as run from the repository root
-               command=f"python train.py {' '.join(args)} --pretrained <all-MiniLM-L6-v2> "
-                       f"--out results/runs/{name}")
-    common.append_row(RUNS, row)
-    print(f"{task} {method} seed {seed} lr {lr:g} init_norm {init_norm}: "
-          f"{main_key(history[-1])} {score(row):.4f} ({row['wall_seconds']:.0f} s)", flush=True)
+    if "rank_sum" in summary:  # --allocate: the ranks, layer by layer
+        diagnostics.update(ranks={r["layer"]: r["rank"] for r in init["layers"]})
+    return dict(budget=BUDGET, history=[r for r in lines if r.get("kind", "eval") == "eval"],
+                init_seconds=init["seconds"], captured=[
+                    r["captured"] for r in init["layers"] if r.get("captured") is not None],
+                **diagnostics, wall_seconds=wall_seconds)
 
 
 def main_key(entry):  # the task's main dev metric in a metrics.jsonl entry: the first after "dev_"

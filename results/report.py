@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from results import cost, damping, early, funcspace, grid, qlora, realloss  # noqa: E402
+from results import allocation, cost, damping, early, funcspace, grid, qlora, realloss  # noqa: E402
 
-QUESTIONS = [grid, damping, realloss, early, funcspace, qlora, cost]  # in results/README.md's order
+QUESTIONS = [grid, damping, realloss, early, funcspace, qlora, allocation, cost]  # README's order
 
 
 def main():

@@ -62,3 +62,25 @@ def test_grid_report_matches_the_runs(tmp_path, monkeypatch):
     se = math.sqrt(0.1 ** 2 / 3 + 0.0075 / 3)  # (0.5, 0.4, 0.6) at 0.3; (0.3, 0.2, 0.1) at the default
     assert f"| cola | — | — | — | +0.450 ± {se:.3f} | — |" in readme
     assert f"| cola, cg-lora at the default size | — | — | — | +0.150 ± {se:.3f} | — |" in readme
+
+
+def test_grid_run_records_its_row_in_the_file_it_is_given(tmp_path, monkeypatch):
+    """grid.run with train.py stood in: the row, with the allocated ranks, goes to `file` (and not
+    to runs.jsonl), and a second call finds it there and runs nothing."""
+    here, calls = _results_sandbox(tmp_path, monkeypatch, "results"), []
+
+    def train_py(argv, **kw):  # what train.py leaves in --out
+        calls.append(argv)
+        out = tmp_path / argv[argv.index("--out") + 1]
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text(json.dumps(dict(kind="eval", epoch=2, dev_mcc=0.3)))
+        (out / "init.json").write_text(json.dumps(dict(seconds=1.0, summary=dict(rank_sum=3), layers=[
+            dict(layer="a", rank=1, captured=0.5), dict(layer="b", rank=2, captured=0.6)])))
+        return grid.subprocess.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(grid.subprocess, "run", train_py)
+    for _ in range(2):
+        grid.run("cola", "cg-lora", 0, 1e-3, "ckpt", 1.0, 0.3, allocate="gradient", file="other.jsonl")
+    row, = common.read_rows("other.jsonl")
+    assert len(calls) == 1 and "--allocate" in calls[0] and not (here / grid.RUNS).exists()
+    assert row["ranks"] == {"a": 1, "b": 2} and row["allocate"] == "gradient" and row["captured"] == [0.5, 0.6]
+    assert grid.score(row) == 0.3
