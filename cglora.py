@@ -943,13 +943,20 @@ def diagnose(stats, ranks, method="cg-lora", damping=DAMPING):
         raise ValueError(f"diagnose takes a data-driven method, got {method!r}")
     rows = {}
     for name, st in _held_out(stats).items():
-        def q(m, fit, on):  # method m's direction fitted on `fit`, judged on `on`
-            return predicted_decrease(*direction(m, fit, ranks[name], damping), on.G, on.S, on.T)
+        def fitted(m, on):  # method m's direction fitted on the statistics `on`
+            return direction(m, on, ranks[name], damping)
+
+        def q(dW, on):  # its predicted decrease judged on `on`
+            return predicted_decrease(*dW, on.G, on.S, on.T)
         held = [(pool(st.folds[:k] + st.folds[k + 1:]), f) for k, f in enumerate(st.folds)]
-        halves = [direction(method, pool(st.folds[h::2]), ranks[name], damping) for h in (0, 1)]
-        rows[name] = dict(heldout=sum(q(method, fit, f) for fit, f in held),
-                          heldout_lora_one=sum(q("lora-one", fit, f) for fit, f in held),
-                          insample=q(method, st, st), insample_lora_one=q("lora-one", st, st),
+        fits = [fitted(method, fit) for fit, _ in held]
+        # two folds: the halves' directions are the held-out fits (fold 1's, fold 0's), not refitted
+        halves = fits if len(st.folds) == 2 else [fitted(method, pool(st.folds[h::2]))
+                                                  for h in (0, 1)]
+        rows[name] = dict(heldout=sum(q(dW, f) for dW, (_, f) in zip(fits, held)),
+                          heldout_lora_one=sum(q(fitted("lora-one", fit), f) for fit, f in held),
+                          insample=q(fitted(method, st), st),
+                          insample_lora_one=q(fitted("lora-one", st), st),
                           overlap_left=overlap(halves[0][0], halves[1][0]),
                           overlap_right=overlap(halves[0][1].T, halves[1][1].T))
     return _gathered(rows)
