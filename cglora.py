@@ -111,10 +111,10 @@ class LoRALinear(nn.Module):
             self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
-    def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.scaling * F.linear(F.linear(self.dropout(x),
-                                                                          self.lora_A), self.lora_B)
+    def forward(self, x):  # the adapter at its factors' dtype (fp32 on a bf16 base, as peft keeps
+        y, x = self.base(x), self.dropout(x).to(self.lora_A.dtype)  # them), the sum at the base's
+        lora = 0.0 if self.merged else F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return (y + self.scaling * lora).to(y.dtype)
 
 
 def target_layers(model, names, kind):

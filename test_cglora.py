@@ -746,6 +746,22 @@ def test_lora_linear_zero_B_equals_base_and_merge_round_trip():
     assert LoRALinear(nn.Linear(16, 16), 4, alpha=8, rslora=True).scaling == 4.0
 
 
+def test_fp32_factors_on_a_bf16_base_compute_in_fp32_and_return_the_bases_dtype():
+    """Adapters kept in fp32 on a bf16 base (peft's default): the input is cast to the factors'
+    dtype, the sum returned at the base's; the factors get fp32 gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=2, alpha=4)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), torch.randn(4, 2)
+    x = torch.randn(3, 6, dtype=torch.bfloat16)
+    y = layer(x)
+    lora = 2.0 * x.float() @ (layer.lora_B @ layer.lora_A).detach().T
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, (base(x).float() + lora).to(torch.bfloat16))
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+
+
 def test_lora_dropout_drops_the_adapter_input_in_training_only():
     torch.manual_seed(0)
     base = nn.Linear(5, 4)
