@@ -254,11 +254,12 @@ def _logits(out):
     return out
 
 
-def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return None
-    encoder = model.get_encoder()
-    return None if encoder is model else encoder
+def _encoder(model):  # an encoder-decoder's encoder (transformers' get_encoder()), else None;
+    for m in model.modules():  # the model itself, or inside a wrapper of the caller's
+        if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
+            encoder = m.get_encoder()
+            return None if encoder is m else encoder
+    return None
 
 
 def _model_inputs(batch, loss, encoder=None):
