@@ -390,12 +390,14 @@ class ExampleLoss(Loss):
                                            labels.shape):  # never MSE on logits
             one_hot = labels.dim() == 2 and ((labels == 0) | (labels == 1)).all() and (
                 labels.sum(-1) == 1).all()
+            bce = "loss=lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(out, y)"
             raise ValueError("the default loss takes float labels as one regression target per "
                              "example ([batch], MSE against an output [batch, 1]), got "
                              f"{list(labels.shape)} and {list(out.shape)}: " + (
-                                 "for one-hot class labels: pass labels.argmax(-1)" if one_hot
-                                 else "for multi-label targets: pass loss=lambda out, y: torch.nn."
-                                 "functional.binary_cross_entropy_with_logits(out, y)"))
+                                 "for one-hot class labels trained with cross entropy: pass "
+                                 "labels.argmax(-1); with a binary loss (transformers' own on "
+                                 f"float labels): pass {bce}" if one_hot
+                                 else f"for multi-label targets: pass {bce}"))
         if labels.is_floating_point():
             return F.mse_loss(out.squeeze(-1).float(), labels.float())
         if out.dim() != 2 or labels.dim() != 1:  # cross_entropy would read [b, L, V] as L classes

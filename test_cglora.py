@@ -837,8 +837,30 @@ def test_one_hot_float_labels_on_a_classifier_are_refused_not_read_as_regression
     batches = [dict(b, labels=nn.functional.one_hot(b["labels"], 3).float()) for b in _batches()]
     model = _model()
     with pytest.raises(ValueError, match=r"float labels as one regression target per example .* got \[3, 3\] "
-                                         r"and \[3, 3\]: for one-hot class labels: pass labels.argmax\(-1\)"):
+                                         r"and \[3, 3\]: for one-hot class labels trained with cross entropy: "
+                                         r"pass labels.argmax\(-1\); with a binary loss .*: pass loss=.*"
+                                         r"binary_cross_entropy_with_logits"):
         collect_statistics(model, {"query": model.query}, batches, fisher=fisher)
+
+
+def test_each_fix_the_one_hot_error_names_gives_the_exact_G_of_its_own_loss():
+    """The two losses one-hot float labels can be trained with, each as the error says to pass it:
+    G is autograd's gradient of that loss (they differ: each fix fits one of them only)."""
+    batches = [dict(b, labels=nn.functional.one_hot(b["labels"], 3).float()) for b in _batches()]
+    model, n = _model(), sum(len(b["labels"]) for b in batches)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    fixes = {"argmax": (None, lambda y: y.argmax(-1), nn.functional.cross_entropy),
+             "binary": (bce, lambda y: y, bce)}
+    Gs = {}
+    for fix, (loss, labels, reference) in fixes.items():
+        stats = collect_statistics(model, {"mix": model.mix}, [dict(b, labels=labels(b["labels"]))
+                                                               for b in batches], loss=loss)
+        total = sum(reference(model(b["input_ids"], b["attention_mask"]), labels(b["labels"]))
+                    * len(b["labels"]) for b in batches)
+        grad, = torch.autograd.grad(total / n, model.mix.weight)
+        torch.testing.assert_close(stats["mix"].G, grad, atol=1e-6, rtol=1e-5)
+        Gs[fix] = grad
+    assert not torch.allclose(Gs["argmax"], Gs["binary"], rtol=0.1)
 
 
 def test_multi_hot_labels_are_pointed_at_a_binary_loss_which_gives_the_exact_G():
