@@ -230,6 +230,56 @@ def test_classification_labels_of_shape_batch_by_one_equal_autograd():
                           dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([[2], [0], [1]])))
 
 
+_SIZES = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=32)
+_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MORE_FAMILIES = {  # a tiny random model, its targets: every nn.Linear of the model but its LM head
+    "mistral-sliding-window": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **_SIZES, num_key_value_heads=2, sliding_window=3)), _DECODER),
+    "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **_SIZES, num_key_value_heads=2, head_dim=8)), _DECODER),
+    "opt": (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        **{k: v for k, v in _SIZES.items() if k != "intermediate_size"}, ffn_dim=64,
+        word_embed_proj_dim=32, pad_token_id=1)), ["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                   "fc2"]),
+    "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**_SIZES)),
+                 ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "modernbert": (lambda: transformers.ModernBertForSequenceClassification(
+        transformers.ModernBertConfig(**_SIZES, num_labels=3, local_attention=4, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                      sep_token_id=2)), ["Wqkv", "Wo", "Wi", "dense", "classifier"]),
+    "bert-regression": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        **_SIZES, num_labels=1)), ["query", "key", "value", "dense", "classifier"]),
+    "llama-checkpointing": (lambda: _llama(), _DECODER),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_more_families_padded_equal_autograd_of_their_own_loss(family):
+    """Causal LMs (labels -100 on padding), ModernBERT's classes and BERT's float regression
+    targets (its MSE) on padded batches. Mistral's window (3 of 9 tokens) changes its logits;
+    with gradient checkpointing the reference loss is the training one (recomputed in backward),
+    while collect_statistics runs in eval mode."""
+    make, targets = MORE_FAMILIES[family]
+    torch.manual_seed(0)
+    model = make()
+    ids, mask = _padded(6, (3, 9), 50, (9, 6, 4), pad=1 if family == "opt" else 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    if family in ("modernbert", "bert-regression"):
+        labels = torch.tensor([2, 0, 1]) if family == "modernbert" else torch.tensor([0.3, -1.2, 2.])
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    reference = lambda out: out.loss  # noqa: E731
+    if family == "mistral-sliding-window":
+        logits = model.eval()(input_ids=ids, attention_mask=mask).logits
+        model.config.sliding_window = None
+        assert (model(input_ids=ids, attention_mask=mask).logits - logits).abs().max() > 1e-2
+        model.config.sliding_window = 3
+    if family == "llama-checkpointing":
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        reference = lambda out: model.train()(**batch).loss  # noqa: E731
+    _assert_G_is_autograd(model, targets, batch, reference=reference)
+
+
 # ---------------------------------------------------------------------------- peft
 
 FAMILIES = {  # model, targets, peft task, calibration batches (labels included), the loss add_lora's route takes
