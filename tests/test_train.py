@@ -491,6 +491,40 @@ def test_data_missing_partial_or_misplaced_ends_in_one_line_and_leaves_nothing(t
     assert sorted(str(f) for f in tmp_path.rglob("*")) == before
 
 
+def test_data_unreadable_unwritable_or_not_text_ends_in_one_line_and_leaves_nothing(tmp_path, glue, capsys,
+                                                                                     monkeypatch):
+    """A train file this user may not read, a data dir it may not write when the task must be downloaded
+    (not announced as a download), a train file that is not text: one error line naming the path, nothing
+    written. chmod does not stop root, so as root the OS's refusal is raised where the OS would raise it."""
+    train_tsv, empty = glue / "CoLA" / "train.tsv", tmp_path / "empty"
+    empty.mkdir()
+    train_tsv.chmod(0)
+    empty.chmod(0o555)
+    if os.access(train_tsv, os.R_OK):  # root
+        def refuse(real, path):  # open(path, ...) or mkdtemp(..., dir=path) as the OS refuses them
+            def call(*args, **kwargs):
+                if str(args[0] if args else kwargs["dir"]) == str(path):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real(*args, **kwargs)
+            return call
+        monkeypatch.setattr(data, "open", refuse(open, train_tsv), raising=False)
+        monkeypatch.setattr(data.tempfile, "mkdtemp", refuse(data.tempfile.mkdtemp, empty))
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    for d, path in ((glue, train_tsv), (empty, empty)):
+        line = _refused(capsys, ["--data_dir", str(d), "--out", str(tmp_path / "run")])
+        assert line == (f"error: {path}: Permission denied: give this user the access train.py needs (chmod, "
+                        "chown), or pass another --data_dir, --pretrained or --out"), line
+        assert "downloading" not in capsys.readouterr().out
+    assert sorted(str(f) for f in tmp_path.rglob("*")) == before
+    monkeypatch.undo()
+    train_tsv.chmod(0o644)
+    train_tsv.write_bytes(b"src\t1\t\t\xd0\xa0ok\n" + b"src\t0\t*\t\xff bad\n")  # byte 20: not UTF-8
+    line = _refused(capsys, ["--data_dir", str(glue), "--out", str(tmp_path / "run")])
+    assert line == (f"error: {train_tsv} is not UTF-8 text (invalid start byte at byte 20): is it GLUE's "
+                    f"CoLA/train.tsv? Restore it (delete {glue / 'CoLA'} and run again: train.py downloads it)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_torchrun_two_processes_match_one(tmp_path, glue):
     """Two processes with batch 8 each against one process with batch 16: 2 steps of cg-lora on a
     --pretrained checkpoint with dropout 0. data.batches cuts one shuffled order into batches, so rank r's
