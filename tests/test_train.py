@@ -290,6 +290,15 @@ def test_max_steps_evaluates_the_last_step(tmp_path, glue, capsys):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
 
 
+def test_best_is_over_the_evaluations_after_training_began(tmp_path, glue, capsys, monkeypatch):
+    """Step 0's evaluation (the init and a fresh head) is no result of the run: where it scores highest,
+    the done line's best is still a later evaluation's."""
+    scores = iter([0.9, 0.1])
+    monkeypatch.setattr(train, "evaluate", lambda *args: dict(mcc=next(scores), loss=1.0))
+    _train(tmp_path, "--max_steps", "5")
+    assert "dev mcc 0.1000 at step 5 (best 0.1000 at step 5, epoch 0.4167)" in capsys.readouterr().out
+
+
 def test_long_passes_show_progress(tmp_path, glue, capsys, monkeypatch):
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)  # every batch: as if each took a while
     _train(tmp_path, "--calib_batches", "3", "--max_steps", "1", "--damping", "auto")
