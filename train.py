@@ -828,7 +828,8 @@ def main(argv=None):
             sys.exit(2)
         except PermissionError as e:  # the OS refused a path: the data, the checkpoint or --out
             print(f"error: {e.filename}: {e.strerror}: give this user the access train.py needs "
-                  "(chmod, chown), or pass another --data_dir, --pretrained or --out", file=sys.stderr)
+                  "(chmod, chown), or pass another --data_dir, --pretrained or --out",
+                  file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") == "0":
