@@ -171,8 +171,13 @@ def _read(task, split, data_dir):  # (examples, path) of one split, every row ch
             f"data.download_task(data.get_task({task.name!r}), {str(folder.parent)!r})")
     # No quote handling (sentences contain '"'), split on '\n' only, utf-8-sig because MRPC
     # starts with a BOM.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): is it GLUE's "
+                         f"{task.dir}/{files[split]}? Restore it (delete {folder} and run again: "
+                         "train.py downloads it)") from None
     rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(lines, 1)
             if line.strip("\r")]
     if not rows:
@@ -320,8 +325,9 @@ def download_task(task, data_dir, base_url=None, log=print):
     data_dir, check it (a zip whose members pass their CRC check and hold the task's files; every
     row readable; GLUE's row counts), then move <Task>/ into place with one os.replace. base_url
     (else $GLUE_URL) is a mirror; the default is GLUE's own URLs. A failure raises DownloadError
-    naming what to fetch and where to put it, and leaves neither a task folder nor temporary files
-    behind (nor the data dir, where this call made it). A complete task folder is left as it is."""
+    naming what to fetch and where to put it (a data dir it may not write: PermissionError naming
+    it), and leaves neither a task folder nor temporary files behind (nor the data dir, where this
+    call made it). A complete task folder is left as it is."""
     task = get_task(task)
     data_dir, sources = Path(data_dir), task_sources(task, base_url)
     target = task_folder(task, data_dir)
@@ -331,10 +337,13 @@ def download_task(task, data_dir, base_url=None, log=print):
     if target.exists():
         raise DownloadError(f"{target} exists but lacks {', '.join(p.name for p in missing)}: "
                             "complete it or remove it so that it can be downloaded whole")
-    log(f"{task.dir} is not in {data_dir}: downloading it")
     made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     data_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{task.dir}-", suffix=".partial", dir=data_dir))
+    try:
+        partial = Path(tempfile.mkdtemp(prefix=f".{task.dir}-", suffix=".partial", dir=data_dir))
+    except PermissionError as e:  # name the folder, not the temporary one it could not make
+        raise PermissionError(e.errno, e.strerror, str(data_dir)) from None
+    log(f"{task.dir} is not in {data_dir}: downloading it")
     try:
         for name, url in sources.items():
             fetch(url, partial / name, log)

@@ -2023,7 +2023,6 @@ def test_train_allocate_holds_the_rank_sum_writes_each_layers_rank_and_resumes(t
             train.parse_args(["--allocate", "cg-lora", *flags])
 
 
-@pytest.mark.filterwarnings("ignore::data.RowCountWarning")  # the fixture holds a few GLUE rows
 def test_train_allocate_on_a_checkpoint_exports_ranks_under_its_names_that_peft_loads(tmp_path):
     """From a Hugging Face checkpoint the adapter is saved under the checkpoint's module names: the
     rank_pattern's keys are renamed with them, so peft builds each layer at its allocated rank."""

@@ -826,6 +826,11 @@ def main(argv=None):
         except (ValueError, FileNotFoundError, NotADirectoryError, data.DownloadError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except PermissionError as e:  # the OS refused a path: the data, the checkpoint or --out
+            print(f"error: {e.filename}: {e.strerror}: give this user the access train.py needs "
+                  "(chmod, chown), or pass another --data_dir, --pretrained or --out",
+                  file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") == "0":
                 print(interrupted(cfg), file=sys.stderr)

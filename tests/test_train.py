@@ -290,6 +290,15 @@ def test_max_steps_evaluates_the_last_step(tmp_path, glue, capsys):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
 
 
+def test_best_is_over_the_evaluations_after_training_began(tmp_path, glue, capsys, monkeypatch):
+    """Step 0's evaluation (the init and a fresh head) is no result of the run: where it scores highest,
+    the done line's best is still a later evaluation's."""
+    scores = iter([0.9, 0.1])
+    monkeypatch.setattr(train, "evaluate", lambda *args: dict(mcc=next(scores), loss=1.0))
+    _train(tmp_path, "--max_steps", "5")
+    assert "dev mcc 0.1000 at step 5 (best 0.1000 at step 5, epoch 0.4167)" in capsys.readouterr().out
+
+
 def test_long_passes_show_progress(tmp_path, glue, capsys, monkeypatch):
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)  # every batch: as if each took a while
     _train(tmp_path, "--calib_batches", "3", "--max_steps", "1", "--damping", "auto")
@@ -489,6 +498,40 @@ def test_data_missing_partial_or_misplaced_ends_in_one_line_and_leaves_nothing(t
         assert line.startswith("error: " + want.format(d=d, p=d.parent)), line
         assert "downloading" not in capsys.readouterr().out
     assert sorted(str(f) for f in tmp_path.rglob("*")) == before
+
+
+def test_data_unreadable_unwritable_or_not_text_ends_in_one_line_and_leaves_nothing(tmp_path, glue, capsys,
+                                                                                     monkeypatch):
+    """A train file this user may not read, a data dir it may not write when the task must be downloaded
+    (not announced as a download), a train file that is not text: one error line naming the path, nothing
+    written. chmod does not stop root, so as root the OS's refusal is raised where the OS would raise it."""
+    train_tsv, empty = glue / "CoLA" / "train.tsv", tmp_path / "empty"
+    empty.mkdir()
+    train_tsv.chmod(0)
+    empty.chmod(0o555)
+    if os.access(train_tsv, os.R_OK):  # root
+        def refuse(real, path):  # open(path, ...) or mkdtemp(..., dir=path) as the OS refuses them
+            def call(*args, **kwargs):
+                if str(args[0] if args else kwargs["dir"]) == str(path):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real(*args, **kwargs)
+            return call
+        monkeypatch.setattr(data, "open", refuse(open, train_tsv), raising=False)
+        monkeypatch.setattr(data.tempfile, "mkdtemp", refuse(data.tempfile.mkdtemp, empty))
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    for d, path in ((glue, train_tsv), (empty, empty)):
+        line = _refused(capsys, ["--data_dir", str(d), "--out", str(tmp_path / "run")])
+        assert line == (f"error: {path}: Permission denied: give this user the access train.py needs (chmod, "
+                        "chown), or pass another --data_dir, --pretrained or --out"), line
+        assert "downloading" not in capsys.readouterr().out
+    assert sorted(str(f) for f in tmp_path.rglob("*")) == before
+    monkeypatch.undo()
+    train_tsv.chmod(0o644)
+    train_tsv.write_bytes(b"src\t1\t\t\xd0\xa0ok\n" + b"src\t0\t*\t\xff bad\n")  # byte 20: not UTF-8
+    line = _refused(capsys, ["--data_dir", str(glue), "--out", str(tmp_path / "run")])
+    assert line == (f"error: {train_tsv} is not UTF-8 text (invalid start byte at byte 20): is it GLUE's "
+                    f"CoLA/train.tsv? Restore it (delete {glue / 'CoLA'} and run again: train.py downloads it)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_torchrun_two_processes_match_one(tmp_path, glue):
