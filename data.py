@@ -368,15 +368,17 @@ def download_task(task, data_dir, base_url=None, log=print):
 
 
 def manual_steps(task, sources, target):
-    """How to get the task by hand, in one sentence."""
+    """How to get the task by hand, or use GLUE files already here, in one sentence."""
     urls = " and ".join(sources.values())
+    have = (f"; GLUE files you have elsewhere: train.py --data_dir DIR (or GLUE_DIR=DIR) with "
+            f"DIR/{task.dir}/train.tsv")
     if task.zip:
         return (f"To get {task.dir} by hand, fetch {urls} and unzip it in {target.parent} so that "
                 f"{target / 'train.tsv'} exists, or save it in a folder and set GLUE_URL to that "
-                "folder's file:// URL (or to a mirror)")
+                "folder's file:// URL (or to a mirror)" + have)
     return (f"To get {task.dir} by hand, fetch {urls}, save them in a folder as "
             f"{' and '.join(sources)} and set GLUE_URL to that folder's file:// URL: {target} is "
-            "then built from them as GLUE's download_glue_data.py builds it")
+            "then built from them as GLUE's download_glue_data.py builds it" + have)
 
 
 # --- Tokenizers: encode(text, pair) == Hugging Face tokenizer(text, pair)["input_ids"] ------------

@@ -226,6 +226,7 @@ def _fails(task, target, base, *messages):
     message = str(err.value)
     assert all(m in message for m in messages), message
     assert "\n" not in message and "To get" in message  # one line that says how to get the task by hand
+    assert f"--data_dir DIR (or GLUE_DIR=DIR) with DIR/{task.dir}/train.tsv" in message  # or use files here
     assert not target.exists() or os.listdir(target) == []  # no task folder, no temporary files
     return message
 
