@@ -443,7 +443,7 @@ def curves_svg(rows, metric, w=360, h=240, pad=44):
                 f'<polyline fill="none" stroke="black" points="{left},{top} {left},{bottom} '
                 f'{right},{bottom}"/>']
         for t in (0, 0.5, 1):  # the numbers on the axes
-            x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+            x, y = round(x0 + t * (x1 - x0)), y0 + t * (y1 - y0)  # steps: whole numbers
             out += [f'<text x="{X(x):.1f}" y="{bottom + 16}" text-anchor="middle">{x:g}</text>',
                     f'<text x="{left - 4}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>']
         out += [f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'

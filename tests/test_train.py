@@ -346,6 +346,8 @@ def test_run_directory_has_what_an_analysis_needs(tmp_path, glue, capsys):
     assert all(f">{n}</text>" in svg for n in (0, 12, 24))  # the step axis numbered
     low = min([r["train_loss"] for r in steps] + [r["dev_loss"] for r in evals])
     assert f">{low:.3g}</text>" in svg  # the loss axis numbered from its lowest point
+    odd = train.curves_svg([dict(kind="eval", step=s, dev_loss=0.5, dev_mcc=0.1) for s in (0, 801)], "mcc")
+    assert 'middle">400</text>' in odd and 'middle">400.5' not in odd  # a step axis of whole steps
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
