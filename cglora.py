@@ -550,9 +550,9 @@ def _normalise(sums, n, share):
     counts = torch.tensor([[float(n_k)] + [float(fold[0].count.get(k, 0)) for k in keys]
                            for n_k, fold in zip(n, sums)], dtype=torch.float64)
     counts, owner, proc = _to_owners(sums, counts, share)
-    if (counts[:, 0] == 0).any():
-        raise ValueError(f"{len(sums)} folds need at least {len(sums)} calibration batches; "
-                         "pass more batches or fewer folds")
+    if (counts[:, 0] == 0).any():  # no loss term in a fold: no batch, or every label ignored
+        raise ValueError(f"a fold has no loss terms: {len(sums)} folds need at least {len(sums)} "
+                         f"batches with labels not all {IGNORE}: pass more, or fewer folds")
     folds = []
     for (S, G, T), (terms, *rows) in zip(sums, counts.tolist()):
         tokens = dict(zip(keys, rows))

@@ -283,7 +283,7 @@ def test_folds_pool_to_the_statistics_of_all_batches():
     assert cglora.pool(three["mix"].folds[1:2]) is three["mix"].folds[1]  # one fold's pool is itself, not a copy
     for name in layers:  # a fold's S is its own, not another input's
         assert all(f.S is g.S for f, g in zip(three[name].folds, three["query"].folds)) == (name == "query")
-    with pytest.raises(ValueError, match="6 folds need at least 6 calibration batches"):
+    with pytest.raises(ValueError, match="a fold has no loss terms: 6 folds need at least 6 batches with labels not all -100"):
         collect_statistics(model, layers, batches, folds=6)
 
 
@@ -1442,6 +1442,16 @@ def test_a_mask_applies_only_to_the_calls_whose_rows_are_the_batch_tokens(length
     grad, = torch.autograd.grad(nn.functional.cross_entropy(model(ids, mask), batch["labels"]),
                                 model.query.weight)
     torch.testing.assert_close(stats.G, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_batches_whose_labels_are_all_ignored_are_refused_as_having_no_loss_terms(folds):
+    """Every label IGNORE: no loss term, so G and T are 0 / 0; the error says so, not only that
+    batches are missing (there are enough)."""
+    batches = [dict(b, labels=torch.full_like(b["labels"], cglora.IGNORE)) for b in _token_batches()]
+    model = _Causal()
+    with pytest.raises(ValueError, match=r"a fold has no loss terms: \d folds need at least \d batches with labels not all -100"):
+        collect_statistics(model, {"proj": model.proj}, batches, loss=cglora.causal_lm_loss, folds=folds)
 
 
 def test_token_logits_on_the_default_loss_name_each_token_loss_by_its_convention():
