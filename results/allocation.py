@@ -254,8 +254,7 @@ def report():
         common.write_figure("allocation.svg", common.band_svg(
             series, "dev metric, allocated − uniform (paired by seed, ± SE)"))
         text.append("\n![allocated minus uniform during training](allocation.svg)")
-    common.write_block("allocation", "\n".join(text) + "\n")
-    return "\n".join(text) + "\n"
+    return common.write_block("allocation", "\n".join(text) + "\n")
 
 
 def main(argv=None):

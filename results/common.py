@@ -127,7 +127,7 @@ def spearman(xs, ys):  # rank correlation (no ties expected in these measurement
 
 def write_block(name, text):
     """results/README.md's text between <!-- name --> and <!-- /name --> becomes `text` (the
-    markers are added at its end where absent)."""
+    markers are added at its end where absent); returns `text`."""
     readme = HERE / "README.md"
     old = readme.read_text() if readme.exists() else ""
     if f"<!-- {name} -->\n" not in old:
@@ -135,6 +135,7 @@ def write_block(name, text):
     head, rest = old.split(f"<!-- {name} -->\n", 1)
     tail = rest.split(f"<!-- /{name} -->\n", 1)[1]
     readme.write_text(head + f"<!-- {name} -->\n" + text + f"<!-- /{name} -->\n" + tail)
+    return text
 
 
 def write_figure(name, svg):

@@ -143,8 +143,7 @@ def report():
          f"first N training examples of the seed-0 shuffle, judged on the next {HELD_OUT}, which "
          "no calibration saw (seed 0; times on the loaded 2-core CPU):\n"]
         + calibration_table() + [""] + rule()) + "\n"
-    common.write_block("damping", text)
-    return text
+    return common.write_block("damping", text)
 
 
 def main(argv=None):

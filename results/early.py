@@ -373,8 +373,7 @@ def report():
         text += lines
         if (opt, head) == ("adamw", "fresh"):
             text.append(figures(task, by, groups.get((task, opt, "probe", steps), [])))
-    common.write_block("early", "\n".join(text) + "\n")
-    return "\n".join(text) + "\n"
+    return common.write_block("early", "\n".join(text) + "\n")
 
 
 def main(argv=None):

@@ -278,8 +278,7 @@ def report():
             text += at_init([r for k, r in sorted(inits.items()) if k[0] == task])
         for task in tasks:
             text += along_training(task, runs, inits, n, n == STEPS)
-    common.write_block("funcspace", "\n".join(text) + "\n")
-    return "\n".join(text) + "\n"
+    return common.write_block("funcspace", "\n".join(text) + "\n")
 
 
 def at_init(rs):

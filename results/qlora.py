@@ -150,8 +150,7 @@ def report():
             f"{nf4['peak_mib'] - nf4['rss_before_mib']:.0f} MiB above its start against the fp32 "
             f"base's {fp32['peak_mib'] - fp32['rss_before_mib']:.0f}):\n\n" + "\n".join(cost)
             + "\n")
-    common.write_block("qlora", text)
-    return text
+    return common.write_block("qlora", text)
 
 
 def main(argv=None):

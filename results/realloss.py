@@ -310,8 +310,7 @@ def report():
             + "\n\nCG-LoRA's direction against LoRA-One's in the same run:\n\n" + "\n".join(pair)
             + "\n\nOne layer's q above ½ (impossible under the exact empirical Fisher), of all "
             f"(layer, direction) pairs: {bound}.\n")
-    common.write_block("realloss", text)
-    return text
+    return common.write_block("realloss", text)
 
 
 def main(argv=None):
