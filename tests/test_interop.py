@@ -167,9 +167,13 @@ def test_bert_padded_and_tuple_outputs_equal_autograd(return_dict):
                           reference=lambda out: out.loss if return_dict else out[0])
 
 
+_SIZES = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=32)
+_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def _llama(dtype=torch.float32):
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(**_SIZES, num_key_value_heads=2)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(dtype)
 
@@ -177,8 +181,7 @@ def _llama(dtype=torch.float32):
 def test_llama_padded_causal_lm_equals_autograd():
     ids, mask = _padded(6, (3, 9), 50, (9, 6, 4))
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-    _assert_G_is_autograd(_llama(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                          batch, loss=cglora.causal_lm_loss)
+    _assert_G_is_autograd(_llama(), _DECODER, batch, loss=cglora.causal_lm_loss)
 
 
 def test_llama_labels_that_count_padding_equal_autograd_of_its_own_loss():
@@ -230,9 +233,6 @@ def test_classification_labels_of_shape_batch_by_one_equal_autograd():
                           dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([[2], [0], [1]])))
 
 
-_SIZES = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=32)
-_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MORE_FAMILIES = {  # a tiny random model, its targets: every nn.Linear of the model but its LM head
     "mistral-sliding-window": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         **_SIZES, num_key_value_heads=2, sliding_window=3)), _DECODER),
